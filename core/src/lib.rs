@@ -1,0 +1,9 @@
+//! veil-core: the Stable Diffusion model (config, weights, CLIP, VAE, U-Net, schedulers,
+//! pipeline), the placement runtime that decides where each U-Net op runs (phone or N shard
+//! backends), and the accounting that measures what moves between them.
+
+pub mod error;
+pub mod model;
+pub mod placement;
+
+pub use error::{Error, Result};

@@ -1,0 +1,332 @@
+//! The text-to-image pipeline: tokenize and encode the prompt on the device, denoise with
+//! classifier-free guidance where every U-Net call runs through the placement runtime (and so
+//! over the shard backends the policy uses), decode with the VAE on the device, write a PNG.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
+use crate::model::config::ModelPaths;
+use crate::model::scheduler::{new_scheduler, SchedulerConfig, SchedulerKind};
+use crate::model::unet::UNet;
+use crate::model::vae::Vae;
+use crate::model::weights::WeightFile;
+use crate::placement::accounting::Accounting;
+use crate::placement::backend::{InProcessBackend, ShardBackend};
+use crate::placement::engine::{CandleEngine, WireDtype};
+use crate::placement::policy::Policy;
+use crate::placement::runtime::Runtime;
+
+/// A loaded diffusers-layout Stable Diffusion folder.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextEncoder,
+    pub unet: UNet,
+    /// The U-Net's weights, by diffusers name.
+    pub unet_engine: CandleEngine,
+    pub vae: Vae,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+}
+
+/// Loads exactly the parameters `unet` asks for from `unet/`, checking every shape.
+pub fn load_unet_weights(dir: &Path, unet: &UNet, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let file = WeightFile::open_component(dir, "diffusion_pytorch_model")?;
+    unet.parameters()
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = file.load(&name, &shape, DType::F32, device)?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+impl StableDiffusion {
+    pub fn load(root: &Path, device: &Device) -> Result<Self> {
+        let paths = ModelPaths::new(root)?;
+        let te_cfg = paths.text_encoder_config()?;
+        let tokenizer = ClipTokenizer::from_dir(&paths.component("tokenizer"), te_cfg.max_position_embeddings)?;
+        let text_encoder = ClipTextEncoder::load(&paths.component("text_encoder"), device)?;
+        let unet = UNet::new(&paths.unet_config()?)?;
+        let weights = load_unet_weights(&paths.component("unet"), &unet, device)?;
+        let vae = Vae::load(&paths.component("vae"), device)?;
+        let scheduler_config = SchedulerConfig::from_file(paths.component("scheduler").join("scheduler_config.json"))?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_engine: CandleEngine::new(weights, device.clone()),
+            vae,
+            scheduler_config,
+            device: device.clone(),
+        })
+    }
+
+    /// `n` in-process shard backends, each holding only the convolution and GroupNorm weights
+    /// a shard server needs.
+    pub fn in_process_backends(&self, n: usize) -> Vec<Arc<dyn ShardBackend<Tensor>>> {
+        let layers = self.unet.shard_layers();
+        let names: Vec<String> = layers.keys().cloned().collect();
+        (0..n)
+            .map(|_| {
+                let engine = self.unet_engine.subset(&names);
+                Arc::new(InProcessBackend::new(engine, layers.clone())) as Arc<dyn ShardBackend<Tensor>>
+            })
+            .collect()
+    }
+
+    /// Text states [1, 77, D] of a prompt.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(prompt)?;
+        self.text_encoder.encode_ids(&ids, &self.device)
+    }
+
+    /// Latent size for an image size, checking divisibility.
+    pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
+        let f = self.vae.config.downsample_factor();
+        if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+            return Err(Error::Resolution {
+                width,
+                height,
+                multiple: f,
+            });
+        }
+        Ok((height / f, width / f))
+    }
+
+    /// Runs a whole generation. `backends` may be empty for `Policy::Local`.
+    pub async fn generate(
+        &self,
+        opts: &GenerateOptions,
+        backends: &[Arc<dyn ShardBackend<Tensor>>],
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        if opts.steps == 0 {
+            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        }
+        let (h, w) = self.latent_size(opts.width, opts.height)?;
+        let lc = self.unet.config.in_channels;
+        let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
+        let latents = match &opts.latents {
+            Some(l) => {
+                let want = [1, lc, h, w];
+                if l.dims() != want {
+                    return Err(Error::InvalidArgument(format!(
+                        "initial latents have shape {:?}, expected {want:?} for {}x{}",
+                        l.dims(),
+                        opts.width,
+                        opts.height
+                    )));
+                }
+                l.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            None => seeded_normal(opts.seed, &[1, lc, h, w], &self.device)?,
+        };
+        let mut latents = (latents * scheduler.init_noise_sigma())?;
+        let cfg = opts.guidance > 1.0;
+        let cond = self.encode_prompt(&opts.prompt)?;
+        let context = if cfg {
+            let uncond = self.encode_prompt(&opts.negative_prompt)?;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            cond
+        };
+        let placement = opts.policy.placement();
+        let mut rt = Runtime::new(&self.unet_engine, placement, backends, opts.wire)?;
+        let mut acct = Accounting::new(backends.len());
+        let total = scheduler.timesteps().len();
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let x = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let x = scheduler.scale_model_input(&x, i)?;
+            let out = self.unet.forward(&mut rt, &x, t, &context).await?;
+            let eps = if cfg {
+                let u = out.narrow(0, 0, 1)?;
+                let c = out.narrow(0, 1, 1)?;
+                (&u + ((c - &u)? * opts.guidance)?)?
+            } else {
+                out
+            };
+            latents = scheduler.step(&eps, i, &latents)?;
+            acct.absorb(rt.take_accounting());
+            progress(Progress {
+                step: i + 1,
+                total,
+                latents: &latents,
+            });
+        }
+        let image = self.decode(&latents)?;
+        let stats = RunStats::new(&acct, total, start.elapsed().as_secs_f64());
+        Ok(Generation {
+            image,
+            latents,
+            accounting: acct,
+            stats,
+        })
+    }
+
+    /// Decodes final latents to an RGB image [3, H, W] in [0, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = (latents / self.vae.config.scaling_factor)?;
+        let z = match self.vae.config.shift_factor {
+            Some(s) => (z + s)?,
+            None => z,
+        };
+        let x = self.vae.decode(&z)?;
+        Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?)
+    }
+}
+
+/// Standard normal noise from a seed (deterministic across platforms; not torch's generator,
+/// so use `latents` to compare with diffusers).
+pub fn seeded_normal(seed: u64, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        // Box–Muller: two uniforms in (0, 1] give two independent normals.
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = 2.0 * std::f64::consts::PI * u2;
+        v.push((r * a.cos()) as f32);
+        if v.len() < n {
+            v.push((r * a.sin()) as f32);
+        }
+    }
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// Reported after every denoising step.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub total: usize,
+    /// The latents after this step.
+    pub latents: &'a Tensor,
+}
+
+/// What to generate and how.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub scheduler: SchedulerKind,
+    pub latents: Option<Tensor>,
+    pub policy: Policy,
+    pub wire: WireDtype,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 50,
+            guidance: 5.0,
+            seed: 1,
+            width: 512,
+            height: 512,
+            scheduler: SchedulerKind::Ddim,
+            latents: None,
+            policy: Policy::Local,
+            wire: WireDtype::F32,
+        }
+    }
+}
+
+/// Traffic of one shard backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStats {
+    pub server: usize,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub server_flops: u64,
+}
+
+/// The `--stats` JSON of a generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStats {
+    pub wall_seconds: f64,
+    pub steps: usize,
+    pub unet_calls: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub round_trips: u64,
+    pub device_flops: u64,
+    pub server_flops: u64,
+    pub per_server: Vec<ServerStats>,
+}
+
+impl RunStats {
+    pub fn new(a: &Accounting, steps: usize, wall_seconds: f64) -> Self {
+        Self {
+            wall_seconds,
+            steps,
+            unet_calls: a.unet_calls,
+            bytes_up: a.bytes_up(),
+            bytes_down: a.bytes_down(),
+            round_trips: a.round_trips,
+            device_flops: a.device_flops,
+            server_flops: a.server_flops_total(),
+            per_server: (0..a.backends)
+                .map(|i| ServerStats {
+                    server: i,
+                    bytes_up: a.bytes_up_of(i),
+                    bytes_down: a.bytes_down_of(i),
+                    server_flops: a.server_flops[i],
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The result of a generation.
+pub struct Generation {
+    /// RGB [3, H, W] in [0, 1].
+    pub image: Tensor,
+    /// Final latents [1, 4, h, w].
+    pub latents: Tensor,
+    pub accounting: Accounting,
+    pub stats: RunStats,
+}
+
+impl Generation {
+    /// The image as PNG bytes.
+    pub fn png(&self) -> Result<Vec<u8>> {
+        image_to_png(&self.image)
+    }
+}
+
+/// Encodes an RGB [3, H, W] tensor in [0, 1] as PNG.
+pub fn image_to_png(image: &Tensor) -> Result<Vec<u8>> {
+    let (c, h, w) = image.dims3()?;
+    if c != 3 {
+        return Err(Error::InvalidArgument(format!("image has {c} channels, expected 3")));
+    }
+    let bytes = (image.permute((1, 2, 0))? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let buf = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| Error::InvalidArgument("image buffer size mismatch".into()))?;
+    let mut out = Vec::new();
+    buf.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|e| Error::InvalidArgument(format!("PNG encoding: {e}")))?;
+    Ok(out)
+}

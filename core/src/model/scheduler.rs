@@ -1,0 +1,963 @@
+//! Diffusers-compatible noise schedulers: DDIM (eta = 0), DPM-Solver++ 2M and Euler, driven by a
+//! diffusers `scheduler_config.json`.
+//!
+//! The reference is diffusers itself (`DDIMScheduler`, `DPMSolverMultistepScheduler`,
+//! `EulerDiscreteScheduler`); `core/tests/scheduler_golden.rs` replays a loop recorded from it.
+//! Schedule arrays are f64; the sampling math on tensors is f32 (samples are upcast, and cast back
+//! to their dtype on return).
+//!
+//! Two places deliberately reproduce diffusers' float32 rounding, because the difference is not
+//! negligible: the training table `alphas_cumprod` (torch builds it in f32; recomputing it in
+//! f64 moves the small sigmas by up to 1.3e-5 relative) and the per-step sigmas of DPM/Euler
+//! (diffusers stores them as f32). Timestep rounding follows numpy exactly (round half to even,
+//! numpy's `linspace`/`arange` arithmetic).
+//!
+//! Steps are addressed by their index in [`Scheduler::timesteps`], not by timestep value, so a
+//! schedule with repeated timesteps (possible with `leading` spacing and many steps) is walked
+//! in order; diffusers' value lookup would pick the second occurrence instead.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+/// How betas are laid out over the training timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    #[default]
+    Linear,
+    /// Linear in sqrt(beta): the schedule of every Stable Diffusion checkpoint.
+    ScaledLinear,
+    /// The GLIDE cosine schedule (betas capped at 0.999).
+    #[serde(rename = "squaredcos_cap_v2")]
+    SquaredcosCapV2,
+}
+
+/// What the U-Net predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The added noise (SD 1.x, SD 2.x base).
+    #[default]
+    Epsilon,
+    /// The velocity alpha * noise - sigma * x0 (SD 2.x 768).
+    VPrediction,
+    /// The clean sample x0.
+    Sample,
+}
+
+/// How the inference timesteps are picked from the training range (table 2 of
+/// "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+/// A diffusers `scheduler_config.json`. Missing fields take diffusers' defaults; fields Veil does
+/// not know are ignored (SD configs carry PNDM-only keys such as `skip_prk_steps`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas; when present they replace `beta_start`/`beta_end`/`beta_schedule`.
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: PredictionType,
+    /// DDIM only: use alpha_cumprod = 1 after the last step instead of alphas_cumprod[0].
+    pub set_alpha_to_one: bool,
+    /// Added to `leading` timesteps (1 for Stable Diffusion).
+    pub steps_offset: usize,
+    /// `None` means the scheduler's own diffusers default: `leading` for DDIM, `linspace` for
+    /// DPM-Solver++ and Euler. SD 1.5/2.1 configs do not set it, so the default matters.
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// DDIM only: clamp the predicted x0 to `±clip_sample_range` (diffusers defaults to true;
+    /// SD configs set false).
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    /// DPM-Solver++ only: drop the tail of the schedule whose log-SNR is below this value.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub lambda_min_clipped: f64,
+    /// diffusers options that change the math and that Veil does not implement. They are parsed
+    /// only so that a config asking for one fails loudly instead of sampling differently.
+    #[serde(flatten)]
+    pub advanced: AdvancedOptions,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            prediction_type: PredictionType::Epsilon,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            timestep_spacing: None,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            lambda_min_clipped: f64::NEG_INFINITY,
+            advanced: AdvancedOptions::default(),
+        }
+    }
+}
+
+/// diffusers options outside what Veil implements. Defaults are the supported values; anything
+/// else makes [`new_scheduler`] return [`Error::Unsupported`] for a scheduler that reads it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct AdvancedOptions {
+    pub thresholding: bool,
+    pub rescale_betas_zero_snr: bool,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    pub algorithm_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub solver_type: Option<String>,
+    pub final_sigmas_type: Option<String>,
+    pub variance_type: Option<String>,
+    pub interpolation_type: Option<String>,
+    pub timestep_type: Option<String>,
+}
+
+/// Accepts a number, `null` (the default, -inf), or the strings that [`sanitize_json`] makes of
+/// Python's bare `Infinity`/`-Infinity`/`NaN`.
+fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Num {
+        F(f64),
+        S(String),
+    }
+    match Option::<Num>::deserialize(d)? {
+        None => Ok(f64::NEG_INFINITY),
+        Some(Num::F(v)) => Ok(v),
+        Some(Num::S(s)) => match s.as_str() {
+            "-Infinity" => Ok(f64::NEG_INFINITY),
+            "Infinity" => Ok(f64::INFINITY),
+            "NaN" => Ok(f64::NAN),
+            other => other.parse().map_err(serde::de::Error::custom),
+        },
+    }
+}
+
+/// diffusers writes configs with Python's `json`, which emits bare `Infinity`, `-Infinity` and
+/// `NaN` (e.g. `"lambda_min_clipped": -Infinity` in DPM-Solver configs). Those are not JSON, so
+/// quote them before parsing.
+fn sanitize_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t))
+        {
+            out.push('"');
+            out.push_str(tok);
+            out.push('"');
+            rest = &rest[tok.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+impl SchedulerConfig {
+    /// Reads a diffusers `scheduler_config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "scheduler config (diffusers scheduler/scheduler_config.json)".into(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses the text of a `scheduler_config.json` (errors name the path as `<inline json>`).
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::parse(text).map_err(|message| Error::Config {
+            path: "<inline json>".into(),
+            message,
+        })
+    }
+
+    fn parse(text: &str) -> std::result::Result<Self, String> {
+        let config: Self = serde_json::from_str(&sanitize_json(text)).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_train_timesteps == 0 {
+            return Err("num_train_timesteps must be at least 1".into());
+        }
+        if let Some(betas) = &self.trained_betas {
+            if betas.len() != self.num_train_timesteps {
+                return Err(format!(
+                    "trained_betas has {} values but num_train_timesteps is {}",
+                    betas.len(),
+                    self.num_train_timesteps
+                ));
+            }
+        }
+        if self.clip_sample_range.is_nan() || self.clip_sample_range <= 0.0 {
+            return Err(format!("clip_sample_range must be > 0, got {}", self.clip_sample_range));
+        }
+        Ok(())
+    }
+
+    /// The spacing `kind` uses: the configured one, or that scheduler's diffusers default.
+    pub fn spacing_for(&self, kind: SchedulerKind) -> TimestepSpacing {
+        self.timestep_spacing.unwrap_or(match kind {
+            SchedulerKind::Ddim => TimestepSpacing::Leading,
+            SchedulerKind::DpmSolverMultistep | SchedulerKind::EulerDiscrete => TimestepSpacing::Linspace,
+        })
+    }
+
+    /// Rejects the options `kind` would read but Veil does not implement.
+    fn check_supported(&self, kind: SchedulerKind) -> Result<()> {
+        let a = &self.advanced;
+        let mut bad: Vec<String> = Vec::new();
+        if a.rescale_betas_zero_snr {
+            bad.push("rescale_betas_zero_snr".into());
+        }
+        let dpm = kind == SchedulerKind::DpmSolverMultistep;
+        let euler = kind == SchedulerKind::EulerDiscrete;
+        if a.thresholding && !euler {
+            bad.push("thresholding".into());
+        }
+        if dpm || euler {
+            for (name, v) in [
+                ("use_karras_sigmas", a.use_karras_sigmas),
+                ("use_exponential_sigmas", a.use_exponential_sigmas),
+                ("use_beta_sigmas", a.use_beta_sigmas),
+            ] {
+                if v == Some(true) {
+                    bad.push(name.into());
+                }
+            }
+            if let Some(t) = a.final_sigmas_type.as_deref().filter(|t| *t != "zero") {
+                bad.push(format!("final_sigmas_type {t:?}"));
+            }
+        }
+        if dpm {
+            for (name, v) in [("use_lu_lambdas", a.use_lu_lambdas), ("use_flow_sigmas", a.use_flow_sigmas)] {
+                if v == Some(true) {
+                    bad.push(name.into());
+                }
+            }
+            // diffusers itself maps "deis" to dpmsolver++ and logrho/bh1/bh2 to midpoint.
+            if let Some(t) = a.algorithm_type.as_deref().filter(|t| !matches!(*t, "dpmsolver++" | "deis")) {
+                bad.push(format!("algorithm_type {t:?}"));
+            }
+            if let Some(o) = a.solver_order.filter(|o| *o != 2) {
+                bad.push(format!("solver_order {o}"));
+            }
+            if let Some(t) = a
+                .solver_type
+                .as_deref()
+                .filter(|t| !matches!(*t, "midpoint" | "logrho" | "bh1" | "bh2"))
+            {
+                bad.push(format!("solver_type {t:?}"));
+            }
+            if let Some(t) = a.variance_type.as_deref() {
+                bad.push(format!("variance_type {t:?}"));
+            }
+        }
+        if euler {
+            if let Some(t) = a.interpolation_type.as_deref().filter(|t| *t != "linear") {
+                bad.push(format!("interpolation_type {t:?}"));
+            }
+            if a.timestep_type.as_deref() == Some("continuous") && self.prediction_type == PredictionType::VPrediction {
+                bad.push("timestep_type \"continuous\" with v_prediction".into());
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!("{kind} scheduler option(s): {}", bad.join(", "))))
+        }
+    }
+
+    /// `alphas_cumprod` as diffusers builds it: betas and alphas in f32, the running product
+    /// accumulated in f64 (torch's CPU cumprod) and stored in f32. Returned widened to f64.
+    pub fn alphas_cumprod(&self) -> Result<Vec<f64>> {
+        self.validate().map_err(Error::InvalidArgument)?;
+        let n = self.num_train_timesteps;
+        let betas: Vec<f64> = match (&self.trained_betas, self.beta_schedule) {
+            (Some(b), _) => b.clone(),
+            (None, BetaSchedule::Linear) => np_linspace(self.beta_start, self.beta_end, n),
+            (None, BetaSchedule::ScaledLinear) => np_linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
+            (None, BetaSchedule::SquaredcosCapV2) => {
+                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                (0..n)
+                    .map(|i| {
+                        let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+                        (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999)
+                    })
+                    .collect()
+            }
+        };
+        let mut acc = 1.0f64;
+        let mut out = Vec::with_capacity(n);
+        for (t, &beta) in betas.iter().enumerate() {
+            let alpha = 1.0f32 - beta as f32;
+            if alpha.is_nan() || alpha <= 0.0 || alpha > 1.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "beta at training timestep {t} is {beta}, outside [0, 1)"
+                )));
+            }
+            acc *= f64::from(alpha);
+            out.push(f64::from(acc as f32));
+        }
+        if out.last().is_some_and(|&a| a <= 0.0) {
+            return Err(Error::InvalidArgument(
+                "alphas_cumprod underflows to 0 in f32; the beta schedule is too aggressive".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Which sampler to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    Ddim,
+    DpmSolverMultistep,
+    EulerDiscrete,
+}
+
+impl FromStr for SchedulerKind {
+    type Err = Error;
+
+    /// "ddim", "dpm++2m" (also "dpmsolver++", "dpm"), "euler", case-insensitive; the diffusers
+    /// class names are accepted too, so a config's `_class_name` can be passed straight in.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ddim" | "ddimscheduler" => Ok(Self::Ddim),
+            "dpm++2m" | "dpmsolver++" | "dpm" | "dpmsolvermultistepscheduler" => Ok(Self::DpmSolverMultistep),
+            "euler" | "eulerdiscretescheduler" => Ok(Self::EulerDiscrete),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown scheduler {s:?}; expected one of ddim, dpm++2m (dpmsolver++, dpm), euler"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ddim => "ddim",
+            Self::DpmSolverMultistep => "dpm++2m",
+            Self::EulerDiscrete => "euler",
+        })
+    }
+}
+
+/// A sampler over a fixed inference schedule. Steps are addressed by index into
+/// [`Scheduler::timesteps`]; call them in order (DPM-Solver++ keeps the previous model output).
+pub trait Scheduler: Send {
+    fn kind(&self) -> SchedulerKind;
+    /// The timestep the U-Net is conditioned on at each step (integral for DDIM/DPM; Euler's
+    /// `linspace` timesteps can be fractional, e.g. 499.5).
+    fn timesteps(&self) -> &[f64];
+    /// Scale for unit-variance starting noise: 1 for DDIM/DPM, the largest sigma for Euler.
+    fn init_noise_sigma(&self) -> f64;
+    /// What the U-Net sees at `step_index` (Euler divides by sqrt(sigma^2 + 1); others pass
+    /// through).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// One denoising step: from the sample at `step_index` to the next one.
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor>;
+    /// Noise a clean sample to the noise level of `step_index` (img2img's starting point).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// Number of denoising steps, i.e. `timesteps().len()`.
+    fn len(&self) -> usize {
+        self.timesteps().len()
+    }
+    fn is_empty(&self) -> bool {
+        self.timesteps().is_empty()
+    }
+}
+
+/// Builds the scheduler `kind` for `num_inference_steps` steps.
+pub fn new_scheduler(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler + Send>> {
+    Ok(match kind {
+        SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::EulerDiscrete => Box::new(EulerDiscreteScheduler::new(config, num_inference_steps)?),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// numpy-exact helpers: timestep rounding decides which training timestep is used, so these copy
+// numpy's arithmetic rather than the textbook formula.
+
+/// `np.linspace(start, stop, num)`: `i * step + start`, last element pinned to `stop`.
+fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut v: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+    if let Some(last) = v.last_mut() {
+        *last = stop;
+    }
+    v
+}
+
+/// `np.arange(start, stop, step)` for floats: length `ceil((stop - start) / step)`, values
+/// `start + i * delta` with `delta = (start + step) - start`, as numpy fills them.
+fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil();
+    if len.is_nan() || len <= 0.0 {
+        return Vec::new();
+    }
+    let len = len as usize;
+    let second = start + step;
+    let delta = second - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => second,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
+}
+
+/// `np.interp(x, arange(fp.len()), fp)`.
+fn np_interp_index(x: f64, fp: &[f64]) -> f64 {
+    let last = fp.len() - 1;
+    if x.is_nan() {
+        return f64::NAN;
+    }
+    if x <= 0.0 {
+        return fp[0];
+    }
+    if x >= last as f64 {
+        return fp[last];
+    }
+    let j = x.floor() as usize;
+    if x == j as f64 {
+        return fp[j];
+    }
+    (fp[j + 1] - fp[j]) * (x - j as f64) + fp[j]
+}
+
+/// `trailing` spacing: `round(arange(start, 0, -n_train / n)) - 1`. numpy's float `arange`
+/// sometimes yields n + 1 elements (n = 61, 103, ... for 1000 training steps); diffusers keeps the
+/// extra one as timestep -1. We keep at most `n`: see the module docs.
+fn trailing(start: usize, n_train: usize, n: usize) -> Vec<f64> {
+    let mut v: Vec<f64> = np_arange(start as f64, 0.0, -(n_train as f64 / n as f64))
+        .into_iter()
+        .map(|t| t.round_ties_even() - 1.0)
+        .collect();
+    v.truncate(n);
+    v
+}
+
+/// Rounds to f32 and back, where diffusers stores a value in float32.
+fn f32r(x: f64) -> f64 {
+    f64::from(x as f32)
+}
+
+fn check_steps(config: &SchedulerConfig, n: usize) -> Result<()> {
+    if n == 0 || n > config.num_train_timesteps {
+        return Err(Error::InvalidArgument(format!(
+            "num_inference_steps must be in 1..={}, got {n}",
+            config.num_train_timesteps
+        )));
+    }
+    Ok(())
+}
+
+fn check_index(kind: SchedulerKind, step_index: usize, len: usize) -> Result<()> {
+    if step_index >= len {
+        return Err(Error::InvalidArgument(format!(
+            "{kind}: step_index {step_index} out of range for {len} steps"
+        )));
+    }
+    Ok(())
+}
+
+/// `sum(c_i * t_i)` in f32.
+fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
+    let mut acc: Option<Tensor> = None;
+    for (c, t) in terms {
+        let term = if *c == 1.0 { (*t).clone() } else { t.affine(*c, 0.0)? };
+        acc = Some(match acc {
+            None => term,
+            Some(a) => (a + term)?,
+        });
+    }
+    acc.ok_or_else(|| Error::InvalidArgument("empty linear combination".into()))
+}
+
+fn f32_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
+}
+
+/// `sigma = sqrt((1 - a) / a)` per training timestep, rounded to f32 like diffusers' table.
+fn sigma_table(alphas_cumprod: &[f64]) -> Vec<f64> {
+    alphas_cumprod.iter().map(|&a| f32r(((1.0 - a) / a).sqrt())).collect()
+}
+
+/// Per-step sigmas (interpolated at the timesteps) followed by the final sigma 0, as f32.
+fn step_sigmas(timesteps: &[f64], table: &[f64]) -> Vec<f64> {
+    timesteps
+        .iter()
+        .map(|&t| f32r(np_interp_index(t, table)))
+        .chain(std::iter::once(0.0))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// diffusers `DDIMScheduler` with eta = 0: deterministic, the setting of the PPIDM paper.
+#[derive(Debug, Clone)]
+pub struct DdimScheduler {
+    alphas_cumprod: Vec<f64>,
+    final_alpha_cumprod: f64,
+    timesteps: Vec<f64>,
+    /// `num_train_timesteps / num_inference_steps`; diffusers steps back by this for every
+    /// spacing, even where the next timestep is not exactly that far (trailing/linspace).
+    stride: i64,
+    prediction_type: PredictionType,
+    clip: Option<f64>,
+}
+
+impl DdimScheduler {
+    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        config.check_supported(SchedulerKind::Ddim)?;
+        check_steps(config, num_inference_steps)?;
+        let n_train = config.num_train_timesteps;
+        let n = num_inference_steps;
+        let alphas_cumprod = config.alphas_cumprod()?;
+        let timesteps: Vec<f64> = match config.spacing_for(SchedulerKind::Ddim) {
+            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .map(f64::round_ties_even)
+                .collect(),
+            TimestepSpacing::Leading => {
+                let ratio = n_train / n;
+                (0..n).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
+            }
+            TimestepSpacing::Trailing => trailing(n_train, n_train, n),
+        };
+        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= n_train as f64) {
+            return Err(Error::InvalidArgument(format!(
+                "ddim: timestep {t} outside the {n_train} training timesteps (steps_offset {} with {n} steps)",
+                config.steps_offset
+            )));
+        }
+        Ok(Self {
+            final_alpha_cumprod: if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] },
+            alphas_cumprod,
+            timesteps,
+            stride: (n_train / n) as i64,
+            prediction_type: config.prediction_type,
+            clip: config.clip_sample.then_some(config.clip_sample_range),
+        })
+    }
+
+    /// (alpha_cumprod at the step's timestep, at the previous timestep).
+    fn alphas(&self, step_index: usize) -> (f64, f64) {
+        let t = self.timesteps[step_index] as i64;
+        let prev = t - self.stride;
+        let a_t = self.alphas_cumprod[t as usize];
+        let a_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
+        (a_t, a_prev)
+    }
+}
+
+impl Scheduler for DdimScheduler {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Ddim
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        Ok(sample.clone())
+    }
+
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        let dtype = sample.dtype();
+        let (m, x) = f32_pair(model_output, sample)?;
+        let (a_t, a_prev) = self.alphas(step_index);
+        let (sa, sb) = (a_t.sqrt(), (1.0 - a_t).sqrt());
+        let (x0, eps) = match self.prediction_type {
+            PredictionType::Epsilon => (lincomb(&[(1.0 / sa, &x), (-sb / sa, &m)])?, m.clone()),
+            PredictionType::Sample => (m.clone(), lincomb(&[(1.0 / sb, &x), (-sa / sb, &m)])?),
+            PredictionType::VPrediction => (lincomb(&[(sa, &x), (-sb, &m)])?, lincomb(&[(sa, &m), (sb, &x)])?),
+        };
+        let x0 = match self.clip {
+            Some(r) => x0.clamp(-r, r)?,
+            None => x0,
+        };
+        let prev = lincomb(&[(a_prev.sqrt(), &x0), ((1.0 - a_prev).sqrt(), &eps)])?;
+        Ok(prev.to_dtype(dtype)?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        let a = self.alphas_cumprod[self.timesteps[step_index] as usize];
+        let (x, n) = f32_pair(original, noise)?;
+        Ok(lincomb(&[(a.sqrt(), &x), ((1.0 - a).sqrt(), &n)])?.to_dtype(original.dtype())?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// diffusers `DPMSolverMultistepScheduler` with its defaults: dpmsolver++, order 2, midpoint,
+/// final sigma 0 (so the last step is first order), no Karras sigmas.
+#[derive(Debug, Clone)]
+pub struct DpmSolverMultistepScheduler {
+    timesteps: Vec<f64>,
+    /// One per step plus the final 0.
+    sigmas: Vec<f64>,
+    prediction_type: PredictionType,
+    /// The data prediction x0 of the last step taken, with its step index.
+    previous: Option<(usize, Tensor)>,
+}
+
+/// (alpha_t, sigma_t, lambda_t) of the VP process at "sigma" = sigma_t / alpha_t.
+fn vp(sigma: f64) -> (f64, f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    let s = sigma * alpha;
+    (alpha, s, alpha.ln() - s.ln())
+}
+
+impl DpmSolverMultistepScheduler {
+    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        config.check_supported(SchedulerKind::DpmSolverMultistep)?;
+        check_steps(config, num_inference_steps)?;
+        let n_train = config.num_train_timesteps;
+        let n = num_inference_steps;
+        let alphas_cumprod = config.alphas_cumprod()?;
+        // lambda_min_clipped: drop the training timesteps whose log-SNR lies below it.
+        let clipped = alphas_cumprod
+            .iter()
+            .filter(|&&a| {
+                let lambda = f32r(0.5 * a.ln() - 0.5 * (1.0 - a).ln());
+                lambda < config.lambda_min_clipped
+            })
+            .count();
+        let last = n_train - clipped;
+        let timesteps: Vec<f64> = match config.spacing_for(SchedulerKind::DpmSolverMultistep) {
+            TimestepSpacing::Linspace => np_linspace(0.0, last as f64 - 1.0, n + 1)
+                .into_iter()
+                .skip(1)
+                .rev()
+                .map(f64::round_ties_even)
+                .collect(),
+            TimestepSpacing::Leading => {
+                let ratio = last / (n + 1);
+                (1..=n).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
+            }
+            TimestepSpacing::Trailing => trailing(last, n_train, n),
+        };
+        if timesteps.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "dpm++2m: lambda_min_clipped {} leaves no timesteps",
+                config.lambda_min_clipped
+            )));
+        }
+        let sigmas = step_sigmas(&timesteps, &sigma_table(&alphas_cumprod));
+        Ok(Self {
+            timesteps,
+            sigmas,
+            prediction_type: config.prediction_type,
+            previous: None,
+        })
+    }
+
+    /// The sigma of each step followed by the final 0.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+}
+
+impl Scheduler for DpmSolverMultistepScheduler {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::DpmSolverMultistep
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        Ok(sample.clone())
+    }
+
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        let dtype = sample.dtype();
+        let (m, x) = f32_pair(model_output, sample)?;
+        let (alpha_s0, sigma_s0, lambda_s0) = vp(self.sigmas[step_index]);
+        // DPM-Solver++ integrates the data prediction x0.
+        let x0 = match self.prediction_type {
+            PredictionType::Epsilon => lincomb(&[(1.0 / alpha_s0, &x), (-sigma_s0 / alpha_s0, &m)])?,
+            PredictionType::Sample => m.clone(),
+            PredictionType::VPrediction => lincomb(&[(alpha_s0, &x), (-sigma_s0, &m)])?,
+        };
+        let sigma_next = self.sigmas[step_index + 1];
+        let (alpha_t, sigma_t, lambda_t) = vp(sigma_next);
+        // h = inf at the final sigma 0: exp(-h) = 0 and the step lands exactly on x0.
+        let h = lambda_t - lambda_s0;
+        let c = alpha_t * -(-h).exp_m1();
+        let ratio = sigma_t / sigma_s0;
+        let is_last = step_index + 1 == self.timesteps.len();
+        let previous = match self.previous.take() {
+            Some((i, m1)) if i + 1 == step_index && !is_last => Some(m1),
+            _ => None,
+        };
+        let prev = match previous {
+            // First order (DPM-Solver++ 1 = DDIM): the first step, and the last step because the
+            // final sigma is 0 (diffusers' lower_order_final).
+            None => lincomb(&[(ratio, &x), (c, &x0)])?,
+            // Second order, midpoint: D1 = (m0 - m1) / r0 with r0 = h_0 / h.
+            Some(m1) => {
+                let (_, _, lambda_s1) = vp(self.sigmas[step_index - 1]);
+                let r0 = (lambda_s0 - lambda_s1) / h;
+                lincomb(&[(ratio, &x), (c * (1.0 + 0.5 / r0), &x0), (-0.5 * c / r0, &m1)])?
+            }
+        };
+        self.previous = Some((step_index, x0));
+        Ok(prev.to_dtype(dtype)?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        let (alpha, sigma, _) = vp(self.sigmas[step_index]);
+        let (x, n) = f32_pair(original, noise)?;
+        Ok(lincomb(&[(alpha, &x), (sigma, &n)])?.to_dtype(original.dtype())?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// diffusers `EulerDiscreteScheduler`: deterministic Euler (no churn), linear sigma
+/// interpolation, no Karras sigmas. Works in the "variance exploding" parametrisation, hence
+/// the input scaling and the large initial noise.
+#[derive(Debug, Clone)]
+pub struct EulerDiscreteScheduler {
+    timesteps: Vec<f64>,
+    /// One per step plus the final 0.
+    sigmas: Vec<f64>,
+    init_noise_sigma: f64,
+    prediction_type: PredictionType,
+}
+
+impl EulerDiscreteScheduler {
+    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        config.check_supported(SchedulerKind::EulerDiscrete)?;
+        check_steps(config, num_inference_steps)?;
+        let n_train = config.num_train_timesteps;
+        let n = num_inference_steps;
+        let alphas_cumprod = config.alphas_cumprod()?;
+        let spacing = config.spacing_for(SchedulerKind::EulerDiscrete);
+        // Euler keeps float32 timesteps (linspace ones can be fractional).
+        let timesteps: Vec<f64> = match spacing {
+            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(f32r).collect(),
+            TimestepSpacing::Leading => {
+                let ratio = n_train / n;
+                (0..n).rev().map(|i| f32r((i * ratio) as f64) + f32r(config.steps_offset as f64)).collect()
+            }
+            TimestepSpacing::Trailing => trailing(n_train, n_train, n),
+        };
+        let sigmas = step_sigmas(&timesteps, &sigma_table(&alphas_cumprod));
+        let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
+        // Leading spacing does not start at the top of the schedule, so diffusers uses the
+        // variance of x_t = x0 + sigma * noise with unit-variance x0.
+        let init_noise_sigma = match spacing {
+            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+        };
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction_type: config.prediction_type,
+        })
+    }
+
+    /// The sigma of each step followed by the final 0.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+}
+
+impl Scheduler for EulerDiscreteScheduler {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::EulerDiscrete
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        let sigma = self.sigmas[step_index];
+        Ok(sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)?)
+    }
+
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        let dtype = sample.dtype();
+        let (m, x) = f32_pair(model_output, sample)?;
+        let sigma = self.sigmas[step_index];
+        let x0 = match self.prediction_type {
+            PredictionType::Epsilon => lincomb(&[(1.0, &x), (-sigma, &m)])?,
+            PredictionType::Sample => m.clone(),
+            PredictionType::VPrediction => {
+                let s2 = sigma * sigma + 1.0;
+                lincomb(&[(-sigma / s2.sqrt(), &m), (1.0 / s2, &x)])?
+            }
+        };
+        // The ODE derivative (x - x0) / sigma, integrated over d sigma. Kept in diffusers' f32
+        // operation order (true division, f32 dt, x + d * dt): with a huge sigma_max (2e4 for
+        // the cosine schedule) the update cancels catastrophically and any reordering moves
+        // the result by ~1e-3 relative.
+        let sigma32 = Tensor::new(sigma as f32, x.device())?;
+        let dt = f64::from(self.sigmas[step_index + 1] as f32 - sigma as f32);
+        let derivative = (&x - &x0)?.broadcast_div(&sigma32)?;
+        let prev = (&x + derivative.affine(dt, 0.0)?)?;
+        Ok(prev.to_dtype(dtype)?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(self.kind(), step_index, self.timesteps.len())?;
+        let (x, n) = f32_pair(original, noise)?;
+        Ok(lincomb(&[(1.0, &x), (self.sigmas[step_index], &n)])?.to_dtype(original.dtype())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numpy_helpers() {
+        assert_eq!(np_linspace(0.0, 999.0, 3), vec![0.0, 499.5, 999.0]);
+        assert_eq!(np_linspace(0.0, 999.0, 1), vec![0.0]);
+        assert_eq!(np_arange(1000.0, 0.0, -1000.0 / 3.0).len(), 3);
+        // numpy's float arange yields an extra, near-zero element here.
+        assert_eq!(np_arange(1000.0, 0.0, -1000.0 / 61.0).len(), 62);
+        assert_eq!(trailing(1000, 1000, 61).len(), 61);
+        assert_eq!(np_interp_index(1.5, &[0.0, 1.0, 3.0]), 2.0);
+        assert_eq!(np_interp_index(-1.0, &[5.0, 1.0]), 5.0);
+        assert_eq!(499.5f64.round_ties_even(), 500.0);
+    }
+
+    #[test]
+    fn kind_parsing() -> Result<()> {
+        assert_eq!("ddim".parse::<SchedulerKind>()?, SchedulerKind::Ddim);
+        assert_eq!("DPM++2M".parse::<SchedulerKind>()?, SchedulerKind::DpmSolverMultistep);
+        assert_eq!("dpmsolver++".parse::<SchedulerKind>()?, SchedulerKind::DpmSolverMultistep);
+        assert_eq!("dpm".parse::<SchedulerKind>()?, SchedulerKind::DpmSolverMultistep);
+        assert_eq!("euler".parse::<SchedulerKind>()?, SchedulerKind::EulerDiscrete);
+        assert!(matches!("pndm".parse::<SchedulerKind>(), Err(Error::InvalidArgument(_))));
+        for k in [SchedulerKind::Ddim, SchedulerKind::DpmSolverMultistep, SchedulerKind::EulerDiscrete] {
+            assert_eq!(k.to_string().parse::<SchedulerKind>()?, k);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn config_parsing() -> Result<()> {
+        let c = SchedulerConfig::from_json_str(
+            r#"{"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
+                "lambda_min_clipped": -Infinity, "note": "NaN inside a string", "sigma_max": null}"#,
+        )?;
+        assert_eq!(c.beta_schedule, BetaSchedule::ScaledLinear);
+        assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
+        assert_eq!(c.spacing_for(SchedulerKind::Ddim), TimestepSpacing::Leading);
+        assert_eq!(c.spacing_for(SchedulerKind::EulerDiscrete), TimestepSpacing::Linspace);
+        assert!(matches!(
+            SchedulerConfig::from_json_str(r#"{"beta_schedule": "cubic"}"#),
+            Err(Error::Config { .. })
+        ));
+        assert!(matches!(
+            SchedulerConfig::from_file("/nonexistent/scheduler_config.json"),
+            Err(Error::MissingFile { .. })
+        ));
+        let karras = SchedulerConfig::from_json_str(r#"{"use_karras_sigmas": true}"#)?;
+        assert!(matches!(
+            new_scheduler(SchedulerKind::EulerDiscrete, &karras, 10),
+            Err(Error::Unsupported(_))
+        ));
+        // DDIM does not read use_karras_sigmas, as in diffusers.
+        assert!(new_scheduler(SchedulerKind::Ddim, &karras, 10).is_ok());
+        assert!(new_scheduler(SchedulerKind::Ddim, &SchedulerConfig::default(), 0).is_err());
+        assert!(new_scheduler(SchedulerKind::Ddim, &SchedulerConfig::default(), 1001).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,255 @@
+//! Weight loading from safetensors files of a diffusers-layout folder, memory-mapped, f32 or f16
+//! on disk, converted to the compute dtype on load. Every miss names the tensor and the file;
+//! every shape mismatch names both shapes. `RecordingBackend` lets tests see exactly which
+//! parameters a model asks for, without allocating the weights.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// The safetensors weights of one component (`unet/`, `vae/`, `text_encoder/`).
+pub struct WeightFile {
+    tensors: MmapedSafetensors,
+    location: String,
+}
+
+impl std::fmt::Debug for WeightFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightFile")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+impl WeightFile {
+    /// Opens `<dir>/<stem>.safetensors`, else the fp16 variant `<stem>.fp16.safetensors`, else a
+    /// sharded `<stem>.safetensors.index.json` (diffusers' and transformers' file names).
+    pub fn open_component(dir: &Path, stem: &str) -> Result<Self> {
+        let single = dir.join(format!("{stem}.safetensors"));
+        let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if single.is_file() {
+            Self::open(&[single])
+        } else if fp16.is_file() {
+            Self::open(&[fp16])
+        } else if index.is_file() {
+            let shards = shards_of_index(&index)?;
+            Self::open(&shards)
+        } else {
+            Err(Error::MissingFile {
+                path: single,
+                what: format!(
+                    "weights of {} (also looked for {stem}.fp16.safetensors and {stem}.safetensors.index.json)",
+                    dir.display()
+                ),
+            })
+        }
+    }
+
+    /// Opens one or more safetensors files as one name space.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        for p in paths {
+            if !p.is_file() {
+                return Err(Error::MissingFile {
+                    path: p.clone(),
+                    what: "safetensors weights".into(),
+                });
+            }
+        }
+        let location = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        // SAFETY: `MmapedSafetensors` maps the files read-only. The mapping stays valid for the
+        // life of `self`; the only hazard is another process truncating or rewriting the file
+        // while it is mapped, which would be undefined behaviour as for any mmap. Model folders
+        // are immutable inputs by contract (documented in README: do not rewrite weights while
+        // Veil runs), and the header is validated by the safetensors crate before any access.
+        let tensors = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| Error::Config {
+            path: paths.first().cloned().unwrap_or_default(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
+        Ok(Self { tensors, location })
+    }
+
+    /// Every tensor name in the file(s) with its shape.
+    pub fn names_and_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v: Vec<_> = self
+            .tensors
+            .tensors()
+            .into_iter()
+            .map(|(n, view)| (n, view.shape().to_vec()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Loads `name`, checks its shape, converts to `dtype`.
+    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+        let view = self.tensors.get(name).map_err(|_| Error::MissingTensor {
+            name: name.to_string(),
+            location: self.location.clone(),
+        })?;
+        if view.shape() != shape {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: view.shape().to_vec(),
+            });
+        }
+        Ok(self.tensors.load(name, dev)?.to_dtype(dtype)?)
+    }
+
+    /// A candle `VarBuilder` over this file whose misses and shape errors keep their typed
+    /// form: after a failed model construction, call `take_error` on the returned slot.
+    pub fn var_builder(self: Arc<Self>, dtype: DType, dev: &Device) -> (VarBuilder<'static>, ErrorSlot) {
+        let slot = ErrorSlot::default();
+        let backend = CheckedBackend {
+            file: self,
+            first_error: slot.clone(),
+        };
+        (
+            VarBuilder::from_backend(Box::new(backend), dtype, dev.clone()),
+            slot,
+        )
+    }
+}
+
+fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let idx: Index = crate::model::config::read_json(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> = idx.weight_map.into_values().collect();
+    files.sort();
+    files.dedup();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Holds the first typed error a `CheckedBackend` produced, so a candle error coming out of a
+/// model constructor can be replaced by the precise one.
+#[derive(Clone, Default, Debug)]
+pub struct ErrorSlot(Arc<Mutex<Option<Error>>>);
+
+impl ErrorSlot {
+    fn set(&self, e: Error) {
+        if let Ok(mut g) = self.0.lock() {
+            if g.is_none() {
+                *g = Some(e);
+            }
+        }
+    }
+    /// The typed error if one was recorded, else `fallback` converted.
+    pub fn resolve(&self, fallback: candle_core::Error) -> Error {
+        match self.0.lock().ok().and_then(|mut g| g.take()) {
+            Some(e) => e,
+            None => Error::Tensor(fallback),
+        }
+    }
+}
+
+struct CheckedBackend {
+    file: Arc<WeightFile>,
+    first_error: ErrorSlot,
+}
+
+impl SimpleBackend for CheckedBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.file.load(name, s.dims(), dtype, dev).map_err(|e| {
+            let msg = e.to_string();
+            self.first_error.set(e);
+            candle_core::Error::Msg(msg)
+        })
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.file.tensors.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.file.tensors.get(name).is_ok()
+    }
+}
+
+/// A `VarBuilder` backend that hands out zero-cost broadcast tensors and records every
+/// (name, shape) asked for. With a reference list it answers `contains_tensor` from it and
+/// refuses names or shapes outside it, as a real checkpoint would.
+#[derive(Clone, Default)]
+pub struct RecordingBackend {
+    reference: Option<Arc<HashMap<String, Vec<usize>>>>,
+    requested: Arc<Mutex<Vec<(String, Vec<usize>)>>>,
+}
+
+impl RecordingBackend {
+    pub fn new(reference: Option<HashMap<String, Vec<usize>>>) -> Self {
+        Self {
+            reference: reference.map(Arc::new),
+            requested: Arc::default(),
+        }
+    }
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
+    }
+    /// Names and shapes asked for so far, sorted by name.
+    pub fn requested(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v = self.requested.lock().map(|g| g.clone()).unwrap_or_default();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+impl SimpleBackend for RecordingBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(r) = &self.reference {
+            match r.get(name) {
+                None => candle_core::bail!("no tensor {name} in reference"),
+                Some(shape) if shape.as_slice() != s.dims() => {
+                    candle_core::bail!("shape of {name}: reference {shape:?}, asked {:?}", s.dims())
+                }
+                _ => {}
+            }
+        }
+        if let Ok(mut g) = self.requested.lock() {
+            g.push((name.to_string(), s.dims().to_vec()));
+        }
+        // A broadcast scalar has the requested shape but owns a single element.
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unchecked access to {name} is not recorded")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.reference.as_ref().is_some_and(|r| r.contains_key(name))
+    }
+}

@@ -1,0 +1,15 @@
+//! The placement runtime: policies (where each op runs), engines (the arithmetic, real or
+//! shape-only), shard backends (where server-side work executes) and accounting.
+
+pub mod accounting;
+pub mod backend;
+pub mod engine;
+pub mod plan;
+pub mod policy;
+pub mod runtime;
+
+pub use accounting::{Accounting, OpKind};
+pub use backend::{InProcessBackend, ShardBackend, ShardExecutor};
+pub use engine::{CandleEngine, Engine, ShapeEngine, WireDtype};
+pub use policy::{GnVariant, Placement, Policy};
+pub use runtime::Runtime;

@@ -1,0 +1,171 @@
+//! `veil plan`: the traffic, round trips and FLOPs of one denoising step, from a U-Net config
+//! alone. It runs the real U-Net forward on the shape engine with shape-only shard backends,
+//! so the numbers are the runtime's own accounting, not a separate model of it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::unet::UNet;
+use crate::placement::accounting::{Accounting, OpKind};
+use crate::placement::backend::{InProcessBackend, ShardBackend};
+use crate::placement::engine::{ShapeEngine, WireDtype};
+use crate::placement::policy::Policy;
+use crate::placement::runtime::Runtime;
+
+/// What one step looks like.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// Latent rows and columns (image size / 8 for SD's VAE).
+    pub latent_height: usize,
+    pub latent_width: usize,
+    /// U-Net batch: 2 with classifier-free guidance.
+    pub batch: usize,
+    /// Text tokens (77 for CLIP).
+    pub context_len: usize,
+    pub servers: usize,
+    pub policy: Policy,
+    pub wire: WireDtype,
+}
+
+/// Per-device min / max / total bytes over the layers of one kind, as PPIDM's Tables VIII–X.
+#[derive(Debug, Clone, Serialize)]
+pub struct KindRow {
+    pub kind: OpKind,
+    pub layers: usize,
+    pub up_min: u64,
+    pub up_max: u64,
+    pub up_total: u64,
+    pub down_min: u64,
+    pub down_max: u64,
+    pub down_total: u64,
+}
+
+/// The plan of one denoising step (one U-Net call over the whole batch).
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub policy: String,
+    pub servers: usize,
+    pub wire: String,
+    pub batch: usize,
+    pub latent_height: usize,
+    pub latent_width: usize,
+    pub bytes_up_per_step: u64,
+    pub bytes_down_per_step: u64,
+    pub round_trips_per_step: u64,
+    pub phone_flops_per_step: u64,
+    pub server_flops_per_step: u64,
+    pub offloaded_flop_fraction: f64,
+    /// Rows for the busiest device (backend 0 holds the largest block when splits are uneven).
+    pub per_kind_per_device: Vec<KindRow>,
+    pub per_server_bytes_up: Vec<u64>,
+    pub per_server_bytes_down: Vec<u64>,
+}
+
+/// Runs the shape-only forward and returns the accounting of one step.
+pub fn account_step(unet: &UNet, input: &PlanInput) -> Result<Accounting> {
+    let engine = ShapeEngine;
+    let n = if input.policy.needs_backends() { input.servers } else { 0 };
+    let backends: Vec<Arc<dyn ShardBackend<Vec<usize>>>> = (0..n)
+        .map(|_| Arc::new(InProcessBackend::new(ShapeEngine, unet.shard_layers())) as Arc<dyn ShardBackend<Vec<usize>>>)
+        .collect();
+    let mut rt = Runtime::new(&engine, input.policy.placement(), &backends, input.wire)?;
+    let sample = vec![input.batch, unet.config.in_channels, input.latent_height, input.latent_width];
+    let n_blocks = unet.config.block_out_channels.len();
+    let ctx_dim = unet.config.cross_attention_dim.get(0, n_blocks, "cross_attention_dim")?;
+    let context = vec![input.batch, input.context_len, ctx_dim];
+    // Shape-only backends complete immediately, so a trivial executor suffices.
+    futures::executor::block_on(unet.forward(&mut rt, &sample, 500.0, &context))?;
+    Ok(rt.take_accounting())
+}
+
+/// The plan of one step.
+pub fn plan(unet: &UNet, input: &PlanInput) -> Result<Plan> {
+    let a = account_step(unet, input)?;
+    let mut rows: BTreeMap<OpKind, Vec<(u64, u64)>> = BTreeMap::new();
+    for t in &a.transfers {
+        rows.entry(t.kind)
+            .or_default()
+            .push((t.up.first().copied().unwrap_or(0), t.down.first().copied().unwrap_or(0)));
+    }
+    let per_kind_per_device = OpKind::ALL
+        .iter()
+        .filter_map(|k| {
+            let r = rows.get(k)?;
+            Some(KindRow {
+                kind: *k,
+                layers: r.len(),
+                up_min: r.iter().map(|x| x.0).min().unwrap_or(0),
+                up_max: r.iter().map(|x| x.0).max().unwrap_or(0),
+                up_total: r.iter().map(|x| x.0).sum(),
+                down_min: r.iter().map(|x| x.1).min().unwrap_or(0),
+                down_max: r.iter().map(|x| x.1).max().unwrap_or(0),
+                down_total: r.iter().map(|x| x.1).sum(),
+            })
+        })
+        .collect();
+    let server = a.server_flops_total();
+    let total = (server + a.device_flops).max(1);
+    Ok(Plan {
+        policy: input.policy.name().to_string(),
+        servers: a.backends,
+        wire: input.wire.to_string(),
+        batch: input.batch,
+        latent_height: input.latent_height,
+        latent_width: input.latent_width,
+        bytes_up_per_step: a.bytes_up(),
+        bytes_down_per_step: a.bytes_down(),
+        round_trips_per_step: a.round_trips,
+        phone_flops_per_step: a.device_flops,
+        server_flops_per_step: server,
+        offloaded_flop_fraction: server as f64 / total as f64,
+        per_kind_per_device,
+        per_server_bytes_up: (0..a.backends).map(|i| a.bytes_up_of(i)).collect(),
+        per_server_bytes_down: (0..a.backends).map(|i| a.bytes_down_of(i)).collect(),
+    })
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+impl Plan {
+    /// PPIDM-style tables (MB = 2^20 bytes, the unit PPIDM's tables turn out to use).
+    pub fn to_table(&self) -> String {
+        let mut s = format!(
+            "policy {} | servers {} | wire {} | batch {} | latent {}x{}\n\n",
+            self.policy, self.servers, self.wire, self.batch, self.latent_height, self.latent_width
+        );
+        s += "per device, one denoising step (MB = 2^20 bytes)\n";
+        s += &format!(
+            "{:<6}{:>7} | {:>9}{:>9}{:>10} | {:>9}{:>9}{:>10}\n",
+            "kind", "layers", "up min", "up max", "up total", "dn min", "dn max", "dn total"
+        );
+        for r in &self.per_kind_per_device {
+            s += &format!(
+                "{:<6}{:>7} | {:>9.3}{:>9.3}{:>10.2} | {:>9.4}{:>9.3}{:>10.2}\n",
+                r.kind.label(),
+                r.layers,
+                r.up_min as f64 / MIB,
+                r.up_max as f64 / MIB,
+                r.up_total as f64 / MIB,
+                r.down_min as f64 / MIB,
+                r.down_max as f64 / MIB,
+                r.down_total as f64 / MIB
+            );
+        }
+        s += &format!(
+            "\nall devices per step: up {:.2} MB, down {:.2} MB, {} round trips\n",
+            self.bytes_up_per_step as f64 / MIB,
+            self.bytes_down_per_step as f64 / MIB,
+            self.round_trips_per_step
+        );
+        s += &format!(
+            "FLOPs per step: phone {:.1} G, servers {:.1} G, offloaded {:.1}%\n",
+            self.phone_flops_per_step as f64 / 1e9,
+            self.server_flops_per_step as f64 / 1e9,
+            100.0 * self.offloaded_flop_fraction
+        );
+        s
+    }
+}

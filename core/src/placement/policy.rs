@@ -1,0 +1,138 @@
+//! Placement policies as data: for each kind of heavy op, where it runs. The U-Net never
+//! branches on the policy; the runtime reads this table.
+
+use crate::error::{Error, Result};
+
+/// How GroupNorm is split under `ppidm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GnVariant {
+    /// The paper's PPIGN: each block normalised with its own statistics (lossy).
+    Paper,
+    /// Blocks return per-group partial sums; the device forms the global statistics (exact).
+    #[default]
+    Exact,
+}
+
+impl std::str::FromStr for GnVariant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "paper" => Ok(Self::Paper),
+            "exact" => Ok(Self::Exact),
+            o => Err(Error::InvalidArgument(format!(
+                "unknown GroupNorm variant `{o}` (expected exact or paper)"
+            ))),
+        }
+    }
+}
+
+/// Where convolutions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvPlace {
+    Device,
+    /// PPICnv: output rows split over the backends; each gets its input rows plus halo.
+    SplitRows,
+}
+
+/// Where GroupNorm statistics are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GnPlace {
+    Device,
+    /// PPIGN: row blocks sent to the backends, which return per-group statistics.
+    SplitRows(GnVariant),
+}
+
+/// Where the attention core softmax(QKᵀ)V runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnPlace {
+    Device,
+    /// PPIAtt: query rows split; full K and V sent to every backend (as the paper does).
+    SplitQueries,
+}
+
+/// The placement table of one policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub conv: ConvPlace,
+    pub group_norm: GnPlace,
+    pub attention: AttnPlace,
+}
+
+/// The named policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Everything on the device: the reference output.
+    Local,
+    /// PPIDM (Wang et al. 2025), faithfully: convolutions, attention cores and GroupNorms split.
+    Ppidm { gn: GnVariant },
+}
+
+impl Policy {
+    pub fn placement(self) -> Placement {
+        match self {
+            Policy::Local => Placement {
+                conv: ConvPlace::Device,
+                group_norm: GnPlace::Device,
+                attention: AttnPlace::Device,
+            },
+            Policy::Ppidm { gn } => Placement {
+                conv: ConvPlace::SplitRows,
+                group_norm: GnPlace::SplitRows(gn),
+                attention: AttnPlace::SplitQueries,
+            },
+        }
+    }
+
+    /// Parses a policy name; `gn` applies to policies that split GroupNorm.
+    pub fn parse(name: &str, gn: GnVariant) -> Result<Self> {
+        match name {
+            "local" => Ok(Policy::Local),
+            "ppidm" => Ok(Policy::Ppidm { gn }),
+            "strict" | "obfuscated" => Err(Error::Unsupported(format!(
+                "policy `{name}` is not implemented yet (planned: see DESIGN.md §3)"
+            ))),
+            o => Err(Error::InvalidArgument(format!(
+                "unknown policy `{o}` (expected local or ppidm)"
+            ))),
+        }
+    }
+
+    pub fn needs_backends(self) -> bool {
+        !matches!(self, Policy::Local)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Local => "local",
+            Policy::Ppidm { .. } => "ppidm",
+        }
+    }
+}
+
+/// Splits `len` rows into `n` contiguous ranges, the first `len % n` one row longer.
+pub fn partition(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+    let base = len / n.max(1);
+    let extra = len % n.max(1);
+    let mut start = 0;
+    (0..n)
+        .map(|i| {
+            let l = base + usize::from(i < extra);
+            let r = start..start + l;
+            start += l;
+            r
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_uneven() {
+        assert_eq!(partition(64, 3), vec![0..22, 22..43, 43..64]);
+        assert_eq!(partition(8, 8).len(), 8);
+        assert!(partition(8, 8).iter().all(|r| r.len() == 1));
+        assert_eq!(partition(5, 2), vec![0..3, 3..5]);
+    }
+}
