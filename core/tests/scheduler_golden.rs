@@ -21,19 +21,25 @@ impl Fixture {
     fn load() -> Result<Self> {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden");
         let meta: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("schedulers.json")).context("read schedulers.json")?,
+            &std::fs::read_to_string(dir.join("schedulers.json"))
+                .context("read schedulers.json")?,
         )?;
-        let tensors = candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
-            .context("load schedulers.safetensors")?;
+        let tensors =
+            candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
+                .context("load schedulers.safetensors")?;
         Ok(Self { meta, tensors })
     }
 
     fn tensor(&self, key: &str) -> Result<&Tensor> {
-        self.tensors.get(key).ok_or_else(|| anyhow!("fixture lacks tensor {key}"))
+        self.tensors
+            .get(key)
+            .ok_or_else(|| anyhow!("fixture lacks tensor {key}"))
     }
 
     fn config(&self, name: &str) -> Result<SchedulerConfig> {
-        let cfg = self.meta["configs"].get(name).ok_or_else(|| anyhow!("fixture lacks config {name}"))?;
+        let cfg = self.meta["configs"]
+            .get(name)
+            .ok_or_else(|| anyhow!("fixture lacks config {name}"))?;
         Ok(SchedulerConfig::from_json_str(&cfg.to_string())?)
     }
 
@@ -47,7 +53,9 @@ fn str_of<'a>(v: &'a Value, k: &str) -> Result<&'a str> {
 }
 
 fn usize_of(v: &Value, k: &str) -> Result<usize> {
-    v[k].as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{k} missing in {v}"))
+    v[k].as_u64()
+        .map(|x| x as usize)
+        .ok_or_else(|| anyhow!("{k} missing in {v}"))
 }
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -68,7 +76,9 @@ fn loops_match_diffusers() -> Result<()> {
     let fx = Fixture::load()?;
     let latents = fx.tensor("latents")?;
     let fixed_noise = fx.tensor("fixed_noise")?;
-    let cases = fx.meta["cases"].as_array().ok_or_else(|| anyhow!("no cases"))?;
+    let cases = fx.meta["cases"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no cases"))?;
     assert!(cases.len() >= 36, "fixture has only {} cases", cases.len());
     // Worst relative L2 per scheduler, for the log.
     let mut worst: HashMap<String, (f64, String)> = HashMap::new();
@@ -82,13 +92,21 @@ fn loops_match_diffusers() -> Result<()> {
 
         let want_t = fx.f64s(&format!("{key}/timesteps"))?;
         if sched.timesteps() != want_t.as_slice() {
-            failures.push(format!("{key}: timesteps {:?} != diffusers {want_t:?}", sched.timesteps()));
+            failures.push(format!(
+                "{key}: timesteps {:?} != diffusers {want_t:?}",
+                sched.timesteps()
+            ));
             continue;
         }
-        let want_sigma = case["init_noise_sigma"].as_f64().ok_or_else(|| anyhow!("init_noise_sigma"))?;
+        let want_sigma = case["init_noise_sigma"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("init_noise_sigma"))?;
         let sigma_err = (sched.init_noise_sigma() - want_sigma).abs() / want_sigma;
         if sigma_err > TOL {
-            failures.push(format!("{key}: init_noise_sigma {} != {want_sigma}", sched.init_noise_sigma()));
+            failures.push(format!(
+                "{key}: init_noise_sigma {} != {want_sigma}",
+                sched.init_noise_sigma()
+            ));
         }
 
         let samples = fx.tensor(&format!("{key}/samples"))?;
@@ -113,7 +131,9 @@ fn loops_match_diffusers() -> Result<()> {
             let noisy = sched.add_noise(latents, fixed_noise, k as usize)?;
             let err = rel_l2(&noisy, fx.tensor(&format!("{key}/add_noise"))?)?;
             if err > TOL {
-                failures.push(format!("{key} add_noise at step {k}: relative L2 {err:.3e}"));
+                failures.push(format!(
+                    "{key} add_noise at step {k}: relative L2 {err:.3e}"
+                ));
             }
         }
     }
@@ -131,7 +151,9 @@ fn loops_match_diffusers() -> Result<()> {
 #[test]
 fn timestep_sweep_matches_diffusers() -> Result<()> {
     let fx = Fixture::load()?;
-    let sweep = fx.meta["sweep"].as_array().ok_or_else(|| anyhow!("no sweep"))?;
+    let sweep = fx.meta["sweep"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no sweep"))?;
     let mut failures = Vec::new();
     let mut truncated = 0;
     for entry in sweep {
@@ -148,7 +170,10 @@ fn timestep_sweep_matches_diffusers() -> Result<()> {
             truncated += 1;
         }
         if sched.timesteps() != want.as_slice() {
-            failures.push(format!("{key}: {:?} != diffusers {want:?}", sched.timesteps()));
+            failures.push(format!(
+                "{key}: {:?} != diffusers {want:?}",
+                sched.timesteps()
+            ));
         }
     }
     // n = 61, 103 and 121 with trailing spacing (sd21_trailing), for each of the three schedulers.
@@ -162,7 +187,9 @@ fn timestep_sweep_matches_diffusers() -> Result<()> {
 #[test]
 fn config_files_parse() -> Result<()> {
     let fx = Fixture::load()?;
-    let configs = fx.meta["configs"].as_object().ok_or_else(|| anyhow!("no configs"))?;
+    let configs = fx.meta["configs"]
+        .as_object()
+        .ok_or_else(|| anyhow!("no configs"))?;
     let dir = std::env::temp_dir().join(format!("veil-scheduler-golden-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     for (name, cfg) in configs {

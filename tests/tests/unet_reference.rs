@@ -31,7 +31,7 @@ fn cases() -> Vec<Case> {
                 "block_out_channels": [32, 64],
                 "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-                "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 8,
+                "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 32,
                 "cross_attention_dim": 16, "use_linear_projection": false
             }),
             latent: (10, 14),
@@ -42,7 +42,7 @@ fn cases() -> Vec<Case> {
                 "block_out_channels": [32, 64, 64],
                 "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-                "layers_per_block": 2, "attention_head_dim": [2, 4, 4], "norm_num_groups": 16,
+                "layers_per_block": 2, "attention_head_dim": [2, 4, 4], "norm_num_groups": 32,
                 "cross_attention_dim": 16, "use_linear_projection": true
             }),
             latent: (10, 14),
@@ -53,7 +53,7 @@ fn cases() -> Vec<Case> {
                 "block_out_channels": [32, 32, 64],
                 "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-                "layers_per_block": 1, "attention_head_dim": 2, "norm_num_groups": 8,
+                "layers_per_block": 1, "attention_head_dim": 2, "norm_num_groups": 32,
                 "cross_attention_dim": 16, "use_linear_projection": false,
                 "transformer_layers_per_block": 2
             }),
@@ -90,6 +90,11 @@ async fn run_ours(unet: &UNet, engine: &CandleEngine, policy: Policy, n: usize, 
     unet.forward(&mut rt, x, t, ctx).await.expect("forward")
 }
 
+/// candle-transformers 0.11.1 builds the resnets of `DownBlock2D` and `UpBlock2D` without the
+/// configured group count (unet_2d_blocks.rs, the two `ResnetBlock2DConfig`s lacking `groups`),
+/// so it silently uses 32 groups there; with `norm_num_groups` = 8 it misses the diffusers golden
+/// by 0.59 relative L2 while ours matches it to 1e-6 (tests/golden.rs). The comparison therefore
+/// uses 32 groups, SD's value, where candle is correct.
 #[tokio::test]
 async fn unet_local_matches_candle_transformers() {
     for (k, case) in cases().into_iter().enumerate() {

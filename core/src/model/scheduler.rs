@@ -15,6 +15,12 @@
 //! Steps are addressed by their index in [`Scheduler::timesteps`], not by timestep value, so a
 //! schedule with repeated timesteps (possible with `leading` spacing and many steps) is walked
 //! in order; diffusers' value lookup would pick the second occurrence instead.
+//!
+//! One deliberate deviation: with `trailing` spacing numpy's float `arange` sometimes returns
+//! n + 1 values (n = 61, 103, 121, ... for 1000 training steps); diffusers keeps the extra one as
+//! timestep -1, which DDIM then reads as `alphas_cumprod[-1]`, the *noisiest* entry. Veil keeps
+//! exactly n timesteps. diffusers' quirks that are well defined are kept, e.g. DDIM always
+//! steps back by `num_train_timesteps / n`, even with trailing/linspace spacing.
 
 use std::fmt;
 use std::path::Path;
@@ -242,7 +248,10 @@ impl SchedulerConfig {
             }
         }
         if self.clip_sample_range.is_nan() || self.clip_sample_range <= 0.0 {
-            return Err(format!("clip_sample_range must be > 0, got {}", self.clip_sample_range));
+            return Err(format!(
+                "clip_sample_range must be > 0, got {}",
+                self.clip_sample_range
+            ));
         }
         Ok(())
     }
@@ -251,7 +260,9 @@ impl SchedulerConfig {
     pub fn spacing_for(&self, kind: SchedulerKind) -> TimestepSpacing {
         self.timestep_spacing.unwrap_or(match kind {
             SchedulerKind::Ddim => TimestepSpacing::Leading,
-            SchedulerKind::DpmSolverMultistep | SchedulerKind::EulerDiscrete => TimestepSpacing::Linspace,
+            SchedulerKind::DpmSolverMultistep | SchedulerKind::EulerDiscrete => {
+                TimestepSpacing::Linspace
+            }
         })
     }
 
@@ -282,13 +293,20 @@ impl SchedulerConfig {
             }
         }
         if dpm {
-            for (name, v) in [("use_lu_lambdas", a.use_lu_lambdas), ("use_flow_sigmas", a.use_flow_sigmas)] {
+            for (name, v) in [
+                ("use_lu_lambdas", a.use_lu_lambdas),
+                ("use_flow_sigmas", a.use_flow_sigmas),
+            ] {
                 if v == Some(true) {
                     bad.push(name.into());
                 }
             }
             // diffusers itself maps "deis" to dpmsolver++ and logrho/bh1/bh2 to midpoint.
-            if let Some(t) = a.algorithm_type.as_deref().filter(|t| !matches!(*t, "dpmsolver++" | "deis")) {
+            if let Some(t) = a
+                .algorithm_type
+                .as_deref()
+                .filter(|t| !matches!(*t, "dpmsolver++" | "deis"))
+            {
                 bad.push(format!("algorithm_type {t:?}"));
             }
             if let Some(o) = a.solver_order.filter(|o| *o != 2) {
@@ -309,14 +327,19 @@ impl SchedulerConfig {
             if let Some(t) = a.interpolation_type.as_deref().filter(|t| *t != "linear") {
                 bad.push(format!("interpolation_type {t:?}"));
             }
-            if a.timestep_type.as_deref() == Some("continuous") && self.prediction_type == PredictionType::VPrediction {
+            if a.timestep_type.as_deref() == Some("continuous")
+                && self.prediction_type == PredictionType::VPrediction
+            {
                 bad.push("timestep_type \"continuous\" with v_prediction".into());
             }
         }
         if bad.is_empty() {
             Ok(())
         } else {
-            Err(Error::Unsupported(format!("{kind} scheduler option(s): {}", bad.join(", "))))
+            Err(Error::Unsupported(format!(
+                "{kind} scheduler option(s): {}",
+                bad.join(", ")
+            )))
         }
     }
 
@@ -328,12 +351,18 @@ impl SchedulerConfig {
         let betas: Vec<f64> = match (&self.trained_betas, self.beta_schedule) {
             (Some(b), _) => b.clone(),
             (None, BetaSchedule::Linear) => np_linspace(self.beta_start, self.beta_end, n),
-            (None, BetaSchedule::ScaledLinear) => np_linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
+            (None, BetaSchedule::ScaledLinear) => {
+                np_linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
             (None, BetaSchedule::SquaredcosCapV2) => {
-                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let alpha_bar = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -379,7 +408,9 @@ impl FromStr for SchedulerKind {
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "ddim" | "ddimscheduler" => Ok(Self::Ddim),
-            "dpm++2m" | "dpmsolver++" | "dpm" | "dpmsolvermultistepscheduler" => Ok(Self::DpmSolverMultistep),
+            "dpm++2m" | "dpmsolver++" | "dpm" | "dpmsolvermultistepscheduler" => {
+                Ok(Self::DpmSolverMultistep)
+            }
             "euler" | "eulerdiscretescheduler" => Ok(Self::EulerDiscrete),
             _ => Err(Error::InvalidArgument(format!(
                 "unknown scheduler {s:?}; expected one of ddim, dpm++2m (dpmsolver++, dpm), euler"
@@ -411,7 +442,8 @@ pub trait Scheduler: Send {
     /// through).
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
     /// One denoising step: from the sample at `step_index` to the next one.
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor>;
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor)
+        -> Result<Tensor>;
     /// Noise a clean sample to the noise level of `step_index` (img2img's starting point).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
     /// Number of denoising steps, i.e. `timesteps().len()`.
@@ -431,8 +463,13 @@ pub fn new_scheduler(
 ) -> Result<Box<dyn Scheduler + Send>> {
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
-        SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::new(config, num_inference_steps)?),
-        SchedulerKind::EulerDiscrete => Box::new(EulerDiscreteScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::new(
+            config,
+            num_inference_steps,
+        )?),
+        SchedulerKind::EulerDiscrete => {
+            Box::new(EulerDiscreteScheduler::new(config, num_inference_steps)?)
+        }
     })
 }
 
@@ -531,7 +568,11 @@ fn check_index(kind: SchedulerKind, step_index: usize, len: usize) -> Result<()>
 fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
     let mut acc: Option<Tensor> = None;
     for (c, t) in terms {
-        let term = if *c == 1.0 { (*t).clone() } else { t.affine(*c, 0.0)? };
+        let term = if *c == 1.0 {
+            (*t).clone()
+        } else {
+            t.affine(*c, 0.0)?
+        };
         acc = Some(match acc {
             None => term,
             Some(a) => (a + term)?,
@@ -540,13 +581,22 @@ fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
     acc.ok_or_else(|| Error::InvalidArgument("empty linear combination".into()))
 }
 
+/// `x / d` as a true division (not a multiplication by 1/d), like torch's tensor / scalar.
+fn div_scalar(x: &Tensor, d: f32) -> Result<Tensor> {
+    let d = Tensor::new(d, x.device())?.to_dtype(x.dtype())?;
+    Ok(x.broadcast_div(&d)?)
+}
+
 fn f32_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
 }
 
 /// `sigma = sqrt((1 - a) / a)` per training timestep, rounded to f32 like diffusers' table.
 fn sigma_table(alphas_cumprod: &[f64]) -> Vec<f64> {
-    alphas_cumprod.iter().map(|&a| f32r(((1.0 - a) / a).sqrt())).collect()
+    alphas_cumprod
+        .iter()
+        .map(|&a| f32r(((1.0 - a) / a).sqrt()))
+        .collect()
 }
 
 /// Per-step sigmas (interpolated at the timesteps) followed by the final sigma 0, as f32.
@@ -588,7 +638,10 @@ impl DdimScheduler {
                 .collect(),
             TimestepSpacing::Leading => {
                 let ratio = n_train / n;
-                (0..n).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
+                (0..n)
+                    .rev()
+                    .map(|i| (i * ratio + config.steps_offset) as f64)
+                    .collect()
             }
             TimestepSpacing::Trailing => trailing(n_train, n_train, n),
         };
@@ -599,7 +652,11 @@ impl DdimScheduler {
             )));
         }
         Ok(Self {
-            final_alpha_cumprod: if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] },
+            final_alpha_cumprod: if config.set_alpha_to_one {
+                1.0
+            } else {
+                alphas_cumprod[0]
+            },
             alphas_cumprod,
             timesteps,
             stride: (n_train / n) as i64,
@@ -613,7 +670,11 @@ impl DdimScheduler {
         let t = self.timesteps[step_index] as i64;
         let prev = t - self.stride;
         let a_t = self.alphas_cumprod[t as usize];
-        let a_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
+        let a_prev = if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            self.final_alpha_cumprod
+        };
         (a_t, a_prev)
     }
 }
@@ -636,7 +697,12 @@ impl Scheduler for DdimScheduler {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         check_index(self.kind(), step_index, self.timesteps.len())?;
         let dtype = sample.dtype();
         let (m, x) = f32_pair(model_output, sample)?;
@@ -645,7 +711,10 @@ impl Scheduler for DdimScheduler {
         let (x0, eps) = match self.prediction_type {
             PredictionType::Epsilon => (lincomb(&[(1.0 / sa, &x), (-sb / sa, &m)])?, m.clone()),
             PredictionType::Sample => (m.clone(), lincomb(&[(1.0 / sb, &x), (-sa / sb, &m)])?),
-            PredictionType::VPrediction => (lincomb(&[(sa, &x), (-sb, &m)])?, lincomb(&[(sa, &m), (sb, &x)])?),
+            PredictionType::VPrediction => (
+                lincomb(&[(sa, &x), (-sb, &m)])?,
+                lincomb(&[(sa, &m), (sb, &x)])?,
+            ),
         };
         let x0 = match self.clip {
             Some(r) => x0.clamp(-r, r)?,
@@ -709,7 +778,10 @@ impl DpmSolverMultistepScheduler {
                 .collect(),
             TimestepSpacing::Leading => {
                 let ratio = last / (n + 1);
-                (1..=n).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
+                (1..=n)
+                    .rev()
+                    .map(|i| (i * ratio + config.steps_offset) as f64)
+                    .collect()
             }
             TimestepSpacing::Trailing => trailing(last, n_train, n),
         };
@@ -752,14 +824,21 @@ impl Scheduler for DpmSolverMultistepScheduler {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         check_index(self.kind(), step_index, self.timesteps.len())?;
         let dtype = sample.dtype();
         let (m, x) = f32_pair(model_output, sample)?;
         let (alpha_s0, sigma_s0, lambda_s0) = vp(self.sigmas[step_index]);
         // DPM-Solver++ integrates the data prediction x0.
         let x0 = match self.prediction_type {
-            PredictionType::Epsilon => lincomb(&[(1.0 / alpha_s0, &x), (-sigma_s0 / alpha_s0, &m)])?,
+            PredictionType::Epsilon => {
+                lincomb(&[(1.0 / alpha_s0, &x), (-sigma_s0 / alpha_s0, &m)])?
+            }
             PredictionType::Sample => m.clone(),
             PredictionType::VPrediction => lincomb(&[(alpha_s0, &x), (-sigma_s0, &m)])?,
         };
@@ -782,7 +861,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
             Some(m1) => {
                 let (_, _, lambda_s1) = vp(self.sigmas[step_index - 1]);
                 let r0 = (lambda_s0 - lambda_s1) / h;
-                lincomb(&[(ratio, &x), (c * (1.0 + 0.5 / r0), &x0), (-0.5 * c / r0, &m1)])?
+                lincomb(&[
+                    (ratio, &x),
+                    (c * (1.0 + 0.5 / r0), &x0),
+                    (-0.5 * c / r0, &m1),
+                ])?
             }
         };
         self.previous = Some((step_index, x0));
@@ -821,10 +904,17 @@ impl EulerDiscreteScheduler {
         let spacing = config.spacing_for(SchedulerKind::EulerDiscrete);
         // Euler keeps float32 timesteps (linspace ones can be fractional).
         let timesteps: Vec<f64> = match spacing {
-            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(f32r).collect(),
+            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .map(f32r)
+                .collect(),
             TimestepSpacing::Leading => {
                 let ratio = n_train / n;
-                (0..n).rev().map(|i| f32r((i * ratio) as f64) + f32r(config.steps_offset as f64)).collect()
+                (0..n)
+                    .rev()
+                    .map(|i| f32r((i * ratio) as f64) + f32r(config.steps_offset as f64))
+                    .collect()
             }
             TimestepSpacing::Trailing => trailing(n_train, n_train, n),
         };
@@ -865,11 +955,16 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(self.kind(), step_index, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index];
-        Ok(sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)?)
+        let sigma = self.sigmas[step_index] as f32;
+        div_scalar(sample, (sigma * sigma + 1.0).sqrt())
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         check_index(self.kind(), step_index, self.timesteps.len())?;
         let dtype = sample.dtype();
         let (m, x) = f32_pair(model_output, sample)?;
@@ -878,17 +973,18 @@ impl Scheduler for EulerDiscreteScheduler {
             PredictionType::Epsilon => lincomb(&[(1.0, &x), (-sigma, &m)])?,
             PredictionType::Sample => m.clone(),
             PredictionType::VPrediction => {
-                let s2 = sigma * sigma + 1.0;
-                lincomb(&[(-sigma / s2.sqrt(), &m), (1.0 / s2, &x)])?
+                // c_out * m + c_skip * x, with diffusers' f32 scalars.
+                let s = sigma as f32;
+                let s2 = s * s + 1.0;
+                (m.affine(f64::from(-s / s2.sqrt()), 0.0)? + div_scalar(&x, s2)?)?
             }
         };
         // The ODE derivative (x - x0) / sigma, integrated over d sigma. Kept in diffusers' f32
         // operation order (true division, f32 dt, x + d * dt): with a huge sigma_max (2e4 for
         // the cosine schedule) the update cancels catastrophically and any reordering moves
         // the result by ~1e-3 relative.
-        let sigma32 = Tensor::new(sigma as f32, x.device())?;
         let dt = f64::from(self.sigmas[step_index + 1] as f32 - sigma as f32);
-        let derivative = (&x - &x0)?.broadcast_div(&sigma32)?;
+        let derivative = div_scalar(&(&x - &x0)?, sigma as f32)?;
         let prev = (&x + derivative.affine(dt, 0.0)?)?;
         Ok(prev.to_dtype(dtype)?)
     }
@@ -920,12 +1016,31 @@ mod tests {
     #[test]
     fn kind_parsing() -> Result<()> {
         assert_eq!("ddim".parse::<SchedulerKind>()?, SchedulerKind::Ddim);
-        assert_eq!("DPM++2M".parse::<SchedulerKind>()?, SchedulerKind::DpmSolverMultistep);
-        assert_eq!("dpmsolver++".parse::<SchedulerKind>()?, SchedulerKind::DpmSolverMultistep);
-        assert_eq!("dpm".parse::<SchedulerKind>()?, SchedulerKind::DpmSolverMultistep);
-        assert_eq!("euler".parse::<SchedulerKind>()?, SchedulerKind::EulerDiscrete);
-        assert!(matches!("pndm".parse::<SchedulerKind>(), Err(Error::InvalidArgument(_))));
-        for k in [SchedulerKind::Ddim, SchedulerKind::DpmSolverMultistep, SchedulerKind::EulerDiscrete] {
+        assert_eq!(
+            "DPM++2M".parse::<SchedulerKind>()?,
+            SchedulerKind::DpmSolverMultistep
+        );
+        assert_eq!(
+            "dpmsolver++".parse::<SchedulerKind>()?,
+            SchedulerKind::DpmSolverMultistep
+        );
+        assert_eq!(
+            "dpm".parse::<SchedulerKind>()?,
+            SchedulerKind::DpmSolverMultistep
+        );
+        assert_eq!(
+            "euler".parse::<SchedulerKind>()?,
+            SchedulerKind::EulerDiscrete
+        );
+        assert!(matches!(
+            "pndm".parse::<SchedulerKind>(),
+            Err(Error::InvalidArgument(_))
+        ));
+        for k in [
+            SchedulerKind::Ddim,
+            SchedulerKind::DpmSolverMultistep,
+            SchedulerKind::EulerDiscrete,
+        ] {
             assert_eq!(k.to_string().parse::<SchedulerKind>()?, k);
         }
         Ok(())
@@ -940,7 +1055,10 @@ mod tests {
         assert_eq!(c.beta_schedule, BetaSchedule::ScaledLinear);
         assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
         assert_eq!(c.spacing_for(SchedulerKind::Ddim), TimestepSpacing::Leading);
-        assert_eq!(c.spacing_for(SchedulerKind::EulerDiscrete), TimestepSpacing::Linspace);
+        assert_eq!(
+            c.spacing_for(SchedulerKind::EulerDiscrete),
+            TimestepSpacing::Linspace
+        );
         assert!(matches!(
             SchedulerConfig::from_json_str(r#"{"beta_schedule": "cubic"}"#),
             Err(Error::Config { .. })

@@ -184,7 +184,7 @@ impl DownBlock {
         match &self.downsample {
             // The VAE's `Downsample2D` has padding 0: it pads right and bottom by one zero,
             // then convolves unpadded, so the sampling grid starts at the top-left pixel.
-            Some(d) => d.forward(&x.pad_with_zeros(3, 1, 1)?.pad_with_zeros(2, 1, 1)?.narrow(2,0,x.dim(2)?+1)?.narrow(3,0,x.dim(3)?+1)?),
+            Some(d) => d.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?),
             None => Ok(x),
         }
     }
