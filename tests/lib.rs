@@ -24,7 +24,8 @@ pub fn tiny_model() -> PathBuf {
 /// The diffusers/PyTorch golden tensors.
 pub fn golden() -> HashMap<String, Tensor> {
     let p = repo_root().join("tests/fixtures/golden/golden.safetensors");
-    candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// ‖a − b‖ / ‖b‖ over all elements.
@@ -44,7 +45,12 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
     let b: Vec<f32> = b.flatten_all().and_then(|t| t.to_vec1()).expect("b");
-    let mse = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     if mse == 0.0 {
         f64::INFINITY
     } else {

@@ -3,6 +3,7 @@
 
 Cases
   tiny     models/tiny-random/unet, batch 2, latent 16x16, context [2,77,32]
+  tiny-32  same model, latent 32x32
   sd15-32  SD1.5 U-Net (models/configs/sd15/unet/config.json, random weights), batch 2,
            latent 32x32 (256x256 image), context [2,77,768]
   sd15-64  same, latent 64x64 (512x512 image)
@@ -27,6 +28,7 @@ import sys
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 CASES = {
     "tiny": {"model": "models/tiny-random/unet", "latent": 16, "ctx_dim": 32},
+    "tiny-32": {"model": "models/tiny-random/unet", "latent": 32, "ctx_dim": 32},
     "sd15-32": {"config": "models/configs/sd15/unet/config.json", "latent": 32, "ctx_dim": 768},
     "sd15-64": {"config": "models/configs/sd15/unet/config.json", "latent": 64, "ctx_dim": 768},
 }

@@ -5,6 +5,8 @@
 //! - `veil plan --config unet/config.json --width 512 --height 512 --servers 4 --policy ppidm`
 //!   prints PPIDM-style traffic tables and the offloaded FLOP share from the config alone.
 
+mod bench;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +21,11 @@ use veil_core::placement::plan::{plan, PlanInput};
 use veil_core::placement::{GnVariant, Policy, WireDtype};
 
 #[derive(Parser)]
-#[command(name = "veil", version, about = "Private text-to-image generation over non-colluding shard servers")]
+#[command(
+    name = "veil",
+    version,
+    about = "Private text-to-image generation over non-colluding shard servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,6 +37,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Account bytes, round trips and FLOPs per step for a U-Net config (no weights needed).
     Plan(PlanArgs),
+    /// Time one U-Net forward pass with random weights (CPU).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +134,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate(a),
         Command::Plan(a) => plan_cmd(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
@@ -142,7 +151,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         Some(p) => {
             let mut m = candle_core::safetensors::load(p, &device)
                 .with_context(|| format!("reading latents {}", p.display()))?;
-            Some(m.remove("latents").with_context(|| format!("{} has no tensor `latents`", p.display()))?)
+            Some(
+                m.remove("latents")
+                    .with_context(|| format!("{} has no tensor `latents`", p.display()))?,
+            )
         }
         None => None,
     };
@@ -160,7 +172,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         wire,
     };
     if a.placement.servers == 0 && policy.needs_backends() {
-        bail!("policy {} needs at least one server (--servers N)", policy.name());
+        bail!(
+            "policy {} needs at least one server (--servers N)",
+            policy.name()
+        );
     }
     let backends = if policy.needs_backends() {
         sd.in_process_backends(a.placement.servers)
@@ -169,14 +184,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let bar = ProgressBar::new(opts.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let generation = rt.block_on(sd.generate(&opts, &backends, &mut |p| bar.set_position(p.step as u64)))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let generation =
+        rt.block_on(sd.generate(&opts, &backends, &mut |p| bar.set_position(p.step as u64)))?;
     bar.finish_and_clear();
-    std::fs::write(&a.out, generation.png()?).with_context(|| format!("writing {}", a.out.display()))?;
+    std::fs::write(&a.out, generation.png()?)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     let s = &generation.stats;
     eprintln!(
         "wrote {} ({}x{}, {} steps, policy {}, {} s, up {:.2} MB, down {:.2} MB, {} round trips)",
@@ -191,7 +212,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         s.round_trips
     );
     if let Some(p) = &a.stats {
-        std::fs::write(p, serde_json::to_string_pretty(s)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(s)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -201,8 +223,13 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
     let wire: WireDtype = a.placement.wire.parse()?;
     let cfg: UNetConfig = read_json(&a.config)?;
     let unet = UNet::new(&cfg)?;
-    if a.vae_factor == 0 || a.width % a.vae_factor != 0 || a.height % a.vae_factor != 0 {
-        bail!("{}x{} is not a multiple of {}", a.width, a.height, a.vae_factor);
+    if a.vae_factor == 0 || !a.width.is_multiple_of(a.vae_factor) || !a.height.is_multiple_of(a.vae_factor) {
+        bail!(
+            "{}x{} is not a multiple of {}",
+            a.width,
+            a.height,
+            a.vae_factor
+        );
     }
     let p = plan(
         &unet,

@@ -33,15 +33,25 @@ fn ids(t: &Tensor) -> Vec<u32> {
 fn tokenizer_matches_transformers_both_loaders() {
     let g = golden();
     let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/fixtures/golden/golden.json")).expect("json"),
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/golden/golden.json"))
+            .expect("json"),
     )
     .expect("json");
     let dir = tiny_model().join("tokenizer");
     let from_json = ClipTokenizer::from_dir(&dir, 77).expect("tokenizer.json");
     let from_bpe = ClipTokenizer::from_vocab_merges(&dir, 77).expect("vocab+merges");
-    assert_eq!(from_json.encode(PROMPT_A).expect("enc"), ids(&g["input_ids_a"]));
-    assert_eq!(from_bpe.encode(PROMPT_A).expect("enc"), ids(&g["input_ids_a"]));
-    assert_eq!(from_bpe.encode("").expect("empty prompt is valid"), ids(&g["input_ids_b"]));
+    assert_eq!(
+        from_json.encode(PROMPT_A).expect("enc"),
+        ids(&g["input_ids_a"])
+    );
+    assert_eq!(
+        from_bpe.encode(PROMPT_A).expect("enc"),
+        ids(&g["input_ids_a"])
+    );
+    assert_eq!(
+        from_bpe.encode("").expect("empty prompt is valid"),
+        ids(&g["input_ids_b"])
+    );
     let cases = meta["tokenizer_cases"].as_array().expect("cases");
     assert!(cases.len() >= 8);
     for c in cases {
@@ -54,7 +64,11 @@ fn tokenizer_matches_transformers_both_loaders() {
             .collect();
         for (name, tok) in [("tokenizer.json", &from_json), ("vocab+merges", &from_bpe)] {
             let got = tok.encode(prompt).expect("encode");
-            assert_eq!(got.len(), 77, "{name}: always 77 ids (long prompts truncated)");
+            assert_eq!(
+                got.len(),
+                77,
+                "{name}: always 77 ids (long prompts truncated)"
+            );
             assert_eq!(got, want, "{name}: {prompt:?}");
         }
     }
@@ -64,8 +78,14 @@ fn tokenizer_matches_transformers_both_loaders() {
 fn text_encoder_matches_transformers() {
     let g = golden();
     let sd = load();
-    for (ids_key, out_key) in [("input_ids_a", "text_hidden_a"), ("input_ids_b", "text_hidden_b")] {
-        let got = sd.text_encoder.encode_ids(&ids(&g[ids_key]), &Device::Cpu).expect("encode");
+    for (ids_key, out_key) in [
+        ("input_ids_a", "text_hidden_a"),
+        ("input_ids_b", "text_hidden_b"),
+    ] {
+        let got = sd
+            .text_encoder
+            .encode_ids(&ids(&g[ids_key]), &Device::Cpu)
+            .expect("encode");
         let err = rel_l2(&got, &g[out_key]);
         println!("{out_key}: rel L2 {err:.3e}");
         assert!(err <= TOL, "{out_key}: {err}");
@@ -77,12 +97,33 @@ async fn unet_matches_diffusers_local_and_ppidm() {
     let g = golden();
     let sd = load();
     let t = g["unet_timestep"].to_vec1::<f32>().expect("t")[0] as f64;
-    for (policy, n) in [(Policy::Local, 0), (Policy::Ppidm { gn: GnVariant::Exact }, 3)] {
+    for (policy, n) in [
+        (Policy::Local, 0),
+        (
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+            3,
+        ),
+    ] {
         let backends: Vec<Arc<dyn ShardBackend<Tensor>>> = sd.in_process_backends(n);
-        let mut rt = Runtime::new(&sd.unet_engine, policy.placement(), &backends, WireDtype::F32).expect("rt");
-        let got = sd.unet.forward(&mut rt, &g["unet_sample"], t, &g["unet_context"]).await.expect("unet");
+        let mut rt = Runtime::new(
+            &sd.unet_engine,
+            policy.placement(),
+            &backends,
+            WireDtype::F32,
+        )
+        .expect("rt");
+        let got = sd
+            .unet
+            .forward(&mut rt, &g["unet_sample"], t, &g["unet_context"])
+            .await
+            .expect("unet");
         let err = rel_l2(&got, &g["unet_out"]);
-        println!("unet ({}, N = {n}) vs diffusers: rel L2 {err:.3e}", policy.name());
+        println!(
+            "unet ({}, N = {n}) vs diffusers: rel L2 {err:.3e}",
+            policy.name()
+        );
         assert!(err <= TOL, "{}: {err}", policy.name());
     }
 }

@@ -82,11 +82,23 @@ fn candle_config(c: &UNetConfig) -> UNet2DConditionModelConfig {
     }
 }
 
-async fn run_ours(unet: &UNet, engine: &CandleEngine, policy: Policy, n: usize, x: &Tensor, t: f64, ctx: &Tensor) -> Tensor {
+async fn run_ours(
+    unet: &UNet,
+    engine: &CandleEngine,
+    policy: Policy,
+    n: usize,
+    x: &Tensor,
+    t: f64,
+    ctx: &Tensor,
+) -> Tensor {
     let backends: Vec<Arc<dyn ShardBackend<Tensor>>> = (0..n)
-        .map(|_| Arc::new(InProcessBackend::new(engine.clone(), unet.shard_layers())) as Arc<dyn ShardBackend<Tensor>>)
+        .map(|_| {
+            Arc::new(InProcessBackend::new(engine.clone(), unet.shard_layers()))
+                as Arc<dyn ShardBackend<Tensor>>
+        })
         .collect();
-    let mut rt = Runtime::new(engine, policy.placement(), &backends, WireDtype::F32).expect("runtime");
+    let mut rt =
+        Runtime::new(engine, policy.placement(), &backends, WireDtype::F32).expect("runtime");
     unet.forward(&mut rt, x, t, ctx).await.expect("forward")
 }
 
@@ -103,7 +115,8 @@ async fn unet_local_matches_candle_transformers() {
         let unet = UNet::new(&cfg).expect("unet").with_gelu(GeluKind::Tanh);
         let weights = random_weights(&unet.parameters(), 7 + k as u64);
         let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-        let reference = UNet2DConditionModel::new(vb, 4, 4, false, candle_config(&cfg)).expect("candle unet");
+        let reference =
+            UNet2DConditionModel::new(vb, 4, 4, false, candle_config(&cfg)).expect("candle unet");
         let (h, w) = case.latent;
         let x = randn(&[2, 4, h, w], 100 + k as u64);
         let ctx = randn(&[2, 7, 16], 200 + k as u64);
@@ -129,7 +142,12 @@ fn ppidm_case() -> (UNet, CandleEngine, Tensor, Tensor) {
     .expect("config");
     let unet = UNet::new(&cfg).expect("unet");
     let engine = CandleEngine::new(random_weights(&unet.parameters(), 11), Device::Cpu);
-    (unet, engine, randn(&[2, 4, 16, 12], 12), randn(&[2, 7, 16], 13))
+    (
+        unet,
+        engine,
+        randn(&[2, 4, 16, 12], 12),
+        randn(&[2, 7, 16], 13),
+    )
 }
 
 #[tokio::test]
@@ -137,7 +155,18 @@ async fn ppidm_exact_gn_equals_local_for_1_to_8_backends() {
     let (unet, engine, x, ctx) = ppidm_case();
     let local = run_ours(&unet, &engine, Policy::Local, 0, &x, 421.0, &ctx).await;
     for n in [1, 2, 3, 4, 8] {
-        let got = run_ours(&unet, &engine, Policy::Ppidm { gn: GnVariant::Exact }, n, &x, 421.0, &ctx).await;
+        let got = run_ours(
+            &unet,
+            &engine,
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+            n,
+            &x,
+            421.0,
+            &ctx,
+        )
+        .await;
         let err = rel_l2(&got, &local);
         println!("ppidm exact GN, N = {n}: rel L2 vs local = {err:.3e}");
         assert!(err <= 1e-5, "N = {n}: rel L2 {err}");
@@ -150,13 +179,27 @@ async fn ppidm_paper_gn_deviates_and_is_reported() {
     let local = run_ours(&unet, &engine, Policy::Local, 0, &x, 421.0, &ctx).await;
     let mut last = 0.0;
     for n in [2, 4, 8] {
-        let got = run_ours(&unet, &engine, Policy::Ppidm { gn: GnVariant::Paper }, n, &x, 421.0, &ctx).await;
+        let got = run_ours(
+            &unet,
+            &engine,
+            Policy::Ppidm {
+                gn: GnVariant::Paper,
+            },
+            n,
+            &x,
+            421.0,
+            &ctx,
+        )
+        .await;
         let err = rel_l2(&got, &local);
         println!("ppidm paper GN (block-local statistics), N = {n}: rel L2 vs local = {err:.3e}");
         // Block-local statistics are a different function: the deviation must be visible, and
         // it grows as blocks get smaller.
         assert!(err > 1e-3, "N = {n}: paper GN should deviate, got {err}");
-        assert!(err >= last * 0.9, "deviation should not shrink much with more blocks");
+        assert!(
+            err >= last * 0.9,
+            "deviation should not shrink much with more blocks"
+        );
         last = err;
     }
 }
@@ -165,12 +208,31 @@ async fn ppidm_paper_gn_deviates_and_is_reported() {
 async fn more_backends_than_rows_is_a_typed_error() {
     let (unet, engine, x, ctx) = ppidm_case();
     let backends: Vec<Arc<dyn ShardBackend<Tensor>>> = (0..9)
-        .map(|_| Arc::new(InProcessBackend::new(engine.clone(), unet.shard_layers())) as Arc<dyn ShardBackend<Tensor>>)
+        .map(|_| {
+            Arc::new(InProcessBackend::new(engine.clone(), unet.shard_layers()))
+                as Arc<dyn ShardBackend<Tensor>>
+        })
         .collect();
-    let mut rt = Runtime::new(&engine, Policy::Ppidm { gn: GnVariant::Exact }.placement(), &backends, WireDtype::F32).expect("runtime");
-    let err = unet.forward(&mut rt, &x, 1.0, &ctx).await.expect_err("9 backends, 8 rows");
+    let mut rt = Runtime::new(
+        &engine,
+        Policy::Ppidm {
+            gn: GnVariant::Exact,
+        }
+        .placement(),
+        &backends,
+        WireDtype::F32,
+    )
+    .expect("runtime");
+    let err = unet
+        .forward(&mut rt, &x, 1.0, &ctx)
+        .await
+        .expect_err("9 backends, 8 rows");
     match err {
-        veil_core::Error::TooManyBackends { rows, backends, ref layer } => {
+        veil_core::Error::TooManyBackends {
+            rows,
+            backends,
+            ref layer,
+        } => {
             assert_eq!((rows, backends), (8, 9));
             assert!(!layer.is_empty());
             println!("{err}");
@@ -184,7 +246,27 @@ async fn ppidm_split_rows_uneven_64_over_3() {
     // A single 3x3 convolution over 64 rows split 22/21/21 must equal the unsplit one.
     let (unet, engine, _, ctx) = ppidm_case();
     let x = randn(&[1, 4, 64, 8], 5);
-    let local = run_ours(&unet, &engine, Policy::Local, 0, &x, 10.0, &ctx.narrow(0, 0, 1).expect("ctx")).await;
-    let got = run_ours(&unet, &engine, Policy::Ppidm { gn: GnVariant::Exact }, 3, &x, 10.0, &ctx.narrow(0, 0, 1).expect("ctx")).await;
+    let local = run_ours(
+        &unet,
+        &engine,
+        Policy::Local,
+        0,
+        &x,
+        10.0,
+        &ctx.narrow(0, 0, 1).expect("ctx"),
+    )
+    .await;
+    let got = run_ours(
+        &unet,
+        &engine,
+        Policy::Ppidm {
+            gn: GnVariant::Exact,
+        },
+        3,
+        &x,
+        10.0,
+        &ctx.narrow(0, 0, 1).expect("ctx"),
+    )
+    .await;
     assert!(rel_l2(&got, &local) <= 1e-5);
 }

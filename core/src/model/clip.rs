@@ -69,7 +69,11 @@ fn build_from_vocab_merges(dir: &Path) -> Result<Tokenizer> {
             });
         }
     }
-    let path_str = |p: &Path| p.to_str().map(String::from).ok_or_else(|| tok_err("non-UTF-8 path"));
+    let path_str = |p: &Path| {
+        p.to_str()
+            .map(String::from)
+            .ok_or_else(|| tok_err("non-UTF-8 path"))
+    };
     let bpe = BPE::from_file(&path_str(&vocab)?, &path_str(&merges)?)
         .unk_token(EOS.into())
         .end_of_word_suffix("</w>".into())
@@ -78,7 +82,13 @@ fn build_from_vocab_merges(dir: &Path) -> Result<Tokenizer> {
     let mut tok = Tokenizer::new(bpe);
     let normalizer = NormSeq::new(vec![
         NormalizerWrapper::NFC(NFC),
-        NormalizerWrapper::Replace(Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(tok_err)?),
+        NormalizerWrapper::Replace(
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                " ",
+            )
+            .map_err(tok_err)?,
+        ),
         NormalizerWrapper::Lowercase(Lowercase),
     ]);
     tok.with_normalizer(Some(normalizer)).map_err(tok_err)?;
@@ -114,7 +124,11 @@ impl ClipTokenizer {
     }
 
     fn from_tokenizer(inner: Tokenizer, pad: Option<String>, max_len: usize) -> Result<Self> {
-        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| tok_err(format!("vocabulary lacks {t}")));
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| tok_err(format!("vocabulary lacks {t}")))
+        };
         let bos = id(BOS)?;
         let eos = id(EOS)?;
         let pad = match pad {
@@ -186,10 +200,17 @@ impl ClipTextEncoder {
             "gelu" => Activation::Gelu,
             o => return Err(Error::Unsupported(format!("text encoder hidden_act `{o}`"))),
         };
-        if config.hidden_size % config.num_attention_heads != 0 {
-            return Err(Error::InvalidArgument("text encoder: hidden_size not divisible by heads".into()));
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
+            return Err(Error::InvalidArgument(
+                "text encoder: hidden_size not divisible by heads".into(),
+            ));
         }
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") || !vb.contains_tensor("embeddings.token_embedding.weight") {
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight")
+            || !vb.contains_tensor("embeddings.token_embedding.weight")
+        {
             vb.pp("text_model")
         } else {
             vb
@@ -197,7 +218,11 @@ impl ClipTextEncoder {
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
         let e = vb.pp("embeddings");
         let token_embedding = embedding(config.vocab_size, d, e.pp("token_embedding"))?;
-        let position_embedding = embedding(config.max_position_embeddings, d, e.pp("position_embedding"))?;
+        let position_embedding = embedding(
+            config.max_position_embeddings,
+            d,
+            e.pp("position_embedding"),
+        )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let l = vb.pp(format!("encoder.layers.{i}"));
@@ -259,7 +284,9 @@ impl ClipTextEncoder {
             .collect();
         let mask = Tensor::from_vec(mask, (1, 1, t, t), ids.device())?;
         let heads = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            y.reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         for l in &self.layers {
             let r = x.clone();

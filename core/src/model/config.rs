@@ -247,7 +247,7 @@ impl UNetConfig {
         if self.timestep_post_act.is_some() {
             return unsupported("timestep_post_act".into());
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return unsupported("even conv_in/conv_out kernel".into());
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {

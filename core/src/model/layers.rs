@@ -15,7 +15,14 @@ pub struct Conv2dSpec {
 }
 
 impl Conv2dSpec {
-    pub fn new(name: String, cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize) -> Self {
+    pub fn new(
+        name: String,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Self {
         Self {
             name,
             in_channels: cin,
@@ -29,7 +36,12 @@ impl Conv2dSpec {
         vec![
             (
                 format!("{}.weight", self.name),
-                vec![self.out_channels, self.in_channels, self.kernel, self.kernel],
+                vec![
+                    self.out_channels,
+                    self.in_channels,
+                    self.kernel,
+                    self.kernel,
+                ],
             ),
             (format!("{}.bias", self.name), vec![self.out_channels]),
         ]

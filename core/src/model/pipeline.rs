@@ -38,7 +38,11 @@ pub struct StableDiffusion {
 }
 
 /// Loads exactly the parameters `unet` asks for from `unet/`, checking every shape.
-pub fn load_unet_weights(dir: &Path, unet: &UNet, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn load_unet_weights(
+    dir: &Path,
+    unet: &UNet,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let file = WeightFile::open_component(dir, "diffusion_pytorch_model")?;
     unet.parameters()
         .into_iter()
@@ -53,12 +57,16 @@ impl StableDiffusion {
     pub fn load(root: &Path, device: &Device) -> Result<Self> {
         let paths = ModelPaths::new(root)?;
         let te_cfg = paths.text_encoder_config()?;
-        let tokenizer = ClipTokenizer::from_dir(&paths.component("tokenizer"), te_cfg.max_position_embeddings)?;
+        let tokenizer = ClipTokenizer::from_dir(
+            &paths.component("tokenizer"),
+            te_cfg.max_position_embeddings,
+        )?;
         let text_encoder = ClipTextEncoder::load(&paths.component("text_encoder"), device)?;
         let unet = UNet::new(&paths.unet_config()?)?;
         let weights = load_unet_weights(&paths.component("unet"), &unet, device)?;
         let vae = Vae::load(&paths.component("vae"), device)?;
-        let scheduler_config = SchedulerConfig::from_file(paths.component("scheduler").join("scheduler_config.json"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(paths.component("scheduler").join("scheduler_config.json"))?;
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -78,7 +86,8 @@ impl StableDiffusion {
         (0..n)
             .map(|_| {
                 let engine = self.unet_engine.subset(&names);
-                Arc::new(InProcessBackend::new(engine, layers.clone())) as Arc<dyn ShardBackend<Tensor>>
+                Arc::new(InProcessBackend::new(engine, layers.clone()))
+                    as Arc<dyn ShardBackend<Tensor>>
             })
             .collect()
     }
@@ -92,7 +101,7 @@ impl StableDiffusion {
     /// Latent size for an image size, checking divisibility.
     pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
         let f = self.vae.config.downsample_factor();
-        if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
             return Err(Error::Resolution {
                 width,
                 height,
@@ -146,7 +155,11 @@ impl StableDiffusion {
         let total = scheduler.timesteps().len();
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            let x = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let x = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let x = scheduler.scale_model_input(&x, i)?;
             let out = self.unet.forward(&mut rt, &x, t, &context).await?;
             let eps = if cfg {
@@ -315,7 +328,9 @@ impl Generation {
 pub fn image_to_png(image: &Tensor) -> Result<Vec<u8>> {
     let (c, h, w) = image.dims3()?;
     if c != 3 {
-        return Err(Error::InvalidArgument(format!("image has {c} channels, expected 3")));
+        return Err(Error::InvalidArgument(format!(
+            "image has {c} channels, expected 3"
+        )));
     }
     let bytes = (image.permute((1, 2, 0))? * 255.0)?
         .round()?

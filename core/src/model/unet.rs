@@ -99,14 +99,23 @@ pub struct UNet {
     gelu: GeluKind,
 }
 
-fn resnet(name: String, cin: usize, cout: usize, temb: usize, groups: usize, eps: f64, scale: f64) -> ResnetBlock {
+fn resnet(
+    name: String,
+    cin: usize,
+    cout: usize,
+    temb: usize,
+    groups: usize,
+    eps: f64,
+    scale: f64,
+) -> ResnetBlock {
     ResnetBlock {
         norm1: GroupNormSpec::new(format!("{name}.norm1"), groups, cin, eps),
         conv1: Conv2dSpec::new(format!("{name}.conv1"), cin, cout, 3, 1, 1),
         time_emb_proj: LinearSpec::new(format!("{name}.time_emb_proj"), temb, cout, true),
         norm2: GroupNormSpec::new(format!("{name}.norm2"), groups, cout, eps),
         conv2: Conv2dSpec::new(format!("{name}.conv2"), cout, cout, 3, 1, 1),
-        conv_shortcut: (cin != cout).then(|| Conv2dSpec::new(format!("{name}.conv_shortcut"), cin, cout, 1, 1, 0)),
+        conv_shortcut: (cin != cout)
+            .then(|| Conv2dSpec::new(format!("{name}.conv_shortcut"), cin, cout, 1, 1, 0)),
         output_scale_factor: scale,
     }
 }
@@ -122,7 +131,15 @@ fn attention(name: String, dim: usize, ctx: usize, heads: usize) -> Attention {
     }
 }
 
-fn transformer(name: String, ch: usize, heads: usize, ctx: usize, layers: usize, groups: usize, linear: bool) -> Transformer2D {
+fn transformer(
+    name: String,
+    ch: usize,
+    heads: usize,
+    ctx: usize,
+    layers: usize,
+    groups: usize,
+    linear: bool,
+) -> Transformer2D {
     let proj = |p: &str| {
         if linear {
             Proj::Linear(LinearSpec::new(format!("{name}.{p}"), ch, ch, true))
@@ -163,41 +180,77 @@ impl UNet {
         let temb = c.time_embedding_dim.unwrap_or(ch[0] * 4);
         let linear = c.use_linear_projection;
         if c.downsample_padding != 1 {
-            return Err(Error::Unsupported("unet config: downsample_padding other than 1".into()));
+            return Err(Error::Unsupported(
+                "unet config: downsample_padding other than 1".into(),
+            ));
         }
         let mut down_blocks = Vec::with_capacity(n);
         let mut out = ch[0];
-        for i in 0..n {
+        for (i, &block_channels) in ch.iter().enumerate() {
             let input = out;
-            out = ch[i];
+            out = block_channels;
             let cross = c.down_block_types[i] == "CrossAttnDownBlock2D";
             let layers = c.layers_per_block.get(i, n, "layers_per_block")?;
             let heads = c.heads(i)?;
             let ctx = c.cross_attention_dim.get(i, n, "cross_attention_dim")?;
-            let tl = c.transformer_layers_per_block.get(i, n, "transformer_layers_per_block")?;
+            let tl = c
+                .transformer_layers_per_block
+                .get(i, n, "transformer_layers_per_block")?;
             let p = format!("down_blocks.{i}");
             down_blocks.push(DownBlock {
                 resnets: (0..layers)
-                    .map(|j| resnet(format!("{p}.resnets.{j}"), if j == 0 { input } else { out }, out, temb, g, eps, 1.0))
+                    .map(|j| {
+                        resnet(
+                            format!("{p}.resnets.{j}"),
+                            if j == 0 { input } else { out },
+                            out,
+                            temb,
+                            g,
+                            eps,
+                            1.0,
+                        )
+                    })
                     .collect(),
                 attentions: if cross {
                     (0..layers)
-                        .map(|j| transformer(format!("{p}.attentions.{j}"), out, heads, ctx, tl, g, linear))
+                        .map(|j| {
+                            transformer(
+                                format!("{p}.attentions.{j}"),
+                                out,
+                                heads,
+                                ctx,
+                                tl,
+                                g,
+                                linear,
+                            )
+                        })
                         .collect()
                 } else {
                     vec![]
                 },
-                downsampler: (i + 1 < n).then(|| Conv2dSpec::new(format!("{p}.downsamplers.0.conv"), out, out, 3, 2, 1)),
+                downsampler: (i + 1 < n).then(|| {
+                    Conv2dSpec::new(format!("{p}.downsamplers.0.conv"), out, out, 3, 2, 1)
+                }),
             });
         }
         let last = ch[n - 1];
         let mid_heads = c.heads(n - 1)?;
         let mid_ctx = c.cross_attention_dim.get(n - 1, n, "cross_attention_dim")?;
-        let mid_tl = c.transformer_layers_per_block.get(n - 1, n, "transformer_layers_per_block")?;
+        let mid_tl =
+            c.transformer_layers_per_block
+                .get(n - 1, n, "transformer_layers_per_block")?;
         let ms = c.mid_block_scale_factor;
         let mid_block = MidBlock {
             resnet0: resnet("mid_block.resnets.0".into(), last, last, temb, g, eps, ms),
-            attention: transformer("mid_block.attentions.0".into(), last, mid_heads, mid_ctx, mid_tl, g, linear),
+            attention: transformer(
+                "mid_block.attentions.0".into(),
+                last,
+                mid_heads,
+                mid_ctx,
+                mid_tl,
+                g,
+                linear,
+            ),
             resnet1: resnet("mid_block.resnets.1".into(), last, last, temb, g, eps, ms),
         };
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
@@ -212,24 +265,45 @@ impl UNet {
             let layers = c.layers_per_block.get(bi, n, "layers_per_block")? + 1;
             let heads = c.heads(bi)?;
             let ctx = c.cross_attention_dim.get(bi, n, "cross_attention_dim")?;
-            let tl = c.transformer_layers_per_block.get(bi, n, "transformer_layers_per_block")?;
+            let tl = c
+                .transformer_layers_per_block
+                .get(bi, n, "transformer_layers_per_block")?;
             let p = format!("up_blocks.{i}");
             up_blocks.push(UpBlock {
                 resnets: (0..layers)
                     .map(|j| {
                         let skip = if j == layers - 1 { input } else { out };
                         let rin = if j == 0 { prev } else { out };
-                        resnet(format!("{p}.resnets.{j}"), rin + skip, out, temb, g, eps, 1.0)
+                        resnet(
+                            format!("{p}.resnets.{j}"),
+                            rin + skip,
+                            out,
+                            temb,
+                            g,
+                            eps,
+                            1.0,
+                        )
                     })
                     .collect(),
                 attentions: if cross {
                     (0..layers)
-                        .map(|j| transformer(format!("{p}.attentions.{j}"), out, heads, ctx, tl, g, linear))
+                        .map(|j| {
+                            transformer(
+                                format!("{p}.attentions.{j}"),
+                                out,
+                                heads,
+                                ctx,
+                                tl,
+                                g,
+                                linear,
+                            )
+                        })
                         .collect()
                 } else {
                     vec![]
                 },
-                upsampler: (i + 1 < n).then(|| Conv2dSpec::new(format!("{p}.upsamplers.0.conv"), out, out, 3, 1, 1)),
+                upsampler: (i + 1 < n)
+                    .then(|| Conv2dSpec::new(format!("{p}.upsamplers.0.conv"), out, out, 3, 1, 1)),
             });
         }
         let (ki, ko) = (c.conv_in_kernel, c.conv_out_kernel);
@@ -283,7 +357,11 @@ impl UNet {
                 }
             }
         }
-        v.extend(self.down_blocks.iter().filter_map(|b| b.downsampler.as_ref()));
+        v.extend(
+            self.down_blocks
+                .iter()
+                .filter_map(|b| b.downsampler.as_ref()),
+        );
         v.extend(self.up_blocks.iter().filter_map(|b| b.upsampler.as_ref()));
         v
     }
@@ -362,13 +440,25 @@ impl UNet {
 
     /// One U-Net evaluation: ε (or v) prediction for `sample` [B, C, h, w] at `timestep`, with
     /// text states `context` [B, T, D].
-    pub async fn forward<E: Engine>(&self, rt: &mut Runtime<'_, E>, sample: &E::T, timestep: f64, context: &E::T) -> Result<E::T> {
+    pub async fn forward<E: Engine>(
+        &self,
+        rt: &mut Runtime<'_, E>,
+        sample: &E::T,
+        timestep: f64,
+        context: &E::T,
+    ) -> Result<E::T> {
         let d = rt.dims(sample);
         self.check_input(&d)?;
         rt.note_unet_call();
         let c = &self.config;
         let sample = sample.clone();
-        let t = rt.timestep_embedding(timestep, d[0], c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?;
+        let t = rt.timestep_embedding(
+            timestep,
+            d[0],
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+        )?;
         let emb = rt.linear(&self.time_linear_1, &t)?;
         let emb = rt.silu(&emb)?;
         let emb = rt.linear(&self.time_linear_2, &emb)?;
@@ -391,7 +481,11 @@ impl UNet {
             }
         }
         x = self.mid_block.resnet0.forward(rt, &x, &emb_act).await?;
-        x = self.mid_block.attention.forward(rt, &x, context, self.gelu).await?;
+        x = self
+            .mid_block
+            .attention
+            .forward(rt, &x, context, self.gelu)
+            .await?;
         x = self.mid_block.resnet1.forward(rt, &x, &emb_act).await?;
         for b in &self.up_blocks {
             for (j, r) in b.resnets.iter().enumerate() {
@@ -407,9 +501,10 @@ impl UNet {
             if let Some(us) = &b.upsampler {
                 // Up-sample to the size of the next skip (diffusers' forward_upsample_size),
                 // which is exactly 2x unless an odd size was rounded up on the way down.
-                let target = skips.last().map(|s| rt.dims(s)).ok_or_else(|| {
-                    Error::InvalidArgument("U-Net skip stack exhausted".into())
-                })?;
+                let target = skips
+                    .last()
+                    .map(|s| rt.dims(s))
+                    .ok_or_else(|| Error::InvalidArgument("U-Net skip stack exhausted".into()))?;
                 x = rt.upsample_nearest(&x, target[2], target[3])?;
                 x = rt.conv2d(us, &x).await?;
             }
@@ -421,7 +516,12 @@ impl UNet {
 }
 
 impl ResnetBlock {
-    async fn forward<E: Engine>(&self, rt: &mut Runtime<'_, E>, x: &E::T, emb_act: &E::T) -> Result<E::T> {
+    async fn forward<E: Engine>(
+        &self,
+        rt: &mut Runtime<'_, E>,
+        x: &E::T,
+        emb_act: &E::T,
+    ) -> Result<E::T> {
         let h = rt.group_norm(&self.norm1, x).await?;
         let h = rt.silu(&h)?;
         let h = rt.conv2d(&self.conv1, &h).await?;
@@ -444,7 +544,12 @@ impl ResnetBlock {
 }
 
 impl Attention {
-    async fn forward<E: Engine>(&self, rt: &mut Runtime<'_, E>, x: &E::T, ctx: &E::T) -> Result<E::T> {
+    async fn forward<E: Engine>(
+        &self,
+        rt: &mut Runtime<'_, E>,
+        x: &E::T,
+        ctx: &E::T,
+    ) -> Result<E::T> {
         let q = rt.linear(&self.to_q, x)?;
         let k = rt.linear(&self.to_k, ctx)?;
         let v = rt.linear(&self.to_v, ctx)?;
@@ -454,7 +559,13 @@ impl Attention {
 }
 
 impl Transformer2D {
-    async fn forward<E: Engine>(&self, rt: &mut Runtime<'_, E>, x: &E::T, context: &E::T, gelu: GeluKind) -> Result<E::T> {
+    async fn forward<E: Engine>(
+        &self,
+        rt: &mut Runtime<'_, E>,
+        x: &E::T,
+        context: &E::T,
+        gelu: GeluKind,
+    ) -> Result<E::T> {
         let d = rt.dims(x);
         let (h, w) = (d[2], d[3]);
         let n = rt.group_norm(&self.norm, x).await?;

@@ -114,7 +114,11 @@ impl WeightFile {
 
     /// A candle `VarBuilder` over this file whose misses and shape errors keep their typed
     /// form: after a failed model construction, call `take_error` on the returned slot.
-    pub fn var_builder(self: Arc<Self>, dtype: DType, dev: &Device) -> (VarBuilder<'static>, ErrorSlot) {
+    pub fn var_builder(
+        self: Arc<Self>,
+        dtype: DType,
+        dev: &Device,
+    ) -> (VarBuilder<'static>, ErrorSlot) {
         let slot = ErrorSlot::default();
         let backend = CheckedBackend {
             file: self,
@@ -192,13 +196,16 @@ impl SimpleBackend for CheckedBackend {
     }
 }
 
+/// A parameter name with its shape.
+pub type NamedShape = (String, Vec<usize>);
+
 /// A `VarBuilder` backend that hands out zero-cost broadcast tensors and records every
 /// (name, shape) asked for. With a reference list it answers `contains_tensor` from it and
 /// refuses names or shapes outside it, as a real checkpoint would.
 #[derive(Clone, Default)]
 pub struct RecordingBackend {
     reference: Option<Arc<HashMap<String, Vec<usize>>>>,
-    requested: Arc<Mutex<Vec<(String, Vec<usize>)>>>,
+    requested: Arc<Mutex<Vec<NamedShape>>>,
 }
 
 impl RecordingBackend {
@@ -250,6 +257,8 @@ impl SimpleBackend for RecordingBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.reference.as_ref().is_some_and(|r| r.contains_key(name))
+        self.reference
+            .as_ref()
+            .is_some_and(|r| r.contains_key(name))
     }
 }

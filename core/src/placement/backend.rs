@@ -151,11 +151,21 @@ impl<E: Engine> ShardExecutor<E> {
         Ok(Some(match op {
             ShardOp::Conv2d { layer, input, pad } => match self.layer(layer)? {
                 ShardLayer::Conv2d(c) => self.engine.conv2d(c, &self.operand(input)?, *pad)?,
-                _ => return Err(Error::InvalidArgument(format!("`{layer}` is not a convolution"))),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "`{layer}` is not a convolution"
+                    )))
+                }
             },
             ShardOp::GroupNormStats { layer, input } => match self.layer(layer)? {
-                ShardLayer::GroupNorm(g) => self.engine.group_norm_stats(g, &self.operand(input)?)?,
-                _ => return Err(Error::InvalidArgument(format!("`{layer}` is not a GroupNorm"))),
+                ShardLayer::GroupNorm(g) => {
+                    self.engine.group_norm_stats(g, &self.operand(input)?)?
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "`{layer}` is not a GroupNorm"
+                    )))
+                }
             },
             ShardOp::Attention { q, k, v, heads } => self.engine.attention(
                 &self.operand(q)?,

@@ -75,11 +75,23 @@ pub trait Engine: Send + Sync {
     /// Merges blocks' partial statistics into [B, G, 2] = (mean, variance).
     fn merge_group_stats(&self, parts: &[Self::T]) -> Result<Self::T>;
     /// Normalises with the given [B, G, 2] moments and applies the affine parameters.
-    fn group_norm_apply(&self, g: &GroupNormSpec, x: &Self::T, moments: &Self::T) -> Result<Self::T>;
+    fn group_norm_apply(
+        &self,
+        g: &GroupNormSpec,
+        x: &Self::T,
+        moments: &Self::T,
+    ) -> Result<Self::T>;
     fn layer_norm(&self, l: &LayerNormSpec, x: &Self::T) -> Result<Self::T>;
     /// softmax(q kᵀ / √d) v over `heads` heads; q [B, Tq, C], k/v [B, Tk, C]; computed in
     /// chunks of at most `chunk` query rows so peak memory is bounded on a phone.
-    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, heads: usize, chunk: usize) -> Result<Self::T>;
+    fn attention(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        heads: usize,
+        chunk: usize,
+    ) -> Result<Self::T>;
     fn silu(&self, x: &Self::T) -> Result<Self::T>;
     /// GEGLU: split the last dimension in halves (h, g) and return h · gelu(g).
     fn geglu(&self, x: &Self::T, kind: GeluKind) -> Result<Self::T>;
@@ -95,7 +107,14 @@ pub trait Engine: Send + Sync {
     /// [B, H·W, C] → [B, C, H, W].
     fn to_spatial(&self, x: &Self::T, h: usize, w: usize) -> Result<Self::T>;
     /// Sinusoidal timestep embedding [batch, dim] as diffusers' `get_timestep_embedding`.
-    fn timestep_embedding(&self, t: f64, batch: usize, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Result<Self::T>;
+    fn timestep_embedding(
+        &self,
+        t: f64,
+        batch: usize,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        shift: f64,
+    ) -> Result<Self::T>;
     /// The value after a trip over the wire in `dtype` (rounding included).
     fn through_wire(&self, x: &Self::T, dtype: WireDtype) -> Result<Self::T>;
 }
@@ -224,7 +243,10 @@ impl Engine for CandleEngine {
         let mean = moments.narrow(2, 0, 1)?;
         let var = moments.narrow(2, 1, 1)?;
         let inv = (var + g.eps)?.sqrt()?.recip()?;
-        let y = xg.broadcast_sub(&mean)?.broadcast_mul(&inv)?.reshape((b, c, h, w))?;
+        let y = xg
+            .broadcast_sub(&mean)?
+            .broadcast_mul(&inv)?
+            .reshape((b, c, h, w))?;
         let weight = self.w(&g.name, "weight")?.reshape((1, c, 1, 1))?;
         let bias = self.w(&g.name, "bias")?.reshape((1, c, 1, 1))?;
         Ok(y.broadcast_mul(&weight)?.broadcast_add(&bias)?)
@@ -236,7 +258,14 @@ impl Engine for CandleEngine {
         Ok(candle_nn::LayerNorm::new(w, b, l.eps).forward(x)?)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, chunk: usize) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        chunk: usize,
+    ) -> Result<Tensor> {
         let (b, tq, c) = q.dims3()?;
         let (_, tk, _) = k.dims3()?;
         let d = c / heads;
@@ -312,10 +341,19 @@ impl Engine for CandleEngine {
 
     fn to_spatial(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let (b, _, c) = x.dims3()?;
-        Ok(x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)
+        Ok(x.reshape((b, h, w, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
     }
 
-    fn timestep_embedding(&self, t: f64, batch: usize, dim: usize, flip: bool, shift: f64) -> Result<Tensor> {
+    fn timestep_embedding(
+        &self,
+        t: f64,
+        batch: usize,
+        dim: usize,
+        flip: bool,
+        shift: f64,
+    ) -> Result<Tensor> {
         let half = dim / 2;
         let mut row = vec![0f32; dim];
         for i in 0..half {
@@ -363,7 +401,10 @@ impl Engine for ShapeEngine {
             return Err(shape_err(format!("conv2d on {x:?}")));
         };
         if ch != c.in_channels {
-            return Err(shape_err(format!("{} expects {} channels, got {ch}", c.name, c.in_channels)));
+            return Err(shape_err(format!(
+                "{} expects {} channels, got {ch}",
+                c.name, c.in_channels
+            )));
         }
         let ho = (h + pad.top + pad.bottom - c.kernel) / c.stride + 1;
         let wo = (w + pad.left + pad.right - c.kernel) / c.stride + 1;
@@ -384,13 +425,25 @@ impl Engine for ShapeEngine {
         let p = parts.first().ok_or_else(|| shape_err("no parts".into()))?;
         Ok(vec![p[0], p[1], 2])
     }
-    fn group_norm_apply(&self, _: &GroupNormSpec, x: &Vec<usize>, _: &Vec<usize>) -> Result<Vec<usize>> {
+    fn group_norm_apply(
+        &self,
+        _: &GroupNormSpec,
+        x: &Vec<usize>,
+        _: &Vec<usize>,
+    ) -> Result<Vec<usize>> {
         Ok(x.clone())
     }
     fn layer_norm(&self, _: &LayerNormSpec, x: &Vec<usize>) -> Result<Vec<usize>> {
         Ok(x.clone())
     }
-    fn attention(&self, q: &Vec<usize>, _: &Vec<usize>, _: &Vec<usize>, _: usize, _: usize) -> Result<Vec<usize>> {
+    fn attention(
+        &self,
+        q: &Vec<usize>,
+        _: &Vec<usize>,
+        _: &Vec<usize>,
+        _: usize,
+        _: usize,
+    ) -> Result<Vec<usize>> {
         Ok(q.clone())
     }
     fn silu(&self, x: &Vec<usize>) -> Result<Vec<usize>> {
@@ -413,7 +466,10 @@ impl Engine for ShapeEngine {
         Ok(x.clone())
     }
     fn cat(&self, xs: &[Vec<usize>], dim: usize) -> Result<Vec<usize>> {
-        let mut y = xs.first().cloned().ok_or_else(|| shape_err("empty cat".into()))?;
+        let mut y = xs
+            .first()
+            .cloned()
+            .ok_or_else(|| shape_err("empty cat".into()))?;
         y[dim] = xs.iter().map(|x| x[dim]).sum();
         Ok(y)
     }
@@ -431,7 +487,14 @@ impl Engine for ShapeEngine {
     fn to_spatial(&self, x: &Vec<usize>, h: usize, w: usize) -> Result<Vec<usize>> {
         Ok(vec![x[0], x[2], h, w])
     }
-    fn timestep_embedding(&self, _: f64, batch: usize, dim: usize, _: bool, _: f64) -> Result<Vec<usize>> {
+    fn timestep_embedding(
+        &self,
+        _: f64,
+        batch: usize,
+        dim: usize,
+        _: bool,
+        _: f64,
+    ) -> Result<Vec<usize>> {
         Ok(vec![batch, dim])
     }
     fn through_wire(&self, x: &Vec<usize>, _: WireDtype) -> Result<Vec<usize>> {

@@ -67,14 +67,29 @@ pub struct Plan {
 /// Runs the shape-only forward and returns the accounting of one step.
 pub fn account_step(unet: &UNet, input: &PlanInput) -> Result<Accounting> {
     let engine = ShapeEngine;
-    let n = if input.policy.needs_backends() { input.servers } else { 0 };
+    let n = if input.policy.needs_backends() {
+        input.servers
+    } else {
+        0
+    };
     let backends: Vec<Arc<dyn ShardBackend<Vec<usize>>>> = (0..n)
-        .map(|_| Arc::new(InProcessBackend::new(ShapeEngine, unet.shard_layers())) as Arc<dyn ShardBackend<Vec<usize>>>)
+        .map(|_| {
+            Arc::new(InProcessBackend::new(ShapeEngine, unet.shard_layers()))
+                as Arc<dyn ShardBackend<Vec<usize>>>
+        })
         .collect();
     let mut rt = Runtime::new(&engine, input.policy.placement(), &backends, input.wire)?;
-    let sample = vec![input.batch, unet.config.in_channels, input.latent_height, input.latent_width];
+    let sample = vec![
+        input.batch,
+        unet.config.in_channels,
+        input.latent_height,
+        input.latent_width,
+    ];
     let n_blocks = unet.config.block_out_channels.len();
-    let ctx_dim = unet.config.cross_attention_dim.get(0, n_blocks, "cross_attention_dim")?;
+    let ctx_dim = unet
+        .config
+        .cross_attention_dim
+        .get(0, n_blocks, "cross_attention_dim")?;
     let context = vec![input.batch, input.context_len, ctx_dim];
     // Shape-only backends complete immediately, so a trivial executor suffices.
     futures::executor::block_on(unet.forward(&mut rt, &sample, 500.0, &context))?;
@@ -86,9 +101,10 @@ pub fn plan(unet: &UNet, input: &PlanInput) -> Result<Plan> {
     let a = account_step(unet, input)?;
     let mut rows: BTreeMap<OpKind, Vec<(u64, u64)>> = BTreeMap::new();
     for t in &a.transfers {
-        rows.entry(t.kind)
-            .or_default()
-            .push((t.up.first().copied().unwrap_or(0), t.down.first().copied().unwrap_or(0)));
+        rows.entry(t.kind).or_default().push((
+            t.up.first().copied().unwrap_or(0),
+            t.down.first().copied().unwrap_or(0),
+        ));
     }
     let per_kind_per_device = OpKind::ALL
         .iter()

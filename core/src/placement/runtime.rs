@@ -209,7 +209,10 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 })],
             });
         }
-        let parts = Self::one_reply(self.round_trip(OpKind::Conv, &c.name, requests, sflops).await?)?;
+        let parts = Self::one_reply(
+            self.round_trip(OpKind::Conv, &c.name, requests, sflops)
+                .await?,
+        )?;
         self.engine.cat(&parts, 2)
     }
 
@@ -242,7 +245,10 @@ impl<'a, E: Engine> Runtime<'a, E> {
             });
             blocks.push(block);
         }
-        let stats = Self::one_reply(self.round_trip(OpKind::GroupNorm, &g.name, requests, sflops).await?)?;
+        let stats = Self::one_reply(
+            self.round_trip(OpKind::GroupNorm, &g.name, requests, sflops)
+                .await?,
+        )?;
         self.acct.device_flops += flops::norm_apply(&d);
         match variant {
             GnVariant::Exact => {
@@ -263,7 +269,14 @@ impl<'a, E: Engine> Runtime<'a, E> {
     }
 
     /// The attention core (PPIAtt when split: Q rows split, K and V whole to every backend).
-    pub async fn attention(&mut self, layer: &str, q: &E::T, k: &E::T, v: &E::T, heads: usize) -> Result<E::T> {
+    pub async fn attention(
+        &mut self,
+        layer: &str,
+        q: &E::T,
+        k: &E::T,
+        v: &E::T,
+        heads: usize,
+    ) -> Result<E::T> {
         let qd = self.engine.dims(q);
         let tk = self.engine.dims(k)[1];
         if self.placement.attention == AttnPlace::Device {
@@ -286,7 +299,10 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 })],
             });
         }
-        let parts = Self::one_reply(self.round_trip(OpKind::Attention, layer, requests, sflops).await?)?;
+        let parts = Self::one_reply(
+            self.round_trip(OpKind::Attention, layer, requests, sflops)
+                .await?,
+        )?;
         self.engine.cat(&parts, 1)
     }
 
@@ -298,7 +314,8 @@ impl<'a, E: Engine> Runtime<'a, E> {
         Ok(y)
     }
     pub fn layer_norm(&mut self, l: &LayerNormSpec, x: &E::T) -> Result<E::T> {
-        self.acct.device_flops += flops::group_norm_stats(&self.engine.dims(x)) + flops::norm_apply(&self.engine.dims(x));
+        self.acct.device_flops +=
+            flops::group_norm_stats(&self.engine.dims(x)) + flops::norm_apply(&self.engine.dims(x));
         self.engine.layer_norm(l, x)
     }
     pub fn silu(&mut self, x: &E::T) -> Result<E::T> {
@@ -333,7 +350,14 @@ impl<'a, E: Engine> Runtime<'a, E> {
     pub fn to_spatial(&mut self, x: &E::T, h: usize, w: usize) -> Result<E::T> {
         self.engine.to_spatial(x, h, w)
     }
-    pub fn timestep_embedding(&mut self, t: f64, batch: usize, dim: usize, flip: bool, shift: f64) -> Result<E::T> {
+    pub fn timestep_embedding(
+        &mut self,
+        t: f64,
+        batch: usize,
+        dim: usize,
+        flip: bool,
+        shift: f64,
+    ) -> Result<E::T> {
         self.engine.timestep_embedding(t, batch, dim, flip, shift)
     }
     pub fn dims(&self, t: &E::T) -> Vec<usize> {

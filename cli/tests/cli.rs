@@ -1,0 +1,197 @@
+//! The `veil` command as users and scripts call it: flags, files written, JSON fields.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn veil() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_veil"));
+    c.current_dir(root());
+    c
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("veil-cli-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn generate_writes_png_and_stats_with_given_latents() {
+    let latents = root().join("tests/fixtures/golden/latents_64px.safetensors");
+    let (out, stats) = (tmp("a.png"), tmp("stats.json"));
+    let st = veil()
+        .args([
+            "generate",
+            "a small red circle",
+            "--model",
+            "models/tiny-random",
+            "--policy",
+            "ppidm",
+            "--servers",
+            "3",
+            "--gn",
+            "exact",
+        ])
+        .args([
+            "--steps",
+            "3",
+            "--guidance",
+            "5",
+            "--seed",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--scheduler",
+            "ddim",
+        ])
+        .arg("--latents")
+        .arg(&latents)
+        .arg("--out")
+        .arg(&out)
+        .arg("--stats")
+        .arg(&stats)
+        .status()
+        .expect("run veil");
+    assert!(st.success());
+    let png = std::fs::read(&out).expect("png");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats")).expect("json");
+    for k in [
+        "wall_seconds",
+        "steps",
+        "bytes_up",
+        "bytes_down",
+        "round_trips",
+    ] {
+        assert!(s[k].is_number(), "stats lacks {k}");
+    }
+    assert_eq!(s["steps"], 3);
+    let per = s["per_server"].as_array().expect("per_server");
+    assert_eq!(per.len(), 3);
+    assert!(per
+        .iter()
+        .all(|p| p["bytes_up"].as_u64() > Some(0) && p["bytes_down"].as_u64() > Some(0)));
+
+    // The same latents under `local` give the same picture (ppidm exact is lossless).
+    let out2 = tmp("b.png");
+    let st = veil()
+        .args([
+            "generate",
+            "a small red circle",
+            "--policy",
+            "local",
+            "--steps",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .arg("--latents")
+        .arg(&latents)
+        .arg("--out")
+        .arg(&out2)
+        .status()
+        .expect("run veil");
+    assert!(st.success());
+    let a = image::open(&out).expect("a").to_rgb8();
+    let b = image::open(&out2).expect("b").to_rgb8();
+    let max_diff = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        max_diff <= 1,
+        "local and ppidm-exact PNGs differ by {max_diff}"
+    );
+    for p in [out, out2, stats] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn bad_resolution_is_a_clear_error() {
+    let o = veil()
+        .args([
+            "generate", "x", "--width", "60", "--height", "64", "--steps", "1", "--out",
+        ])
+        .arg(tmp("never.png"))
+        .output()
+        .expect("run veil");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("60x64 is not a multiple of 8"), "{err}");
+}
+
+#[test]
+fn unknown_policy_is_a_clear_error() {
+    let o = veil()
+        .args(["generate", "x", "--policy", "magic"])
+        .output()
+        .expect("run veil");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown policy `magic`"));
+}
+
+#[test]
+fn plan_json_has_the_documented_fields() {
+    let o = veil()
+        .args([
+            "plan",
+            "--config",
+            "models/configs/sd15/unet/config.json",
+            "--width",
+            "512",
+            "--height",
+            "512",
+        ])
+        .args([
+            "--servers",
+            "4",
+            "--policy",
+            "ppidm",
+            "--wire",
+            "f32",
+            "--json",
+        ])
+        .output()
+        .expect("run veil");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    for k in [
+        "bytes_up_per_step",
+        "bytes_down_per_step",
+        "round_trips_per_step",
+        "phone_flops_per_step",
+        "server_flops_per_step",
+    ] {
+        assert!(p[k].as_u64().is_some_and(|v| v > 0), "{k}");
+    }
+    // 98 convolutions + 32 attention cores + 61 GroupNorms, one round trip each.
+    assert_eq!(p["round_trips_per_step"], 191);
+    let table = veil()
+        .args([
+            "plan",
+            "--config",
+            "models/configs/sd15/unet/config.json",
+            "--servers",
+            "4",
+            "--policy",
+            "ppidm",
+        ])
+        .output()
+        .expect("run veil");
+    let t = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        t.contains("Conv") && t.contains("GN") && t.contains("offloaded"),
+        "{t}"
+    );
+}
