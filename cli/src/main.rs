@@ -223,7 +223,10 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
     let wire: WireDtype = a.placement.wire.parse()?;
     let cfg: UNetConfig = read_json(&a.config)?;
     let unet = UNet::new(&cfg)?;
-    if a.vae_factor == 0 || !a.width.is_multiple_of(a.vae_factor) || !a.height.is_multiple_of(a.vae_factor) {
+    if a.vae_factor == 0
+        || !a.width.is_multiple_of(a.vae_factor)
+        || !a.height.is_multiple_of(a.vae_factor)
+    {
         bail!(
             "{}x{} is not a multiple of {}",
             a.width,

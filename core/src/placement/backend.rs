@@ -235,3 +235,121 @@ impl<E: Engine> ShardBackend<E::T> for InProcessBackend<E> {
         self.executor.execute(&request)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::Conv2dSpec;
+    use crate::placement::engine::CandleEngine;
+    use candle_core::{Device, Tensor};
+
+    fn executor() -> (ShardExecutor<CandleEngine>, Tensor) {
+        let dev = Device::Cpu;
+        let conv = Conv2dSpec::new("c".into(), 2, 3, 3, 1, 1);
+        let mut w = HashMap::new();
+        w.insert(
+            "c.weight".to_string(),
+            Tensor::arange(0f32, 54., &dev)
+                .and_then(|t| t.reshape((3, 2, 3, 3)))
+                .expect("w"),
+        );
+        w.insert(
+            "c.bias".to_string(),
+            Tensor::new(&[0.5f32, -1.0, 2.0], &dev).expect("b"),
+        );
+        let mut layers = HashMap::new();
+        layers.insert("c".to_string(), ShardLayer::Conv2d(conv));
+        let x = Tensor::arange(0f32, 2. * 5. * 4., &dev)
+            .and_then(|t| t.reshape((1, 2, 5, 4)))
+            .expect("x");
+        (ShardExecutor::new(CandleEngine::new(w, dev), layers), x)
+    }
+
+    fn conv(input: Operand<Tensor>) -> ShardOp<Tensor> {
+        ShardOp::Conv2d {
+            layer: "c".into(),
+            input,
+            pad: Pad {
+                top: 1,
+                bottom: 1,
+                left: 1,
+                right: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn handles_keep_tensors_between_requests() {
+        let (ex, x) = executor();
+        let inline = ex
+            .execute(&ShardRequest {
+                calls: vec![ShardCall::reply(conv(Operand::Inline(x.clone())))],
+            })
+            .expect("inline");
+        // Upload into handle 7 without a reply, then convolve the held tensor and keep the result.
+        let up = ShardCall {
+            op: ShardOp::Identity {
+                input: Operand::Inline(x),
+            },
+            keep_as: Some(7),
+            reply: false,
+        };
+        let held = ShardCall {
+            op: conv(Operand::Handle(7)),
+            keep_as: Some(8),
+            reply: true,
+        };
+        let r = ex
+            .execute(&ShardRequest {
+                calls: vec![up, held],
+            })
+            .expect("handles");
+        assert_eq!(r.outputs.len(), 1);
+        let diff = (&r.outputs[0] - &inline.outputs[0])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        assert_eq!(diff, 0.0);
+        assert_eq!(ex.held_handles(), 2);
+        let rel = ShardCall {
+            op: ShardOp::Release { handle: 7 },
+            keep_as: None,
+            reply: false,
+        };
+        ex.execute(&ShardRequest { calls: vec![rel] })
+            .expect("release");
+        assert_eq!(ex.held_handles(), 1);
+        let err = ex.execute(&ShardRequest {
+            calls: vec![ShardCall::reply(conv(Operand::Handle(7)))],
+        });
+        assert!(
+            matches!(err, Err(Error::InvalidArgument(m)) if m.contains("unknown tensor handle 7"))
+        );
+    }
+
+    #[test]
+    fn unknown_layers_are_refused() {
+        let (ex, x) = executor();
+        let op = ShardOp::GroupNormStats {
+            layer: "c".into(),
+            input: Operand::Inline(x.clone()),
+        };
+        assert!(
+            ex.execute(&ShardRequest {
+                calls: vec![ShardCall::reply(op)]
+            })
+            .is_err(),
+            "c is a conv, not a GroupNorm"
+        );
+        let op = ShardOp::Conv2d {
+            layer: "nope".into(),
+            input: Operand::Inline(x),
+            pad: Pad::default(),
+        };
+        let e = ex.execute(&ShardRequest {
+            calls: vec![ShardCall::reply(op)],
+        });
+        assert!(matches!(e, Err(Error::InvalidArgument(m)) if m.contains("no layer `nope`")));
+    }
+}
