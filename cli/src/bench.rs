@@ -49,6 +49,7 @@ struct UnetArgs {
     /// Latent height (and width unless --latent-width); 64 = a 512 px image for SD.
     #[arg(long, default_value_t = 32)]
     latent: usize,
+    /// Latent width (default: --latent).
     #[arg(long)]
     latent_width: Option<usize>,
     /// U-Net batch (2 = classifier-free guidance).
@@ -607,7 +608,7 @@ fn bench_unet(a: UnetArgs) -> Result<()> {
         .lock()
         .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
         .unwrap_or_default();
-    profile.sort_by(|x, y| y.1.total.cmp(&x.1.total));
+    profile.sort_by_key(|p| std::cmp::Reverse(p.1.total));
     let profiled_total: f64 = profile.iter().map(|(_, s)| s.total.as_secs_f64()).sum();
     let runs = a.runs as f64;
 

@@ -1,13 +1,17 @@
 //! `veil`: private text-to-image generation from the command line.
 //!
 //! - `veil generate "<prompt>" --model DIR --policy local|ppidm --servers N …` writes a PNG and,
-//!   with `--stats`, a JSON of time and traffic per shard backend.
+//!   with `--stats`, a JSON of time and traffic per shard backend. The shard backends run
+//!   in-process (`--servers N`), on N real QUIC servers spawned on loopback
+//!   (`--local-servers N`), or on remote `veil-server`s (`--server-list servers.toml`).
 //! - `veil plan --config unet/config.json --width 512 --height 512 --servers 4 --policy ppidm`
 //!   prints PPIDM-style traffic tables and the offloaded FLOP share from the config alone.
 
 mod bench;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -19,6 +23,11 @@ use veil_core::model::scheduler::SchedulerKind;
 use veil_core::model::unet::UNet;
 use veil_core::placement::plan::{plan, PlanInput};
 use veil_core::placement::{GnVariant, Policy, WireDtype};
+use veil_core::transport::{
+    compression_for, connect_backends, load_server_list, ClientOptions, QuicBackend,
+};
+use veil_core::wire::identity::model_identity;
+use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +55,7 @@ struct PolicyArgs {
     /// Placement policy: local (everything on the device) or ppidm (the paper's split).
     #[arg(long, default_value = "local")]
     policy: String,
-    /// Number of shard backends (in-process for now).
+    /// Number of in-process shard backends (see --local-servers / --server-list for QUIC).
     #[arg(long, default_value_t = 2)]
     servers: usize,
     /// GroupNorm under ppidm: exact (global statistics) or paper (block-local, lossy).
@@ -98,6 +107,21 @@ struct GenerateArgs {
     /// Write time and traffic (per backend) as JSON.
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Shard servers to use, in strip order (`[[server]]` tables with address, fingerprint,
+    /// token or token_file); overrides --servers.
+    #[arg(long, conflicts_with = "local_servers")]
+    server_list: Option<PathBuf>,
+    /// Spawn N real QUIC shard servers on 127.0.0.1 in this process (fresh certificates and
+    /// tokens) and drive them over the wire; overrides --servers.
+    #[arg(long)]
+    local_servers: Option<usize>,
+    /// zstd level for tensors on the wire (byte planes split before zstd); 0 = off. QUIC
+    /// servers only.
+    #[arg(long, default_value_t = 0)]
+    zstd: i32,
+    /// Seconds a QUIC shard request may take before the generation fails.
+    #[arg(long, default_value_t = 120.0)]
+    request_timeout: f64,
 }
 
 #[derive(Args)]
@@ -171,17 +195,22 @@ fn generate(a: GenerateArgs) -> Result<()> {
         policy,
         wire,
     };
-    if a.placement.servers == 0 && policy.needs_backends() {
+    let quic = policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some());
+    if !policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some()) {
+        eprintln!(
+            "note: policy {} runs everything on this device; no shard server is used",
+            policy.name()
+        );
+    }
+    if a.placement.servers == 0 && policy.needs_backends() && !quic {
         bail!(
             "policy {} needs at least one server (--servers N)",
             policy.name()
         );
     }
-    let backends = if policy.needs_backends() {
-        sd.in_process_backends(a.placement.servers)
-    } else {
-        vec![]
-    };
+    if a.local_servers == Some(0) {
+        bail!("--local-servers needs at least one server");
+    }
     let bar = ProgressBar::new(opts.steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -190,11 +219,82 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let generation =
-        rt.block_on(sd.generate(&opts, &backends, &mut |p| bar.set_position(p.step as u64)))?;
+    let rt = if quic {
+        // Real servers (and their request tasks) share this process: use worker threads.
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    let generation = rt.block_on(async {
+        let mut cluster: Option<LocalCluster> = None;
+        let mut quic_backends: Vec<Arc<QuicBackend>> = Vec::new();
+        let backends = if !policy.needs_backends() {
+            vec![]
+        } else if quic {
+            let specs = match (&a.server_list, a.local_servers) {
+                (Some(path), _) => load_server_list(path)
+                    .with_context(|| format!("reading server list {}", path.display()))?,
+                (None, Some(n)) => {
+                    let model = Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine));
+                    let c = spawn_local(n, model, ServerLimits::default())
+                        .context("starting local shard servers")?;
+                    let specs = c.specs.clone();
+                    cluster = Some(c);
+                    specs
+                }
+                (None, None) => vec![],
+            };
+            let timeout = Duration::try_from_secs_f64(a.request_timeout)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--request-timeout must be a positive number of seconds")?;
+            let options = ClientOptions {
+                wire,
+                compression: compression_for(wire, a.zstd),
+                request_timeout: timeout,
+                device: device.clone(),
+                ..ClientOptions::default()
+            };
+            let model_id = model_identity(&sd.unet, sd.unet_engine.weights());
+            quic_backends = connect_backends(&specs, model_id, &options).await?;
+            eprintln!(
+                "connected to {} shard server{} over QUIC{}",
+                quic_backends.len(),
+                if quic_backends.len() == 1 { "" } else { "s" },
+                if cluster.is_some() { " (local)" } else { "" }
+            );
+            quic_backends
+                .iter()
+                .map(|b| {
+                    b.clone() as Arc<dyn veil_core::placement::ShardBackend<candle_core::Tensor>>
+                })
+                .collect()
+        } else {
+            sd.in_process_backends(a.placement.servers)
+        };
+        let result = sd
+            .generate(&opts, &backends, &mut |p| bar.set_position(p.step as u64))
+            .await;
+        let wire_bytes = quic_backends.iter().fold((0u64, 0u64), |(s, r), b| {
+            let t = b.traffic();
+            (
+                s + t.bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
+                r + t.bytes_received.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        });
+        for b in &quic_backends {
+            b.close().await;
+        }
+        if let Some(c) = cluster {
+            c.shutdown().await;
+        }
+        anyhow::Ok((result?, quic.then_some(wire_bytes)))
+    });
+    let (generation, wire_bytes) = generation?;
     bar.finish_and_clear();
     std::fs::write(&a.out, generation.png()?)
         .with_context(|| format!("writing {}", a.out.display()))?;
@@ -211,8 +311,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
         s.bytes_down as f64 / 1048576.0,
         s.round_trips
     );
+    let mut json = serde_json::to_value(s)?;
+    if let Some((sent, received)) = wire_bytes {
+        eprintln!(
+            "QUIC streams: sent {:.2} MB, received {:.2} MB (encoded, compression included)",
+            sent as f64 / 1048576.0,
+            received as f64 / 1048576.0
+        );
+        json["wire_bytes_sent"] = sent.into();
+        json["wire_bytes_received"] = received.into();
+    }
     if let Some(p) = &a.stats {
-        std::fs::write(p, serde_json::to_string_pretty(s)?)
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())

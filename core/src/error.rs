@@ -43,6 +43,10 @@ pub enum Error {
     Tokenizer(String),
     #[error("shard backend {backend}: {message}")]
     Backend { backend: usize, message: String },
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    #[error(transparent)]
+    Wire(#[from] crate::wire::codec::WireError),
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
 }

@@ -5,5 +5,7 @@
 pub mod error;
 pub mod model;
 pub mod placement;
+pub mod transport;
+pub mod wire;
 
 pub use error::{Error, Result};

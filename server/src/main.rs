@@ -1,13 +1,228 @@
-//! veil-server: the shard server each cloud tenant runs. The QUIC transport, tenant tokens,
-//! pinned certificates and sessions arrive with the server issue; until then shard work runs
-//! in-process (`veil generate --policy ppidm --servers N`), through the same `ShardExecutor`
-//! this binary will wrap.
+//! `veil-server`: the shard server each cloud tenant runs.
+//!
+//! ```text
+//! veil-server --model DIR --token-file tokens.txt [--listen 0.0.0.0:4433] [--data-dir DIR]
+//!             [--config server.toml] [--cert cert.pem --key key.pem] [--device cpu|cuda:N]
+//!             [--max-message-bytes N] [--max-sessions N] [--max-concurrent-streams N]
+//!             [--idle-timeout SECS]
+//! veil-server fingerprint [--data-dir DIR | --cert cert.pem]
+//! ```
+//!
+//! At start it prints `fingerprint sha256:<hex>` on its own line (stdout); clients pin it in
+//! `servers.toml`. Logs go to stderr (`RUST_LOG` filters; default `info`).
 
-fn main() {
-    eprintln!(
-        "veil-server {}: the QUIC shard server is not built yet (see README.md).\n\
-         Shard backends currently run in-process: veil generate --policy ppidm --servers N",
-        env!("CARGO_PKG_VERSION")
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use veil_server::config::{parse_device, Config, FileConfig, Overrides, DEFAULT_DATA_DIR};
+use veil_server::{ServerError, ServerOptions, ShardModel, ShardServer, TlsIdentity};
+
+#[derive(Parser)]
+#[command(
+    name = "veil-server",
+    version,
+    about = "Veil shard server: runs U-Net shard layers for phones over QUIC",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the certificate fingerprint (`fingerprint sha256:<hex>`) without serving; creates
+    /// the certificate in the data directory if there is none yet.
+    Fingerprint(FingerprintArgs),
+}
+
+#[derive(Args)]
+struct FingerprintArgs {
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A given certificate (PEM or DER) instead of the data directory's.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// A config file whose `data_dir`/`cert` to use.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen address, ip:port (default 0.0.0.0:4433).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Diffusers-layout model folder (only unet/ is read).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Keeps the self-signed certificate and key (created on first start).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A given certificate (PEM or DER) …
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// … and its private key.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Tenant tokens, one per line.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// cpu, or cuda:N (builds with the `cuda` feature).
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    max_message_bytes: Option<usize>,
+    #[arg(long)]
+    max_tensor_bytes: Option<usize>,
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    #[arg(long)]
+    max_concurrent_streams: Option<u32>,
+    /// Seconds without any packet before a connection is dropped.
+    #[arg(long)]
+    idle_timeout: Option<f64>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Fingerprint(a)) => fingerprint(a),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veil-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fingerprint(a: FingerprintArgs) -> Result<(), ServerError> {
+    let file = a.config.as_deref().map(FileConfig::read).transpose()?;
+    let (file_dir, file_cert) = file.map(|f| (f.data_dir, f.cert)).unwrap_or_default();
+    let fp = match a.cert.or(file_cert) {
+        Some(cert) => {
+            let bytes = std::fs::read(&cert).map_err(|e| ServerError::Io {
+                path: cert.clone(),
+                source: e,
+            })?;
+            use rustls::pki_types::pem::PemObject;
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(&bytes)
+                .map(|c| c.to_vec())
+                .unwrap_or(bytes);
+            veil_core::transport::Fingerprint::of_der(&der)
+        }
+        None => {
+            let dir = a
+                .data_dir
+                .or(file_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+            TlsIdentity::load_or_create(&dir)?.fingerprint()
+        }
+    };
+    println!("fingerprint {fp}");
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<(), ServerError> {
+    let file = a.config.as_deref().map(FileConfig::read).transpose()?;
+    let cfg = Config::resolve(
+        file,
+        Overrides {
+            listen: a.listen,
+            model: a.model,
+            data_dir: a.data_dir,
+            cert: a.cert,
+            key: a.key,
+            token_file: a.token_file,
+            device: a.device,
+            max_message_bytes: a.max_message_bytes,
+            max_tensor_bytes: a.max_tensor_bytes,
+            max_sessions: a.max_sessions,
+            max_concurrent_streams: a.max_concurrent_streams,
+            idle_timeout_secs: a.idle_timeout,
+        },
+    )?;
+    let identity = TlsIdentity::from_paths(cfg.cert.as_ref(), cfg.key.as_ref(), &cfg.data_dir)?;
+    // The one line operators copy into the clients' servers.toml.
+    println!("fingerprint {}", identity.fingerprint());
+    let device = parse_device(&cfg.device)?;
+    let started = Instant::now();
+    let model = ShardModel::load(&cfg.model, &device)?;
+    let (layers, values) = model.size();
+    tracing::info!(
+        model = %cfg.model.display(),
+        identity = %hex::encode(model.id()),
+        layers,
+        parameters = values,
+        seconds = started.elapsed().as_secs_f64(),
+        "loaded the shard layers"
     );
-    std::process::exit(2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ServerError::Config(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        let server = ShardServer::start(
+            ServerOptions {
+                listen: cfg.listen,
+                tokens: cfg.tokens,
+                limits: cfg.limits,
+                identity,
+            },
+            Arc::new(model),
+        )?;
+        tracing::info!(
+            addr = %server.local_addr(),
+            tokens = "configured",
+            max_sessions = cfg.limits.max_sessions,
+            "listening"
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        server.shutdown(Duration::from_secs(5)).await;
+        Ok(())
+    })
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use tokenizers::Tokenizer;
 
@@ -314,9 +314,4 @@ impl ClipTextEncoder {
         let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device)?;
         self.forward(&t)
     }
-}
-
-/// The last-dimension size of text states: what the U-Net's cross-attention expects.
-pub fn context_dim(t: &Tensor) -> Result<usize> {
-    Ok(t.dim(D::Minus1)?)
 }

@@ -343,7 +343,7 @@ impl UNet {
             .chain(self.up_blocks.iter().flat_map(|b| &b.attentions))
     }
 
-    /// Every convolution in forward order of first use is not needed; any stable order is.
+    /// Every convolution of the U-Net (a fixed order; callers key by name).
     pub fn convolutions(&self) -> Vec<&Conv2dSpec> {
         let mut v = vec![&self.conv_in, &self.conv_out];
         for r in self.resnets() {

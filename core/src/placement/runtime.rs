@@ -105,7 +105,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
             .enumerate()
             .map(|(i, (req, b))| async move {
                 b.execute(req).await.map_err(|e| match e {
-                    Error::Backend { .. } => e,
+                    Error::Backend { .. } | Error::Transport(_) => e,
                     other => Error::Backend {
                         backend: i,
                         message: other.to_string(),

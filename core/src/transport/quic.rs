@@ -1,0 +1,630 @@
+//! `QuicBackend`: one QUIC connection to one shard server, exposed to the placement runtime as a
+//! `ShardBackend`. The connection is the session: tensors the server holds by handle live as
+//! long as it does.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use candle_core::{Device, Tensor};
+use quinn::{Connection, ConnectionError, Endpoint, ReadToEndError, VarInt, WriteError};
+
+use crate::error::Result;
+use crate::placement::backend::{ShardBackend, ShardReply, ShardRequest};
+use crate::placement::engine::WireDtype;
+use crate::transport::servers::ServerSpec;
+use crate::transport::tls::{client_config, Fingerprint, PinnedVerifier, TransportTuning};
+use crate::transport::TransportError;
+use crate::wire::codec::{decode, encode, WireError};
+use crate::wire::convert::request_to_wire;
+use crate::wire::{Compression, ErrorCode, Limits, Message, ModelId, PROTOCOL_VERSION};
+
+/// Largest handshake answer the client reads.
+const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
+
+/// Application close codes (QUIC CONNECTION_CLOSE) used by client and server.
+pub mod close_code {
+    /// Normal end of a session.
+    pub const DONE: u32 = 0;
+    /// The handshake was refused (token, model, version, busy).
+    pub const REFUSED: u32 = 1;
+    /// The peer sent a message that does not decode or breaks a limit.
+    pub const MALFORMED: u32 = 2;
+    /// The client gave up waiting for a reply.
+    pub const TIMEOUT: u32 = 3;
+    /// The server is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// How the client talks to shard servers.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Dtype of tensors on the wire, both ways. Use the runtime's wire dtype.
+    pub wire: WireDtype,
+    /// Compression of tensors, both ways (the reply uses what the request asks for).
+    pub compression: Compression,
+    /// A request (send, server compute, reply) must complete within this, else `Timeout` and
+    /// the session is closed.
+    pub request_timeout: Duration,
+    /// QUIC handshake plus Hello/Welcome must complete within this.
+    pub connect_timeout: Duration,
+    /// QUIC transport (idle timeout, keep-alive, windows).
+    pub tuning: TransportTuning,
+    /// Limits for decoding replies.
+    pub limits: Limits,
+    /// Where reply tensors are placed.
+    pub device: Device,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            wire: WireDtype::F32,
+            compression: Compression::None,
+            request_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+            tuning: TransportTuning::default(),
+            limits: Limits::default(),
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// The compression the CLI's `--zstd LEVEL` means: off for level 0, else byte-split zstd for
+/// every wire dtype. Splitting the byte planes first is what makes activations compress at all
+/// (the sign/exponent planes are redundant, the low mantissa planes noise): docs/PROTOCOL.md §7
+/// measures f16 1.09× with plain zstd against 1.18–1.36× byte-split, and f32 1.17–1.26×
+/// byte-split.
+pub fn compression_for(_wire: WireDtype, zstd_level: i32) -> Compression {
+    if zstd_level == 0 {
+        Compression::None
+    } else {
+        Compression::ZstdByteSplit(zstd_level)
+    }
+}
+
+/// Identifies a server in errors.
+#[derive(Debug, Clone)]
+struct Who {
+    server: usize,
+    address: String,
+}
+
+impl Who {
+    fn unreachable(&self, message: impl Into<String>) -> TransportError {
+        TransportError::Unreachable {
+            server: self.server,
+            address: self.address.clone(),
+            message: message.into(),
+        }
+    }
+    fn protocol(&self, message: impl Into<String>) -> TransportError {
+        TransportError::Protocol {
+            server: self.server,
+            address: self.address.clone(),
+            message: message.into(),
+        }
+    }
+    fn timeout(&self, d: Duration) -> TransportError {
+        TransportError::Timeout {
+            server: self.server,
+            address: self.address.clone(),
+            seconds: d.as_secs_f64(),
+        }
+    }
+    fn lost(&self, e: &ConnectionError) -> TransportError {
+        match e {
+            ConnectionError::ApplicationClosed(c) => TransportError::ConnectionLost {
+                server: self.server,
+                address: self.address.clone(),
+                message: format!(
+                    "closed by the server (code {}: {})",
+                    c.error_code,
+                    String::from_utf8_lossy(&c.reason)
+                ),
+            },
+            ConnectionError::TimedOut => TransportError::ConnectionLost {
+                server: self.server,
+                address: self.address.clone(),
+                message: "no packet from the server within the idle timeout".into(),
+            },
+            other => TransportError::ConnectionLost {
+                server: self.server,
+                address: self.address.clone(),
+                message: other.to_string(),
+            },
+        }
+    }
+    /// An `Error` message from the server.
+    fn server_error(&self, code: ErrorCode, message: String) -> TransportError {
+        match code {
+            ErrorCode::AuthFailed => TransportError::AuthFailed {
+                server: self.server,
+                address: self.address.clone(),
+            },
+            ErrorCode::ModelMismatch => TransportError::ModelMismatch {
+                server: self.server,
+                address: self.address.clone(),
+                expected: String::new(),
+                actual: first_hex64(&message).unwrap_or_else(|| "unknown".into()),
+            },
+            ErrorCode::VersionMismatch | ErrorCode::Malformed | ErrorCode::WrongState => {
+                self.protocol(format!("server answered {code:?}: {message}"))
+            }
+            ErrorCode::BadRequest | ErrorCode::Busy | ErrorCode::Internal => {
+                TransportError::ServerError {
+                    server: self.server,
+                    address: self.address.clone(),
+                    message: format!("{code:?}: {message}"),
+                }
+            }
+        }
+    }
+}
+
+/// The first run of exactly 64 hex digits in `s` (a model id in a server's message).
+fn first_hex64(s: &str) -> Option<String> {
+    s.split(|c: char| !c.is_ascii_hexdigit())
+        .find(|w| w.len() == 64)
+        .map(str::to_ascii_lowercase)
+}
+
+/// Bytes a `QuicBackend` moved (QUIC stream payloads, i.e. encoded messages after compression).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// One shard server over QUIC.
+pub struct QuicBackend {
+    who: Who,
+    conn: Connection,
+    // Kept so the endpoint (its socket and driver) lives as long as the connection.
+    endpoint: Endpoint,
+    options: ClientOptions,
+    traffic: Traffic,
+    server_model: ModelId,
+}
+
+impl std::fmt::Debug for QuicBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicBackend")
+            .field("server", &self.who.server)
+            .field("address", &self.who.address)
+            .finish()
+    }
+}
+
+impl QuicBackend {
+    /// Connects to `spec` (the strip `index`), verifies the pinned certificate, and runs the
+    /// handshake (token, model identity). Nothing else is sent before all of that succeeded.
+    pub async fn connect(
+        index: usize,
+        spec: &ServerSpec,
+        model_id: ModelId,
+        options: &ClientOptions,
+    ) -> Result<Self, TransportError> {
+        let who = Who {
+            server: index,
+            address: spec.address.clone(),
+        };
+        let deadline = options.connect_timeout;
+        let (endpoint, conn) = tokio::time::timeout(
+            deadline,
+            open_connection(&who, spec.fingerprint, &options.tuning),
+        )
+        .await
+        .map_err(|_| who.unreachable(format!("no QUIC handshake within {deadline:?}")))??;
+        let welcome = tokio::time::timeout(
+            deadline,
+            hello(&who, &conn, &spec.token, model_id, &options.limits),
+        )
+        .await;
+        let server_model = match welcome {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                conn.close(VarInt::from_u32(close_code::REFUSED), b"handshake failed");
+                return Err(match e {
+                    TransportError::ModelMismatch {
+                        server,
+                        address,
+                        actual,
+                        ..
+                    } => TransportError::ModelMismatch {
+                        server,
+                        address,
+                        expected: hex::encode(model_id),
+                        actual,
+                    },
+                    other => other,
+                });
+            }
+            Err(_) => {
+                conn.close(VarInt::from_u32(close_code::TIMEOUT), b"handshake timeout");
+                return Err(who.timeout(deadline));
+            }
+        };
+        if server_model != model_id {
+            conn.close(VarInt::from_u32(close_code::REFUSED), b"model mismatch");
+            return Err(TransportError::ModelMismatch {
+                server: index,
+                address: spec.address.clone(),
+                expected: hex::encode(model_id),
+                actual: hex::encode(server_model),
+            });
+        }
+        Ok(Self {
+            who,
+            conn,
+            endpoint,
+            options: options.clone(),
+            traffic: Traffic::default(),
+            server_model,
+        })
+    }
+
+    /// The strip index of this server.
+    pub fn index(&self) -> usize {
+        self.who.server
+    }
+    pub fn address(&self) -> &str {
+        &self.who.address
+    }
+    /// The model identity the server confirmed.
+    pub fn server_model(&self) -> ModelId {
+        self.server_model
+    }
+    /// Encoded bytes moved over this connection.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+    /// The QUIC connection (for statistics).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Ends the session (the server forgets its handles) and waits briefly for the close to be
+    /// sent.
+    pub async fn close(&self) {
+        self.conn
+            .close(VarInt::from_u32(close_code::DONE), b"session done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Sends one encoded message on a new stream and returns the decoded answer.
+    pub async fn exchange(&self, bytes: &[u8]) -> Result<Message, TransportError> {
+        let timeout = self.options.request_timeout;
+        match tokio::time::timeout(timeout, self.exchange_inner(bytes)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The session's state is unknown now (the server may still run the request):
+                // end it so later calls fail fast instead of using stale handles.
+                self.conn
+                    .close(VarInt::from_u32(close_code::TIMEOUT), b"request timeout");
+                Err(self.who.timeout(timeout))
+            }
+        }
+    }
+
+    async fn exchange_inner(&self, bytes: &[u8]) -> Result<Message, TransportError> {
+        let (send, mut recv) = self.conn.open_bi().await.map_err(|e| self.who.lost(&e))?;
+        // If this future is dropped mid-write (another server failed, or the timeout fired),
+        // the guard resets the stream instead of letting quinn finish a truncated message.
+        let mut send = ResetOnDrop(Some(send));
+        if let Some(s) = send.0.as_mut() {
+            s.write_all(bytes).await.map_err(|e| self.write_error(e))?;
+        }
+        if let Some(mut s) = send.0.take() {
+            // A stream fails to finish only when the connection is gone; the read below
+            // reports the real cause then.
+            let _ = s.finish();
+        }
+        self.traffic
+            .bytes_sent
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let buf = recv
+            .read_to_end(self.options.limits.max_message_bytes)
+            .await
+            .map_err(|e| self.read_error(e))?;
+        self.traffic
+            .bytes_received
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        decode(&buf, &self.options.limits)
+            .map_err(|e| self.who.protocol(format!("undecodable reply: {e}")))
+    }
+
+    fn write_error(&self, e: WriteError) -> TransportError {
+        match e {
+            WriteError::ConnectionLost(c) => self.who.lost(&c),
+            other => self.who.protocol(format!("request stream: {other}")),
+        }
+    }
+
+    fn read_error(&self, e: ReadToEndError) -> TransportError {
+        match e {
+            ReadToEndError::TooLong => self.who.protocol(format!(
+                "reply larger than {} bytes",
+                self.options.limits.max_message_bytes
+            )),
+            ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => self.who.lost(&c),
+            ReadToEndError::Read(other) => self.who.protocol(format!("reply stream: {other}")),
+        }
+    }
+
+    async fn execute_wire(&self, request: &ShardRequest<Tensor>) -> Result<ShardReply<Tensor>> {
+        let wanted = request.calls.iter().filter(|c| c.reply).count();
+        let calls = request_to_wire(request, self.options.wire)?;
+        let msg = Message::Request {
+            calls,
+            reply_dtype: self.options.wire,
+            compression: self.options.compression,
+        };
+        let bytes = encode(&msg, self.options.compression)?;
+        self.traffic.requests.fetch_add(1, Ordering::Relaxed);
+        let outputs = match self.exchange(&bytes).await? {
+            Message::Reply { outputs } => outputs,
+            Message::Error { code, message } => {
+                return Err(self.who.server_error(code, message).into())
+            }
+            other => {
+                return Err(self
+                    .who
+                    .protocol(format!("expected a reply, got {}", kind_name(&other)))
+                    .into())
+            }
+        };
+        if outputs.len() != wanted {
+            return Err(self
+                .who
+                .protocol(format!(
+                    "reply carries {} tensors, the request asked for {wanted}",
+                    outputs.len()
+                ))
+                .into());
+        }
+        let outputs = outputs
+            .iter()
+            .map(|t| t.to_tensor(&self.options.device))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| self.who.protocol(format!("reply tensor: {e}")))?;
+        Ok(ShardReply { outputs })
+    }
+}
+
+#[async_trait]
+impl ShardBackend<Tensor> for QuicBackend {
+    async fn execute(&self, request: ShardRequest<Tensor>) -> Result<ShardReply<Tensor>> {
+        self.execute_wire(&request).await
+    }
+}
+
+pub(crate) fn kind_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::Welcome { .. } => "Welcome",
+        Message::Request { .. } => "Request",
+        Message::Reply { .. } => "Reply",
+        Message::Error { .. } => "Error",
+    }
+}
+
+/// Resets a send stream that was not finished.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.0.take() {
+            let _ = s.reset(VarInt::from_u32(0));
+        }
+    }
+}
+
+/// Resolves `host:port`.
+async fn resolve(who: &Who) -> Result<SocketAddr, TransportError> {
+    let mut addrs = tokio::net::lookup_host(who.address.as_str())
+        .await
+        .map_err(|e| who.unreachable(format!("cannot resolve: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| who.unreachable("the name resolves to no address"))
+}
+
+/// The host part of `host:port` (for SNI; the pinned verifier ignores it).
+fn host_of(address: &str) -> &str {
+    let host = match address.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => address,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// A QUIC connection with a verified, pinned certificate (no Veil handshake yet). Also what a
+/// test needs to speak raw frames to a server.
+pub async fn connect_quic(
+    index: usize,
+    address: &str,
+    pin: Fingerprint,
+    tuning: &TransportTuning,
+) -> Result<(Endpoint, Connection), TransportError> {
+    let who = Who {
+        server: index,
+        address: address.to_string(),
+    };
+    open_connection(&who, pin, tuning).await
+}
+
+async fn open_connection(
+    who: &Who,
+    pin: Fingerprint,
+    tuning: &TransportTuning,
+) -> Result<(Endpoint, Connection), TransportError> {
+    let addr = resolve(who).await?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let endpoint = Endpoint::client(bind)
+        .map_err(|e| who.unreachable(format!("cannot open a UDP socket: {e}")))?;
+    let (config, verifier) = client_config(pin, tuning).map_err(|e| who.protocol(e.to_string()))?;
+    // SNI: the host when it is a valid name or address (the pinned verifier ignores it).
+    let host = host_of(&who.address);
+    let sni = match rustls::pki_types::ServerName::try_from(host) {
+        Ok(_) => host,
+        Err(_) => "veil-shard",
+    };
+    let connecting = endpoint
+        .connect_with(config, addr, sni)
+        .map_err(|e| who.unreachable(e.to_string()))?;
+    match connecting.await {
+        Ok(conn) => Ok((endpoint, conn)),
+        Err(e) => Err(handshake_error(who, &verifier, pin, e)),
+    }
+}
+
+fn handshake_error(
+    who: &Who,
+    verifier: &PinnedVerifier,
+    pin: Fingerprint,
+    e: ConnectionError,
+) -> TransportError {
+    if let Some(actual) = verifier.mismatch() {
+        return TransportError::CertificateMismatch {
+            server: who.server,
+            address: who.address.clone(),
+            expected: pin.hex(),
+            actual: actual.hex(),
+        };
+    }
+    match e {
+        ConnectionError::TimedOut => who.unreachable("no answer to the QUIC handshake"),
+        ConnectionError::TransportError(t) => {
+            who.protocol(format!("QUIC/TLS handshake failed: {t}"))
+        }
+        ConnectionError::ConnectionClosed(c) => {
+            who.protocol(format!("handshake aborted by the server: {c}"))
+        }
+        other => who.unreachable(other.to_string()),
+    }
+}
+
+/// Hello → Welcome on the first stream; returns the server's model identity.
+async fn hello(
+    who: &Who,
+    conn: &Connection,
+    token: &str,
+    model_id: ModelId,
+    limits: &Limits,
+) -> Result<ModelId, TransportError> {
+    let msg = Message::Hello {
+        version: PROTOCOL_VERSION,
+        token: token.to_string(),
+        model_id,
+    };
+    let bytes = encode(&msg, Compression::None)
+        .map_err(|e| who.protocol(format!("cannot encode the handshake: {e}")))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| who.lost(&e))?;
+    send.write_all(&bytes).await.map_err(|e| match e {
+        WriteError::ConnectionLost(c) => who.lost(&c),
+        other => who.protocol(other.to_string()),
+    })?;
+    let _ = send.finish();
+    let buf = match recv.read_to_end(MAX_HANDSHAKE_BYTES).await {
+        Ok(b) => b,
+        Err(ReadToEndError::Read(quinn::ReadError::ConnectionLost(c))) => return Err(who.lost(&c)),
+        Err(e) => return Err(who.protocol(format!("handshake answer: {e}"))),
+    };
+    let small = Limits {
+        max_message_bytes: MAX_HANDSHAKE_BYTES,
+        ..*limits
+    };
+    match decode(&buf, &small) {
+        Ok(Message::Welcome { version, model_id }) => {
+            if version != PROTOCOL_VERSION {
+                return Err(who.protocol(format!(
+                    "server speaks protocol {version}, this client {PROTOCOL_VERSION}"
+                )));
+            }
+            Ok(model_id)
+        }
+        Ok(Message::Error { code, message }) => Err(who.server_error(code, message)),
+        Ok(other) => Err(who.protocol(format!("expected Welcome, got {}", kind_name(&other)))),
+        Err(WireError::UnsupportedVersion(v)) => Err(who.protocol(format!(
+            "server speaks protocol {v}, this client {PROTOCOL_VERSION}"
+        ))),
+        Err(e) => Err(who.protocol(format!("undecodable handshake answer: {e}"))),
+    }
+}
+
+/// Connects to every server concurrently (strip order = `specs` order). On any failure every
+/// connection already made is closed and the first failure in strip order is returned.
+pub async fn connect_backends(
+    specs: &[ServerSpec],
+    model_id: ModelId,
+    options: &ClientOptions,
+) -> Result<Vec<Arc<QuicBackend>>, TransportError> {
+    let started = Instant::now();
+    let results = futures::future::join_all(
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| QuicBackend::connect(i, s, model_id, options)),
+    )
+    .await;
+    let mut ok = Vec::with_capacity(results.len());
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(b) => ok.push(Arc::new(b)),
+            Err(e) => {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        for b in &ok {
+            b.conn
+                .close(VarInt::from_u32(close_code::DONE), b"another server failed");
+        }
+        return Err(e);
+    }
+    tracing::debug!(
+        servers = specs.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "connected to shard servers"
+    );
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers() {
+        assert_eq!(host_of("127.0.0.1:4433"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:4433"), "::1");
+        assert_eq!(host_of("shard.example:1"), "shard.example");
+        let id = "ab".repeat(32);
+        assert_eq!(
+            first_hex64(&format!("server holds model {id}, not yours")),
+            Some(id)
+        );
+        assert_eq!(first_hex64("no id here"), None);
+        assert_eq!(compression_for(WireDtype::F32, 0), Compression::None);
+        assert_eq!(
+            compression_for(WireDtype::F32, 3),
+            Compression::ZstdByteSplit(3)
+        );
+        assert_eq!(
+            compression_for(WireDtype::F16, 3),
+            Compression::ZstdByteSplit(3)
+        );
+    }
+}

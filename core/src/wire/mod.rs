@@ -1,0 +1,155 @@
+//! The wire between the phone and a shard server (documented in docs/PROTOCOL.md). Every QUIC
+//! bidirectional stream carries one message each way: the client writes a request and finishes
+//! the stream, the server answers and finishes. The first stream of a connection is the
+//! handshake (version, tenant token, model identity); the connection is the session, so tensor
+//! handles live exactly as long as it does.
+//!
+//! This module holds the message types and their binary codec (`codec`). Decoding checks every
+//! length, count and shape product against `Limits` before it allocates.
+
+pub mod codec;
+pub mod convert;
+pub mod identity;
+
+use crate::placement::engine::{Pad, WireDtype};
+
+/// Protocol version spoken by this build. A server refuses other versions.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN of the Veil protocol over QUIC.
+pub const ALPN: &[u8] = b"veil/1";
+
+/// A model identity: SHA-256 over the U-Net weights a server holds (see `model_identity`).
+pub type ModelId = [u8; 32];
+
+/// Tensor compression on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    #[default]
+    None,
+    /// zstd at the given level over the raw little-endian bytes.
+    Zstd(i32),
+    /// Byte planes split (all low bytes, then all high bytes, …) before zstd: activations'
+    /// high bytes are highly redundant, the low bytes are noise.
+    ZstdByteSplit(i32),
+}
+
+/// Limits a decoder enforces before allocating (configured per server; clients use the same
+/// defaults for replies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message (request or reply) in bytes, compressed payloads included.
+    pub max_message_bytes: usize,
+    /// Largest decoded tensor in bytes (after decompression).
+    pub max_tensor_bytes: usize,
+    /// Most calls in one request.
+    pub max_calls: usize,
+    /// Highest tensor rank.
+    pub max_rank: usize,
+    /// Longest layer name.
+    pub max_name_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 512 << 20,
+            max_tensor_bytes: 256 << 20,
+            max_calls: 1024,
+            max_rank: 6,
+            max_name_len: 256,
+        }
+    }
+}
+
+/// A tensor as it travels: dtype, shape, little-endian payload (decompressed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireTensor {
+    pub dtype: WireDtype,
+    pub shape: Vec<usize>,
+    /// Raw little-endian element bytes, `shape.product() * dtype.size()` long.
+    pub data: Vec<u8>,
+}
+
+/// An operand on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireOperand {
+    Inline(WireTensor),
+    Handle(u64),
+}
+
+/// The ops of `placement::backend::ShardOp`, on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireOp {
+    Conv2d {
+        layer: String,
+        input: WireOperand,
+        pad: Pad,
+    },
+    GroupNormStats {
+        layer: String,
+        input: WireOperand,
+    },
+    Attention {
+        q: WireOperand,
+        k: WireOperand,
+        v: WireOperand,
+        heads: u32,
+    },
+    Identity {
+        input: WireOperand,
+    },
+    Release {
+        handle: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireCall {
+    pub op: WireOp,
+    pub keep_as: Option<u64>,
+    pub reply: bool,
+}
+
+/// Error codes a server may answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The tenant token was not accepted.
+    AuthFailed = 1,
+    /// The server holds different weights than the client expects.
+    ModelMismatch = 2,
+    /// Unsupported protocol version.
+    VersionMismatch = 3,
+    /// The message could not be decoded or broke a limit.
+    Malformed = 4,
+    /// A well-formed request the server cannot execute (unknown layer, unknown handle, shapes).
+    BadRequest = 5,
+    /// A request before the handshake, or a second handshake.
+    WrongState = 6,
+    /// The server is at its session limit.
+    Busy = 7,
+    Internal = 8,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Client → server, first stream of a connection.
+    Hello {
+        version: u16,
+        token: String,
+        model_id: ModelId,
+    },
+    /// Server → client: the handshake succeeded.
+    Welcome { version: u16, model_id: ModelId },
+    /// Client → server: calls executed in order. Replies use `reply_dtype` and `compression`.
+    Request {
+        calls: Vec<WireCall>,
+        reply_dtype: WireDtype,
+        compression: Compression,
+    },
+    /// Server → client: the outputs of the calls that asked for a reply.
+    Reply { outputs: Vec<WireTensor> },
+    /// Server → client: the request failed.
+    Error { code: ErrorCode, message: String },
+}

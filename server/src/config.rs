@@ -1,0 +1,292 @@
+//! Server configuration: a TOML file, overridden by command-line flags.
+//!
+//! ```toml
+//! listen = "0.0.0.0:4433"
+//! model = "/models/sd15"            # diffusers folder; only unet/ is read
+//! data_dir = "/var/lib/veil-server" # keeps cert.pem / key.pem (created on first start)
+//! # cert = "cert.pem"               # a given certificate and key instead
+//! # key = "key.pem"
+//! token_file = "tokens.txt"         # one token per line; or: tokens = ["…", "…"]
+//! device = "cpu"                    # or "cuda:0" (built with --features cuda)
+//!
+//! [limits]
+//! max_message_bytes = 536870912
+//! max_tensor_bytes = 268435456
+//! max_sessions = 64
+//! max_concurrent_streams = 4
+//! idle_timeout_secs = 60
+//! handshake_timeout_secs = 10
+//! ```
+//!
+//! Relative paths in the file are resolved against the file's folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::Device;
+use serde::Deserialize;
+
+use crate::server::ServerLimits;
+use crate::ServerError;
+
+/// The TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub model: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub tokens: Option<Vec<String>>,
+    pub token_file: Option<PathBuf>,
+    pub device: Option<String>,
+    #[serde(default)]
+    pub limits: FileLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub max_message_bytes: Option<usize>,
+    pub max_tensor_bytes: Option<usize>,
+    pub max_sessions: Option<usize>,
+    pub max_concurrent_streams: Option<u32>,
+    pub idle_timeout_secs: Option<f64>,
+    pub handshake_timeout_secs: Option<f64>,
+}
+
+impl FileConfig {
+    /// Reads a config file, resolving its relative paths against its folder.
+    pub fn read(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServerError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let mut cfg: FileConfig = toml::from_str(&text)
+            .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for p in [
+            &mut cfg.model,
+            &mut cfg.data_dir,
+            &mut cfg.cert,
+            &mut cfg.key,
+            &mut cfg.token_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Command-line overrides (all optional; `None` keeps the file's value or the default).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub model: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub device: Option<String>,
+    pub max_message_bytes: Option<usize>,
+    pub max_tensor_bytes: Option<usize>,
+    pub max_sessions: Option<usize>,
+    pub max_concurrent_streams: Option<u32>,
+    pub idle_timeout_secs: Option<f64>,
+}
+
+/// The resolved configuration of a server process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub model: PathBuf,
+    pub data_dir: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub tokens: Vec<String>,
+    pub device: String,
+    pub limits: ServerLimits,
+}
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default data directory (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = "veil-server-data";
+
+fn secs(what: &str, v: f64) -> Result<Duration, ServerError> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ServerError::Config(format!("{what} must be a positive number of seconds")))
+}
+
+impl Config {
+    /// Merges the file (if any) and the overrides; reads the token file.
+    pub fn resolve(file: Option<FileConfig>, o: Overrides) -> Result<Self, ServerError> {
+        let f = file.unwrap_or_default();
+        let listen_s = o
+            .listen
+            .or(f.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_s.parse().map_err(|e| {
+            ServerError::Config(format!("listen address `{listen_s}` (ip:port): {e}"))
+        })?;
+        let model = o.model.or(f.model).ok_or_else(|| {
+            ServerError::Config("no model folder (--model DIR or `model` in the config)".into())
+        })?;
+        let mut tokens = Vec::new();
+        match o.token_file.or(f.token_file) {
+            Some(tf) => tokens.extend(veil_core::transport::read_token_file(&tf)?),
+            None => tokens.extend(f.tokens.unwrap_or_default()),
+        }
+        if tokens.is_empty() {
+            return Err(ServerError::Config(
+                "no tenant tokens (--token-file FILE, or `tokens`/`token_file` in the config)"
+                    .into(),
+            ));
+        }
+        let d = ServerLimits::default();
+        let fl = f.limits;
+        let limits = ServerLimits {
+            max_message_bytes: o
+                .max_message_bytes
+                .or(fl.max_message_bytes)
+                .unwrap_or(d.max_message_bytes),
+            max_tensor_bytes: o
+                .max_tensor_bytes
+                .or(fl.max_tensor_bytes)
+                .unwrap_or(d.max_tensor_bytes),
+            max_sessions: o.max_sessions.or(fl.max_sessions).unwrap_or(d.max_sessions),
+            max_concurrent_streams: o
+                .max_concurrent_streams
+                .or(fl.max_concurrent_streams)
+                .unwrap_or(d.max_concurrent_streams),
+            idle_timeout: match o.idle_timeout_secs.or(fl.idle_timeout_secs) {
+                Some(s) => secs("idle_timeout_secs", s)?,
+                None => d.idle_timeout,
+            },
+            handshake_timeout: match fl.handshake_timeout_secs {
+                Some(s) => secs("handshake_timeout_secs", s)?,
+                None => d.handshake_timeout,
+            },
+        };
+        if limits.max_sessions == 0
+            || limits.max_concurrent_streams == 0
+            || limits.max_message_bytes == 0
+            || limits.max_tensor_bytes == 0
+        {
+            return Err(ServerError::Config("limits must be positive".into()));
+        }
+        Ok(Self {
+            listen,
+            model,
+            data_dir: o
+                .data_dir
+                .or(f.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            cert: o.cert.or(f.cert),
+            key: o.key.or(f.key),
+            tokens,
+            device: o.device.or(f.device).unwrap_or_else(|| "cpu".to_string()),
+            limits,
+        })
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N` (CUDA only in builds with the `cuda` feature).
+pub fn parse_device(s: &str) -> Result<Device, ServerError> {
+    let s = s.trim();
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| ServerError::Config(format!("device `{s}`: expected cpu or cuda:N")))?,
+        None => {
+            return Err(ServerError::Config(format!(
+                "device `{s}`: expected cpu or cuda:N"
+            )))
+        }
+    };
+    cuda_device(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device, ServerError> {
+    Device::new_cuda(ordinal).map_err(|e| ServerError::Config(format!("cuda:{ordinal}: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device, ServerError> {
+    Err(ServerError::Config(format!(
+        "cuda:{ordinal}: this veil-server was built without the `cuda` feature"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("veil-server-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("tokens.txt"), "# tenants\nt1\n\nt2\n").expect("tokens");
+        let path = dir.join("server.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:5000\"\nmodel = \"m\"\ntoken_file = \"tokens.txt\"\n\
+             [limits]\nmax_sessions = 3\nidle_timeout_secs = 2.5\n",
+        )
+        .expect("config");
+        let file = FileConfig::read(&path).expect("read");
+        let c = Config::resolve(
+            Some(file),
+            Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                max_concurrent_streams: Some(9),
+                ..Default::default()
+            },
+        )
+        .expect("resolve");
+        assert_eq!(c.listen, "127.0.0.1:0".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(c.model, dir.join("m"));
+        assert_eq!(c.tokens, vec!["t1".to_string(), "t2".to_string()]);
+        assert_eq!(c.limits.max_sessions, 3);
+        assert_eq!(c.limits.max_concurrent_streams, 9);
+        assert_eq!(c.limits.idle_timeout, Duration::from_millis(2500));
+        assert_eq!(c.device, "cpu");
+
+        let inline: FileConfig =
+            toml::from_str("model = \"m\"\ntokens = [\"a\"]\n").expect("inline tokens");
+        assert_eq!(
+            Config::resolve(Some(inline), Overrides::default())
+                .expect("resolve")
+                .tokens,
+            vec!["a".to_string()]
+        );
+        let none: FileConfig = toml::from_str("model = \"m\"\n").expect("no tokens");
+        assert!(Config::resolve(Some(none), Overrides::default()).is_err());
+        assert!(toml::from_str::<FileConfig>("modle = \"m\"\n").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        assert!(parse_device("gpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
+        #[cfg(not(feature = "cuda"))]
+        assert!(parse_device("cuda:0").is_err());
+    }
+}

@@ -1,0 +1,664 @@
+//! The QUIC shard server: accepts connections, runs the handshake (version, tenant token,
+//! model identity), then answers each request stream with one reply. A connection is a session
+//! with its own tensor handles; a malformed message closes that connection only.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint, ReadToEndError, RecvStream, SendStream, VarInt};
+use subtle::{Choice, ConstantTimeEq};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use veil_core::placement::backend::ShardExecutor;
+use veil_core::placement::engine::CandleEngine;
+use veil_core::transport::quic::close_code;
+use veil_core::transport::tls::{server_config, TransportTuning};
+use veil_core::transport::Fingerprint;
+use veil_core::wire::codec::{decode, encode, WireError};
+use veil_core::wire::convert::{calls_from_wire, reply_to_wire};
+use veil_core::wire::{Compression, ErrorCode, Limits, Message, ModelId, PROTOCOL_VERSION};
+
+use crate::model::ShardModel;
+use crate::tls::TlsIdentity;
+use crate::ServerError;
+
+/// Largest handshake message read.
+const MAX_HELLO_BYTES: usize = 64 << 10;
+/// Longest error message sent (the codec's string limit is 64 KiB).
+const MAX_ERROR_MESSAGE: usize = 1024;
+/// How long the server waits for an error answer to be acknowledged before closing.
+const ERROR_LINGER: Duration = Duration::from_secs(2);
+
+/// Resource limits of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Largest request message (compressed payloads included).
+    pub max_message_bytes: usize,
+    /// Largest decoded tensor.
+    pub max_tensor_bytes: usize,
+    /// Concurrent sessions (connections past the handshake); more are answered `Busy`.
+    pub max_sessions: usize,
+    /// Concurrent request streams per connection (QUIC stream credit).
+    pub max_concurrent_streams: u32,
+    /// A connection without any packet for this long is closed.
+    pub idle_timeout: Duration,
+    /// The Hello must arrive within this after the QUIC handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        let wire = Limits::default();
+        Self {
+            max_message_bytes: wire.max_message_bytes,
+            max_tensor_bytes: wire.max_tensor_bytes,
+            max_sessions: 64,
+            max_concurrent_streams: 4,
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerLimits {
+    /// The decoder limits for requests.
+    pub fn wire(&self) -> Limits {
+        Limits {
+            max_message_bytes: self.max_message_bytes,
+            max_tensor_bytes: self.max_tensor_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
+/// Everything a server needs besides its model.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    /// Accepted tenant tokens (at least one).
+    pub tokens: Vec<String>,
+    pub limits: ServerLimits,
+    pub identity: TlsIdentity,
+}
+
+/// Counters of what a server saw (for logs and tests).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// QUIC connections whose TLS handshake completed.
+    pub connections: AtomicU64,
+    /// Connection attempts that failed before completing TLS (e.g. a client that rejected the
+    /// certificate).
+    pub tls_failures: AtomicU64,
+    /// Hello messages received.
+    pub hellos: AtomicU64,
+    /// Handshakes answered with Welcome.
+    pub sessions: AtomicU64,
+    /// Handshakes refused (token, model, version, busy, wrong message).
+    pub refused: AtomicU64,
+    /// Request messages decoded (after a Welcome).
+    pub requests: AtomicU64,
+    /// Requests answered with a reply.
+    pub replies: AtomicU64,
+    /// Messages that did not decode or broke a limit.
+    pub malformed: AtomicU64,
+    /// Decoded requests the executor refused (unknown layer or handle, shapes).
+    pub bad_requests: AtomicU64,
+    /// Bytes of request streams read.
+    pub bytes_in: AtomicU64,
+    /// Bytes of replies written.
+    pub bytes_out: AtomicU64,
+}
+
+/// A plain copy of `ServerStats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub connections: u64,
+    pub tls_failures: u64,
+    pub hellos: u64,
+    pub sessions: u64,
+    pub refused: u64,
+    pub requests: u64,
+    pub replies: u64,
+    pub malformed: u64,
+    pub bad_requests: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl ServerStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections: g(&self.connections),
+            tls_failures: g(&self.tls_failures),
+            hellos: g(&self.hellos),
+            sessions: g(&self.sessions),
+            refused: g(&self.refused),
+            requests: g(&self.requests),
+            replies: g(&self.replies),
+            malformed: g(&self.malformed),
+            bad_requests: g(&self.bad_requests),
+            bytes_in: g(&self.bytes_in),
+            bytes_out: g(&self.bytes_out),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Shared by every connection task.
+struct Ctx {
+    model: Arc<ShardModel>,
+    tokens: Vec<String>,
+    limits: ServerLimits,
+    sessions: Arc<Semaphore>,
+    stats: Arc<ServerStats>,
+    active: AtomicUsize,
+}
+
+/// A running shard server.
+pub struct ShardServer {
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+    model_id: ModelId,
+    stats: Arc<ServerStats>,
+    stop: watch::Sender<bool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ShardServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardServer")
+            .field("addr", &self.addr)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl ShardServer {
+    /// Binds the endpoint and starts serving on the current tokio runtime.
+    pub fn start(options: ServerOptions, model: Arc<ShardModel>) -> Result<Self, ServerError> {
+        if options.tokens.is_empty() {
+            return Err(ServerError::Config(
+                "no tenant tokens configured (token_file or tokens)".into(),
+            ));
+        }
+        if options.tokens.iter().any(|t| t.is_empty()) {
+            return Err(ServerError::Config("empty tenant token".into()));
+        }
+        let l = &options.limits;
+        if l.max_sessions == 0 || l.max_concurrent_streams == 0 || l.max_message_bytes == 0 {
+            return Err(ServerError::Config(
+                "max_sessions, max_concurrent_streams and max_message_bytes must be positive"
+                    .into(),
+            ));
+        }
+        let fingerprint = options.identity.fingerprint();
+        let tuning = TransportTuning {
+            idle_timeout: l.idle_timeout,
+            keep_alive: None,
+            // One stream beyond the request limit so a handshake never waits for credit.
+            max_incoming_streams: l.max_concurrent_streams.saturating_add(1),
+            ..TransportTuning::default()
+        };
+        let config = server_config(options.identity.cert, options.identity.key, &tuning)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+        let endpoint = Endpoint::server(config, options.listen).map_err(|e| ServerError::Bind {
+            addr: options.listen,
+            source: e,
+        })?;
+        let addr = endpoint.local_addr().map_err(|e| ServerError::Bind {
+            addr: options.listen,
+            source: e,
+        })?;
+        let stats = Arc::new(ServerStats::default());
+        let model_id = model.id();
+        let ctx = Arc::new(Ctx {
+            model,
+            tokens: options.tokens,
+            limits: options.limits,
+            sessions: Arc::new(Semaphore::new(options.limits.max_sessions)),
+            stats: stats.clone(),
+            active: AtomicUsize::new(0),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx, stop_rx));
+        tracing::info!(%addr, %fingerprint, model = %hex::encode(model_id), "serving");
+        Ok(Self {
+            endpoint,
+            addr,
+            fingerprint,
+            model_id,
+            stats,
+            stop,
+            accept: Some(accept),
+        })
+    }
+
+    /// The bound address (the actual port when the config asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// The certificate fingerprint clients pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+    pub fn model_id(&self) -> ModelId {
+        self.model_id
+    }
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stops accepting, closes every connection (clients see "server shutting down") and
+    /// waits until the close frames went out (at most `grace`).
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        if let Some(a) = self.accept.take() {
+            let _ = a.await;
+        }
+        self.endpoint.close(
+            VarInt::from_u32(close_code::SHUTDOWN),
+            b"server shutting down",
+        );
+        if tokio::time::timeout(grace, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections did not close within {grace:?}");
+        }
+        tracing::info!("stopped");
+    }
+
+    /// Waits until the accept loop ends (it ends only on `shutdown`, or when the endpoint is
+    /// closed).
+    pub async fn closed(&mut self) {
+        if let Some(a) = self.accept.as_mut() {
+            let _ = a.await;
+            self.accept = None;
+        }
+    }
+}
+
+impl Drop for ShardServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.endpoint
+            .close(VarInt::from_u32(close_code::SHUTDOWN), b"server dropped");
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.changed() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        // Bound half-open work: far more pending connections than sessions are refused at the
+        // QUIC level.
+        if ctx.active.load(Ordering::Relaxed) >= ctx.limits.max_sessions.saturating_mul(2) {
+            tracing::warn!(remote = %incoming.remote_address(), "refusing: too many connections");
+            incoming.refuse();
+            continue;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            ctx.active.fetch_add(1, Ordering::Relaxed);
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    bump(&ctx.stats.connections);
+                    serve_connection(conn, &ctx).await;
+                }
+                Err(e) => {
+                    bump(&ctx.stats.tls_failures);
+                    tracing::debug!(%remote, "connection failed during the QUIC handshake: {e}");
+                }
+            }
+            ctx.active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Sends `msg` on `send`, finishes, and waits (briefly) for the peer to acknowledge it.
+async fn answer(send: &mut SendStream, msg: &Message, compression: Compression) -> Option<usize> {
+    let bytes = match encode(msg, compression) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("cannot encode an answer: {e}");
+            encode(
+                &Message::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("cannot encode the reply: {e}"),
+                },
+                Compression::None,
+            )
+            .ok()?
+        }
+    };
+    send.write_all(&bytes).await.ok()?;
+    send.finish().ok()?;
+    Some(bytes.len())
+}
+
+/// An error answer: the first line of `message` (candle errors may carry a backtrace, which
+/// is the server's business, not the client's), at most `MAX_ERROR_MESSAGE` bytes.
+fn error_msg(code: ErrorCode, message: impl std::fmt::Display) -> Message {
+    let full = message.to_string();
+    let mut message = full
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_string();
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut cut = MAX_ERROR_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    Message::Error { code, message }
+}
+
+/// Answers with an error, lets it reach the client, then closes the connection.
+async fn refuse(conn: &Connection, mut send: SendStream, msg: Message, code: u32, why: &[u8]) {
+    if answer(&mut send, &msg, Compression::None).await.is_some() {
+        let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
+    }
+    conn.close(VarInt::from_u32(code), why);
+}
+
+fn token_ok(tokens: &[String], given: &str) -> bool {
+    let mut ok = Choice::from(0u8);
+    for t in tokens {
+        ok |= t.as_bytes().ct_eq(given.as_bytes());
+    }
+    ok.into()
+}
+
+async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
+    let remote = conn.remote_address();
+    let Some(_permit) = handshake(&conn, ctx).await else {
+        return;
+    };
+    tracing::info!(%remote, "session opened");
+    let executor = Arc::new(ctx.model.executor());
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let ctx = ctx.clone();
+                let conn = conn.clone();
+                let executor = executor.clone();
+                tokio::spawn(async move {
+                    serve_stream(&conn, send, recv, &ctx, executor).await;
+                });
+            }
+            Err(e) => {
+                tracing::info!(%remote, "session ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// Runs the handshake; on success returns the session permit (held for the session's life).
+async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let remote = conn.remote_address();
+    let first = tokio::time::timeout(ctx.limits.handshake_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        let buf = recv.read_to_end(MAX_HELLO_BYTES).await;
+        Some((send, buf))
+    })
+    .await;
+    let (send, buf) = match first {
+        Ok(Some(x)) => x,
+        Ok(None) => return None,
+        Err(_) => {
+            tracing::debug!(%remote, "no Hello in time");
+            conn.close(VarInt::from_u32(close_code::TIMEOUT), b"no hello");
+            return None;
+        }
+    };
+    let refused = |stats: &ServerStats| bump(&stats.refused);
+    let buf = match buf {
+        Ok(b) => b,
+        Err(e) => {
+            bump(&ctx.stats.malformed);
+            refused(&ctx.stats);
+            let msg = error_msg(ErrorCode::Malformed, format!("handshake stream: {e}"));
+            refuse(conn, send, msg, close_code::MALFORMED, b"malformed hello").await;
+            return None;
+        }
+    };
+    let small = Limits {
+        max_message_bytes: MAX_HELLO_BYTES,
+        ..ctx.limits.wire()
+    };
+    let (version, token, model_id) = match decode(&buf, &small) {
+        Ok(Message::Hello {
+            version,
+            token,
+            model_id,
+        }) => (version, token, model_id),
+        Ok(_) => {
+            refused(&ctx.stats);
+            let msg = error_msg(ErrorCode::WrongState, "the first stream must carry Hello");
+            refuse(conn, send, msg, close_code::REFUSED, b"expected hello").await;
+            return None;
+        }
+        Err(WireError::UnsupportedVersion(v)) => {
+            refused(&ctx.stats);
+            let msg = error_msg(
+                ErrorCode::VersionMismatch,
+                format!("this server speaks protocol {PROTOCOL_VERSION}, not {v}"),
+            );
+            refuse(conn, send, msg, close_code::REFUSED, b"version").await;
+            return None;
+        }
+        Err(e) => {
+            bump(&ctx.stats.malformed);
+            refused(&ctx.stats);
+            let msg = error_msg(ErrorCode::Malformed, e);
+            refuse(conn, send, msg, close_code::MALFORMED, b"malformed hello").await;
+            return None;
+        }
+    };
+    bump(&ctx.stats.hellos);
+    if version != PROTOCOL_VERSION {
+        refused(&ctx.stats);
+        let msg = error_msg(
+            ErrorCode::VersionMismatch,
+            format!("this server speaks protocol {PROTOCOL_VERSION}, not {version}"),
+        );
+        refuse(conn, send, msg, close_code::REFUSED, b"version").await;
+        return None;
+    }
+    if !token_ok(&ctx.tokens, &token) {
+        refused(&ctx.stats);
+        tracing::warn!(%remote, "refused: wrong tenant token");
+        let msg = error_msg(ErrorCode::AuthFailed, "tenant token not accepted");
+        refuse(conn, send, msg, close_code::REFUSED, b"auth").await;
+        return None;
+    }
+    if model_id != ctx.model.id() {
+        refused(&ctx.stats);
+        tracing::warn!(%remote, expected = %hex::encode(model_id), "refused: model mismatch");
+        let msg = error_msg(
+            ErrorCode::ModelMismatch,
+            format!(
+                "this server holds model {}, the client expects {}",
+                hex::encode(ctx.model.id()),
+                hex::encode(model_id)
+            ),
+        );
+        refuse(conn, send, msg, close_code::REFUSED, b"model").await;
+        return None;
+    }
+    let Ok(permit) = ctx.sessions.clone().try_acquire_owned() else {
+        refused(&ctx.stats);
+        tracing::warn!(%remote, "refused: at the session limit");
+        let msg = error_msg(
+            ErrorCode::Busy,
+            format!(
+                "server at its limit of {} sessions",
+                ctx.limits.max_sessions
+            ),
+        );
+        refuse(conn, send, msg, close_code::REFUSED, b"busy").await;
+        return None;
+    };
+    let mut send = send;
+    let welcome = Message::Welcome {
+        version: PROTOCOL_VERSION,
+        model_id: ctx.model.id(),
+    };
+    answer(&mut send, &welcome, Compression::None).await?;
+    bump(&ctx.stats.sessions);
+    Some(permit)
+}
+
+async fn serve_stream(
+    conn: &Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    ctx: &Arc<Ctx>,
+    executor: Arc<ShardExecutor<CandleEngine>>,
+) {
+    let remote = conn.remote_address();
+    let limits = ctx.limits.wire();
+    let buf = match recv.read_to_end(limits.max_message_bytes).await {
+        Ok(b) => b,
+        Err(ReadToEndError::TooLong) => {
+            bump(&ctx.stats.malformed);
+            tracing::warn!(%remote, "closing: request over {} bytes", limits.max_message_bytes);
+            let msg = error_msg(
+                ErrorCode::Malformed,
+                format!("message larger than {} bytes", limits.max_message_bytes),
+            );
+            refuse(conn, send, msg, close_code::MALFORMED, b"message too large").await;
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%remote, "request stream failed: {e}");
+            return;
+        }
+    };
+    ctx.stats
+        .bytes_in
+        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+    let (calls, reply_dtype, compression) = match decode(&buf, &limits) {
+        Ok(Message::Request {
+            calls,
+            reply_dtype,
+            compression,
+        }) => (calls, reply_dtype, compression),
+        Ok(_) => {
+            bump(&ctx.stats.malformed);
+            let msg = error_msg(ErrorCode::WrongState, "expected a Request");
+            refuse(
+                conn,
+                send,
+                msg,
+                close_code::MALFORMED,
+                b"unexpected message",
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            bump(&ctx.stats.malformed);
+            tracing::warn!(%remote, "closing: malformed request: {e}");
+            let msg = error_msg(ErrorCode::Malformed, e);
+            refuse(conn, send, msg, close_code::MALFORMED, b"malformed").await;
+            return;
+        }
+    };
+    drop(buf);
+    bump(&ctx.stats.requests);
+    let device = ctx.model.device().clone();
+    // Compute off the async workers: convolutions take long, and a panic in candle on some
+    // unforeseen shape becomes an Internal error instead of taking the server down.
+    let work = tokio::task::spawn_blocking(move || {
+        let request = calls_from_wire(calls, &device)?;
+        let reply = executor.execute(&request)?;
+        let outputs = reply_to_wire(&reply, reply_dtype)?;
+        Ok::<_, veil_core::Error>(Message::Reply { outputs })
+    })
+    .await;
+    let msg = match work {
+        Ok(Ok(m)) => {
+            bump(&ctx.stats.replies);
+            m
+        }
+        Ok(Err(e)) => {
+            bump(&ctx.stats.bad_requests);
+            tracing::debug!(%remote, "bad request: {e}");
+            error_msg(ErrorCode::BadRequest, e)
+        }
+        Err(e) => {
+            tracing::error!(%remote, "request task failed: {e}");
+            error_msg(ErrorCode::Internal, "the request failed inside the server")
+        }
+    };
+    let compression = if matches!(msg, Message::Reply { .. }) {
+        compression
+    } else {
+        Compression::None
+    };
+    // zstd on large replies is CPU work as well.
+    let encoded = tokio::task::spawn_blocking(move || encode(&msg, compression)).await;
+    let bytes = match encoded {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => match encode(&error_msg(ErrorCode::Internal, e), Compression::None) {
+            Ok(b) => b,
+            Err(_) => return,
+        },
+        Err(_) => return,
+    };
+    if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
+        ctx.stats
+            .bytes_out
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        let tokens = vec!["alpha".to_string(), "beta-token".to_string()];
+        assert!(token_ok(&tokens, "alpha"));
+        assert!(token_ok(&tokens, "beta-token"));
+        for bad in ["", "alph", "alphaa", "beta", "ALPHA"] {
+            assert!(!token_ok(&tokens, bad), "{bad}");
+        }
+        assert!(!token_ok(&[], "alpha"));
+    }
+
+    #[test]
+    fn error_messages_are_bounded() {
+        let long = "é".repeat(4000);
+        match error_msg(ErrorCode::BadRequest, long) {
+            Message::Error { message, .. } => assert!(message.len() <= MAX_ERROR_MESSAGE),
+            _ => panic!("not an error"),
+        }
+        match error_msg(
+            ErrorCode::BadRequest,
+            "shape mismatch\n   0: backtrace frame",
+        ) {
+            Message::Error { message, .. } => assert_eq!(message, "shape mismatch"),
+            _ => panic!("not an error"),
+        }
+    }
+}
