@@ -270,3 +270,41 @@ async fn ppidm_split_rows_uneven_64_over_3() {
     .await;
     assert!(rel_l2(&got, &local) <= 1e-5);
 }
+
+#[tokio::test]
+async fn chunked_attention_equals_unchunked() {
+    // 16x12 = 192 query rows: chunks of 7 rows exercise uneven multi-chunk attention on the
+    // device (under ppidm the device still runs everything but the attention cores; shard
+    // executors use their own chunk size).
+    let (unet, engine, x, ctx) = ppidm_case();
+    let whole = run_ours(&unet, &engine, Policy::Local, 0, &x, 77.0, &ctx).await;
+    for (policy, n) in [
+        (Policy::Local, 0),
+        (
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+            2,
+        ),
+    ] {
+        let backends: Vec<Arc<dyn ShardBackend<Tensor>>> = (0..n)
+            .map(|_| {
+                Arc::new(InProcessBackend::new(engine.clone(), unet.shard_layers()))
+                    as Arc<dyn ShardBackend<Tensor>>
+            })
+            .collect();
+        let mut rt = Runtime::new(&engine, policy.placement(), &backends, WireDtype::F32)
+            .expect("runtime")
+            .with_attention_chunk(7);
+        let got = unet
+            .forward(&mut rt, &x, 77.0, &ctx)
+            .await
+            .expect("forward");
+        let err = rel_l2(&got, &whole);
+        assert!(
+            err <= 1e-5,
+            "{}: chunked attention rel L2 {err}",
+            policy.name()
+        );
+    }
+}

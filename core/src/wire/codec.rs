@@ -177,20 +177,42 @@ fn to_u64(n: usize) -> u64 {
 // Byte planes
 // ---------------------------------------------------------------------------------------------
 
-/// Splits `width`-byte elements into `width` planes (all byte 0s, then all byte 1s, …), appending
-/// to `out`. `data.len()` must be a multiple of `width` (checked by the callers).
+/// Splits `width`-byte elements into `width` planes (all byte 0s, then all byte 1s, …) into
+/// `out` (cleared first). Callers pass whole elements; anything else is copied as it is.
 fn split_planes(data: &[u8], width: usize, out: &mut Vec<u8>) {
     out.clear();
-    if width <= 1 || data.is_empty() {
+    let n = data.len() / width.max(1);
+    if width <= 1 || n == 0 || n * width != data.len() {
         out.extend_from_slice(data);
         return;
     }
-    let n = data.len() / width;
-    out.resize(n * width, 0);
-    for (b, plane) in out.chunks_exact_mut(n).enumerate() {
-        for (dst, el) in plane.iter_mut().zip(data.chunks_exact(width)) {
-            if let Some(&byte) = el.get(b) {
-                *dst = byte;
+    out.resize(data.len(), 0);
+    match width {
+        2 => {
+            let (p0, p1) = out.split_at_mut(n);
+            for ((el, a), b) in data.chunks_exact(2).zip(p0).zip(p1) {
+                *a = el[0];
+                *b = el[1];
+            }
+        }
+        4 => {
+            let (p01, p23) = out.split_at_mut(2 * n);
+            let (p0, p1) = p01.split_at_mut(n);
+            let (p2, p3) = p23.split_at_mut(n);
+            for ((((el, a), b), c), d) in data.chunks_exact(4).zip(p0).zip(p1).zip(p2).zip(p3) {
+                *a = el[0];
+                *b = el[1];
+                *c = el[2];
+                *d = el[3];
+            }
+        }
+        _ => {
+            for (b, plane) in out.chunks_exact_mut(n).enumerate() {
+                for (dst, el) in plane.iter_mut().zip(data.chunks_exact(width)) {
+                    if let Some(&byte) = el.get(b) {
+                        *dst = byte;
+                    }
+                }
             }
         }
     }
@@ -198,15 +220,37 @@ fn split_planes(data: &[u8], width: usize, out: &mut Vec<u8>) {
 
 /// Inverse of `split_planes`.
 fn join_planes(planes: &[u8], width: usize) -> Vec<u8> {
-    if width <= 1 || planes.is_empty() {
+    let n = planes.len() / width.max(1);
+    if width <= 1 || n == 0 || n * width != planes.len() {
         return planes.to_vec();
     }
-    let n = planes.len() / width;
-    let mut out = vec![0u8; n * width];
-    for (b, plane) in planes.chunks_exact(n).enumerate() {
-        for (el, &byte) in out.chunks_exact_mut(width).zip(plane) {
-            if let Some(dst) = el.get_mut(b) {
-                *dst = byte;
+    let mut out = vec![0u8; planes.len()];
+    match width {
+        2 => {
+            let (p0, p1) = planes.split_at(n);
+            for ((el, a), b) in out.chunks_exact_mut(2).zip(p0).zip(p1) {
+                el[0] = *a;
+                el[1] = *b;
+            }
+        }
+        4 => {
+            let (p01, p23) = planes.split_at(2 * n);
+            let (p0, p1) = p01.split_at(n);
+            let (p2, p3) = p23.split_at(n);
+            for ((((el, a), b), c), d) in out.chunks_exact_mut(4).zip(p0).zip(p1).zip(p2).zip(p3) {
+                el[0] = *a;
+                el[1] = *b;
+                el[2] = *c;
+                el[3] = *d;
+            }
+        }
+        _ => {
+            for (b, plane) in planes.chunks_exact(n).enumerate() {
+                for (el, &byte) in out.chunks_exact_mut(width).zip(plane) {
+                    if let Some(dst) = el.get_mut(b) {
+                        *dst = byte;
+                    }
+                }
             }
         }
     }
@@ -876,12 +920,19 @@ mod tests {
 
     #[test]
     fn planes_round_trip() {
-        let data: Vec<u8> = (0..=255u8).cycle().take(4 * 37).collect();
-        for width in [1, 2, 4] {
+        let data: Vec<u8> = (0..=255u8).cycle().take(12 * 37).collect();
+        for width in [1, 2, 3, 4] {
             let mut split = Vec::new();
             split_planes(&data, width, &mut split);
             assert_eq!(join_planes(&split, width), data);
+            for b in 0..width {
+                let n = data.len() / width;
+                assert!((0..n).all(|i| split[b * n + i] == data[i * width + b]));
+            }
         }
+        let mut split = Vec::new();
+        split_planes(&[1, 2, 3], 2, &mut split);
+        assert_eq!(split, vec![1, 2, 3], "not whole elements: copied as is");
         let mut split = Vec::new();
         split_planes(&[1, 2, 3, 4], 2, &mut split);
         assert_eq!(split, vec![1, 3, 2, 4]);

@@ -13,9 +13,9 @@ use crate::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRe
 use crate::placement::engine::WireDtype;
 
 fn le_bytes<T, const N: usize>(v: &[T], f: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * N);
-    for x in v {
-        out.extend_from_slice(&f(x));
+    let mut out = vec![0u8; v.len() * N];
+    for (dst, x) in out.chunks_exact_mut(N).zip(v) {
+        dst.copy_from_slice(&f(x));
     }
     out
 }
@@ -29,12 +29,20 @@ impl WireTensor {
             WireDtype::F32 => le_bytes(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?, |x| {
                 x.to_le_bytes()
             }),
-            WireDtype::F16 => le_bytes(&flat.to_dtype(DType::F16)?.to_vec1::<f16>()?, |x| {
-                x.to_le_bytes()
-            }),
-            WireDtype::Bf16 => le_bytes(&flat.to_dtype(DType::BF16)?.to_vec1::<bf16>()?, |x| {
-                x.to_le_bytes()
-            }),
+            // half's slice conversions use the CPU's f16 instructions where it has them (same
+            // round-to-nearest-even as candle's element-wise cast).
+            WireDtype::F16 => {
+                let v = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let mut h = vec![f16::ZERO; v.len()];
+                h.convert_from_f32_slice(&v);
+                le_bytes(&h, |x| x.to_le_bytes())
+            }
+            WireDtype::Bf16 => {
+                let v = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let mut h = vec![bf16::ZERO; v.len()];
+                h.convert_from_f32_slice(&v);
+                le_bytes(&h, |x| x.to_le_bytes())
+            }
         };
         Ok(WireTensor { dtype, shape, data })
     }
