@@ -39,6 +39,8 @@ pub struct BenchArgs {
 enum BenchTarget {
     /// Time one U-Net forward pass (random weights from a config; CPU, f32).
     Unet(UnetArgs),
+    /// A generation (or tensor transfers) over local QUIC servers behind the link emulator.
+    Link(crate::link_bench::LinkBenchArgs),
 }
 
 #[derive(Args)]
@@ -93,6 +95,7 @@ struct UnetArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.target {
         BenchTarget::Unet(u) => bench_unet(u),
+        BenchTarget::Link(l) => crate::link_bench::run(l),
     }
 }
 

@@ -8,6 +8,7 @@
 //!   prints PPIDM-style traffic tables and the offloaded FLOP share from the config alone.
 
 mod bench;
+mod link_bench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
