@@ -9,7 +9,8 @@
 #   scripts/build-cuda.sh                 # compute capability 90 (H100/H200)
 #   CUDA_COMPUTE_CAP=89 scripts/build-cuda.sh
 #
-# Not run by CI (no GPU there). Status: written, not yet verified on a GPU machine.
+# Not run by CI (no GPU there). Status: builds on the 2-core dev VM (2026-11-21: nvcc 13.0.88
+# from PyPI, compute capability 90); running it on a GPU is not yet verified (no GPU lent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,16 +46,26 @@ for so in "$CUDA_ROOT"/lib64/*.so.[0-9]*; do
     [ -e "$base" ] || ln -sf "$so" "$base"
 done
 
-# A stub libcuda.so so the link step succeeds without a driver.
-if [ ! -e "$CUDA_ROOT/lib64/stubs/libcuda.so" ]; then
+# A stub libcuda.so so the link step succeeds without a driver: it exports every driver symbol
+# (cu*) that the built cudarc references; the real library replaces it at run time.
+make_stub() {
     mkdir -p "$CUDA_ROOT/lib64/stubs"
-    echo 'void cuInit(void){}' | gcc -shared -fPIC -x c - -o "$CUDA_ROOT/lib64/stubs/libcuda.so"
-fi
+    local syms
+    syms=$(nm -u target/release/deps/libcudarc-*.rlib 2>/dev/null | awk '{print $NF}' | grep -E '^cu[A-Z]' | sort -u || true)
+    { echo 'void cuInit(void){}'; for f in $syms; do [ "$f" = cuInit ] || echo "void $f(void){}"; done; } \
+        | gcc -shared -fPIC -x c - -o "$CUDA_ROOT/lib64/stubs/libcuda.so"
+}
+make_stub
 
 export CUDA_PATH="$CUDA_ROOT" PATH="$CUDA_ROOT/bin:$PATH"
 export LIBRARY_PATH="$CUDA_ROOT/lib64:$CUDA_ROOT/lib64/stubs:${LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib64:${LD_LIBRARY_PATH:-}"
 nvcc --version | tail -n 2
-cargo build --release -p veil-server --features cuda
+# The first build may stop at the link (the stub is made before cudarc exists); then the stub
+# is regenerated from cudarc's undefined symbols and the link repeated.
+if ! cargo build --release -p veil-server --features cuda; then
+    make_stub
+    cargo build --release -p veil-server --features cuda
+fi
 echo "built target/release/veil-server with CUDA (compute capability $CUDA_COMPUTE_CAP)"
 echo "run it with: LD_LIBRARY_PATH=$CUDA_ROOT/lib64 target/release/veil-server --device cuda:0 ..."
