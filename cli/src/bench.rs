@@ -399,6 +399,12 @@ impl Engine for Profiled {
             || self.inner.upsample_nearest(x, h, w),
         )
     }
+    fn upsample_rows(&self, x: &Tensor, rows: &[usize], w: usize) -> veil_core::Result<Tensor> {
+        self.time(
+            || "upsample_rows".into(),
+            || self.inner.upsample_rows(x, rows, w),
+        )
+    }
     fn to_tokens(&self, x: &Tensor) -> veil_core::Result<Tensor> {
         self.time(|| "to_tokens".into(), || self.inner.to_tokens(x))
     }

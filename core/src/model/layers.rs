@@ -52,6 +52,23 @@ impl Conv2dSpec {
     }
 }
 
+/// What a per-token layer is part of. Placement tables map roles to parties (strict runs the
+/// feed-forward on the servers' strips and the attention sub-layers on the phone), so the
+/// U-Net states what a layer *is* and never which party runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Role {
+    /// LayerNorms before attention and the q/k/v/out projections.
+    Attention,
+    /// The GEGLU feed-forward and the LayerNorm before it.
+    FeedForward,
+    /// A transformer's proj_in / proj_out.
+    Projection,
+    /// The timestep MLP and the resnets' time_emb_proj.
+    TimeEmbedding,
+    #[default]
+    Other,
+}
+
 /// A linear layer, `name.weight` [out, in] and optionally `name.bias` [out].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearSpec {
@@ -59,6 +76,7 @@ pub struct LinearSpec {
     pub in_features: usize,
     pub out_features: usize,
     pub bias: bool,
+    pub role: Role,
 }
 
 impl LinearSpec {
@@ -68,7 +86,12 @@ impl LinearSpec {
             in_features: i,
             out_features: o,
             bias,
+            role: Role::Other,
         }
+    }
+    pub fn with_role(mut self, role: Role) -> Self {
+        self.role = role;
+        self
     }
     pub fn params(&self) -> Vec<(String, Vec<usize>)> {
         let mut v = vec![(
@@ -114,11 +137,21 @@ pub struct LayerNormSpec {
     pub name: String,
     pub dim: usize,
     pub eps: f64,
+    pub role: Role,
 }
 
 impl LayerNormSpec {
     pub fn new(name: String, dim: usize, eps: f64) -> Self {
-        Self { name, dim, eps }
+        Self {
+            name,
+            dim,
+            eps,
+            role: Role::Other,
+        }
+    }
+    pub fn with_role(mut self, role: Role) -> Self {
+        self.role = role;
+        self
     }
     pub fn params(&self) -> Vec<(String, Vec<usize>)> {
         vec![
@@ -142,4 +175,25 @@ pub enum GeluKind {
 pub enum ShardLayer {
     Conv2d(Conv2dSpec),
     GroupNorm(GroupNormSpec),
+    Linear(LinearSpec),
+    LayerNorm(LayerNormSpec),
+}
+
+impl ShardLayer {
+    pub fn name(&self) -> &str {
+        match self {
+            ShardLayer::Conv2d(c) => &c.name,
+            ShardLayer::GroupNorm(g) => &g.name,
+            ShardLayer::Linear(l) => &l.name,
+            ShardLayer::LayerNorm(l) => &l.name,
+        }
+    }
+    pub fn params(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            ShardLayer::Conv2d(c) => c.params(),
+            ShardLayer::GroupNorm(g) => g.params(),
+            ShardLayer::Linear(l) => l.params(),
+            ShardLayer::LayerNorm(l) => l.params(),
+        }
+    }
 }

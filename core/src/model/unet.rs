@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::model::config::UNetConfig;
 use crate::model::layers::{
-    Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, ShardLayer,
+    Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, Role, ShardLayer,
 };
 use crate::placement::engine::Engine;
-use crate::placement::runtime::Runtime;
+use crate::placement::runtime::{Runtime, Val};
 
 /// diffusers' `ResnetBlock2D`.
 #[derive(Debug, Clone)]
@@ -39,6 +39,7 @@ struct Attention {
 /// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
 #[derive(Debug, Clone)]
 struct TransformerBlock {
+    name: String,
     norm1: LayerNormSpec,
     attn1: Attention,
     norm2: LayerNormSpec,
@@ -111,7 +112,8 @@ fn resnet(
     ResnetBlock {
         norm1: GroupNormSpec::new(format!("{name}.norm1"), groups, cin, eps),
         conv1: Conv2dSpec::new(format!("{name}.conv1"), cin, cout, 3, 1, 1),
-        time_emb_proj: LinearSpec::new(format!("{name}.time_emb_proj"), temb, cout, true),
+        time_emb_proj: LinearSpec::new(format!("{name}.time_emb_proj"), temb, cout, true)
+            .with_role(Role::TimeEmbedding),
         norm2: GroupNormSpec::new(format!("{name}.norm2"), groups, cout, eps),
         conv2: Conv2dSpec::new(format!("{name}.conv2"), cout, cout, 3, 1, 1),
         conv_shortcut: (cin != cout)
@@ -121,11 +123,12 @@ fn resnet(
 }
 
 fn attention(name: String, dim: usize, ctx: usize, heads: usize) -> Attention {
+    let a = Role::Attention;
     Attention {
-        to_q: LinearSpec::new(format!("{name}.to_q"), dim, dim, false),
-        to_k: LinearSpec::new(format!("{name}.to_k"), ctx, dim, false),
-        to_v: LinearSpec::new(format!("{name}.to_v"), ctx, dim, false),
-        to_out: LinearSpec::new(format!("{name}.to_out.0"), dim, dim, true),
+        to_q: LinearSpec::new(format!("{name}.to_q"), dim, dim, false).with_role(a),
+        to_k: LinearSpec::new(format!("{name}.to_k"), ctx, dim, false).with_role(a),
+        to_v: LinearSpec::new(format!("{name}.to_v"), ctx, dim, false).with_role(a),
+        to_out: LinearSpec::new(format!("{name}.to_out.0"), dim, dim, true).with_role(a),
         name,
         heads,
     }
@@ -142,7 +145,9 @@ fn transformer(
 ) -> Transformer2D {
     let proj = |p: &str| {
         if linear {
-            Proj::Linear(LinearSpec::new(format!("{name}.{p}"), ch, ch, true))
+            Proj::Linear(
+                LinearSpec::new(format!("{name}.{p}"), ch, ch, true).with_role(Role::Projection),
+            )
         } else {
             Proj::Conv(Conv2dSpec::new(format!("{name}.{p}"), ch, ch, 1, 1, 0))
         }
@@ -150,14 +155,16 @@ fn transformer(
     let blocks = (0..layers)
         .map(|k| {
             let b = format!("{name}.transformer_blocks.{k}");
+            let (a, f) = (Role::Attention, Role::FeedForward);
             TransformerBlock {
-                norm1: LayerNormSpec::new(format!("{b}.norm1"), ch, 1e-5),
+                norm1: LayerNormSpec::new(format!("{b}.norm1"), ch, 1e-5).with_role(a),
                 attn1: attention(format!("{b}.attn1"), ch, ch, heads),
-                norm2: LayerNormSpec::new(format!("{b}.norm2"), ch, 1e-5),
+                norm2: LayerNormSpec::new(format!("{b}.norm2"), ch, 1e-5).with_role(a),
                 attn2: attention(format!("{b}.attn2"), ch, ctx, heads),
-                norm3: LayerNormSpec::new(format!("{b}.norm3"), ch, 1e-5),
-                ff_in: LinearSpec::new(format!("{b}.ff.net.0.proj"), ch, ch * 8, true),
-                ff_out: LinearSpec::new(format!("{b}.ff.net.2"), ch * 4, ch, true),
+                norm3: LayerNormSpec::new(format!("{b}.norm3"), ch, 1e-5).with_role(f),
+                ff_in: LinearSpec::new(format!("{b}.ff.net.0.proj"), ch, ch * 8, true).with_role(f),
+                ff_out: LinearSpec::new(format!("{b}.ff.net.2"), ch * 4, ch, true).with_role(f),
+                name: b,
             }
         })
         .collect();
@@ -310,8 +317,10 @@ impl UNet {
         Ok(Self {
             config: c.clone(),
             conv_in: Conv2dSpec::new("conv_in".into(), c.in_channels, ch[0], ki, 1, ki / 2),
-            time_linear_1: LinearSpec::new("time_embedding.linear_1".into(), ch[0], temb, true),
-            time_linear_2: LinearSpec::new("time_embedding.linear_2".into(), temb, temb, true),
+            time_linear_1: LinearSpec::new("time_embedding.linear_1".into(), ch[0], temb, true)
+                .with_role(Role::TimeEmbedding),
+            time_linear_2: LinearSpec::new("time_embedding.linear_2".into(), temb, temb, true)
+                .with_role(Role::TimeEmbedding),
             down_blocks,
             mid_block,
             up_blocks,
@@ -375,7 +384,31 @@ impl UNet {
         v
     }
 
-    /// The layers a shard server may be asked to run, by name.
+    /// Every linear layer and LayerNorm (a fixed order).
+    fn token_layers(&self) -> (Vec<&LinearSpec>, Vec<&LayerNormSpec>) {
+        let mut lin = vec![&self.time_linear_1, &self.time_linear_2];
+        let mut ln = Vec::new();
+        lin.extend(self.resnets().map(|r| &r.time_emb_proj));
+        for t in self.transformers() {
+            for p in [&t.proj_in, &t.proj_out] {
+                if let Proj::Linear(l) = p {
+                    lin.push(l);
+                }
+            }
+            for b in &t.blocks {
+                ln.extend([&b.norm1, &b.norm2, &b.norm3]);
+                for a in [&b.attn1, &b.attn2] {
+                    lin.extend([&a.to_q, &a.to_k, &a.to_v, &a.to_out]);
+                }
+                lin.extend([&b.ff_in, &b.ff_out]);
+            }
+        }
+        (lin, ln)
+    }
+
+    /// The layers a shard server may be asked to run, by name: every convolution and
+    /// GroupNorm, and the per-token layers outside attention (feed-forward, projections, time
+    /// embedding). Attention's own layers never run on a server.
     pub fn shard_layers(&self) -> HashMap<String, ShardLayer> {
         let mut m = HashMap::new();
         for c in self.convolutions() {
@@ -383,6 +416,13 @@ impl UNet {
         }
         for g in self.group_norms() {
             m.insert(g.name.clone(), ShardLayer::GroupNorm(g.clone()));
+        }
+        let (lin, ln) = self.token_layers();
+        for l in lin.into_iter().filter(|l| l.role != Role::Attention) {
+            m.insert(l.name.clone(), ShardLayer::Linear(l.clone()));
+        }
+        for l in ln.into_iter().filter(|l| l.role != Role::Attention) {
+            m.insert(l.name.clone(), ShardLayer::LayerNorm(l.clone()));
         }
         m
     }
@@ -438,6 +478,16 @@ impl UNet {
         Ok(())
     }
 
+    /// The (rows, columns) of each level: the input size, halved (rounding up) per downsampler.
+    pub fn pyramid(&self, h: usize, w: usize) -> Vec<(usize, usize)> {
+        let mut v = vec![(h, w)];
+        for _ in 1..self.config.block_out_channels.len() {
+            let (ph, pw) = v[v.len() - 1];
+            v.push((ph.div_ceil(2), pw.div_ceil(2)));
+        }
+        v
+    }
+
     /// One U-Net evaluation: ε (or v) prediction for `sample` [B, C, h, w] at `timestep`, with
     /// text states `context` [B, T, D].
     pub async fn forward<E: Engine>(
@@ -447,11 +497,24 @@ impl UNet {
         timestep: f64,
         context: &E::T,
     ) -> Result<E::T> {
+        let sample = rt.input(sample.clone());
+        let context = rt.input(context.clone());
+        let out = self.forward_values(rt, &sample, timestep, &context).await?;
+        rt.local(&out).await
+    }
+
+    async fn forward_values<E: Engine>(
+        &self,
+        rt: &mut Runtime<'_, E>,
+        sample: &Val<E>,
+        timestep: f64,
+        context: &Val<E>,
+    ) -> Result<Val<E>> {
         let d = rt.dims(sample);
         self.check_input(&d)?;
         rt.note_unet_call();
+        rt.set_pyramid(&self.pyramid(d[2], d[3]))?;
         let c = &self.config;
-        let sample = sample.clone();
         let t = rt.timestep_embedding(
             timestep,
             d[0],
@@ -459,13 +522,13 @@ impl UNet {
             c.flip_sin_to_cos,
             c.freq_shift,
         )?;
-        let emb = rt.linear(&self.time_linear_1, &t)?;
-        let emb = rt.silu(&emb)?;
-        let emb = rt.linear(&self.time_linear_2, &emb)?;
+        let emb = rt.linear(&self.time_linear_1, &t).await?;
+        let emb = rt.silu(&emb).await?;
+        let emb = rt.linear(&self.time_linear_2, &emb).await?;
         // Every resnet applies SiLU to the embedding first: do it once.
-        let emb_act = rt.silu(&emb)?;
+        let emb_act = rt.silu(&emb).await?;
 
-        let mut x = rt.conv2d(&self.conv_in, &sample).await?;
+        let mut x = rt.conv2d(&self.conv_in, sample).await?;
         let mut skips = vec![x.clone()];
         for b in &self.down_blocks {
             for (j, r) in b.resnets.iter().enumerate() {
@@ -492,7 +555,7 @@ impl UNet {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::InvalidArgument("U-Net skip stack exhausted".into()))?;
-                x = rt.cat(&[x, skip], 1)?;
+                x = rt.cat(&[x, skip], 1).await?;
                 x = r.forward(rt, &x, &emb_act).await?;
                 if let Some(a) = b.attentions.get(j) {
                     x = a.forward(rt, &x, context, self.gelu).await?;
@@ -505,12 +568,12 @@ impl UNet {
                     .last()
                     .map(|s| rt.dims(s))
                     .ok_or_else(|| Error::InvalidArgument("U-Net skip stack exhausted".into()))?;
-                x = rt.upsample_nearest(&x, target[2], target[3])?;
+                x = rt.upsample_nearest(&x, target[2], target[3]).await?;
                 x = rt.conv2d(us, &x).await?;
             }
         }
         let x = rt.group_norm(&self.conv_norm_out, &x).await?;
-        let x = rt.silu(&x)?;
+        let x = rt.silu(&x).await?;
         rt.conv2d(&self.conv_out, &x).await
     }
 }
@@ -519,24 +582,24 @@ impl ResnetBlock {
     async fn forward<E: Engine>(
         &self,
         rt: &mut Runtime<'_, E>,
-        x: &E::T,
-        emb_act: &E::T,
-    ) -> Result<E::T> {
+        x: &Val<E>,
+        emb_act: &Val<E>,
+    ) -> Result<Val<E>> {
         let h = rt.group_norm(&self.norm1, x).await?;
-        let h = rt.silu(&h)?;
+        let h = rt.silu(&h).await?;
         let h = rt.conv2d(&self.conv1, &h).await?;
-        let t = rt.linear(&self.time_emb_proj, emb_act)?;
-        let h = rt.add_channel_bias(&h, &t)?;
+        let t = rt.linear(&self.time_emb_proj, emb_act).await?;
+        let h = rt.add_channel_bias(&h, &t).await?;
         let h = rt.group_norm(&self.norm2, &h).await?;
-        let h = rt.silu(&h)?;
+        let h = rt.silu(&h).await?;
         let h = rt.conv2d(&self.conv2, &h).await?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => rt.conv2d(c, x).await?,
             None => x.clone(),
         };
-        let y = rt.add(&shortcut, &h)?;
+        let y = rt.add(&shortcut, &h).await?;
         if self.output_scale_factor != 1.0 {
-            rt.scale(&y, 1.0 / self.output_scale_factor)
+            rt.scale(&y, 1.0 / self.output_scale_factor).await
         } else {
             Ok(y)
         }
@@ -547,14 +610,14 @@ impl Attention {
     async fn forward<E: Engine>(
         &self,
         rt: &mut Runtime<'_, E>,
-        x: &E::T,
-        ctx: &E::T,
-    ) -> Result<E::T> {
-        let q = rt.linear(&self.to_q, x)?;
-        let k = rt.linear(&self.to_k, ctx)?;
-        let v = rt.linear(&self.to_v, ctx)?;
+        x: &Val<E>,
+        ctx: &Val<E>,
+    ) -> Result<Val<E>> {
+        let q = rt.linear(&self.to_q, x).await?;
+        let k = rt.linear(&self.to_k, ctx).await?;
+        let v = rt.linear(&self.to_v, ctx).await?;
         let o = rt.attention(&self.name, &q, &k, &v, self.heads).await?;
-        rt.linear(&self.to_out, &o)
+        rt.linear(&self.to_out, &o).await
     }
 }
 
@@ -562,46 +625,52 @@ impl Transformer2D {
     async fn forward<E: Engine>(
         &self,
         rt: &mut Runtime<'_, E>,
-        x: &E::T,
-        context: &E::T,
+        x: &Val<E>,
+        context: &Val<E>,
         gelu: GeluKind,
-    ) -> Result<E::T> {
+    ) -> Result<Val<E>> {
         let d = rt.dims(x);
         let (h, w) = (d[2], d[3]);
         let n = rt.group_norm(&self.norm, x).await?;
         let mut t = match &self.proj_in {
             Proj::Conv(c) => {
                 let p = rt.conv2d(c, &n).await?;
-                rt.to_tokens(&p)?
+                rt.to_tokens(&p).await?
             }
             Proj::Linear(l) => {
-                let tok = rt.to_tokens(&n)?;
-                rt.linear(l, &tok)?
+                let tok = rt.to_tokens(&n).await?;
+                rt.linear(l, &tok).await?
             }
         };
         for b in &self.blocks {
-            let a = rt.layer_norm(&b.norm1, &t)?;
-            let a = b.attn1.forward(rt, &a, &a).await?;
-            t = rt.add(&a, &t)?;
-            let a = rt.layer_norm(&b.norm2, &t)?;
-            let a = b.attn2.forward(rt, &a, context).await?;
-            t = rt.add(&a, &t)?;
-            let a = rt.layer_norm(&b.norm3, &t)?;
-            let a = rt.linear(&b.ff_in, &a)?;
-            let a = rt.geglu(&a, gelu)?;
-            let a = rt.linear(&b.ff_out, &a)?;
-            t = rt.add(&a, &t)?;
+            if let Some(delta) = rt.reused_attention(&b.name) {
+                t = rt.add(&delta, &t).await?;
+            } else {
+                let before = t.clone();
+                let a = rt.layer_norm(&b.norm1, &t).await?;
+                let a = b.attn1.forward(rt, &a, &a).await?;
+                t = rt.add(&a, &t).await?;
+                let a = rt.layer_norm(&b.norm2, &t).await?;
+                let a = b.attn2.forward(rt, &a, context).await?;
+                t = rt.add(&a, &t).await?;
+                rt.offer_attention(&b.name, &before, &t).await?;
+            }
+            let a = rt.layer_norm(&b.norm3, &t).await?;
+            let a = rt.linear(&b.ff_in, &a).await?;
+            let a = rt.geglu(&a, gelu).await?;
+            let a = rt.linear(&b.ff_out, &a).await?;
+            t = rt.add(&a, &t).await?;
         }
         let y = match &self.proj_out {
             Proj::Conv(c) => {
-                let s = rt.to_spatial(&t, h, w)?;
+                let s = rt.to_spatial(&t, h, w).await?;
                 rt.conv2d(c, &s).await?
             }
             Proj::Linear(l) => {
-                let p = rt.linear(l, &t)?;
-                rt.to_spatial(&p, h, w)?
+                let p = rt.linear(l, &t).await?;
+                rt.to_spatial(&p, h, w).await?
             }
         };
-        rt.add(&y, x)
+        rt.add(&y, x).await
     }
 }

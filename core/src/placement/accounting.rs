@@ -11,15 +11,27 @@ pub enum OpKind {
     Conv,
     Attention,
     GroupNorm,
+    /// Strict: strips gathered to the phone (for the attention sub-layers, or the output).
+    Gather,
+    /// Strict: neighbour rows fetched for a convolution outside a GroupNorm round trip.
+    Halo,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 3] = [OpKind::Conv, OpKind::Attention, OpKind::GroupNorm];
+    pub const ALL: [OpKind; 5] = [
+        OpKind::Conv,
+        OpKind::Attention,
+        OpKind::GroupNorm,
+        OpKind::Gather,
+        OpKind::Halo,
+    ];
     pub fn label(self) -> &'static str {
         match self {
             OpKind::Conv => "Conv",
             OpKind::Attention => "Att",
             OpKind::GroupNorm => "GN",
+            OpKind::Gather => "Gather",
+            OpKind::Halo => "Halo",
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
-use crate::model::layers::ShardLayer;
+use crate::model::layers::{GeluKind, ShardLayer};
 use crate::placement::engine::{Engine, Pad};
 
 /// A session-scoped tensor id chosen by the client.
@@ -46,6 +46,60 @@ pub enum ShardOp<T> {
     Identity { input: Operand<T> },
     /// Forgets a handle.
     Release { handle: HandleId },
+
+    // Strip ops (the `strict` policy): the elementwise and per-token work on resident strips.
+    /// `len` entries of dimension `dim` from `start` (e.g. a strip's boundary rows).
+    Narrow {
+        input: Operand<T>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    },
+    /// Concatenation along `dim` (halo rows around a strip; skip connections on channels).
+    Cat { inputs: Vec<Operand<T>>, dim: usize },
+    /// Normalises with global moments [B, G, 2] and applies the affine parameters.
+    GroupNormApply {
+        layer: String,
+        input: Operand<T>,
+        moments: Operand<T>,
+    },
+    LayerNorm { layer: String, input: Operand<T> },
+    Linear { layer: String, input: Operand<T> },
+    Silu { input: Operand<T> },
+    Geglu { input: Operand<T>, kind: GeluKind },
+    Add { a: Operand<T>, b: Operand<T> },
+    Scale { input: Operand<T>, factor: f64 },
+    /// x [B, C, h, w] + e [B, C].
+    AddChannelBias { input: Operand<T>, bias: Operand<T> },
+    /// Nearest up-sampling of a strip: output rows `dst_first..dst_first + dst_len` of a
+    /// `dst_h`-row map taken from a `src_h`-row map whose rows from `src_first` the input holds
+    /// (the same row choice as a whole-map up-sampling), columns to `dst_w`.
+    UpsampleRows {
+        input: Operand<T>,
+        src_first: usize,
+        src_h: usize,
+        dst_h: usize,
+        dst_first: usize,
+        dst_len: usize,
+        dst_w: usize,
+    },
+    ToTokens { input: Operand<T> },
+    ToSpatial { input: Operand<T>, h: usize, w: usize },
+    /// The sinusoidal embedding of a (public) timestep, [batch, dim].
+    TimestepEmbedding {
+        timestep: f64,
+        batch: usize,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        shift: f64,
+    },
+}
+
+/// Source rows of a nearest up-sampling from `src_h` to `dst_h` rows, as candle computes them
+/// for the whole map (so a strip-wise up-sampling is bit-identical to the whole one).
+pub fn upsample_source_row(dst_row: usize, src_h: usize, dst_h: usize) -> usize {
+    let scale = src_h as f64 / dst_h as f64;
+    ((dst_row as f64 * scale) as usize).min(src_h.saturating_sub(1))
 }
 
 impl<T> ShardOp<T> {
@@ -56,7 +110,20 @@ impl<T> ShardOp<T> {
             | ShardOp::GroupNormStats { input, .. }
             | ShardOp::Identity { input } => vec![input],
             ShardOp::Attention { q, k, v, .. } => vec![q, k, v],
-            ShardOp::Release { .. } => vec![],
+            ShardOp::Release { .. } | ShardOp::TimestepEmbedding { .. } => vec![],
+            ShardOp::Narrow { input, .. }
+            | ShardOp::LayerNorm { input, .. }
+            | ShardOp::Linear { input, .. }
+            | ShardOp::Silu { input }
+            | ShardOp::Geglu { input, .. }
+            | ShardOp::Scale { input, .. }
+            | ShardOp::UpsampleRows { input, .. }
+            | ShardOp::ToTokens { input }
+            | ShardOp::ToSpatial { input, .. } => vec![input],
+            ShardOp::Cat { inputs, .. } => inputs.iter().collect(),
+            ShardOp::GroupNormApply { input, moments, .. } => vec![input, moments],
+            ShardOp::Add { a, b } => vec![a, b],
+            ShardOp::AddChannelBias { input, bias } => vec![input, bias],
         };
         operands
             .into_iter()
@@ -113,7 +180,19 @@ pub struct ShardExecutor<E: Engine> {
     layers: HashMap<String, ShardLayer>,
     handles: Mutex<HashMap<HandleId, E::T>>,
     max_handles: usize,
+    max_handle_bytes: u64,
     attention_chunk: usize,
+}
+
+/// Default cap on the f32 bytes a session may keep under handles.
+pub const DEFAULT_MAX_HANDLE_BYTES: u64 = 8 << 30;
+
+fn held_bytes<E: Engine>(engine: &E, t: &E::T) -> u64 {
+    engine.dims(t).iter().map(|&d| d as u64).product::<u64>() * 4
+}
+
+fn bad(msg: String) -> Error {
+    Error::InvalidArgument(msg)
 }
 
 impl<E: Engine> ShardExecutor<E> {
@@ -123,8 +202,23 @@ impl<E: Engine> ShardExecutor<E> {
             layers,
             handles: Mutex::new(HashMap::new()),
             max_handles: 4096,
+            max_handle_bytes: DEFAULT_MAX_HANDLE_BYTES,
             attention_chunk: 4096,
         }
+    }
+
+    /// Caps the bytes (as f32) a session keeps under handles; a call that would exceed it fails.
+    pub fn with_max_handle_bytes(mut self, bytes: u64) -> Self {
+        self.max_handle_bytes = bytes;
+        self
+    }
+
+    /// Bytes held under handles now.
+    pub fn held_bytes(&self) -> u64 {
+        self.handles
+            .lock()
+            .map(|h| h.values().map(|t| held_bytes(&self.engine, t)).sum())
+            .unwrap_or(0)
     }
 
     fn operand(&self, o: &Operand<E::T>) -> Result<E::T> {
@@ -181,7 +275,183 @@ impl<E: Engine> ShardExecutor<E> {
                 }
                 return Ok(None);
             }
+            ShardOp::Narrow {
+                input,
+                dim,
+                start,
+                len,
+            } => {
+                let x = self.operand(input)?;
+                let d = self.engine.dims(&x);
+                let size = d
+                    .get(*dim)
+                    .ok_or_else(|| bad(format!("narrow on dim {dim} of {d:?}")))?;
+                if start.checked_add(*len).is_none_or(|e| e > *size) || *len == 0 {
+                    return Err(bad(format!("narrow {start}+{len} of dim {dim} of {d:?}")));
+                }
+                self.engine.narrow(&x, *dim, *start, *len)?
+            }
+            ShardOp::Cat { inputs, dim } => {
+                let xs = inputs
+                    .iter()
+                    .map(|o| self.operand(o))
+                    .collect::<Result<Vec<_>>>()?;
+                self.check_cat(&xs, *dim)?;
+                self.engine.cat(&xs, *dim)?
+            }
+            ShardOp::GroupNormApply {
+                layer,
+                input,
+                moments,
+            } => match self.layer(layer)? {
+                ShardLayer::GroupNorm(g) => {
+                    let x = self.operand(input)?;
+                    let m = self.operand(moments)?;
+                    let (xd, md) = (self.engine.dims(&x), self.engine.dims(&m));
+                    if xd.len() != 4 || xd[1] != g.channels || md != [xd[0], g.groups, 2] {
+                        return Err(bad(format!(
+                            "`{layer}` cannot normalise {xd:?} with moments {md:?}"
+                        )));
+                    }
+                    self.engine.group_norm_apply(g, &x, &m)?
+                }
+                _ => return Err(bad(format!("`{layer}` is not a GroupNorm"))),
+            },
+            ShardOp::LayerNorm { layer, input } => match self.layer(layer)? {
+                ShardLayer::LayerNorm(l) => {
+                    let x = self.operand(input)?;
+                    if self.engine.dims(&x).last() != Some(&l.dim) {
+                        return Err(bad(format!("`{layer}` on {:?}", self.engine.dims(&x))));
+                    }
+                    self.engine.layer_norm(l, &x)?
+                }
+                _ => return Err(bad(format!("`{layer}` is not a LayerNorm"))),
+            },
+            ShardOp::Linear { layer, input } => match self.layer(layer)? {
+                ShardLayer::Linear(l) => {
+                    let x = self.operand(input)?;
+                    if self.engine.dims(&x).last() != Some(&l.in_features) {
+                        return Err(bad(format!("`{layer}` on {:?}", self.engine.dims(&x))));
+                    }
+                    self.engine.linear(l, &x)?
+                }
+                _ => return Err(bad(format!("`{layer}` is not a linear layer"))),
+            },
+            ShardOp::Silu { input } => self.engine.silu(&self.operand(input)?)?,
+            ShardOp::Geglu { input, kind } => {
+                let x = self.operand(input)?;
+                if self.engine.dims(&x).last().is_none_or(|l| l % 2 != 0) {
+                    return Err(bad("GEGLU needs an even last dimension".into()));
+                }
+                self.engine.geglu(&x, *kind)?
+            }
+            ShardOp::Add { a, b } => {
+                let (a, b) = (self.operand(a)?, self.operand(b)?);
+                if self.engine.dims(&a) != self.engine.dims(&b) {
+                    return Err(bad(format!(
+                        "add of {:?} and {:?}",
+                        self.engine.dims(&a),
+                        self.engine.dims(&b)
+                    )));
+                }
+                self.engine.add(&a, &b)?
+            }
+            ShardOp::Scale { input, factor } => {
+                self.engine.scale(&self.operand(input)?, *factor)?
+            }
+            ShardOp::AddChannelBias { input, bias } => {
+                let (x, e) = (self.operand(input)?, self.operand(bias)?);
+                let (xd, ed) = (self.engine.dims(&x), self.engine.dims(&e));
+                if xd.len() != 4 || ed != [xd[0], xd[1]] {
+                    return Err(bad(format!("channel bias {ed:?} on {xd:?}")));
+                }
+                self.engine.add_channel_bias(&x, &e)?
+            }
+            ShardOp::UpsampleRows {
+                input,
+                src_first,
+                src_h,
+                dst_h,
+                dst_first,
+                dst_len,
+                dst_w,
+            } => {
+                let x = self.operand(input)?;
+                let d = self.engine.dims(&x);
+                if d.len() != 4
+                    || *dst_len == 0
+                    || *dst_w == 0
+                    || dst_first.checked_add(*dst_len).is_none_or(|e| e > *dst_h)
+                    || *dst_h > (1 << 16)
+                    || *dst_w > (1 << 16)
+                {
+                    return Err(bad(format!("up-sampling {d:?} to rows {dst_first}+{dst_len} of {dst_h}")));
+                }
+                let rows = (*dst_first..dst_first + dst_len)
+                    .map(|r| {
+                        upsample_source_row(r, *src_h, *dst_h)
+                            .checked_sub(*src_first)
+                            .filter(|&i| i < d[2])
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "up-sampled row {r} needs a source row this strip does not hold"
+                                ))
+                            })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.engine.upsample_rows(&x, &rows, *dst_w)?
+            }
+            ShardOp::ToTokens { input } => {
+                let x = self.operand(input)?;
+                if self.engine.dims(&x).len() != 4 {
+                    return Err(bad("to_tokens needs [B, C, H, W]".into()));
+                }
+                self.engine.to_tokens(&x)?
+            }
+            ShardOp::ToSpatial { input, h, w } => {
+                let x = self.operand(input)?;
+                let d = self.engine.dims(&x);
+                if d.len() != 3 || h.checked_mul(*w) != Some(d[1]) {
+                    return Err(bad(format!("to_spatial {h}x{w} of {d:?}")));
+                }
+                self.engine.to_spatial(&x, *h, *w)?
+            }
+            ShardOp::TimestepEmbedding {
+                timestep,
+                batch,
+                dim,
+                flip_sin_to_cos,
+                shift,
+            } => {
+                if *batch == 0 || *batch > 4096 || *dim == 0 || *dim > (1 << 16) {
+                    return Err(bad(format!("timestep embedding {batch}x{dim}")));
+                }
+                self.engine
+                    .timestep_embedding(*timestep, *batch, *dim, *flip_sin_to_cos, *shift)?
+            }
         }))
+    }
+
+    fn check_cat(&self, xs: &[E::T], dim: usize) -> Result<()> {
+        let first = xs
+            .first()
+            .map(|x| self.engine.dims(x))
+            .ok_or_else(|| bad("empty concatenation".into()))?;
+        if dim >= first.len() {
+            return Err(bad(format!("cat on dim {dim} of {first:?}")));
+        }
+        for x in xs {
+            let d = self.engine.dims(x);
+            let same = d.len() == first.len()
+                && d.iter()
+                    .zip(&first)
+                    .enumerate()
+                    .all(|(i, (a, b))| i == dim || a == b);
+            if !same {
+                return Err(bad(format!("cat of {first:?} and {d:?} on dim {dim}")));
+            }
+        }
+        Ok(())
     }
 
     /// Executes a whole request.
@@ -198,6 +468,19 @@ impl<E: Engine> ShardExecutor<E> {
                     return Err(Error::InvalidArgument(format!(
                         "session holds {} tensors, the limit",
                         self.max_handles
+                    )));
+                }
+                let held: u64 = table
+                    .iter()
+                    .filter(|(k, _)| **k != h)
+                    .map(|(_, v)| held_bytes(&self.engine, v))
+                    .sum();
+                let add = held_bytes(&self.engine, t);
+                if held + add > self.max_handle_bytes {
+                    return Err(Error::InvalidArgument(format!(
+                        "session would hold {} bytes under handles, over its limit of {}",
+                        held + add,
+                        self.max_handle_bytes
                     )));
                 }
                 table.insert(h, t.clone());

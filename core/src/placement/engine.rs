@@ -102,6 +102,9 @@ pub trait Engine: Send + Sync {
     fn cat(&self, xs: &[Self::T], dim: usize) -> Result<Self::T>;
     fn narrow(&self, x: &Self::T, dim: usize, start: usize, len: usize) -> Result<Self::T>;
     fn upsample_nearest(&self, x: &Self::T, h: usize, w: usize) -> Result<Self::T>;
+    /// Nearest up-sampling of a strip: output row i is input row `rows[i]`, columns as
+    /// `upsample_nearest` maps them to `w`.
+    fn upsample_rows(&self, x: &Self::T, rows: &[usize], w: usize) -> Result<Self::T>;
     /// [B, C, H, W] → [B, H·W, C].
     fn to_tokens(&self, x: &Self::T) -> Result<Self::T>;
     /// [B, H·W, C] → [B, C, H, W].
@@ -334,6 +337,17 @@ impl Engine for CandleEngine {
         Ok(x.upsample_nearest2d(h, w)?)
     }
 
+    fn upsample_rows(&self, x: &Tensor, rows: &[usize], w: usize) -> Result<Tensor> {
+        let idx: Vec<u32> = rows
+            .iter()
+            .map(|&r| u32::try_from(r))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::InvalidArgument("row index does not fit u32".into()))?;
+        let idx = Tensor::from_vec(idx, rows.len(), x.device())?;
+        let picked = x.index_select(&idx, 2)?;
+        Ok(picked.upsample_nearest2d(rows.len(), w)?)
+    }
+
     fn to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = dims4(x)?;
         Ok(x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
@@ -480,6 +494,9 @@ impl Engine for ShapeEngine {
     }
     fn upsample_nearest(&self, x: &Vec<usize>, h: usize, w: usize) -> Result<Vec<usize>> {
         Ok(vec![x[0], x[1], h, w])
+    }
+    fn upsample_rows(&self, x: &Vec<usize>, rows: &[usize], w: usize) -> Result<Vec<usize>> {
+        Ok(vec![x[0], x[1], rows.len(), w])
     }
     fn to_tokens(&self, x: &Vec<usize>) -> Result<Vec<usize>> {
         Ok(vec![x[0], x[2] * x[3], x[1]])

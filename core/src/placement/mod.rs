@@ -2,14 +2,18 @@
 //! shape-only), shard backends (where server-side work executes) and accounting.
 
 pub mod accounting;
+pub mod audit;
 pub mod backend;
 pub mod engine;
 pub mod plan;
 pub mod policy;
 pub mod runtime;
+pub mod value;
 
 pub use accounting::{Accounting, OpKind};
 pub use backend::{InProcessBackend, ShardBackend, ShardExecutor};
 pub use engine::{CandleEngine, Engine, ShapeEngine, WireDtype};
 pub use policy::{GnVariant, Placement, Policy};
+pub use audit::{Audit, AuditReport, View, ViewKind};
 pub use runtime::Runtime;
+pub use value::{Layout, Value};

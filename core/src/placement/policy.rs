@@ -2,6 +2,7 @@
 //! branches on the policy; the runtime reads this table.
 
 use crate::error::{Error, Result};
+use crate::model::layers::Role;
 
 /// How GroupNorm is split under `ppidm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,6 +33,8 @@ pub enum ConvPlace {
     Device,
     /// PPICnv: output rows split over the backends; each gets its input rows plus halo.
     SplitRows,
+    /// On the servers' resident strips (halo rows relayed by the phone).
+    Strips,
 }
 
 /// Where GroupNorm statistics are computed.
@@ -40,6 +43,18 @@ pub enum GnPlace {
     Device,
     /// PPIGN: row blocks sent to the backends, which return per-group statistics.
     SplitRows(GnVariant),
+    /// On resident strips: servers return partial statistics, the phone merges them and sends
+    /// the global moments back (exact).
+    Strips,
+}
+
+/// Where per-token layers of a role (and the timestep MLP) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerPlace {
+    Device,
+    /// On the servers: each applies the layer to its own strip's tokens (or, for the timestep
+    /// embedding, every server computes the same small vector).
+    Strips,
 }
 
 /// Where the attention core softmax(QKᵀ)V runs.
@@ -56,6 +71,36 @@ pub struct Placement {
     pub conv: ConvPlace,
     pub group_norm: GnPlace,
     pub attention: AttnPlace,
+    /// LayerNorms and q/k/v/out projections of attention.
+    pub attention_layers: LayerPlace,
+    pub feed_forward: LayerPlace,
+    /// Transformers' proj_in / proj_out.
+    pub projection: LayerPlace,
+    pub time_embedding: LayerPlace,
+}
+
+impl Placement {
+    /// Where a layer of `role` runs.
+    pub fn layer(&self, role: Role) -> LayerPlace {
+        match role {
+            Role::Attention => self.attention_layers,
+            Role::FeedForward => self.feed_forward,
+            Role::Projection => self.projection,
+            Role::TimeEmbedding => self.time_embedding,
+            Role::Other => LayerPlace::Device,
+        }
+    }
+
+    /// Whether activations stay resident on the servers between ops.
+    pub fn resident(&self) -> bool {
+        self.conv == ConvPlace::Strips
+    }
+
+    pub fn offloads(&self) -> bool {
+        self.conv != ConvPlace::Device
+            || self.group_norm != GnPlace::Device
+            || self.attention != AttnPlace::Device
+    }
 }
 
 /// The named policies.
@@ -65,6 +110,9 @@ pub enum Policy {
     Local,
     /// PPIDM (Wang et al. 2025), faithfully: convolutions, attention cores and GroupNorms split.
     Ppidm { gn: GnVariant },
+    /// Veil's flagship: each server only ever holds its own spatial strip (plus halo rows);
+    /// the phone runs the attention sub-layers and keeps everything text-derived.
+    Strict,
 }
 
 impl Policy {
@@ -74,11 +122,25 @@ impl Policy {
                 conv: ConvPlace::Device,
                 group_norm: GnPlace::Device,
                 attention: AttnPlace::Device,
+                attention_layers: LayerPlace::Device,
+                feed_forward: LayerPlace::Device,
+                projection: LayerPlace::Device,
+                time_embedding: LayerPlace::Device,
             },
             Policy::Ppidm { gn } => Placement {
                 conv: ConvPlace::SplitRows,
                 group_norm: GnPlace::SplitRows(gn),
                 attention: AttnPlace::SplitQueries,
+                ..Policy::Local.placement()
+            },
+            Policy::Strict => Placement {
+                conv: ConvPlace::Strips,
+                group_norm: GnPlace::Strips,
+                attention: AttnPlace::Device,
+                attention_layers: LayerPlace::Device,
+                feed_forward: LayerPlace::Strips,
+                projection: LayerPlace::Strips,
+                time_embedding: LayerPlace::Strips,
             },
         }
     }
@@ -88,11 +150,12 @@ impl Policy {
         match name {
             "local" => Ok(Policy::Local),
             "ppidm" => Ok(Policy::Ppidm { gn }),
-            "strict" | "obfuscated" => Err(Error::Unsupported(format!(
+            "strict" => Ok(Policy::Strict),
+            "obfuscated" => Err(Error::Unsupported(format!(
                 "policy `{name}` is not implemented yet (planned: see DESIGN.md §3)"
             ))),
             o => Err(Error::InvalidArgument(format!(
-                "unknown policy `{o}` (expected local or ppidm)"
+                "unknown policy `{o}` (expected local, ppidm or strict)"
             ))),
         }
     }
@@ -105,6 +168,16 @@ impl Policy {
         match self {
             Policy::Local => "local",
             Policy::Ppidm { .. } => "ppidm",
+            Policy::Strict => "strict",
+        }
+    }
+
+    /// The halo rows per side a server may receive beyond its strip, where the policy claims
+    /// strip confinement.
+    pub fn halo_bound(self) -> Option<usize> {
+        match self {
+            Policy::Strict => Some(1),
+            _ => None,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::io::Cursor;
 
 use super::{
     Compression, ErrorCode, Limits, Message, WireCall, WireOp, WireOperand, WireTensor,
-    PROTOCOL_VERSION,
+    MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
 };
 use crate::placement::engine::{Pad, WireDtype};
 
@@ -37,6 +37,7 @@ pub mod op {
     pub const ATTENTION: u8 = 3;
     pub const IDENTITY: u8 = 4;
     pub const RELEASE: u8 = 5;
+    pub const APPLY: u8 = 6;
 }
 
 /// Operand tags.
@@ -101,6 +102,8 @@ pub enum WireError {
     TrailingBytes(usize),
     #[error("zstd compression failed: {0}")]
     Compress(String),
+    #[error("malformed call: {0}")]
+    BadCall(String),
 }
 
 type Result<T> = std::result::Result<T, WireError>;
@@ -445,6 +448,39 @@ impl Writer {
                 self.u8(op::RELEASE);
                 self.u64(*handle);
             }
+            WireOp::Apply {
+                kind,
+                layer,
+                operands,
+                ints,
+                floats,
+            } => {
+                if operands.len() > MAX_APPLY_OPERANDS
+                    || ints.len() > MAX_APPLY_INTS
+                    || floats.len() > MAX_APPLY_FLOATS
+                {
+                    return Err(WireError::TooLarge {
+                        what: "apply parameters",
+                        len: to_u64(operands.len() + ints.len() + floats.len()),
+                        limit: to_u64(MAX_APPLY_OPERANDS),
+                    });
+                }
+                self.u8(op::APPLY);
+                self.u8(*kind);
+                self.string(layer, "layer name")?;
+                self.u8(operands.len() as u8);
+                for o in operands {
+                    self.operand(o)?;
+                }
+                self.u8(ints.len() as u8);
+                for v in ints {
+                    self.u64(*v);
+                }
+                self.u8(floats.len() as u8);
+                for v in floats {
+                    self.u64(v.to_bits());
+                }
+            }
         }
         match c.keep_as {
             Some(h) => {
@@ -476,6 +512,7 @@ fn payload_hint(msg: &Message) -> usize {
                     | WireOp::Identity { input } => operand(input),
                     WireOp::Attention { q, k, v, .. } => operand(q) + operand(k) + operand(v),
                     WireOp::Release { .. } => 0,
+                    WireOp::Apply { operands, .. } => operands.iter().map(operand).sum(),
                 }
             })
             .fold(0usize, usize::saturating_add),
@@ -797,6 +834,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn small_count(&mut self, what: &'static str, limit: usize) -> Result<usize> {
+        let n = self.u8()? as usize;
+        if n > limit {
+            return Err(WireError::TooLarge {
+                what,
+                len: n as u64,
+                limit: limit as u64,
+            });
+        }
+        Ok(n)
+    }
+
     fn layer(&mut self) -> Result<String> {
         self.string("layer name", self.limits.max_name_len)
     }
@@ -830,6 +879,27 @@ impl<'a> Reader<'a> {
             op::RELEASE => WireOp::Release {
                 handle: self.u64()?,
             },
+            op::APPLY => {
+                let kind = self.u8()?;
+                let layer = self.string("layer name", self.limits.max_name_len)?;
+                let n = self.small_count("apply operands", MAX_APPLY_OPERANDS)?;
+                let operands = (0..n)
+                    .map(|_| self.operand())
+                    .collect::<Result<Vec<_>>>()?;
+                let n = self.small_count("apply integers", MAX_APPLY_INTS)?;
+                let ints = (0..n).map(|_| self.u64()).collect::<Result<Vec<_>>>()?;
+                let n = self.small_count("apply floats", MAX_APPLY_FLOATS)?;
+                let floats = (0..n)
+                    .map(|_| self.u64().map(f64::from_bits))
+                    .collect::<Result<Vec<_>>>()?;
+                WireOp::Apply {
+                    kind,
+                    layer,
+                    operands,
+                    ints,
+                    floats,
+                }
+            }
             tag => return Err(WireError::UnknownTag { what: "op", tag }),
         };
         let keep_as = if self.bool("keep flag")? {

@@ -10,6 +10,7 @@ use super::codec::{tensor_bytes, WireError};
 use super::{WireCall, WireOp, WireOperand, WireTensor};
 use crate::error::{Error, Result};
 use crate::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
+use crate::model::layers::GeluKind;
 use crate::placement::engine::WireDtype;
 
 fn le_bytes<T, const N: usize>(v: &[T], f: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
@@ -94,6 +95,239 @@ fn operand_from_wire(o: WireOperand, device: &Device) -> Result<Operand<Tensor>>
     })
 }
 
+/// Kind bytes of `WireOp::Apply` (the strip ops).
+pub mod apply_kind {
+    pub const NARROW: u8 = 1;
+    pub const CAT: u8 = 2;
+    pub const GROUP_NORM_APPLY: u8 = 3;
+    pub const LAYER_NORM: u8 = 4;
+    pub const LINEAR: u8 = 5;
+    pub const SILU: u8 = 6;
+    pub const GEGLU: u8 = 7;
+    pub const ADD: u8 = 8;
+    pub const SCALE: u8 = 9;
+    pub const ADD_CHANNEL_BIAS: u8 = 10;
+    pub const UPSAMPLE_ROWS: u8 = 11;
+    pub const TO_TOKENS: u8 = 12;
+    pub const TO_SPATIAL: u8 = 13;
+    pub const TIMESTEP_EMBEDDING: u8 = 14;
+}
+
+type ApplyParts<'a, T> = (u8, String, Vec<&'a Operand<T>>, Vec<u64>, Vec<f64>);
+
+fn u(v: usize) -> u64 {
+    v as u64
+}
+
+/// A strip op as (kind, layer, operands, integers, floats).
+pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
+    use apply_kind as k;
+    let none = String::new;
+    Ok(match op {
+        ShardOp::Narrow {
+            input,
+            dim,
+            start,
+            len,
+        } => (k::NARROW, none(), vec![input], vec![u(*dim), u(*start), u(*len)], vec![]),
+        ShardOp::Cat { inputs, dim } => (k::CAT, none(), inputs.iter().collect(), vec![u(*dim)], vec![]),
+        ShardOp::GroupNormApply {
+            layer,
+            input,
+            moments,
+        } => (k::GROUP_NORM_APPLY, layer.clone(), vec![input, moments], vec![], vec![]),
+        ShardOp::LayerNorm { layer, input } => (k::LAYER_NORM, layer.clone(), vec![input], vec![], vec![]),
+        ShardOp::Linear { layer, input } => (k::LINEAR, layer.clone(), vec![input], vec![], vec![]),
+        ShardOp::Silu { input } => (k::SILU, none(), vec![input], vec![], vec![]),
+        ShardOp::Geglu { input, kind } => (
+            k::GEGLU,
+            none(),
+            vec![input],
+            vec![match kind {
+                GeluKind::Erf => 0,
+                GeluKind::Tanh => 1,
+            }],
+            vec![],
+        ),
+        ShardOp::Add { a, b } => (k::ADD, none(), vec![a, b], vec![], vec![]),
+        ShardOp::Scale { input, factor } => (k::SCALE, none(), vec![input], vec![], vec![*factor]),
+        ShardOp::AddChannelBias { input, bias } => {
+            (k::ADD_CHANNEL_BIAS, none(), vec![input, bias], vec![], vec![])
+        }
+        ShardOp::UpsampleRows {
+            input,
+            src_first,
+            src_h,
+            dst_h,
+            dst_first,
+            dst_len,
+            dst_w,
+        } => (
+            k::UPSAMPLE_ROWS,
+            none(),
+            vec![input],
+            [src_first, src_h, dst_h, dst_first, dst_len, dst_w]
+                .iter()
+                .map(|v| u(**v))
+                .collect(),
+            vec![],
+        ),
+        ShardOp::ToTokens { input } => (k::TO_TOKENS, none(), vec![input], vec![], vec![]),
+        ShardOp::ToSpatial { input, h, w } => (k::TO_SPATIAL, none(), vec![input], vec![u(*h), u(*w)], vec![]),
+        ShardOp::TimestepEmbedding {
+            timestep,
+            batch,
+            dim,
+            flip_sin_to_cos,
+            shift,
+        } => (
+            k::TIMESTEP_EMBEDDING,
+            none(),
+            vec![],
+            vec![u(*batch), u(*dim), u64::from(*flip_sin_to_cos)],
+            vec![*timestep, *shift],
+        ),
+        ShardOp::Conv2d { .. }
+        | ShardOp::GroupNormStats { .. }
+        | ShardOp::Attention { .. }
+        | ShardOp::Identity { .. }
+        | ShardOp::Release { .. } => {
+            return Err(Error::InvalidArgument(
+                "this op has its own wire form, not Apply".into(),
+            ))
+        }
+    })
+}
+
+fn malformed(kind: u8, what: &str) -> Error {
+    Error::Wire(WireError::BadCall(format!("apply kind {kind}: {what}")))
+}
+
+/// The strip op of a decoded `Apply` call (arity and parameter counts checked).
+pub fn apply_from_parts<T>(
+    kind: u8,
+    layer: String,
+    operands: Vec<Operand<T>>,
+    ints: &[u64],
+    floats: &[f64],
+) -> Result<ShardOp<T>> {
+    use apply_kind as k;
+    let (n_ops, n_ints, n_floats) = match kind {
+        k::NARROW => (1, 3, 0),
+        k::CAT => (usize::MAX, 1, 0),
+        k::GROUP_NORM_APPLY | k::ADD | k::ADD_CHANNEL_BIAS => (2, 0, 0),
+        k::LAYER_NORM | k::LINEAR | k::SILU | k::TO_TOKENS => (1, 0, 0),
+        k::GEGLU => (1, 1, 0),
+        k::SCALE => (1, 0, 1),
+        k::UPSAMPLE_ROWS => (1, 6, 0),
+        k::TO_SPATIAL => (1, 2, 0),
+        k::TIMESTEP_EMBEDDING => (0, 3, 2),
+        _ => return Err(malformed(kind, "unknown kind")),
+    };
+    let ops_ok = if n_ops == usize::MAX {
+        !operands.is_empty()
+    } else {
+        operands.len() == n_ops
+    };
+    if !ops_ok || ints.len() != n_ints || floats.len() != n_floats {
+        return Err(malformed(kind, "wrong number of operands or parameters"));
+    }
+    let int = |i: usize| -> Result<usize> {
+        usize::try_from(ints[i]).map_err(|_| malformed(kind, "integer out of range"))
+    };
+    let named = |layer: String| -> Result<String> {
+        if layer.is_empty() {
+            Err(malformed(kind, "missing layer name"))
+        } else {
+            Ok(layer)
+        }
+    };
+    let mut it = operands.into_iter();
+    let mut next = || it.next().ok_or_else(|| malformed(kind, "missing operand"));
+    Ok(match kind {
+        k::NARROW => ShardOp::Narrow {
+            input: next()?,
+            dim: int(0)?,
+            start: int(1)?,
+            len: int(2)?,
+        },
+        k::CAT => {
+            let dim = int(0)?;
+            let mut inputs = Vec::new();
+            while let Ok(o) = next() {
+                inputs.push(o);
+            }
+            ShardOp::Cat { inputs, dim }
+        }
+        k::GROUP_NORM_APPLY => ShardOp::GroupNormApply {
+            layer: named(layer)?,
+            input: next()?,
+            moments: next()?,
+        },
+        k::LAYER_NORM => ShardOp::LayerNorm {
+            layer: named(layer)?,
+            input: next()?,
+        },
+        k::LINEAR => ShardOp::Linear {
+            layer: named(layer)?,
+            input: next()?,
+        },
+        k::SILU => ShardOp::Silu { input: next()? },
+        k::GEGLU => ShardOp::Geglu {
+            input: next()?,
+            kind: match ints[0] {
+                0 => GeluKind::Erf,
+                1 => GeluKind::Tanh,
+                _ => return Err(malformed(kind, "unknown GELU")),
+            },
+        },
+        k::ADD => ShardOp::Add {
+            a: next()?,
+            b: next()?,
+        },
+        k::SCALE => {
+            if !floats[0].is_finite() {
+                return Err(malformed(kind, "non-finite factor"));
+            }
+            ShardOp::Scale {
+                input: next()?,
+                factor: floats[0],
+            }
+        }
+        k::ADD_CHANNEL_BIAS => ShardOp::AddChannelBias {
+            input: next()?,
+            bias: next()?,
+        },
+        k::UPSAMPLE_ROWS => ShardOp::UpsampleRows {
+            input: next()?,
+            src_first: int(0)?,
+            src_h: int(1)?,
+            dst_h: int(2)?,
+            dst_first: int(3)?,
+            dst_len: int(4)?,
+            dst_w: int(5)?,
+        },
+        k::TO_TOKENS => ShardOp::ToTokens { input: next()? },
+        k::TO_SPATIAL => ShardOp::ToSpatial {
+            input: next()?,
+            h: int(0)?,
+            w: int(1)?,
+        },
+        _ => {
+            if !floats.iter().all(|f| f.is_finite()) || ints[2] > 1 {
+                return Err(malformed(kind, "bad timestep parameters"));
+            }
+            ShardOp::TimestepEmbedding {
+                timestep: floats[0],
+                batch: int(0)?,
+                dim: int(1)?,
+                flip_sin_to_cos: ints[2] == 1,
+                shift: floats[1],
+            }
+        }
+    })
+}
+
 /// A request's calls for the wire, inline tensors in `dtype`.
 pub fn request_to_wire(req: &ShardRequest<Tensor>, dtype: WireDtype) -> Result<Vec<WireCall>> {
     req.calls
@@ -121,6 +355,19 @@ pub fn request_to_wire(req: &ShardRequest<Tensor>, dtype: WireDtype) -> Result<V
                     input: operand_to_wire(input, dtype)?,
                 },
                 ShardOp::Release { handle } => WireOp::Release { handle: *handle },
+                other => {
+                    let (kind, layer, operands, ints, floats) = apply_parts(other)?;
+                    WireOp::Apply {
+                        kind,
+                        layer,
+                        operands: operands
+                            .into_iter()
+                            .map(|o| operand_to_wire(o, dtype))
+                            .collect::<Result<_>>()?,
+                        ints,
+                        floats,
+                    }
+                }
             };
             Ok(WireCall {
                 op,
@@ -158,6 +405,19 @@ pub fn calls_from_wire(calls: Vec<WireCall>, device: &Device) -> Result<ShardReq
                     input: operand_from_wire(input, device)?,
                 },
                 WireOp::Release { handle } => ShardOp::Release { handle },
+                WireOp::Apply {
+                    kind,
+                    layer,
+                    operands,
+                    ints,
+                    floats,
+                } => {
+                    let operands = operands
+                        .into_iter()
+                        .map(|o| operand_from_wire(o, device))
+                        .collect::<Result<Vec<_>>>()?;
+                    apply_from_parts(kind, layer, operands, &ints, &floats)?
+                }
             };
             Ok(ShardCall {
                 op,

@@ -23,10 +23,7 @@ pub fn shard_parameters(unet: &UNet) -> Vec<(String, Vec<usize>)> {
     let mut v: Vec<(String, Vec<usize>)> = unet
         .shard_layers()
         .values()
-        .flat_map(|l| match l {
-            ShardLayer::Conv2d(c) => c.params(),
-            ShardLayer::GroupNorm(g) => g.params(),
-        })
+        .flat_map(ShardLayer::params)
         .collect();
     v.sort();
     v.dedup_by(|a, b| a.0 == b.0);

@@ -102,7 +102,21 @@ pub enum WireOp {
     Release {
         handle: u64,
     },
+    /// The strip ops (see `convert::apply_kind`): a kind byte, an optional layer name (empty
+    /// when the op has none), operands, integer and float parameters.
+    Apply {
+        kind: u8,
+        layer: String,
+        operands: Vec<WireOperand>,
+        ints: Vec<u64>,
+        floats: Vec<f64>,
+    },
 }
+
+/// Most operands, integer and float parameters of an `Apply` call.
+pub const MAX_APPLY_OPERANDS: usize = 8;
+pub const MAX_APPLY_INTS: usize = 8;
+pub const MAX_APPLY_FLOATS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireCall {
