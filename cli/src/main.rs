@@ -53,7 +53,8 @@ enum Command {
 
 #[derive(Args)]
 struct PolicyArgs {
-    /// Placement policy: local (everything on the device) or ppidm (the paper's split).
+    /// Placement policy: local (everything on the device), ppidm (the paper's split) or strict
+    /// (each server confined to its own strip; the prompt never leaves the device).
     #[arg(long, default_value = "local")]
     policy: String,
     /// Number of in-process shard backends (see --local-servers / --server-list for QUIC).
@@ -123,6 +124,13 @@ struct GenerateArgs {
     /// Seconds a QUIC shard request may take before the generation fails.
     #[arg(long, default_value_t = 120.0)]
     request_timeout: f64,
+    /// Write the view audit (what every server received, per resolution; docs/AUDIT.md).
+    #[arg(long)]
+    audit: Option<PathBuf>,
+    /// T-GATE-style reducer: from this step on, reuse each transformer block's attention
+    /// output from the step before instead of recomputing it (saves strict's gathers).
+    #[arg(long)]
+    reuse_attention_from: Option<usize>,
 }
 
 #[derive(Args)]
@@ -195,6 +203,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         latents,
         policy,
         wire,
+        attention_reuse_from: a.reuse_attention_from,
     };
     let quic = policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some());
     if !policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some()) {
@@ -322,11 +331,57 @@ fn generate(a: GenerateArgs) -> Result<()> {
         json["wire_bytes_sent"] = sent.into();
         json["wire_bytes_received"] = received.into();
     }
+    let report = generation
+        .audit
+        .report(policy.name(), s.unet_calls, policy.halo_bound());
+    if a.stats.is_some() || a.audit.is_some() {
+        print_audit_summary(&report);
+    }
     if let Some(p) = &a.stats {
         std::fs::write(p, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    if let Some(p) = &a.audit {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     Ok(())
+}
+
+/// One line per server: its strips, the rows it received, and its text-indexed bytes.
+fn print_audit_summary(r: &veil_core::placement::AuditReport) {
+    if r.servers.is_empty() {
+        eprintln!("view audit: no server received anything (policy {})", r.policy);
+        return;
+    }
+    eprintln!(
+        "view audit ({}; halo bound {}):",
+        r.policy,
+        r.halo_bound
+            .map_or("none claimed".to_string(), |h| format!("{h} row")),
+    );
+    for s in &r.servers {
+        let rows: Vec<String> = s
+            .received_rows
+            .iter()
+            .map(|(res, rs)| {
+                let strip = s
+                    .strip
+                    .get(res)
+                    .map_or("-".to_string(), |st| format!("{}..{}", st[0], st[1]));
+                let got: Vec<String> = rs.iter().map(|x| format!("{}..{}", x[0], x[1])).collect();
+                format!("{res}: strip {strip} got {}", got.join(","))
+            })
+            .collect();
+        eprintln!(
+            "  server {}: {:.2} MB in {} tensors, text-indexed {} B; {}",
+            s.server,
+            s.bytes as f64 / 1048576.0,
+            s.tensors,
+            s.text_indexed_bytes,
+            rows.join("; ")
+        );
+    }
 }
 
 fn plan_cmd(a: PlanArgs) -> Result<()> {

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
+use veil_core::model::layers::GeluKind;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use veil_core::placement::engine::{Pad, WireDtype};
 use veil_core::wire::codec::{decode, encode, WireError};
@@ -82,6 +83,29 @@ fn wire_op() -> impl Strategy<Value = WireOp> {
             .prop_map(|(q, k, v, heads)| WireOp::Attention { q, k, v, heads }),
         operand().prop_map(|input| WireOp::Identity { input }),
         any::<u64>().prop_map(|handle| WireOp::Release { handle }),
+        // Any kind byte (the codec does not interpret it). At least one operand: a call with no
+        // operands and no parameters would be 9 bytes, under the decoder's 11-byte floor per call
+        // (no kind takes nothing; see docs/PROTOCOL.md §4.3).
+        (
+            any::<u8>(),
+            layer(),
+            prop::collection::vec(operand(), 1..=8),
+            prop::collection::vec(any::<u64>(), 0..=8),
+            // Any bits but NaN's (NaN != NaN would fail the comparison, not the codec).
+            prop::collection::vec(
+                any::<u64>()
+                    .prop_map(f64::from_bits)
+                    .prop_filter("NaN", |f| !f.is_nan()),
+                0..=4
+            ),
+        )
+            .prop_map(|(kind, layer, operands, ints, floats)| WireOp::Apply {
+                kind,
+                layer,
+                operands,
+                ints,
+                floats,
+            }),
     ]
 }
 
@@ -818,18 +842,25 @@ fn requests_and_replies_convert_both_ways() {
 }
 
 /// The fuzz seeds were written by hand (a Python script following docs/PROTOCOL.md, zstd frames
-/// from the zstd command line, without a content size): the documented layout decodes.
+/// from the zstd command line, without a content size; the `request_apply*` seeds by
+/// `write_apply_fuzz_seeds` below, two of them laid out by hand): the documented layout decodes.
 #[test]
 fn hand_written_fuzz_seeds_decode() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/frame_decoder");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let mut n = 0;
+    let (mut n, mut applies) = (0, 0);
     for e in entries {
         let path = e.unwrap().path();
         let bytes = std::fs::read(&path).unwrap();
         let msg = dec(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Message::Request { calls, .. } = &msg {
+            applies += calls
+                .iter()
+                .filter(|c| matches!(c.op, WireOp::Apply { .. }))
+                .count();
+        }
         assert_eq!(
             encode(&msg, Compression::None)
                 .ok()
@@ -838,5 +869,1204 @@ fn hand_written_fuzz_seeds_decode() {
         );
         n += 1;
     }
-    assert!(n >= 5);
+    assert!(n >= 11, "{n} seeds");
+    assert!(applies >= 10, "{applies} Apply calls in the seeds");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apply: the strip ops on the wire
+// ---------------------------------------------------------------------------------------------
+
+/// An inline tensor compared bit for bit: dims and the f32 bits of its elements.
+type Bits = (Vec<usize>, Vec<u32>);
+
+fn bits(t: &Tensor) -> Bits {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (t.dims().to_vec(), v.iter().map(|x| x.to_bits()).collect())
+}
+
+fn bits_operand(o: &Operand<Tensor>) -> Operand<Bits> {
+    match o {
+        Operand::Inline(t) => Operand::Inline(bits(t)),
+        Operand::Handle(h) => Operand::Handle(*h),
+    }
+}
+
+/// A copy of `op` that compares exactly through `Debug` (f64s print as the shortest string that
+/// reads back as the same bits). Written out per variant, without a wildcard, so that a new op
+/// does not compile here until this file says how it travels.
+fn comparable(op: &ShardOp<Tensor>) -> ShardOp<Bits> {
+    let o = bits_operand;
+    match op {
+        ShardOp::Conv2d { layer, input, pad } => ShardOp::Conv2d {
+            layer: layer.clone(),
+            input: o(input),
+            pad: *pad,
+        },
+        ShardOp::GroupNormStats { layer, input } => ShardOp::GroupNormStats {
+            layer: layer.clone(),
+            input: o(input),
+        },
+        ShardOp::Attention { q, k, v, heads } => ShardOp::Attention {
+            q: o(q),
+            k: o(k),
+            v: o(v),
+            heads: *heads,
+        },
+        ShardOp::Identity { input } => ShardOp::Identity { input: o(input) },
+        ShardOp::Release { handle } => ShardOp::Release { handle: *handle },
+        ShardOp::Narrow {
+            input,
+            dim,
+            start,
+            len,
+        } => ShardOp::Narrow {
+            input: o(input),
+            dim: *dim,
+            start: *start,
+            len: *len,
+        },
+        ShardOp::Cat { inputs, dim } => ShardOp::Cat {
+            inputs: inputs.iter().map(o).collect(),
+            dim: *dim,
+        },
+        ShardOp::GroupNormApply {
+            layer,
+            input,
+            moments,
+        } => ShardOp::GroupNormApply {
+            layer: layer.clone(),
+            input: o(input),
+            moments: o(moments),
+        },
+        ShardOp::LayerNorm { layer, input } => ShardOp::LayerNorm {
+            layer: layer.clone(),
+            input: o(input),
+        },
+        ShardOp::Linear { layer, input } => ShardOp::Linear {
+            layer: layer.clone(),
+            input: o(input),
+        },
+        ShardOp::Silu { input } => ShardOp::Silu { input: o(input) },
+        ShardOp::Geglu { input, kind } => ShardOp::Geglu {
+            input: o(input),
+            kind: *kind,
+        },
+        ShardOp::Add { a, b } => ShardOp::Add { a: o(a), b: o(b) },
+        ShardOp::Scale { input, factor } => ShardOp::Scale {
+            input: o(input),
+            factor: *factor,
+        },
+        ShardOp::AddChannelBias { input, bias } => ShardOp::AddChannelBias {
+            input: o(input),
+            bias: o(bias),
+        },
+        ShardOp::UpsampleRows {
+            input,
+            src_first,
+            src_h,
+            dst_h,
+            dst_first,
+            dst_len,
+            dst_w,
+        } => ShardOp::UpsampleRows {
+            input: o(input),
+            src_first: *src_first,
+            src_h: *src_h,
+            dst_h: *dst_h,
+            dst_first: *dst_first,
+            dst_len: *dst_len,
+            dst_w: *dst_w,
+        },
+        ShardOp::ToTokens { input } => ShardOp::ToTokens { input: o(input) },
+        ShardOp::ToSpatial { input, h, w } => ShardOp::ToSpatial {
+            input: o(input),
+            h: *h,
+            w: *w,
+        },
+        ShardOp::TimestepEmbedding {
+            timestep,
+            batch,
+            dim,
+            flip_sin_to_cos,
+            shift,
+        } => ShardOp::TimestepEmbedding {
+            timestep: *timestep,
+            batch: *batch,
+            dim: *dim,
+            flip_sin_to_cos: *flip_sin_to_cos,
+            shift: *shift,
+        },
+    }
+}
+
+/// A small inline tensor whose first and last elements are awkward f32 values (subnormal, -0,
+/// extremes).
+fn awkward(shape: &[usize], seed: u64) -> Operand<Tensor> {
+    let mut v = field(shape, seed)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let specials = [f32::from_bits(1), -0.0, f32::MAX, f32::MIN_POSITIVE, -1e-30];
+    v[0] = specials[seed as usize % specials.len()];
+    let last = v.len() - 1;
+    v[last] = specials[(seed as usize + 1) % specials.len()];
+    Operand::Inline(Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+}
+
+/// Every strip op, with its kind byte (docs/PROTOCOL.md §4.3), inline and handle operands mixed.
+fn strip_calls() -> Vec<(u8, ShardCall<Tensor>)> {
+    let h = Operand::Handle;
+    let ops = vec![
+        (
+            1,
+            ShardOp::Narrow {
+                input: awkward(&[1, 2, 4, 3], 10),
+                dim: 2,
+                start: 1,
+                len: 2,
+            },
+        ),
+        (
+            1,
+            ShardOp::Narrow {
+                input: h(7),
+                dim: 3,
+                start: usize::MAX,
+                len: 1 << 40,
+            },
+        ),
+        (
+            2,
+            ShardOp::Cat {
+                inputs: vec![h(1)],
+                dim: 0,
+            },
+        ),
+        (
+            2,
+            ShardOp::Cat {
+                inputs: (0..8u64)
+                    .map(|i| {
+                        if i % 3 == 1 {
+                            awkward(&[1, 2, 1, 3], i)
+                        } else {
+                            h(100 + i)
+                        }
+                    })
+                    .collect(),
+                dim: 2,
+            },
+        ),
+        (
+            3,
+            ShardOp::GroupNormApply {
+                layer: "down_blocks.0.resnets.0.norm1".into(),
+                input: awkward(&[1, 4, 2, 3], 11),
+                moments: awkward(&[1, 2, 2], 12),
+            },
+        ),
+        (
+            4,
+            ShardOp::LayerNorm {
+                layer: "down_blocks.1.attentions.0.transformer_blocks.0.norm1".into(),
+                input: h(u64::MAX),
+            },
+        ),
+        (
+            5,
+            ShardOp::Linear {
+                layer: "mid_block.attentions.0.transformer_blocks.0.attn1.to_q".into(),
+                input: awkward(&[1, 6, 4], 13),
+            },
+        ),
+        (
+            6,
+            ShardOp::Silu {
+                input: awkward(&[2, 3], 14),
+            },
+        ),
+        (
+            7,
+            ShardOp::Geglu {
+                input: awkward(&[1, 2, 8], 15),
+                kind: GeluKind::Erf,
+            },
+        ),
+        (
+            7,
+            ShardOp::Geglu {
+                input: h(0),
+                kind: GeluKind::Tanh,
+            },
+        ),
+        (
+            8,
+            ShardOp::Add {
+                a: awkward(&[1, 2, 2, 2], 16),
+                b: h(3),
+            },
+        ),
+        (
+            9,
+            ShardOp::Scale {
+                input: h(4),
+                factor: 0.1,
+            },
+        ),
+        (
+            9,
+            ShardOp::Scale {
+                input: awkward(&[3], 17),
+                factor: -0.0,
+            },
+        ),
+        (
+            9,
+            ShardOp::Scale {
+                input: h(4),
+                factor: f64::MIN_POSITIVE / 3.0, // subnormal
+            },
+        ),
+        (
+            10,
+            ShardOp::AddChannelBias {
+                input: h(5),
+                bias: awkward(&[1, 4], 18),
+            },
+        ),
+        (
+            11,
+            ShardOp::UpsampleRows {
+                input: awkward(&[1, 1, 2, 2], 19),
+                src_first: 3,
+                src_h: 8,
+                dst_h: 16,
+                dst_first: 6,
+                dst_len: 4,
+                dst_w: 1 << 33,
+            },
+        ),
+        (
+            12,
+            ShardOp::ToTokens {
+                input: awkward(&[1, 2, 2, 3], 20),
+            },
+        ),
+        (
+            13,
+            ShardOp::ToSpatial {
+                input: h(6),
+                h: 2,
+                w: 3,
+            },
+        ),
+        (
+            14,
+            ShardOp::TimestepEmbedding {
+                timestep: 999.5,
+                batch: 2,
+                dim: 320,
+                flip_sin_to_cos: true,
+                shift: 1.0,
+            },
+        ),
+        (
+            14,
+            ShardOp::TimestepEmbedding {
+                timestep: 0.1,
+                batch: 1,
+                dim: 8,
+                flip_sin_to_cos: false,
+                shift: -0.0,
+            },
+        ),
+    ];
+    ops.into_iter()
+        .enumerate()
+        .map(|(i, (kind, op))| {
+            let call = ShardCall {
+                op,
+                keep_as: (i % 3 == 0).then_some(1000 + i as u64),
+                reply: i % 2 == 0,
+            };
+            (kind, call)
+        })
+        .collect()
+}
+
+fn wire_round_trip(req: &ShardRequest<Tensor>, c: Compression) -> ShardRequest<Tensor> {
+    let calls = request_to_wire(req, WireDtype::F32).expect("to wire");
+    let msg = Message::Request {
+        calls,
+        reply_dtype: WireDtype::F32,
+        compression: Compression::None,
+    };
+    let bytes = encode(&msg, c).expect("encode");
+    let Message::Request { calls, .. } = dec(&bytes).expect("decode") else {
+        panic!("not a request")
+    };
+    calls_from_wire(calls, &Device::Cpu).expect("from wire")
+}
+
+#[test]
+fn every_strip_op_round_trips_exactly() {
+    let (kinds, calls): (Vec<u8>, Vec<_>) = strip_calls().into_iter().unzip();
+    let mut seen = kinds.clone();
+    seen.dedup();
+    assert_eq!(seen, (1..=14).collect::<Vec<u8>>(), "every kind is covered");
+    let req = ShardRequest { calls };
+
+    // On the wire: one Apply per strip op, with the documented kind byte and the layer name
+    // only where the op has one.
+    let wire = request_to_wire(&req, WireDtype::F32).unwrap();
+    for ((call, kind), orig) in wire.iter().zip(&kinds).zip(&req.calls) {
+        let WireOp::Apply { kind: k, layer, .. } = &call.op else {
+            panic!("{:?} is not an Apply", call.op)
+        };
+        assert_eq!(k, kind);
+        assert_eq!(layer.is_empty(), !matches!(*kind, 3..=5), "{orig:?}");
+    }
+
+    for c in [
+        Compression::None,
+        Compression::Zstd(3),
+        Compression::ZstdByteSplit(3),
+    ] {
+        let back = wire_round_trip(&req, c);
+        assert_eq!(back.calls.len(), req.calls.len());
+        for (a, b) in req.calls.iter().zip(&back.calls) {
+            assert_eq!(
+                format!("{:?}", comparable(&a.op)),
+                format!("{:?}", comparable(&b.op)),
+                "{c:?}"
+            );
+            assert_eq!((a.keep_as, a.reply), (b.keep_as, b.reply));
+        }
+    }
+}
+
+#[test]
+fn strip_ops_mixed_with_the_other_ops_round_trip() {
+    let x = field(&[1, 2, 3, 4], 30);
+    let calls = vec![
+        ShardCall {
+            op: ShardOp::Conv2d {
+                layer: "conv_in".into(),
+                input: Operand::Inline(x.clone()),
+                pad: Pad {
+                    top: 1,
+                    bottom: 1,
+                    left: 1,
+                    right: 1,
+                },
+            },
+            keep_as: Some(1),
+            reply: false,
+        },
+        ShardCall::reply(ShardOp::GroupNormStats {
+            layer: "n".into(),
+            input: Operand::Handle(1),
+        }),
+        ShardCall {
+            op: ShardOp::GroupNormApply {
+                layer: "n".into(),
+                input: Operand::Handle(1),
+                moments: Operand::Inline(field(&[1, 2, 2], 31)),
+            },
+            keep_as: Some(1),
+            reply: false,
+        },
+        ShardCall::reply(ShardOp::Narrow {
+            input: Operand::Handle(1),
+            dim: 2,
+            start: 0,
+            len: 1,
+        }),
+        ShardCall::reply(ShardOp::Identity {
+            input: Operand::Handle(1),
+        }),
+        ShardCall {
+            op: ShardOp::Release { handle: 1 },
+            keep_as: None,
+            reply: false,
+        },
+    ];
+    let req = ShardRequest { calls };
+    let wire = request_to_wire(&req, WireDtype::F32).unwrap();
+    assert!(matches!(wire[0].op, WireOp::Conv2d { .. }));
+    assert!(matches!(wire[1].op, WireOp::GroupNormStats { .. }));
+    assert!(matches!(wire[2].op, WireOp::Apply { kind: 3, .. }));
+    assert!(matches!(wire[3].op, WireOp::Apply { kind: 1, .. }));
+    assert!(matches!(wire[4].op, WireOp::Identity { .. }));
+    assert!(matches!(wire[5].op, WireOp::Release { handle: 1 }));
+    let back = wire_round_trip(&req, Compression::Zstd(1));
+    for (a, b) in req.calls.iter().zip(&back.calls) {
+        assert_eq!(
+            format!("{:?}", comparable(&a.op)),
+            format!("{:?}", comparable(&b.op))
+        );
+        assert_eq!((a.keep_as, a.reply), (b.keep_as, b.reply));
+    }
+}
+
+#[test]
+fn half_precision_strip_operands_round_trip_within_tolerance() {
+    let x = field(&[1, 4, 3, 5], 40);
+    let req = ShardRequest {
+        calls: vec![ShardCall::reply(ShardOp::Add {
+            a: Operand::Inline(x.clone()),
+            b: Operand::Handle(2),
+        })],
+    };
+    let calls = request_to_wire(&req, WireDtype::F16).unwrap();
+    let WireOp::Apply { operands, .. } = &calls[0].op else {
+        panic!("not an Apply")
+    };
+    assert!(matches!(&operands[0], WireOperand::Inline(t) if t.dtype == WireDtype::F16));
+    let msg = Message::Request {
+        calls,
+        reply_dtype: WireDtype::F16,
+        compression: Compression::ZstdByteSplit(3),
+    };
+    let bytes = encode(&msg, Compression::ZstdByteSplit(3)).unwrap();
+    let Message::Request { calls, .. } = dec(&bytes).unwrap() else {
+        panic!("not a request")
+    };
+    let back = calls_from_wire(calls, &Device::Cpu).unwrap();
+    let ShardOp::Add {
+        a: Operand::Inline(a),
+        b: Operand::Handle(2),
+    } = &back.calls[0].op
+    else {
+        panic!("{:?}", back.calls[0].op)
+    };
+    assert!(max_rel_err(&x, a) <= 1e-3);
+}
+
+/// The layout of docs/PROTOCOL.md §4.3, written out by hand: a Request (reply f32, no
+/// compression) of one Apply call, handle operands only, with the three counts given separately
+/// so that they can lie. Returns the message and the offset of the operand count byte.
+fn raw_apply(
+    kind: u8,
+    layer: &str,
+    (n_ops, handles): (u8, &[u64]),
+    (n_ints, ints): (u8, &[u64]),
+    (n_floats, floats): (u8, &[f64]),
+) -> (Vec<u8>, usize) {
+    let mut b = header(3);
+    b.push(0); // reply dtype f32
+    b.push(0); // reply compression none
+    b.extend_from_slice(&0i32.to_le_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes()); // one call
+    b.push(6); // op tag Apply
+    b.push(kind);
+    b.extend_from_slice(&(layer.len() as u16).to_le_bytes());
+    b.extend_from_slice(layer.as_bytes());
+    let at = b.len();
+    b.push(n_ops);
+    for h in handles {
+        b.push(1); // handle operand
+        b.extend_from_slice(&h.to_le_bytes());
+    }
+    b.push(n_ints);
+    for v in ints {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.push(n_floats);
+    for v in floats {
+        b.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+    b.push(1); // keep
+    b.extend_from_slice(&9u64.to_le_bytes());
+    b.push(1); // reply
+    (b, at)
+}
+
+fn apply_msg(
+    kind: u8,
+    layer: &str,
+    operands: Vec<WireOperand>,
+    ints: Vec<u64>,
+    floats: Vec<f64>,
+) -> Message {
+    Message::Request {
+        calls: vec![WireCall {
+            op: WireOp::Apply {
+                kind,
+                layer: layer.into(),
+                operands,
+                ints,
+                floats,
+            },
+            keep_as: Some(9),
+            reply: true,
+        }],
+        reply_dtype: WireDtype::F32,
+        compression: Compression::None,
+    }
+}
+
+#[test]
+fn hand_written_apply_matches_the_encoder() {
+    // UpsampleRows: one operand, six integers, no float; and TimestepEmbedding: floats.
+    let ints = [3, 8, 16, 6, 4, 16];
+    let (b, _) = raw_apply(11, "", (1, &[42]), (6, &ints), (0, &[]));
+    let msg = apply_msg(11, "", vec![WireOperand::Handle(42)], ints.to_vec(), vec![]);
+    assert_eq!(encode(&msg, Compression::None).unwrap(), b);
+    assert_eq!(dec(&b), Ok(msg));
+    let (b, _) = raw_apply(14, "", (0, &[]), (3, &[2, 320, 1]), (2, &[999.5, 1.0]));
+    let msg = apply_msg(14, "", vec![], vec![2, 320, 1], vec![999.5, 1.0]);
+    assert_eq!(encode(&msg, Compression::None).unwrap(), b);
+    assert_eq!(dec(&b), Ok(msg));
+    let (b, _) = raw_apply(3, "norm1", (2, &[1, 2]), (0, &[]), (0, &[]));
+    assert!(dec(&b).is_ok());
+}
+
+#[test]
+fn apply_counts_above_the_limits_are_refused() {
+    let handles: Vec<u64> = (0..9).collect();
+    let ints: Vec<u64> = (0..9).collect();
+    let floats = [0.5; 5];
+    // Nine operands (Cat), nine integers, five floats: every byte present, the count too big.
+    let (b, _) = raw_apply(2, "", (9, &handles), (1, &[0]), (0, &[]));
+    assert_eq!(
+        dec(&b),
+        Err(WireError::TooLarge {
+            what: "apply operands",
+            len: 9,
+            limit: 8
+        })
+    );
+    let (b, _) = raw_apply(11, "", (1, &[0]), (9, &ints), (0, &[]));
+    assert_eq!(
+        dec(&b),
+        Err(WireError::TooLarge {
+            what: "apply integers",
+            len: 9,
+            limit: 8
+        })
+    );
+    let (b, _) = raw_apply(14, "", (0, &[]), (3, &[1, 8, 0]), (5, &floats));
+    assert_eq!(
+        dec(&b),
+        Err(WireError::TooLarge {
+            what: "apply floats",
+            len: 5,
+            limit: 4
+        })
+    );
+    // The same by patching a valid encoding's count byte: refused before anything is read.
+    let msg = apply_msg(
+        8,
+        "",
+        vec![WireOperand::Handle(1), WireOperand::Handle(2)],
+        vec![],
+        vec![],
+    );
+    let good = encode(&msg, Compression::None).unwrap();
+    let (raw, at) = raw_apply(8, "", (2, &[1, 2]), (0, &[]), (0, &[]));
+    assert_eq!(good, raw);
+    for n in [9u8, 200, 255] {
+        let mut b = good.clone();
+        b[at] = n;
+        assert_eq!(
+            dec(&b),
+            Err(WireError::TooLarge {
+                what: "apply operands",
+                len: u64::from(n),
+                limit: 8
+            })
+        );
+    }
+    let at_ints = at + 1 + 2 * 9;
+    let mut b = good.clone();
+    b[at_ints] = 9;
+    assert!(matches!(
+        dec(&b),
+        Err(WireError::TooLarge {
+            what: "apply integers",
+            ..
+        })
+    ));
+    let mut b = good.clone();
+    b[at_ints + 1] = 5;
+    assert!(matches!(
+        dec(&b),
+        Err(WireError::TooLarge {
+            what: "apply floats",
+            ..
+        })
+    ));
+    // At the limits, the counts are fine for the codec.
+    let (b, _) = raw_apply(
+        2,
+        "",
+        (8, &handles[..8]),
+        (8, &ints[..8]),
+        (4, &floats[..4]),
+    );
+    assert!(dec(&b).is_ok());
+    // The encoder refuses what the decoder would.
+    let too_many = apply_msg(
+        2,
+        "",
+        (0..9).map(WireOperand::Handle).collect(),
+        vec![0],
+        vec![],
+    );
+    assert!(matches!(
+        encode(&too_many, Compression::None),
+        Err(WireError::TooLarge { .. })
+    ));
+    let too_many = apply_msg(11, "", vec![WireOperand::Handle(0)], ints.clone(), vec![]);
+    assert!(matches!(
+        encode(&too_many, Compression::None),
+        Err(WireError::TooLarge { .. })
+    ));
+    let too_many = apply_msg(14, "", vec![], vec![1, 8, 0], floats.to_vec());
+    assert!(matches!(
+        encode(&too_many, Compression::None),
+        Err(WireError::TooLarge { .. })
+    ));
+    // A Cat of nine converts, but does not encode.
+    let req = ShardRequest {
+        calls: vec![ShardCall::reply(ShardOp::Cat {
+            inputs: (0..9).map(Operand::Handle).collect(),
+            dim: 1,
+        })],
+    };
+    let calls = request_to_wire(&req, WireDtype::F32).unwrap();
+    let msg = Message::Request {
+        calls,
+        reply_dtype: WireDtype::F32,
+        compression: Compression::None,
+    };
+    assert!(matches!(
+        encode(&msg, Compression::None),
+        Err(WireError::TooLarge { .. })
+    ));
+}
+
+/// An Apply request with a bit of everything: a layer name, inline tensors and handles, integers
+/// and floats, and a second call behind it.
+fn sample_apply_request(c: Compression) -> Vec<u8> {
+    let t = |shape: Vec<usize>, dtype: WireDtype| {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        WireTensor {
+            dtype,
+            shape,
+            data: (0..n).map(|i| (i * 13 % 251) as u8).collect(),
+        }
+    };
+    let msg = Message::Request {
+        calls: vec![
+            WireCall {
+                op: WireOp::Apply {
+                    kind: 3,
+                    layer: "up_blocks.1.resnets.2.norm2".into(),
+                    operands: vec![
+                        WireOperand::Inline(t(vec![1, 4, 2, 3], WireDtype::F16)),
+                        WireOperand::Handle(77),
+                    ],
+                    ints: vec![],
+                    floats: vec![],
+                },
+                keep_as: Some(78),
+                reply: false,
+            },
+            WireCall {
+                op: WireOp::Apply {
+                    kind: 11,
+                    layer: String::new(),
+                    operands: vec![WireOperand::Inline(t(vec![1, 2, 2, 2], WireDtype::F32))],
+                    ints: vec![0, 4, 8, 0, 4, 8],
+                    floats: vec![],
+                },
+                keep_as: None,
+                reply: true,
+            },
+            WireCall {
+                op: WireOp::Apply {
+                    kind: 14,
+                    layer: String::new(),
+                    operands: vec![],
+                    ints: vec![2, 32, 1],
+                    floats: vec![981.0, 1.0],
+                },
+                keep_as: Some(79),
+                reply: false,
+            },
+        ],
+        reply_dtype: WireDtype::Bf16,
+        compression: Compression::Zstd(3),
+    };
+    encode(&msg, c).expect("encode")
+}
+
+#[test]
+fn every_prefix_of_an_apply_request_is_truncated() {
+    for c in [
+        Compression::None,
+        Compression::Zstd(3),
+        Compression::ZstdByteSplit(3),
+    ] {
+        let full = sample_apply_request(c);
+        assert!(dec(&full).is_ok());
+        for n in 0..full.len() {
+            assert_eq!(
+                dec(&full[..n]),
+                Err(WireError::Truncated),
+                "prefix {n} of {c:?}"
+            );
+        }
+    }
+    // A lone Apply call: every prefix, including the ones that stop inside a count's items.
+    let (full, _) = raw_apply(14, "", (0, &[]), (3, &[2, 32, 1]), (2, &[981.0, 1.0]));
+    assert!(dec(&full).is_ok());
+    for n in 0..full.len() {
+        assert_eq!(dec(&full[..n]), Err(WireError::Truncated), "prefix {n}");
+    }
+}
+
+/// Decodes `msg` (the codec does not look at kinds or arity) and converts it: the error of
+/// `calls_from_wire`.
+fn convert_error(msg: &Message) -> veil_core::Error {
+    let bytes = encode(msg, Compression::None).expect("encode");
+    let Message::Request { calls, .. } = dec(&bytes).expect("the codec accepts it") else {
+        panic!("not a request")
+    };
+    match calls_from_wire(calls, &Device::Cpu) {
+        Ok(r) => panic!("accepted {:?}", r.calls[0].op),
+        Err(e) => e,
+    }
+}
+
+fn is_bad_call(e: &veil_core::Error) -> bool {
+    matches!(e, veil_core::Error::Wire(WireError::BadCall(_)))
+}
+
+#[test]
+fn unknown_apply_kinds_are_bad_calls() {
+    let h = WireOperand::Handle;
+    for kind in [0u8, 15, 200, 255] {
+        let e = convert_error(&apply_msg(kind, "", vec![h(1)], vec![], vec![]));
+        assert!(is_bad_call(&e), "kind {kind}: {e}");
+        assert!(e.to_string().contains("unknown kind"), "{e}");
+    }
+}
+
+#[test]
+fn wrong_apply_arity_is_a_bad_call() {
+    let h = WireOperand::Handle;
+    let inline = WireOperand::Inline(WireTensor {
+        dtype: WireDtype::F32,
+        shape: vec![2],
+        data: vec![0; 8],
+    });
+    let cases: Vec<(&str, Message)> = vec![
+        ("add of one", apply_msg(8, "", vec![h(1)], vec![], vec![])),
+        (
+            "add of three",
+            apply_msg(8, "", vec![h(1), h(2), h(3)], vec![], vec![]),
+        ),
+        (
+            "add with an int",
+            apply_msg(8, "", vec![h(1), inline.clone()], vec![0], vec![]),
+        ),
+        ("empty cat", apply_msg(2, "", vec![], vec![1], vec![])),
+        (
+            "cat without dim",
+            apply_msg(2, "", vec![h(1), h(2)], vec![], vec![]),
+        ),
+        (
+            "narrow with two ints",
+            apply_msg(1, "", vec![h(1)], vec![0, 1], vec![]),
+        ),
+        (
+            "narrow of nothing",
+            apply_msg(1, "", vec![], vec![0, 1, 1], vec![]),
+        ),
+        (
+            "silu of two",
+            apply_msg(6, "", vec![h(1), h(2)], vec![], vec![]),
+        ),
+        (
+            "silu with a float",
+            apply_msg(6, "", vec![h(1)], vec![], vec![1.0]),
+        ),
+        (
+            "scale without factor",
+            apply_msg(9, "", vec![h(1)], vec![], vec![]),
+        ),
+        (
+            "scale with two",
+            apply_msg(9, "", vec![h(1)], vec![], vec![1.0, 2.0]),
+        ),
+        (
+            "geglu without kind",
+            apply_msg(7, "", vec![h(1)], vec![], vec![]),
+        ),
+        (
+            "group norm apply of one",
+            apply_msg(3, "n", vec![h(1)], vec![], vec![]),
+        ),
+        (
+            "upsample with five",
+            apply_msg(11, "", vec![h(1)], vec![0, 1, 2, 0, 2], vec![]),
+        ),
+        (
+            "to_spatial with one",
+            apply_msg(13, "", vec![h(1)], vec![4], vec![]),
+        ),
+        (
+            "to_tokens with ints",
+            apply_msg(12, "", vec![h(1)], vec![1, 1], vec![]),
+        ),
+        (
+            "timestep with an operand",
+            apply_msg(14, "", vec![h(1)], vec![1, 8, 0], vec![1.0, 0.0]),
+        ),
+        (
+            "timestep with one float",
+            apply_msg(14, "", vec![], vec![1, 8, 0], vec![1.0]),
+        ),
+        (
+            "linear without layer",
+            apply_msg(5, "", vec![h(1)], vec![], vec![]),
+        ),
+        (
+            "layer norm without layer",
+            apply_msg(4, "", vec![inline.clone()], vec![], vec![]),
+        ),
+        (
+            "group norm apply without layer",
+            apply_msg(3, "", vec![h(1), h(2)], vec![], vec![]),
+        ),
+        (
+            "geglu kind 2",
+            apply_msg(7, "", vec![h(1)], vec![2], vec![]),
+        ),
+        (
+            "timestep flip 2",
+            apply_msg(14, "", vec![], vec![1, 8, 2], vec![1.0, 0.0]),
+        ),
+    ];
+    for (what, msg) in &cases {
+        let e = convert_error(msg);
+        assert!(is_bad_call(&e), "{what}: {e}");
+    }
+}
+
+#[test]
+fn non_finite_apply_floats_are_bad_calls() {
+    let h = WireOperand::Handle;
+    for x in [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::from_bits(0x7ff0_0000_0000_0001),
+    ] {
+        let e = convert_error(&apply_msg(9, "", vec![h(1)], vec![], vec![x]));
+        assert!(is_bad_call(&e), "scale {x}: {e}");
+        assert!(e.to_string().contains("non-finite"), "{e}");
+        let e = convert_error(&apply_msg(14, "", vec![], vec![1, 8, 1], vec![x, 0.0]));
+        assert!(is_bad_call(&e), "timestep {x}: {e}");
+        let e = convert_error(&apply_msg(14, "", vec![], vec![1, 8, 1], vec![1.0, x]));
+        assert!(is_bad_call(&e), "shift {x}: {e}");
+    }
+    // Finite extremes are the executor's business, not the wire's.
+    for x in [f64::MAX, -f64::MAX, f64::from_bits(1), -0.0] {
+        let bytes = encode(
+            &apply_msg(9, "", vec![h(1)], vec![], vec![x]),
+            Compression::None,
+        )
+        .unwrap();
+        let Message::Request { calls, .. } = dec(&bytes).unwrap() else {
+            panic!("not a request")
+        };
+        let r = calls_from_wire(calls, &Device::Cpu).unwrap();
+        assert!(
+            matches!(r.calls[0].op, ShardOp::Scale { factor, .. } if factor.to_bits() == x.to_bits())
+        );
+    }
+}
+
+#[test]
+fn a_bad_apply_fails_the_whole_conversion() {
+    // The first call is fine; the conversion of the request still fails as a whole, so a server
+    // runs none of its calls.
+    let msg = Message::Request {
+        calls: vec![
+            WireCall {
+                op: WireOp::Release { handle: 1 },
+                keep_as: None,
+                reply: false,
+            },
+            WireCall {
+                op: WireOp::Apply {
+                    kind: 8,
+                    layer: String::new(),
+                    operands: vec![WireOperand::Handle(1)],
+                    ints: vec![],
+                    floats: vec![],
+                },
+                keep_as: None,
+                reply: true,
+            },
+        ],
+        reply_dtype: WireDtype::F32,
+        compression: Compression::None,
+    };
+    let bytes = encode(&msg, Compression::None).unwrap();
+    let Message::Request { calls, .. } = dec(&bytes).unwrap() else {
+        panic!("not a request")
+    };
+    assert!(calls_from_wire(calls, &Device::Cpu).is_err_and(|e| is_bad_call(&e)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzz seeds with Apply calls
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes laid out by hand from docs/PROTOCOL.md (not through the encoder).
+#[derive(Default)]
+struct Raw(Vec<u8>);
+
+impl Raw {
+    fn u8(mut self, v: u8) -> Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(mut self, v: u16) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn f64(self, v: f64) -> Self {
+        self.u64(v.to_bits())
+    }
+    fn string(self, s: &str) -> Self {
+        let mut r = self.u16(s.len() as u16);
+        r.0.extend_from_slice(s.as_bytes());
+        r
+    }
+    fn handle(self, h: u64) -> Self {
+        self.u8(1).u64(h)
+    }
+    /// An inline, uncompressed tensor (operand tag 0, then §4.4).
+    fn inline(self, dtype: u8, dims: &[u32], data: &[u8]) -> Self {
+        let mut r = self.u8(0).u8(dtype).u8(0).u8(dims.len() as u8);
+        for d in dims {
+            r = r.u32(*d);
+        }
+        let mut r = r.u64(data.len() as u64);
+        r.0.extend_from_slice(data);
+        r
+    }
+    /// Op tag 6, kind, layer.
+    fn apply(self, kind: u8, layer: &str) -> Self {
+        self.u8(6).u8(kind).string(layer)
+    }
+    fn ints(self, v: &[u64]) -> Self {
+        v.iter().fold(self.u8(v.len() as u8), |r, x| r.u64(*x))
+    }
+    fn floats(self, v: &[f64]) -> Self {
+        v.iter().fold(self.u8(v.len() as u8), |r, x| r.f64(*x))
+    }
+    fn keep(self, h: Option<u64>, reply: bool) -> Self {
+        let r = match h {
+            Some(h) => self.u8(1).u64(h),
+            None => self.u8(0),
+        };
+        r.u8(u8::from(reply))
+    }
+}
+
+/// The Apply seeds of fuzz/seeds/frame_decoder: (file name, bytes). The first two are laid out by
+/// hand and checked against the encoder; the other two exercise the compressed tensor paths.
+fn apply_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let f16_data: Vec<u8> = [0x3c00u16, 0xbc00, 0x0001, 0x8000]
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    // A strip step: GroupNormApply (inline f16 strip + handle moments), SiLU, halo Cat,
+    // UpsampleRows, Scale, TimestepEmbedding, Release.
+    let strip = Raw(header(3))
+        .u8(1) // reply dtype f16
+        .u8(2) // reply compression zstd byte-split
+        .u32(3) // zstd level 3 (an i32, same bytes)
+        .u32(7) // calls
+        .apply(3, "down_blocks.0.resnets.0.norm1")
+        .u8(2)
+        .inline(1, &[1, 2, 1, 2], &f16_data)
+        .handle(5)
+        .ints(&[])
+        .floats(&[])
+        .keep(Some(6), false)
+        .apply(6, "")
+        .u8(1)
+        .handle(6)
+        .ints(&[])
+        .floats(&[])
+        .keep(Some(6), false)
+        .apply(2, "")
+        .u8(3)
+        .handle(1)
+        .handle(6)
+        .handle(2)
+        .ints(&[2])
+        .floats(&[])
+        .keep(Some(7), true)
+        .apply(11, "")
+        .u8(1)
+        .handle(7)
+        .ints(&[3, 8, 16, 6, 4, 16])
+        .floats(&[])
+        .keep(None, true)
+        .apply(9, "")
+        .u8(1)
+        .handle(7)
+        .ints(&[])
+        .floats(&[0.18215])
+        .keep(Some(8), false)
+        .apply(14, "")
+        .u8(0)
+        .ints(&[2, 320, 1])
+        .floats(&[981.0, 1.0])
+        .keep(None, true)
+        .u8(5) // Release
+        .u64(6)
+        .keep(None, false)
+        .0;
+    // Every count at its limit: a Cat of eight, eight integers, four floats (unknown to Cat, but
+    // the codec does not look).
+    let mut limits = Raw(header(3)).u8(0).u8(0).u32(0).u32(1).apply(2, "").u8(8);
+    for h in 0..8 {
+        limits = limits.handle(h);
+    }
+    let limits = limits
+        .ints(&[0, 1, 2, 3, 4, 5, 6, 7])
+        .floats(&[0.5, -0.0, f64::MAX, f64::from_bits(1)])
+        .keep(Some(u64::MAX), true)
+        .0;
+    for b in [&strip, &limits] {
+        let msg = dec(b).expect("the hand-written seed decodes");
+        assert_eq!(&encode(&msg, Compression::None).unwrap(), b, "{msg:?}");
+    }
+
+    // Compressed inline operands: a LayerNorm → Linear → GEGLU → Add chain in f32 (zstd) and
+    // the same with f16 (byte-split).
+    let chain = |dtype: WireDtype| {
+        let t = |shape: Vec<usize>, seed: u64| {
+            WireTensor::from_tensor(&field(&shape, seed), dtype).unwrap()
+        };
+        let call = |op, keep_as, reply| WireCall { op, keep_as, reply };
+        Message::Request {
+            calls: vec![
+                call(
+                    WireOp::Apply {
+                        kind: 4,
+                        layer: "mid_block.attentions.0.transformer_blocks.0.norm3".into(),
+                        operands: vec![WireOperand::Inline(t(vec![1, 4, 8], 50))],
+                        ints: vec![],
+                        floats: vec![],
+                    },
+                    Some(1),
+                    false,
+                ),
+                call(
+                    WireOp::Apply {
+                        kind: 5,
+                        layer: "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj".into(),
+                        operands: vec![WireOperand::Handle(1)],
+                        ints: vec![],
+                        floats: vec![],
+                    },
+                    Some(2),
+                    false,
+                ),
+                call(
+                    WireOp::Apply {
+                        kind: 7,
+                        layer: String::new(),
+                        operands: vec![WireOperand::Handle(2)],
+                        ints: vec![0],
+                        floats: vec![],
+                    },
+                    Some(2),
+                    false,
+                ),
+                call(
+                    WireOp::Apply {
+                        kind: 8,
+                        layer: String::new(),
+                        operands: vec![
+                            WireOperand::Handle(2),
+                            WireOperand::Inline(t(vec![1, 4, 8], 51)),
+                        ],
+                        ints: vec![],
+                        floats: vec![],
+                    },
+                    None,
+                    true,
+                ),
+                call(
+                    WireOp::Apply {
+                        kind: 13,
+                        layer: String::new(),
+                        operands: vec![WireOperand::Handle(2)],
+                        ints: vec![2, 2],
+                        floats: vec![],
+                    },
+                    None,
+                    true,
+                ),
+            ],
+            reply_dtype: dtype,
+            compression: Compression::Zstd(3),
+        }
+    };
+    let zstd = encode(&chain(WireDtype::F32), Compression::Zstd(3)).unwrap();
+    let split = encode(&chain(WireDtype::F16), Compression::ZstdByteSplit(3)).unwrap();
+    vec![
+        ("request_apply", strip),
+        ("request_apply_limits", limits),
+        ("request_apply_zstd", zstd),
+        ("request_apply_split", split),
+    ]
+}
+
+#[test]
+fn apply_seeds_follow_the_documented_layout() {
+    for (name, bytes) in apply_seeds() {
+        let Ok(Message::Request { calls, .. }) = dec(&bytes) else {
+            panic!("{name} is not a request")
+        };
+        assert!(calls.iter().any(|c| matches!(c.op, WireOp::Apply { .. })));
+    }
+}
+
+/// Writes the Apply seeds into fuzz/seeds/frame_decoder:
+/// `VEIL_WRITE_FUZZ_SEEDS=1 cargo test -p veil-core --test wire_codec -- --ignored write_apply_fuzz_seeds`.
+#[test]
+#[ignore = "writes files; run with VEIL_WRITE_FUZZ_SEEDS=1"]
+fn write_apply_fuzz_seeds() {
+    if std::env::var_os("VEIL_WRITE_FUZZ_SEEDS").is_none() {
+        eprintln!("VEIL_WRITE_FUZZ_SEEDS is not set: nothing written");
+        return;
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/frame_decoder");
+    for (name, bytes) in apply_seeds() {
+        std::fs::write(format!("{dir}/{name}"), &bytes).unwrap();
+        eprintln!("{name}: {} bytes", bytes.len());
+    }
 }

@@ -16,6 +16,7 @@
 //! max_concurrent_streams = 4
 //! idle_timeout_secs = 60
 //! handshake_timeout_secs = 10
+//! max_session_bytes = 8589934592   # resident strips per session (strict)
 //! ```
 //!
 //! Relative paths in the file are resolved against the file's folder.
@@ -55,6 +56,7 @@ pub struct FileLimits {
     pub max_concurrent_streams: Option<u32>,
     pub idle_timeout_secs: Option<f64>,
     pub handshake_timeout_secs: Option<f64>,
+    pub max_session_bytes: Option<u64>,
 }
 
 impl FileConfig {
@@ -176,11 +178,13 @@ impl Config {
                 Some(s) => secs("handshake_timeout_secs", s)?,
                 None => d.handshake_timeout,
             },
+            max_session_bytes: fl.max_session_bytes.unwrap_or(d.max_session_bytes),
         };
         if limits.max_sessions == 0
             || limits.max_concurrent_streams == 0
             || limits.max_message_bytes == 0
             || limits.max_tensor_bytes == 0
+            || limits.max_session_bytes == 0
         {
             return Err(ServerError::Config("limits must be positive".into()));
         }

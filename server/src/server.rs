@@ -46,6 +46,8 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     /// The Hello must arrive within this after the QUIC handshake.
     pub handshake_timeout: Duration,
+    /// Bytes (as f32) one session may keep resident under tensor handles (strict's strips).
+    pub max_session_bytes: u64,
 }
 
 impl Default for ServerLimits {
@@ -58,6 +60,7 @@ impl Default for ServerLimits {
             max_concurrent_streams: 4,
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
+            max_session_bytes: veil_core::placement::backend::DEFAULT_MAX_HANDLE_BYTES,
         }
     }
 }
@@ -391,7 +394,11 @@ async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
         return;
     };
     tracing::info!(%remote, "session opened");
-    let executor = Arc::new(ctx.model.executor());
+    let executor = Arc::new(
+        ctx.model
+            .executor()
+            .with_max_handle_bytes(ctx.limits.max_session_bytes),
+    );
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {

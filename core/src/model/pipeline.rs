@@ -19,6 +19,7 @@ use crate::model::scheduler::{new_scheduler, SchedulerConfig, SchedulerKind};
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 use crate::model::weights::WeightFile;
+use crate::placement::audit::Audit;
 use crate::placement::accounting::Accounting;
 use crate::placement::backend::{InProcessBackend, ShardBackend};
 use crate::placement::engine::{CandleEngine, WireDtype};
@@ -150,7 +151,8 @@ impl StableDiffusion {
             cond
         };
         let placement = opts.policy.placement();
-        let mut rt = Runtime::new(&self.unet_engine, placement, backends, opts.wire)?;
+        let mut rt = Runtime::new(&self.unet_engine, placement, backends, opts.wire)?
+            .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64));
         let mut acct = Accounting::new(backends.len());
         let total = scheduler.timesteps().len();
         let timesteps = scheduler.timesteps().to_vec();
@@ -183,6 +185,7 @@ impl StableDiffusion {
             image,
             latents,
             accounting: acct,
+            audit: rt.take_audit(),
             stats,
         })
     }
@@ -241,6 +244,9 @@ pub struct GenerateOptions {
     pub latents: Option<Tensor>,
     pub policy: Policy,
     pub wire: WireDtype,
+    /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
+    /// output of the step before instead of recomputing it (None: always recompute).
+    pub attention_reuse_from: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -257,6 +263,7 @@ impl Default for GenerateOptions {
             latents: None,
             policy: Policy::Local,
             wire: WireDtype::F32,
+            attention_reuse_from: None,
         }
     }
 }
@@ -314,6 +321,8 @@ pub struct Generation {
     /// Final latents [1, 4, h, w].
     pub latents: Tensor,
     pub accounting: Accounting,
+    /// Every tensor each server received (empty for `local`).
+    pub audit: Audit,
     pub stats: RunStats,
 }
 

@@ -187,6 +187,7 @@ pub struct QuicBackend {
     endpoint: Endpoint,
     options: ClientOptions,
     traffic: Traffic,
+    tap: std::sync::Mutex<Option<Vec<u8>>>,
     server_model: ModelId,
 }
 
@@ -264,7 +265,25 @@ impl QuicBackend {
             options: options.clone(),
             traffic: Traffic::default(),
             server_model,
+            tap: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Starts keeping a copy of every request message's encoded bytes (for audits: what this
+    /// server was actually sent).
+    pub fn start_tap(&self) {
+        if let Ok(mut t) = self.tap.lock() {
+            *t = Some(Vec::new());
+        }
+    }
+
+    /// The bytes recorded since `start_tap` (empty if it was not started).
+    pub fn take_tap(&self) -> Vec<u8> {
+        self.tap
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
+            .unwrap_or_default()
     }
 
     /// The strip index of this server.
@@ -364,6 +383,11 @@ impl QuicBackend {
             compression: self.options.compression,
         };
         let bytes = encode(&msg, self.options.compression)?;
+        if let Ok(mut t) = self.tap.lock() {
+            if let Some(t) = t.as_mut() {
+                t.extend_from_slice(&bytes);
+            }
+        }
         self.traffic.requests.fetch_add(1, Ordering::Relaxed);
         let outputs = match self.exchange(&bytes).await? {
             Message::Reply { outputs } => outputs,
