@@ -119,10 +119,15 @@ async fn f16_wire_costs_half_the_bytes_and_little_fidelity() {
 #[tokio::test]
 async fn plan_equals_measured_traffic() {
     let sd = StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("load");
-    for (n, wire) in [(3, WireDtype::F32), (4, WireDtype::F16)] {
-        let policy = Policy::Ppidm {
-            gn: GnVariant::Exact,
-        };
+    let ppidm = Policy::Ppidm {
+        gn: GnVariant::Exact,
+    };
+    for (n, wire, policy) in [
+        (3, WireDtype::F32, ppidm),
+        (4, WireDtype::F16, ppidm),
+        (3, WireDtype::F32, Policy::Strict),
+        (8, WireDtype::F16, Policy::Strict),
+    ] {
         let mut o = opts(policy);
         o.steps = 2;
         o.wire = wire;
@@ -156,6 +161,11 @@ async fn plan_equals_measured_traffic() {
         }
         let p = plan(&sd.unet, &input).expect("plan");
         assert_eq!(p.bytes_up_per_step, step.bytes_up());
+        println!(
+            "{} N = {n} {wire}: plan = measured ({} B up per step)",
+            policy.name(),
+            step.bytes_up()
+        );
     }
 }
 

@@ -251,3 +251,112 @@ async fn strict_over_quic_matches_local_and_never_sends_the_prompt() {
     }
     q.cluster.shutdown().await;
 }
+
+/// The traffic reducers, each measured against `local` (PSNR) and against plain strict f32
+/// (bytes): f16 on the wire, byte-split zstd over QUIC (lossless), and T-GATE-style reuse of
+/// attention outputs over late steps (which removes the per-block gather and scatter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reducers_are_measured() {
+    let q = Quic::start(4);
+    let sd = &q.sd;
+    let steps = 20;
+    let with = |policy: Policy, wire: WireDtype, gate: Option<usize>| GenerateOptions {
+        steps,
+        wire,
+        attention_reuse_from: gate,
+        ..opts(policy)
+    };
+    let local = run(sd, &with(Policy::Local, WireDtype::F32, None), &[]).await;
+    let b4 = sd.in_process_backends(4);
+    let base = run(sd, &with(Policy::Strict, WireDtype::F32, None), &b4).await;
+    let row = |name: &str, g: &Generation, vs: &Generation| {
+        println!(
+            "| {name} | {:.1} dB | {} | {} | {:.1}% |",
+            psnr(&g.image, &vs.image),
+            g.stats.bytes_up / steps as u64,
+            g.stats.bytes_down / steps as u64,
+            100.0 * (1.0 - (g.stats.bytes_up + g.stats.bytes_down) as f64
+                / (base.stats.bytes_up + base.stats.bytes_down) as f64)
+        );
+    };
+    let db = |a: &Tensor, b: &Generation| psnr(a, &b.image);
+    println!("| reducer (strict, N = 4, 128 px, {steps} DDIM steps) | PSNR vs local | up B/step | down B/step | bytes saved |");
+    row("none (f32)", &base, &local);
+    assert!(db(&base.image, &local) >= 60.0);
+
+    let f16 = run(sd, &with(Policy::Strict, WireDtype::F16, None), &b4).await;
+    row("f16 wire", &f16, &local);
+    assert_eq!(f16.stats.bytes_up * 2, base.stats.bytes_up);
+    assert!(db(&f16.image, &local) > 30.0);
+
+    for gate in [steps / 2, 3 * steps / 4] {
+        let g = run(sd, &with(Policy::Strict, WireDtype::F32, Some(gate)), &b4).await;
+        row(&format!("attention reuse from step {gate}"), &g, &local);
+        assert!(g.stats.bytes_up < base.stats.bytes_up);
+        assert!(g.stats.round_trips < base.stats.round_trips);
+        // The reducer is a model change, not a split error: strict with it equals local with it.
+        let lg = run(sd, &with(Policy::Local, WireDtype::F32, Some(gate)), &[]).await;
+        let exact = db(&g.image, &lg);
+        println!("  strict vs local, both reusing from step {gate}: {exact:.1} dB");
+        assert!(exact >= 60.0);
+    }
+
+    // zstd: lossless, measured on the QUIC stream bytes.
+    let mut sent = Vec::new();
+    for compression in [Compression::None, Compression::ZstdByteSplit(3)] {
+        for wire in [WireDtype::F32, WireDtype::F16] {
+            let options = ClientOptions {
+                wire,
+                compression,
+                request_timeout: Duration::from_secs(60),
+                ..ClientOptions::default()
+            };
+            let id = model_identity(&sd.unet, sd.unet_engine.weights());
+            let b = connect_backends(&q.cluster.specs, id, &options)
+                .await
+                .expect("connect");
+            let g = run(sd, &with(Policy::Strict, wire, None), &dyns(&b)).await;
+            let bytes: u64 = b
+                .iter()
+                .map(|x| {
+                    x.traffic().bytes_sent.load(std::sync::atomic::Ordering::Relaxed)
+                        + x.traffic()
+                            .bytes_received
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .sum();
+            println!(
+                "| {wire} {compression:?} over QUIC | {:.1} dB | stream bytes both ways per step: {} |",
+                db(&g.image, &local),
+                bytes / steps as u64
+            );
+            sent.push((compression, wire, bytes, g.latents.clone()));
+            for x in &b {
+                x.close().await;
+            }
+        }
+    }
+    for wire in [WireDtype::F32, WireDtype::F16] {
+        let plain = sent
+            .iter()
+            .find(|s| s.0 == Compression::None && s.1 == wire)
+            .expect("plain");
+        let z = sent
+            .iter()
+            .find(|s| s.0 != Compression::None && s.1 == wire)
+            .expect("zstd");
+        let d = (&plain.3 - &z.3)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        assert_eq!(d, 0.0, "zstd is lossless");
+        assert!(z.2 < plain.2, "{wire}: zstd saves bytes");
+        println!(
+            "zstd byte-split saves {:.1}% of the {wire} stream bytes",
+            100.0 * (1.0 - z.2 as f64 / plain.2 as f64)
+        );
+    }
+    q.cluster.shutdown().await;
+}
