@@ -156,6 +156,9 @@ struct PlanArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Account a late step of the attention-reuse reducer (no gathers for attention).
+    #[arg(long)]
+    reuse_attention: bool,
 }
 
 fn main() -> Result<()> {
@@ -351,7 +354,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
 /// One line per server: its strips, the rows it received, and its text-indexed bytes.
 fn print_audit_summary(r: &veil_core::placement::AuditReport) {
     if r.servers.is_empty() {
-        eprintln!("view audit: no server received anything (policy {})", r.policy);
+        eprintln!(
+            "view audit: no server received anything (policy {})",
+            r.policy
+        );
         return;
     }
     eprintln!(
@@ -410,6 +416,7 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
             servers: a.placement.servers,
             policy,
             wire,
+            reuse_attention: a.reuse_attention,
         },
     )?;
     if a.json {

@@ -1424,6 +1424,50 @@ fn hand_written_apply_matches_the_encoder() {
     assert!(dec(&b).is_ok());
 }
 
+/// The Apply example of docs/PROTOCOL.md §4.5, byte for byte.
+#[test]
+fn protocol_doc_apply_example() {
+    let doc: &[u8] = &[
+        0x56, 0x45, 0x49, 0x4C, 0x01, 0x00, 0x03, // "VEIL", version 1, Request
+        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, // reply f16, no compression, level 0
+        0x01, 0x00, 0x00, 0x00, // 1 call
+        0x06, 0x09, 0x00, 0x00, // Apply, kind 9 (Scale), layer ""
+        0x01, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // 1 operand: handle 7
+        0x00, // 0 integers
+        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xE0, 0x3F, // 1 float: 0.5
+        0x00, 0x01, // keep 0, reply 1
+    ];
+    assert_eq!(doc.len(), 43);
+    let msg = Message::Request {
+        calls: vec![WireCall {
+            op: WireOp::Apply {
+                kind: 9,
+                layer: String::new(),
+                operands: vec![WireOperand::Handle(7)],
+                ints: vec![],
+                floats: vec![0.5],
+            },
+            keep_as: None,
+            reply: true,
+        }],
+        reply_dtype: WireDtype::F16,
+        compression: Compression::None,
+    };
+    assert_eq!(dec(doc), Ok(msg.clone()));
+    assert_eq!(encode(&msg, Compression::None).unwrap(), doc);
+    let Message::Request { calls, .. } = msg else {
+        unreachable!()
+    };
+    let r = calls_from_wire(calls, &Device::Cpu).unwrap();
+    assert!(matches!(
+        r.calls[0].op,
+        ShardOp::Scale {
+            input: Operand::Handle(7),
+            factor
+        } if factor == 0.5
+    ));
+}
+
 #[test]
 fn apply_counts_above_the_limits_are_refused() {
     let handles: Vec<u64> = (0..9).collect();

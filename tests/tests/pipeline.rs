@@ -141,6 +141,7 @@ async fn plan_equals_measured_traffic() {
             servers: n,
             policy,
             wire,
+            reuse_attention: false,
         };
         let step = account_step(&sd.unet, &input).expect("plan");
         assert_eq!(run.stats.bytes_up, 2 * step.bytes_up(), "bytes up");
@@ -190,6 +191,7 @@ fn sd15_plan_matches_ppidm_groupnorm_table() {
                 gn: GnVariant::Exact,
             },
             wire: WireDtype::F32,
+            reuse_attention: false,
         },
     )
     .expect("plan");

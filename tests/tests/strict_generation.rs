@@ -187,7 +187,12 @@ fn secrets(sd: &StableDiffusion) -> Vec<(&'static str, Vec<u8>)> {
     names.sort();
     let w = &sd.unet_engine.weights()[names[0]];
     let (o, i) = w.dims2().expect("w");
-    let spec = LinearSpec::new(names[0].trim_end_matches(".weight").to_string(), i, o, false);
+    let spec = LinearSpec::new(
+        names[0].trim_end_matches(".weight").to_string(),
+        i,
+        o,
+        false,
+    );
     let k = sd.unet_engine.linear(&spec, &ctx).expect("k");
     for tok in [1usize, 2] {
         let row = k.get(1).and_then(|c| c.get(tok)).expect("k row");
@@ -215,10 +220,16 @@ async fn strict_over_quic_matches_local_and_never_sends_the_prompt() {
             .and_then(|d| d.max(0))
             .and_then(|d| d.to_scalar::<f32>())
             .expect("diff");
-        assert_eq!(same, 0.0, "N = {n}: QUIC differs from the in-process strict run");
+        assert_eq!(
+            same, 0.0,
+            "N = {n}: QUIC differs from the in-process strict run"
+        );
         for (i, b) in backends.iter().enumerate() {
             let sent = b.take_tap();
-            assert!(sent.len() as u64 >= out.audit.bytes(i), "tap holds every request");
+            assert!(
+                sent.len() as u64 >= out.audit.bytes(i),
+                "tap holds every request"
+            );
             for (what, pattern) in &secrets {
                 assert!(
                     !contains(&sent, pattern),
@@ -275,8 +286,10 @@ async fn reducers_are_measured() {
             psnr(&g.image, &vs.image),
             g.stats.bytes_up / steps as u64,
             g.stats.bytes_down / steps as u64,
-            100.0 * (1.0 - (g.stats.bytes_up + g.stats.bytes_down) as f64
-                / (base.stats.bytes_up + base.stats.bytes_down) as f64)
+            100.0
+                * (1.0
+                    - (g.stats.bytes_up + g.stats.bytes_down) as f64
+                        / (base.stats.bytes_up + base.stats.bytes_down) as f64)
         );
     };
     let db = |a: &Tensor, b: &Generation| psnr(a, &b.image);
@@ -319,7 +332,9 @@ async fn reducers_are_measured() {
             let bytes: u64 = b
                 .iter()
                 .map(|x| {
-                    x.traffic().bytes_sent.load(std::sync::atomic::Ordering::Relaxed)
+                    x.traffic()
+                        .bytes_sent
+                        .load(std::sync::atomic::Ordering::Relaxed)
                         + x.traffic()
                             .bytes_received
                             .load(std::sync::atomic::Ordering::Relaxed)

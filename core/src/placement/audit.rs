@@ -195,7 +195,10 @@ mod tests {
 
     #[test]
     fn union_merges_touching_and_overlapping() {
-        assert_eq!(union(vec![4..6, 0..2, 2..3, 5..9, 12..13]), vec![0..3, 4..9, 12..13]);
-        assert!(union(vec![3..3]).is_empty());
+        assert_eq!(
+            union(vec![4..6, 0..2, 2..3, 5..9, 12..13]),
+            vec![0..3, 4..9, 12..13]
+        );
+        assert!(union(vec![3..3, 5..5]).is_empty());
     }
 }

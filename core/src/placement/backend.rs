@@ -34,7 +34,10 @@ pub enum ShardOp<T> {
         pad: Pad,
     },
     /// Per-group partial statistics [B, G, 3] = (count, mean, M2) of a block.
-    GroupNormStats { layer: String, input: Operand<T> },
+    GroupNormStats {
+        layer: String,
+        input: Operand<T>,
+    },
     /// softmax(q kᵀ/√d) v for a block of query rows.
     Attention {
         q: Operand<T>,
@@ -43,9 +46,13 @@ pub enum ShardOp<T> {
         heads: usize,
     },
     /// Returns (or keeps) the operand itself: uploads a tensor into a handle, or fetches one.
-    Identity { input: Operand<T> },
+    Identity {
+        input: Operand<T>,
+    },
     /// Forgets a handle.
-    Release { handle: HandleId },
+    Release {
+        handle: HandleId,
+    },
 
     // Strip ops (the `strict` policy): the elementwise and per-token work on resident strips.
     /// `len` entries of dimension `dim` from `start` (e.g. a strip's boundary rows).
@@ -56,21 +63,44 @@ pub enum ShardOp<T> {
         len: usize,
     },
     /// Concatenation along `dim` (halo rows around a strip; skip connections on channels).
-    Cat { inputs: Vec<Operand<T>>, dim: usize },
+    Cat {
+        inputs: Vec<Operand<T>>,
+        dim: usize,
+    },
     /// Normalises with global moments [B, G, 2] and applies the affine parameters.
     GroupNormApply {
         layer: String,
         input: Operand<T>,
         moments: Operand<T>,
     },
-    LayerNorm { layer: String, input: Operand<T> },
-    Linear { layer: String, input: Operand<T> },
-    Silu { input: Operand<T> },
-    Geglu { input: Operand<T>, kind: GeluKind },
-    Add { a: Operand<T>, b: Operand<T> },
-    Scale { input: Operand<T>, factor: f64 },
+    LayerNorm {
+        layer: String,
+        input: Operand<T>,
+    },
+    Linear {
+        layer: String,
+        input: Operand<T>,
+    },
+    Silu {
+        input: Operand<T>,
+    },
+    Geglu {
+        input: Operand<T>,
+        kind: GeluKind,
+    },
+    Add {
+        a: Operand<T>,
+        b: Operand<T>,
+    },
+    Scale {
+        input: Operand<T>,
+        factor: f64,
+    },
     /// x [B, C, h, w] + e [B, C].
-    AddChannelBias { input: Operand<T>, bias: Operand<T> },
+    AddChannelBias {
+        input: Operand<T>,
+        bias: Operand<T>,
+    },
     /// Nearest up-sampling of a strip: output rows `dst_first..dst_first + dst_len` of a
     /// `dst_h`-row map taken from a `src_h`-row map whose rows from `src_first` the input holds
     /// (the same row choice as a whole-map up-sampling), columns to `dst_w`.
@@ -83,8 +113,14 @@ pub enum ShardOp<T> {
         dst_len: usize,
         dst_w: usize,
     },
-    ToTokens { input: Operand<T> },
-    ToSpatial { input: Operand<T>, h: usize, w: usize },
+    ToTokens {
+        input: Operand<T>,
+    },
+    ToSpatial {
+        input: Operand<T>,
+        h: usize,
+        w: usize,
+    },
     /// The sinusoidal embedding of a (public) timestep, [batch, dim].
     TimestepEmbedding {
         timestep: f64,
@@ -385,7 +421,9 @@ impl<E: Engine> ShardExecutor<E> {
                     || *dst_h > (1 << 16)
                     || *dst_w > (1 << 16)
                 {
-                    return Err(bad(format!("up-sampling {d:?} to rows {dst_first}+{dst_len} of {dst_h}")));
+                    return Err(bad(format!(
+                        "up-sampling {d:?} to rows {dst_first}+{dst_len} of {dst_h}"
+                    )));
                 }
                 let rows = (*dst_first..dst_first + dst_len)
                     .map(|r| {

@@ -11,9 +11,9 @@ pub mod runtime;
 pub mod value;
 
 pub use accounting::{Accounting, OpKind};
+pub use audit::{Audit, AuditReport, View, ViewKind};
 pub use backend::{InProcessBackend, ShardBackend, ShardExecutor};
 pub use engine::{CandleEngine, Engine, ShapeEngine, WireDtype};
 pub use policy::{GnVariant, Placement, Policy};
-pub use audit::{Audit, AuditReport, View, ViewKind};
 pub use runtime::Runtime;
 pub use value::{Layout, Value};

@@ -32,6 +32,19 @@ pub const DEFAULT_ATTENTION_CHUNK: usize = 1024;
 /// A value of the runtime over engine `E`.
 pub type Val<E> = Value<<E as Engine>::T>;
 
+/// A halo row range server `i` asked for: (above its piece?, source server, index of the
+/// source's reply, rows).
+#[derive(Debug, Clone)]
+struct HaloAsk {
+    top: bool,
+    source: usize,
+    reply: usize,
+    rows: Range<usize>,
+}
+
+/// Two operands of a binary op on one server.
+type OperandPair<T> = (Operand<T>, Operand<T>);
+
 /// What one server gets in one round trip: the calls, and the views of their inline tensors.
 struct Outgoing<T> {
     calls: Vec<ShardCall<T>>,
@@ -491,7 +504,11 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 }
             },
             1 | 2 => Layout::Replicated,
-            _ => return Err(internal(format!("{layer}: cannot place {d:?} on the servers"))),
+            _ => {
+                return Err(internal(format!(
+                    "{layer}: cannot place {d:?} on the servers"
+                )))
+            }
         };
         let id = self.fresh();
         for i in 0..self.backends.len() {
@@ -571,7 +588,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
         own: &[Range<usize>],
         need: &[Range<usize>],
         replies: &mut [Vec<ShardCall<E::T>>],
-    ) -> Vec<Vec<(bool, usize, usize, Range<usize>)>> {
+    ) -> Vec<Vec<HaloAsk>> {
         let n = ext.len();
         let mut asks = vec![Vec::new(); n];
         for i in 0..n {
@@ -595,7 +612,12 @@ impl<'a, E: Engine> Runtime<'a, E> {
                         start: r.start - ext[j].start,
                         len: r.len(),
                     }));
-                    asks[i].push((top, j, replies[j].len() - 1, r));
+                    asks[i].push(HaloAsk {
+                        top,
+                        source: j,
+                        reply: replies[j].len() - 1,
+                        rows: r,
+                    });
                 }
             }
         }
@@ -609,7 +631,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
         layer: &str,
         id: HandleId,
         ext: &[Range<usize>],
-        asks: Vec<Vec<(bool, usize, usize, Range<usize>)>>,
+        asks: Vec<Vec<HaloAsk>>,
         outs: &[Vec<E::T>],
     ) -> Result<Val<E>> {
         if asks.iter().all(|a| a.is_empty()) {
@@ -619,8 +641,8 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let res = (d[2], d[3]);
         let mut new_ext = ext.to_vec();
         for (i, a) in asks.iter().enumerate() {
-            for (_, _, _, r) in a {
-                new_ext[i] = new_ext[i].start.min(r.start)..new_ext[i].end.max(r.end);
+            for x in a {
+                new_ext[i] = new_ext[i].start.min(x.rows.start)..new_ext[i].end.max(x.rows.end);
             }
         }
         let (nv, nid) = self.new_remote(d.clone(), Layout::Rows(new_ext.clone()));
@@ -636,10 +658,16 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 );
                 continue;
             }
-            a.sort_by_key(|x| x.3.start);
+            a.sort_by_key(|x| x.rows.start);
             let mut inputs = Vec::new();
             let mut placed_self = false;
-            for (top, j, k, r) in a {
+            for HaloAsk {
+                top,
+                source: j,
+                reply: k,
+                rows: r,
+            } in a
+            {
                 if !top && !placed_self {
                     inputs.push(Operand::Handle(id));
                     placed_self = true;
@@ -740,7 +768,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
         a: &Val<E>,
         b: &Val<E>,
         layer: &str,
-    ) -> Result<(Layout, Vec<(Operand<E::T>, Operand<E::T>)>)> {
+    ) -> Result<(Layout, Vec<OperandPair<E::T>>)> {
         let (ia, la) = self.remote_of(a, layer)?;
         let (ib, lb) = self.remote_of(b, layer)?;
         let n = self.backends.len();
@@ -815,7 +843,11 @@ impl<'a, E: Engine> Runtime<'a, E> {
                     &block,
                 );
                 self.pending_views[i].push(view);
-                let f = flops::conv2d(&piece_dims(&out_dims, 2, out_own[i].len()), c.in_channels, c.kernel);
+                let f = flops::conv2d(
+                    &piece_dims(&out_dims, 2, out_own[i].len()),
+                    c.in_channels,
+                    c.kernel,
+                );
                 self.emit(
                     i,
                     ShardOp::Conv2d {
@@ -834,7 +866,11 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let row = prod(&piece_dims(&d, 2, 1));
         for (i, (r, pad)) in need.iter().enumerate() {
             let input = self.rows_operand(i, id, &ext[i], r, row)?;
-            let f = flops::conv2d(&piece_dims(&out_dims, 2, out_own[i].len()), c.in_channels, c.kernel);
+            let f = flops::conv2d(
+                &piece_dims(&out_dims, 2, out_own[i].len()),
+                c.in_channels,
+                c.kernel,
+            );
             self.emit(
                 i,
                 ShardOp::Conv2d {
@@ -854,7 +890,10 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let d = x.dims().to_vec();
         let (id, layout) = self.remote_of(x, &g.name)?;
         let Layout::Rows(ext) = layout else {
-            return Err(internal(format!("{}: GroupNorm of a non-spatial value", g.name)));
+            return Err(internal(format!(
+                "{}: GroupNorm of a non-spatial value",
+                g.name
+            )));
         };
         let h = d[2];
         let own = self.strips(h)?;
@@ -946,7 +985,10 @@ impl<'a, E: Engine> Runtime<'a, E> {
         self.rows_check(&c.name, out_rows)?;
         let mut outgoing = Vec::new();
         let mut sflops = Vec::new();
-        for (i, r) in partition(out_rows, self.backends.len()).into_iter().enumerate() {
+        for (i, r) in partition(out_rows, self.backends.len())
+            .into_iter()
+            .enumerate()
+        {
             // Input rows [first, end) in padded coordinates, clipped to the map; what falls
             // outside becomes explicit zero padding on the server.
             let first = (r.start * c.stride) as isize - p as isize;
@@ -1069,7 +1111,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let tk = self.engine.dims(&k)[1];
         if self.placement.attention == AttnPlace::Device {
             self.acct.device_flops += flops::attention(&qd, tk, heads);
-            let o = self.engine.attention(&q, &k, &v, heads, self.attention_chunk)?;
+            let o = self
+                .engine
+                .attention(&q, &k, &v, heads, self.attention_chunk)?;
             return Ok(self.lv(o));
         }
         self.rows_check(layer, qd[1])?;
@@ -1080,7 +1124,10 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let self_attn = tk == qd[1];
         let mut outgoing = Vec::new();
         let mut sflops = Vec::new();
-        for (i, r) in partition(qd[1], self.backends.len()).into_iter().enumerate() {
+        for (i, r) in partition(qd[1], self.backends.len())
+            .into_iter()
+            .enumerate()
+        {
             let qb = self.wire(&self.engine.narrow(&q, 1, r.start, r.len())?)?;
             sflops.push(flops::attention(&[qd[0], r.len(), qd[2]], tk, heads));
             let q_rows = map.map(|(_, w)| r.start / w..r.end.div_ceil(w));
@@ -1215,11 +1262,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
         if self.on_servers(&[x, e]) {
             let (ie, _) = self.remote_of(e, "channel bias")?;
             let d = x.dims().to_vec();
-            return self.map_remote(x, "channel bias", d, 1, |input| {
-                ShardOp::AddChannelBias {
-                    input,
-                    bias: Operand::Handle(ie),
-                }
+            return self.map_remote(x, "channel bias", d, 1, |input| ShardOp::AddChannelBias {
+                input,
+                bias: Operand::Handle(ie),
             });
         }
         let x = self.local(x).await?;

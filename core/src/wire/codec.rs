@@ -60,8 +60,9 @@ pub mod compression {
     pub const ZSTD_BYTE_SPLIT: u8 = 2;
 }
 
-/// The smallest encoded call: a `Release` (tag, u64 handle, keep flag, reply flag).
-const MIN_CALL_BYTES: usize = 1 + 8 + 1 + 1;
+/// The smallest encoded call: an `Apply` with no name, operands or parameters (tag, kind,
+/// u16 name length, three u8 counts, keep flag, reply flag).
+const MIN_CALL_BYTES: usize = 1 + 1 + 2 + 3 + 1 + 1;
 /// The smallest encoded tensor: dtype, compression, rank 0, u64 payload length.
 const MIN_TENSOR_BYTES: usize = 1 + 1 + 1 + 8;
 
@@ -459,10 +460,17 @@ impl Writer {
                     || ints.len() > MAX_APPLY_INTS
                     || floats.len() > MAX_APPLY_FLOATS
                 {
+                    let (what, len, limit) = if operands.len() > MAX_APPLY_OPERANDS {
+                        ("apply operands", operands.len(), MAX_APPLY_OPERANDS)
+                    } else if ints.len() > MAX_APPLY_INTS {
+                        ("apply integers", ints.len(), MAX_APPLY_INTS)
+                    } else {
+                        ("apply floats", floats.len(), MAX_APPLY_FLOATS)
+                    };
                     return Err(WireError::TooLarge {
-                        what: "apply parameters",
-                        len: to_u64(operands.len() + ints.len() + floats.len()),
-                        limit: to_u64(MAX_APPLY_OPERANDS),
+                        what,
+                        len: to_u64(len),
+                        limit: to_u64(limit),
                     });
                 }
                 self.u8(op::APPLY);
@@ -883,9 +891,7 @@ impl<'a> Reader<'a> {
                 let kind = self.u8()?;
                 let layer = self.string("layer name", self.limits.max_name_len)?;
                 let n = self.small_count("apply operands", MAX_APPLY_OPERANDS)?;
-                let operands = (0..n)
-                    .map(|_| self.operand())
-                    .collect::<Result<Vec<_>>>()?;
+                let operands = (0..n).map(|_| self.operand()).collect::<Result<Vec<_>>>()?;
                 let n = self.small_count("apply integers", MAX_APPLY_INTS)?;
                 let ints = (0..n).map(|_| self.u64()).collect::<Result<Vec<_>>>()?;
                 let n = self.small_count("apply floats", MAX_APPLY_FLOATS)?;

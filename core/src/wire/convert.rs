@@ -9,8 +9,8 @@ use half::{bf16, f16};
 use super::codec::{tensor_bytes, WireError};
 use super::{WireCall, WireOp, WireOperand, WireTensor};
 use crate::error::{Error, Result};
-use crate::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use crate::model::layers::GeluKind;
+use crate::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use crate::placement::engine::WireDtype;
 
 fn le_bytes<T, const N: usize>(v: &[T], f: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
@@ -129,14 +129,34 @@ pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
             dim,
             start,
             len,
-        } => (k::NARROW, none(), vec![input], vec![u(*dim), u(*start), u(*len)], vec![]),
-        ShardOp::Cat { inputs, dim } => (k::CAT, none(), inputs.iter().collect(), vec![u(*dim)], vec![]),
+        } => (
+            k::NARROW,
+            none(),
+            vec![input],
+            vec![u(*dim), u(*start), u(*len)],
+            vec![],
+        ),
+        ShardOp::Cat { inputs, dim } => (
+            k::CAT,
+            none(),
+            inputs.iter().collect(),
+            vec![u(*dim)],
+            vec![],
+        ),
         ShardOp::GroupNormApply {
             layer,
             input,
             moments,
-        } => (k::GROUP_NORM_APPLY, layer.clone(), vec![input, moments], vec![], vec![]),
-        ShardOp::LayerNorm { layer, input } => (k::LAYER_NORM, layer.clone(), vec![input], vec![], vec![]),
+        } => (
+            k::GROUP_NORM_APPLY,
+            layer.clone(),
+            vec![input, moments],
+            vec![],
+            vec![],
+        ),
+        ShardOp::LayerNorm { layer, input } => {
+            (k::LAYER_NORM, layer.clone(), vec![input], vec![], vec![])
+        }
         ShardOp::Linear { layer, input } => (k::LINEAR, layer.clone(), vec![input], vec![], vec![]),
         ShardOp::Silu { input } => (k::SILU, none(), vec![input], vec![], vec![]),
         ShardOp::Geglu { input, kind } => (
@@ -151,9 +171,13 @@ pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
         ),
         ShardOp::Add { a, b } => (k::ADD, none(), vec![a, b], vec![], vec![]),
         ShardOp::Scale { input, factor } => (k::SCALE, none(), vec![input], vec![], vec![*factor]),
-        ShardOp::AddChannelBias { input, bias } => {
-            (k::ADD_CHANNEL_BIAS, none(), vec![input, bias], vec![], vec![])
-        }
+        ShardOp::AddChannelBias { input, bias } => (
+            k::ADD_CHANNEL_BIAS,
+            none(),
+            vec![input, bias],
+            vec![],
+            vec![],
+        ),
         ShardOp::UpsampleRows {
             input,
             src_first,
@@ -173,7 +197,13 @@ pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
             vec![],
         ),
         ShardOp::ToTokens { input } => (k::TO_TOKENS, none(), vec![input], vec![], vec![]),
-        ShardOp::ToSpatial { input, h, w } => (k::TO_SPATIAL, none(), vec![input], vec![u(*h), u(*w)], vec![]),
+        ShardOp::ToSpatial { input, h, w } => (
+            k::TO_SPATIAL,
+            none(),
+            vec![input],
+            vec![u(*h), u(*w)],
+            vec![],
+        ),
         ShardOp::TimestepEmbedding {
             timestep,
             batch,
