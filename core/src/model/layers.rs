@@ -112,6 +112,9 @@ pub struct GroupNormSpec {
     pub groups: usize,
     pub channels: usize,
     pub eps: f64,
+    /// Neighbour rows the op after this norm needs (1 before a 3×3 convolution, 0 before a
+    /// 1×1 or per-token op). Strict placement fetches that many halo rows with the statistics.
+    pub consumer_halo: usize,
 }
 
 impl GroupNormSpec {
@@ -121,7 +124,12 @@ impl GroupNormSpec {
             groups,
             channels,
             eps,
+            consumer_halo: 1,
         }
+    }
+    pub fn with_consumer_halo(mut self, rows: usize) -> Self {
+        self.consumer_halo = rows;
+        self
     }
     pub fn params(&self) -> Vec<(String, Vec<usize>)> {
         vec![

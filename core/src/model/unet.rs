@@ -169,7 +169,8 @@ fn transformer(
         })
         .collect();
     Transformer2D {
-        norm: GroupNormSpec::new(format!("{name}.norm"), groups, ch, 1e-6),
+        // proj_in (1×1 or per-token) follows: no halo rows needed.
+        norm: GroupNormSpec::new(format!("{name}.norm"), groups, ch, 1e-6).with_consumer_halo(0),
         proj_in: proj("proj_in"),
         blocks,
         proj_out: proj("proj_out"),

@@ -908,11 +908,12 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 input,
             }));
         }
-        // Prefetch one halo row per side with the statistics: a 3×3 convolution usually
-        // follows, and this way its neighbour rows cost no extra round trip.
+        // Prefetch the halo rows the next op needs (a 3×3 convolution: one per side) with the
+        // statistics, so they cost no extra round trip.
+        let halo = g.consumer_halo;
         let need: Vec<Range<usize>> = own
             .iter()
-            .map(|r| r.start.saturating_sub(1)..(r.end + 1).min(h))
+            .map(|r| r.start.saturating_sub(halo)..(r.end + halo).min(h))
             .collect();
         let asks = self.halo_requests(id, &ext, &own, &need, &mut replies);
         let outs = self.flush(OpKind::GroupNorm, &g.name, replies).await?;
