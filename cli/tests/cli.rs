@@ -223,7 +223,10 @@ fn strict_generation_writes_the_documented_audit() {
         .expect("run veil");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("view audit (strict; halo bound 1 row)"), "{stderr}");
+    assert!(
+        stderr.contains("view audit (strict; halo bound 1 row)"),
+        "{stderr}"
+    );
     let j: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&audit).expect("audit")).expect("json");
     assert_eq!(j["format"], "veil-audit/1");
@@ -233,9 +236,15 @@ fn strict_generation_writes_the_documented_audit() {
     assert_eq!(servers.len(), 2);
     // 64 px: latent 8x8; the strips are the halves, each widened by one halo row.
     assert_eq!(servers[0]["strip"]["8x8"], serde_json::json!([0, 4]));
-    assert_eq!(servers[0]["received_rows"]["8x8"], serde_json::json!([[0, 5]]));
+    assert_eq!(
+        servers[0]["received_rows"]["8x8"],
+        serde_json::json!([[0, 5]])
+    );
     assert_eq!(servers[1]["strip"]["8x8"], serde_json::json!([4, 8]));
-    assert_eq!(servers[1]["received_rows"]["8x8"], serde_json::json!([[3, 8]]));
+    assert_eq!(
+        servers[1]["received_rows"]["8x8"],
+        serde_json::json!([[3, 8]])
+    );
     for s in servers {
         assert_eq!(s["text_indexed_bytes"], 0);
         assert!(s["bytes"].as_u64().is_some_and(|b| b > 0));

@@ -825,47 +825,37 @@ impl<'a, E: Engine> Runtime<'a, E> {
             .collect();
         let out_dims = vec![d[0], c.out_channels, ho, wo];
         let (out, oid) = self.new_remote(out_dims.clone(), Layout::Rows(out_own.clone()));
-        if x.as_remote().is_none() {
-            // The phone holds the input (the latent): send each server exactly its rows.
-            let t = x
-                .as_local()
-                .cloned()
-                .ok_or_else(|| internal("conv input is nowhere"))?;
-            for (i, (rows, pad)) in need.iter().enumerate() {
-                let block = self.wire(&self.engine.narrow(&t, 2, rows.start, rows.len())?)?;
-                let view = self.view(
-                    i,
-                    &c.name,
-                    ViewKind::Latent,
-                    Some((h, w)),
-                    Some(rows.clone()),
-                    false,
-                    &block,
-                );
-                self.pending_views[i].push(view);
-                let f = flops::conv2d(
-                    &piece_dims(&out_dims, 2, out_own[i].len()),
-                    c.in_channels,
-                    c.kernel,
-                );
-                self.emit(
-                    i,
-                    ShardOp::Conv2d {
-                        layer: c.name.clone(),
-                        input: Operand::Inline(block),
-                        pad: *pad,
-                    },
-                    Some(oid),
-                    f,
-                );
+        // The phone holds the input only for the latent: each server then gets exactly its rows.
+        // Otherwise the servers hold it, widened by halo rows where a piece lacks some.
+        let held = match x.as_remote() {
+            Some(_) => {
+                let rows: Vec<Range<usize>> = need.iter().map(|(r, _)| r.clone()).collect();
+                Some(self.ensure_rows(x, &c.name, &rows).await?)
             }
-            return Ok(out);
-        }
-        let rows: Vec<Range<usize>> = need.iter().map(|(r, _)| r.clone()).collect();
-        let (xv, id, ext) = self.ensure_rows(x, &c.name, &rows).await?;
+            None => None,
+        };
         let row = prod(&piece_dims(&d, 2, 1));
         for (i, (r, pad)) in need.iter().enumerate() {
-            let input = self.rows_operand(i, id, &ext[i], r, row)?;
+            let input = match &held {
+                Some((_, id, ext)) => self.rows_operand(i, *id, &ext[i], r, row)?,
+                None => {
+                    let t = x
+                        .as_local()
+                        .ok_or_else(|| internal("conv input is nowhere"))?;
+                    let block = self.wire(&self.engine.narrow(t, 2, r.start, r.len())?)?;
+                    let view = self.view(
+                        i,
+                        &c.name,
+                        ViewKind::Latent,
+                        Some((h, w)),
+                        Some(r.clone()),
+                        false,
+                        &block,
+                    );
+                    self.pending_views[i].push(view);
+                    Operand::Inline(block)
+                }
+            };
             let f = flops::conv2d(
                 &piece_dims(&out_dims, 2, out_own[i].len()),
                 c.in_channels,
@@ -882,7 +872,6 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 f,
             );
         }
-        drop(xv);
         Ok(out)
     }
 
