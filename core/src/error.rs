@@ -47,6 +47,9 @@ pub enum Error {
     Transport(#[from] crate::transport::TransportError),
     #[error(transparent)]
     Wire(#[from] crate::wire::codec::WireError),
+    /// The caller cancelled the generation (checked between denoising steps).
+    #[error("cancelled")]
+    Cancelled,
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
 }

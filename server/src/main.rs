@@ -190,6 +190,8 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
             },
             Arc::new(model),
         )?;
+        // The bound address on stdout too, for `--listen 127.0.0.1:0` (tests, local clusters).
+        println!("listening {}", server.local_addr());
         tracing::info!(
             addr = %server.local_addr(),
             tokens = "configured",

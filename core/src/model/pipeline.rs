@@ -119,7 +119,24 @@ impl StableDiffusion {
         backends: &[Arc<dyn ShardBackend<Tensor>>],
         progress: &mut (dyn FnMut(Progress<'_>) + Send),
     ) -> Result<Generation> {
+        self.generate_cancellable(opts, backends, progress, &|| false)
+            .await
+    }
+
+    /// `generate`, asking `cancelled` before every denoising step: once it answers true the
+    /// generation stops there with `Error::Cancelled` (a step in flight is finished first, so
+    /// no server is left mid-request).
+    pub async fn generate_cancellable(
+        &self,
+        opts: &GenerateOptions,
+        backends: &[Arc<dyn ShardBackend<Tensor>>],
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Generation> {
         let start = Instant::now();
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
         if opts.steps == 0 {
             return Err(Error::InvalidArgument("steps must be at least 1".into()));
         }
@@ -157,6 +174,9 @@ impl StableDiffusion {
         let total = scheduler.timesteps().len();
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
             let x = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {

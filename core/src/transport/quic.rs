@@ -177,6 +177,9 @@ pub struct Traffic {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub requests: AtomicU64,
+    /// Wall time spent in requests to this server (send, its compute, the reply), in
+    /// nanoseconds: what the phone waited on it, overlapping other servers.
+    pub busy_nanos: AtomicU64,
 }
 
 /// One shard server over QUIC.
@@ -317,7 +320,13 @@ impl QuicBackend {
     /// Sends one encoded message on a new stream and returns the decoded answer.
     pub async fn exchange(&self, bytes: &[u8]) -> Result<Message, TransportError> {
         let timeout = self.options.request_timeout;
-        match tokio::time::timeout(timeout, self.exchange_inner(bytes)).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, self.exchange_inner(bytes)).await;
+        self.traffic.busy_nanos.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        match result {
             Ok(r) => r,
             Err(_) => {
                 // The session's state is unknown now (the server may still run the request):

@@ -1,0 +1,313 @@
+//! What a `Veil` client is built from, and the checks made before anything is loaded or sent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::scheduler::SchedulerKind;
+use crate::placement::engine::WireDtype;
+use crate::placement::policy::{GnVariant, Policy};
+use crate::transport::{Fingerprint, ServerSpec};
+
+use super::error::VeilError;
+
+/// One shard server: the same three fields as a `[[server]]` table of `servers.toml`.
+#[derive(Clone, PartialEq)]
+pub struct ServerConfig {
+    /// `host:port`.
+    pub address: String,
+    /// `sha256:<64 hex digits>`, as `veil-server` prints at start.
+    pub fingerprint: String,
+    /// The tenant's bearer token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("address", &self.address)
+            .field("fingerprint", &self.fingerprint)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Defaults for every generation of a client; `GenerationOptions` overrides them per call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationDefaults {
+    pub steps: u32,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off and halves the work).
+    pub guidance: f64,
+    /// Image size in pixels; `None`: the U-Net's `sample_size` × the VAE factor.
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    /// `ddim`, `dpm++2m` or `euler`.
+    pub scheduler: String,
+    pub negative_prompt: String,
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        Self {
+            steps: 30,
+            guidance: 5.0,
+            width: None,
+            height: None,
+            scheduler: "ddim".into(),
+            negative_prompt: String::new(),
+        }
+    }
+}
+
+/// Per-call overrides; every `None` takes the client's default (a `None` seed draws a fresh
+/// random one, reported back in `GeneratedImage::seed`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationOptions {
+    pub negative_prompt: Option<String>,
+    pub steps: Option<u32>,
+    pub guidance: Option<f64>,
+    pub seed: Option<u64>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub scheduler: Option<String>,
+    /// T-GATE-style reuse of attention outputs from this step on (fewer bytes, slightly
+    /// different image); `None`: recompute every step.
+    pub reuse_attention_from: Option<u32>,
+}
+
+/// Everything a client needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VeilConfig {
+    /// A diffusers-layout Stable Diffusion folder on the device.
+    pub model_dir: PathBuf,
+    /// The shard servers, in strip order (empty only for `local`).
+    pub servers: Vec<ServerConfig>,
+    /// `strict` (each server confined to its strip; recommended), `ppidm` (the paper's split,
+    /// which leaks through attention K/V: for comparison) or `local` (no servers).
+    pub policy: String,
+    /// Tensor dtype on the wire: `f32`, `f16` or `bf16`.
+    pub wire: String,
+    /// Byte-split zstd level for tensors on the wire, 0 = off.
+    pub zstd_level: i32,
+    /// Longest a single request to a server may take.
+    pub request_timeout_seconds: f64,
+    /// Longest the QUIC + Veil handshake with a server may take.
+    pub connect_timeout_seconds: f64,
+    pub defaults: GenerationDefaults,
+}
+
+impl VeilConfig {
+    /// A config with the recommended settings: strict, f32 wire, no compression.
+    pub fn new(model_dir: impl Into<PathBuf>, servers: Vec<ServerConfig>) -> Self {
+        Self {
+            model_dir: model_dir.into(),
+            servers,
+            policy: "strict".into(),
+            wire: "f32".into(),
+            zstd_level: 0,
+            request_timeout_seconds: 120.0,
+            connect_timeout_seconds: 10.0,
+            defaults: GenerationDefaults::default(),
+        }
+    }
+}
+
+/// A config whose every field has been checked and parsed.
+#[derive(Debug, Clone)]
+pub(crate) struct Validated {
+    pub model_dir: PathBuf,
+    pub servers: Vec<ServerSpec>,
+    pub policy: Policy,
+    pub wire: WireDtype,
+    pub zstd_level: i32,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub defaults: GenerationDefaults,
+    pub scheduler: SchedulerKind,
+}
+
+/// The zstd levels the codec accepts.
+const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 0..=22;
+
+fn seconds(what: &str, s: f64) -> Result<Duration, VeilError> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| VeilError::config(format!("{what} must be a positive number of seconds, got {s}")))
+}
+
+pub(crate) fn parse_policy(name: &str) -> Result<Policy, VeilError> {
+    match name.trim() {
+        "local" => Ok(Policy::Local),
+        "ppidm" => Ok(Policy::Ppidm {
+            gn: GnVariant::Exact,
+        }),
+        "strict" => Ok(Policy::Strict),
+        other => Err(VeilError::config(format!(
+            "unknown policy `{other}` (expected strict, ppidm or local)"
+        ))),
+    }
+}
+
+pub(crate) fn parse_scheduler(name: &str) -> Result<SchedulerKind, VeilError> {
+    name.parse::<SchedulerKind>()
+        .map_err(|e| VeilError::config(e.to_string()))
+}
+
+/// Checks a `host:port` shape without resolving the name (that happens at connect time).
+fn check_address(i: usize, address: &str) -> Result<(), VeilError> {
+    let a = address.trim();
+    let port = a.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+    match port {
+        Some((host, Ok(p))) if !host.is_empty() && p != 0 => Ok(()),
+        _ => Err(VeilError::config(format!(
+            "server {i}: address `{address}` is not host:port"
+        ))),
+    }
+}
+
+impl VeilConfig {
+    /// Every check that needs no file and no network. Messages name the field and the server.
+    pub(crate) fn validate(&self) -> Result<Validated, VeilError> {
+        let policy = parse_policy(&self.policy)?;
+        if policy.needs_backends() && self.servers.is_empty() {
+            return Err(VeilError::config(format!(
+                "policy {} needs at least one shard server; the server list is empty",
+                policy.name()
+            )));
+        }
+        let mut servers = Vec::with_capacity(self.servers.len());
+        for (i, s) in self.servers.iter().enumerate() {
+            check_address(i, &s.address)?;
+            let fingerprint: Fingerprint = s
+                .fingerprint
+                .parse()
+                .map_err(|e| VeilError::config(format!("server {i}: {e}")))?;
+            if s.token.trim().is_empty() {
+                return Err(VeilError::config(format!("server {i}: empty token")));
+            }
+            servers.push(ServerSpec {
+                address: s.address.trim().to_string(),
+                fingerprint,
+                token: s.token.trim().to_string(),
+            });
+        }
+        let wire: WireDtype = self
+            .wire
+            .parse()
+            .map_err(|e: crate::Error| VeilError::config(e.to_string()))?;
+        if !ZSTD_LEVELS.contains(&self.zstd_level) {
+            return Err(VeilError::config(format!(
+                "zstd_level {} is outside 0..=22 (0 = off)",
+                self.zstd_level
+            )));
+        }
+        let d = &self.defaults;
+        check_generation(d.steps, d.guidance)?;
+        let scheduler = parse_scheduler(&d.scheduler)?;
+        Ok(Validated {
+            model_dir: self.model_dir.clone(),
+            servers,
+            policy,
+            wire,
+            zstd_level: self.zstd_level,
+            request_timeout: seconds("request_timeout_seconds", self.request_timeout_seconds)?,
+            connect_timeout: seconds("connect_timeout_seconds", self.connect_timeout_seconds)?,
+            defaults: d.clone(),
+            scheduler,
+        })
+    }
+}
+
+/// The largest step count accepted (schedulers have 1000 training timesteps).
+pub(crate) const MAX_STEPS: u32 = 1000;
+
+pub(crate) fn check_generation(steps: u32, guidance: f64) -> Result<(), VeilError> {
+    if steps == 0 || steps > MAX_STEPS {
+        return Err(VeilError::config(format!(
+            "steps must be between 1 and {MAX_STEPS}, got {steps}"
+        )));
+    }
+    if !guidance.is_finite() || guidance < 0.0 {
+        return Err(VeilError::config(format!(
+            "guidance must be a finite number ≥ 0, got {guidance}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> ServerConfig {
+        ServerConfig {
+            address: "127.0.0.1:4433".into(),
+            fingerprint: format!("sha256:{}", "ab".repeat(32)),
+            token: "t".into(),
+        }
+    }
+
+    fn message(e: VeilError) -> String {
+        match e {
+            VeilError::InvalidConfig { message } => message,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_config_validates() {
+        let c = VeilConfig::new("m", vec![server(), server()]);
+        let v = c.validate().unwrap();
+        assert_eq!(v.servers.len(), 2);
+        assert_eq!(v.policy, Policy::Strict);
+        assert_eq!(v.servers[0].fingerprint.hex(), "ab".repeat(32));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.policy = "obfuscated-ish".into();
+        assert!(message(c.validate().unwrap_err()).contains("unknown policy `obfuscated-ish`"));
+
+        let c = VeilConfig::new("m", vec![]);
+        assert!(message(c.validate().unwrap_err()).contains("needs at least one shard server"));
+        let mut local = VeilConfig::new("m", vec![]);
+        local.policy = "local".into();
+        assert!(local.validate().is_ok());
+
+        let mut s = server();
+        s.fingerprint = "sha256:abc".into();
+        let c = VeilConfig::new("m", vec![server(), s]);
+        let m = message(c.validate().unwrap_err());
+        assert!(m.starts_with("server 1:") && m.contains("fingerprint"), "{m}");
+
+        let mut s = server();
+        s.address = "no-port".into();
+        assert!(message(VeilConfig::new("m", vec![s]).validate().unwrap_err()).contains("host:port"));
+        let mut s = server();
+        s.token = "  ".into();
+        assert!(message(VeilConfig::new("m", vec![s]).validate().unwrap_err()).contains("empty token"));
+
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.wire = "f8".into();
+        assert!(message(c.validate().unwrap_err()).contains("f8"));
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.zstd_level = 40;
+        assert!(message(c.validate().unwrap_err()).contains("zstd_level"));
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.defaults.steps = 0;
+        assert!(message(c.validate().unwrap_err()).contains("steps"));
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.defaults.scheduler = "plms".into();
+        assert!(message(c.validate().unwrap_err()).contains("plms"));
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.request_timeout_seconds = 0.0;
+        assert!(message(c.validate().unwrap_err()).contains("request_timeout_seconds"));
+    }
+
+    #[test]
+    fn debug_redacts_tokens() {
+        let s = format!("{:?}", VeilConfig::new("m", vec![server()]));
+        assert!(s.contains("<redacted>") && !s.contains("token: \"t\""), "{s}");
+    }
+}
