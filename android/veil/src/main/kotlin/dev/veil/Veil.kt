@@ -1,0 +1,91 @@
+// The idiomatic Kotlin face of Veil over the generated bindings (dev.veil.ffi). Plain Kotlin +
+// kotlinx.coroutines, no Android API: the same file ships in the AAR and is compiled and run on
+// the JVM by CI (android/jvm-test).
+package dev.veil
+
+import dev.veil.ffi.CancelHandle
+import dev.veil.ffi.GeneratedImage
+import dev.veil.ffi.GenerationDefaults
+import dev.veil.ffi.GenerationOptions
+import dev.veil.ffi.ProgressListener
+import dev.veil.ffi.ServerConfig
+import dev.veil.ffi.VeilClient
+import dev.veil.ffi.VeilConfig
+import kotlinx.coroutines.CancellationException
+import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.flow.Flow
+import kotlinx.coroutines.flow.channelFlow
+import kotlinx.coroutines.withContext
+
+/** Where a generation is: [step] of [total] denoising steps done. */
+data class Progress(val step: Int, val total: Int) {
+    val fraction: Float get() = if (total == 0) 0f else step.toFloat() / total
+}
+
+/** What [Veil.generateFlow] emits: progress after every step, then the image. */
+sealed interface GenerationEvent {
+    data class Step(val progress: Progress) : GenerationEvent
+    data class Finished(val image: GeneratedImage) : GenerationEvent
+}
+
+/**
+ * A Veil client: the model is loaded once by [create]; [generate] may then run any number of
+ * times, concurrently too. Failures are [dev.veil.ffi.VeilException] subclasses (InvalidConfig,
+ * ModelLoad, AuthFailed, CertificateMismatch, Cancelled, …).
+ */
+class Veil private constructor(private val client: VeilClient) : AutoCloseable {
+    companion object {
+        /** Validates [config] and loads the model on [Dispatchers.IO]. */
+        suspend fun create(config: VeilConfig): Veil =
+            withContext(Dispatchers.IO) { Veil(VeilClient(config)) }
+
+        /** A config with the recommended settings (strict placement, f32 wire). */
+        fun config(
+            modelDir: String,
+            servers: List<ServerConfig>,
+            policy: String = "strict",
+            defaults: GenerationDefaults = GenerationDefaults(),
+        ): VeilConfig = VeilConfig(modelDir = modelDir, servers = servers, policy = policy, defaults = defaults)
+    }
+
+    /** The placement policy in use. */
+    val policy: String get() = client.policy()
+
+    /**
+     * Generates one image. [onProgress] runs after every step on a Veil thread (post to your UI
+     * thread yourself). Cancelling the calling coroutine, or [cancel] when given, stops the
+     * generation before its next step: the coroutine way throws [CancellationException], the
+     * handle way [dev.veil.ffi.VeilException.Cancelled].
+     */
+    suspend fun generate(
+        prompt: String,
+        options: GenerationOptions = GenerationOptions(),
+        cancel: CancelHandle? = null,
+        onProgress: ((Progress) -> Unit)? = null,
+    ): GeneratedImage {
+        val handle = cancel ?: CancelHandle()
+        val listener = onProgress?.let { callback ->
+            object : ProgressListener {
+                override fun onProgress(step: UInt, total: UInt) = callback(Progress(step.toInt(), total.toInt()))
+            }
+        }
+        try {
+            return client.generate(prompt, options, listener, handle)
+        } catch (e: CancellationException) {
+            // The coroutine went away: stop the Rust side too (it does not see coroutines).
+            handle.cancel()
+            throw e
+        } finally {
+            if (cancel == null) handle.close()
+        }
+    }
+
+    /** [generate] as a cold Flow: a [GenerationEvent.Step] per step, then [GenerationEvent.Finished]. */
+    fun generateFlow(prompt: String, options: GenerationOptions = GenerationOptions()): Flow<GenerationEvent> =
+        channelFlow {
+            val image = generate(prompt, options) { trySend(GenerationEvent.Step(it)) }
+            send(GenerationEvent.Finished(image))
+        }
+
+    override fun close() = client.close()
+}
