@@ -85,6 +85,7 @@ pub struct VeilConfig {
     pub request_timeout_seconds: f64,
     #[uniffi(default = 10.0)]
     pub connect_timeout_seconds: f64,
+    #[uniffi(default)]
     pub defaults: GenerationDefaults,
 }
 

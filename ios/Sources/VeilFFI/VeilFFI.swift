@@ -1640,7 +1640,7 @@ public struct VeilConfig: Equatable, Hashable {
          */wire: String = "f32", 
         /**
          * Byte-split zstd level on the wire, 0 = off.
-         */zstdLevel: Int32 = 0, requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults) {
+         */zstdLevel: Int32 = 0, requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults = GenerationDefaults()) {
         self.modelDir = modelDir
         self.servers = servers
         self.policy = policy

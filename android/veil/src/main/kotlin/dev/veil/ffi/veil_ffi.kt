@@ -2639,7 +2639,7 @@ data class VeilConfig (
     , 
     var `connectTimeoutSeconds`: kotlin.Double = 10.0 
     , 
-    var `defaults`: GenerationDefaults
+    var `defaults`: GenerationDefaults = GenerationDefaults() 
     
 ){
     
