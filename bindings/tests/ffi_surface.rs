@@ -64,11 +64,14 @@ fn seed(s: u64) -> GenerationOptions {
     }
 }
 
-/// Records (generation tag, step, total, calling thread); optionally cancels at a step.
+/// (generation tag, step, total, calling thread) per progress call.
+type EventLog = Arc<Mutex<Vec<(usize, u32, u32, ThreadId)>>>;
+
+/// Records every progress call; optionally cancels at a step.
 #[derive(Default)]
 struct Recorder {
     tag: usize,
-    events: Arc<Mutex<Vec<(usize, u32, u32, ThreadId)>>>,
+    events: EventLog,
     cancel_at: Option<(u32, Arc<CancelHandle>)>,
 }
 
@@ -123,7 +126,7 @@ async fn generates_with_progress_from_many_threads() {
         .into_iter()
         .map(|h| h.join().unwrap().unwrap())
         .collect();
-    let events = events.lock().unwrap();
+    let events = events.lock().unwrap().clone();
     let mut per: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
     for &(tag, step, total, thread) in events.iter() {
         assert_eq!(total, 5);
@@ -133,7 +136,11 @@ async fn generates_with_progress_from_many_threads() {
     }
     assert_eq!(per.len(), 4);
     for steps in per.values() {
-        assert_eq!(steps, &vec![1, 2, 3, 4, 5], "each generation reports every step in order");
+        assert_eq!(
+            steps,
+            &vec![1, 2, 3, 4, 5],
+            "each generation reports every step in order"
+        );
     }
     for (i, img) in images.iter().enumerate() {
         assert!(is_png(img), "image {i} is a PNG of its stated size");
@@ -224,10 +231,16 @@ async fn cancel_before_during_after_and_by_drop() {
     let at_drop = rec.events.lock().unwrap().len();
     tokio::time::sleep(Duration::from_millis(700)).await;
     let later = rec.events.lock().unwrap().len();
-    assert!(at_drop < 400 && later == at_drop, "kept running after drop: {at_drop} → {later}");
+    assert!(
+        at_drop < 400 && later == at_drop,
+        "kept running after drop: {at_drop} → {later}"
+    );
 
     // The client is still fine.
-    let again = client.generate(PROMPT.into(), seed(1), None, None).await.unwrap();
+    let again = client
+        .generate(PROMPT.into(), seed(1), None, None)
+        .await
+        .unwrap();
     assert_eq!(again.png, img.png, "same seed, same image");
     c.shutdown().await;
 }
@@ -242,7 +255,10 @@ async fn two_concurrent_generations_on_one_client() {
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     // Each equals the same request run alone: sessions never mix.
-    let a1 = client.generate(PROMPT.into(), seed(11), None, None).await.unwrap();
+    let a1 = client
+        .generate(PROMPT.into(), seed(11), None, None)
+        .await
+        .unwrap();
     let b1 = client
         .generate("a blue square on the right".into(), seed(12), None, None)
         .await
@@ -280,14 +296,20 @@ async fn errors_map_to_their_variants() {
     // Model errors: a missing folder, and a folder whose U-Net weights are gone.
     let mut cfg = config(good.clone(), 3);
     cfg.model_dir = "/nonexistent/veil-model".into();
-    assert!(matches!(config_err(VeilClient::new(cfg)), VeilError::ModelLoad { .. }));
+    assert!(matches!(
+        config_err(VeilClient::new(cfg)),
+        VeilError::ModelLoad { .. }
+    ));
     let partial = std::env::temp_dir().join(format!("veil-ffi-partial-{}", std::process::id()));
     copy_dir(&model_dir(), &partial);
     std::fs::remove_file(partial.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     let mut cfg = config(good.clone(), 3);
     cfg.model_dir = partial.to_string_lossy().into_owned();
     let e = config_err(VeilClient::new(cfg));
-    assert!(matches!(&e, VeilError::ModelLoad { detail } if detail.contains("unet")), "{e:?}");
+    assert!(
+        matches!(&e, VeilError::ModelLoad { detail } if detail.contains("unet")),
+        "{e:?}"
+    );
     std::fs::remove_dir_all(&partial).unwrap();
 
     // A request the model cannot take.
@@ -312,7 +334,10 @@ async fn errors_map_to_their_variants() {
         .unwrap()
         .generate(PROMPT.into(), seed(1), None, None)
         .await;
-    assert!(matches!(r, Err(VeilError::AuthFailed { server: 1, .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(VeilError::AuthFailed { server: 1, .. })),
+        "{r:?}"
+    );
     let mut bad = good.clone();
     bad[0].fingerprint = format!("sha256:{}", "00".repeat(32));
     let r = VeilClient::new(config(bad, 3))

@@ -132,7 +132,11 @@ fn seconds(what: &str, s: f64) -> Result<Duration, VeilError> {
     Duration::try_from_secs_f64(s)
         .ok()
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| VeilError::config(format!("{what} must be a positive number of seconds, got {s}")))
+        .ok_or_else(|| {
+            VeilError::config(format!(
+                "{what} must be a positive number of seconds, got {s}"
+            ))
+        })
 }
 
 pub(crate) fn parse_policy(name: &str) -> Result<Policy, VeilError> {
@@ -279,14 +283,21 @@ mod tests {
         s.fingerprint = "sha256:abc".into();
         let c = VeilConfig::new("m", vec![server(), s]);
         let m = message(c.validate().unwrap_err());
-        assert!(m.starts_with("server 1:") && m.contains("fingerprint"), "{m}");
+        assert!(
+            m.starts_with("server 1:") && m.contains("fingerprint"),
+            "{m}"
+        );
 
         let mut s = server();
         s.address = "no-port".into();
-        assert!(message(VeilConfig::new("m", vec![s]).validate().unwrap_err()).contains("host:port"));
+        assert!(
+            message(VeilConfig::new("m", vec![s]).validate().unwrap_err()).contains("host:port")
+        );
         let mut s = server();
         s.token = "  ".into();
-        assert!(message(VeilConfig::new("m", vec![s]).validate().unwrap_err()).contains("empty token"));
+        assert!(
+            message(VeilConfig::new("m", vec![s]).validate().unwrap_err()).contains("empty token")
+        );
 
         let mut c = VeilConfig::new("m", vec![server()]);
         c.wire = "f8".into();
@@ -308,6 +319,9 @@ mod tests {
     #[test]
     fn debug_redacts_tokens() {
         let s = format!("{:?}", VeilConfig::new("m", vec![server()]));
-        assert!(s.contains("<redacted>") && !s.contains("token: \"t\""), "{s}");
+        assert!(
+            s.contains("<redacted>") && !s.contains("token: \"t\""),
+            "{s}"
+        );
     }
 }
