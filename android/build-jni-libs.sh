@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 command -v cargo-ndk >/dev/null || { echo "cargo-ndk is required: cargo install cargo-ndk"; exit 1; }
 [ -n "${ANDROID_NDK_HOME:-}" ] || { echo "set ANDROID_NDK_HOME to an installed NDK"; exit 1; }
 cargo ndk -t arm64-v8a -t x86_64 --platform 26 -o android/veil/src/main/jniLibs \
-    build -p veil-ffi --lib --profile "${PROFILE:-release}"
+    build -p veil-ffi --lib --profile "${PROFILE:-mobile}"
 bindings/generate.sh

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 
 [ "$(uname)" = "Darwin" ] || { echo "build-xcframework.sh needs macOS with Xcode (xcodebuild)"; exit 1; }
 
-profile=${PROFILE:-release}
+profile=${PROFILE:-mobile}
+dir=$profile
+[ "$profile" = dev ] && dir=debug
 targets=(aarch64-apple-ios aarch64-apple-ios-sim aarch64-apple-darwin)
 for t in "${targets[@]}"; do
     cargo build -p veil-ffi --lib --profile "$profile" --target "$t" --features metal
@@ -27,7 +29,7 @@ out=ios/VeilFFIFFI.xcframework
 rm -rf "$out"
 args=()
 for t in "${targets[@]}"; do
-    args+=(-library "target/$t/$profile/libveil_ffi.a" -headers "$headers")
+    args+=(-library "target/$t/$dir/libveil_ffi.a" -headers "$headers")
 done
 xcodebuild -create-xcframework "${args[@]}" -output "$out"
 echo "wrote $out"

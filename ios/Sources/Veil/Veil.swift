@@ -68,7 +68,7 @@ public final class Veil: Sendable {
     public func start(prompt: String, options: GenerationOptions = GenerationOptions()) -> RunningGeneration {
         let handle = CancelHandle()
         let (stream, continuation) = AsyncStream<GenerationProgress>.makeStream(bufferingPolicy: .bufferingNewest(1))
-        let task = Task { [client] () throws -> GeneratedImage in
+        let task = Task { [client] () async throws -> GeneratedImage in
             defer { continuation.finish() }
             let listener = ClosureListener { continuation.yield($0) }
             return try await withTaskCancellationHandler {
