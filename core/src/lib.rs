@@ -1,6 +1,7 @@
 //! veil-core: the Stable Diffusion model (config, weights, CLIP, VAE, U-Net, schedulers,
 //! pipeline), the placement runtime that decides where each U-Net op runs (phone or N shard
-//! backends), and the accounting that measures what moves between them.
+//! backends), the accounting that measures what moves between them, the QUIC client, and the
+//! SDK facade (`sdk::Veil`) that apps use directly or through `veil-ffi`.
 
 pub mod error;
 pub mod model;
