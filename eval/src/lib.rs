@@ -1,0 +1,13 @@
+//! veil-eval: what Veil measures its pictures with.
+//!
+//! - `dataset`: scenes of one or two shapes in named colours, positions and sizes on a named
+//!   background, their captions ("a small red circle at the top left on a white background"),
+//!   rendered deterministically from a seed; a fixed held-out caption set for evaluation.
+//! - `score`: the prompt-adherence scorer — recovers colour, shape, position and size of the
+//!   objects from the pixels alone and compares them with what the caption asked for.
+
+pub mod dataset;
+pub mod score;
+
+pub use dataset::{Background, Colour, Dataset, Object, Position, Scene, Shape, Size};
+pub use score::{detect, score, Adherence, Detected, ScoreError};
