@@ -113,6 +113,10 @@ def main():
         rec = vae.decode(zs[:512]).sample
         psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, x_all[:512])))
     vae.register_to_config(scaling_factor=scaling)
+    out = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    vae.save_pretrained(out / "vae")
     log["stages"]["vae"] = {"steps": args.vae_steps, "seconds": time.time() - t0, "curve": curve,
                             "scaling_factor": scaling, "reconstruction_psnr_db": psnr}
     print(f"vae done: scaling {scaling:.4f}, reconstruction PSNR {psnr:.1f} dB", flush=True)
@@ -180,20 +184,17 @@ def main():
         log["stages"][name] = {"steps": steps, "seconds": time.time() - t0, "curve": curve,
                                "parameters": params_count}
 
+    def write_log():
+        log["seconds"] = time.time() - started
+        log["device"] = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        (out / "training_log.json").write_text(json.dumps(log, indent=1))
+
+    # Each stage is saved when it ends, so a cut-off run keeps what it finished.
     server = unet_of((64, 128), 1, 8)
     train_unet("unet", server, args.unet_steps, train_text=True)
-    device_unet = unet_of((32, 64), 1, 8)
-    train_unet("device_unet", device_unet, args.device_unet_steps, train_text=False)
-
-    # --- save --------------------------------------------------------------------------------
-    out = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    vae.save_pretrained(out / "vae")
     text.save_pretrained(out / "text_encoder")
     tok.save_pretrained(out / "tokenizer")
     server.save_pretrained(out / "unet")
-    device_unet.save_pretrained(out / "device_unet" / "unet")
     DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                   beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                   steps_offset=1, prediction_type="epsilon").save_pretrained(out / "scheduler")
@@ -204,9 +205,11 @@ def main():
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
-    log["seconds"] = time.time() - started
-    log["device"] = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
-    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    write_log()
+    device_unet = unet_of((32, 64), 1, 8)
+    train_unet("device_unet", device_unet, args.device_unet_steps, train_text=False)
+    device_unet.save_pretrained(out / "device_unet" / "unet")
+    write_log()
     print(f"saved {out} in {log['seconds']:.0f} s total", flush=True)
 
 
