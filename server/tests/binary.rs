@@ -98,7 +98,10 @@ async fn serves_a_client_and_stops_on_sigterm() {
         let l = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("server did not start: {log:?}"));
-        if let Some(out) = l.strip_prefix("out ") {
+        if let Some(bound) = l.strip_prefix("out listening ") {
+            // stdout's second line: the bound address, for `--listen …:0`.
+            addr = Some(bound.trim().to_string());
+        } else if let Some(out) = l.strip_prefix("out ") {
             assert!(is_fingerprint_line(out), "stdout line {out}");
             fingerprint = Some(out.to_string());
         } else if l.contains("listening") {
