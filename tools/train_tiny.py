@@ -43,6 +43,10 @@ def load_data(folder: Path):
     return x, [r["caption"] for r in rows]
 
 
+def channels(text):
+    return tuple(int(c) for c in text.split(","))
+
+
 def lr_at(step, total, peak, warmup=200):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -64,6 +68,12 @@ def main():
     ap.add_argument("--unet-steps", type=int, default=8000)
     ap.add_argument("--device-unet-steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--vae-channels", default="32,64,64", help="AutoencoderKL block_out_channels")
+    ap.add_argument("--unet-channels", default="64,128", help="server U-Net block_out_channels")
+    ap.add_argument("--device-unet-channels", default="32,64", help="device U-Net block_out_channels")
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak U-Net learning rate")
+    ap.add_argument("--checkpoint-every", type=int, default=500,
+                    help="save the U-Net being trained every N steps (a cut-off run keeps a usable model)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -83,7 +93,7 @@ def main():
     vae = AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
+        block_out_channels=channels(args.vae_channels), layers_per_block=1, latent_channels=4,
         norm_num_groups=16, sample_size=64,
     ).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -139,24 +149,24 @@ def main():
                                 beta_schedule="scaled_linear", prediction_type="epsilon")
     acp = train_sched.alphas_cumprod.to(dev)
 
-    def unet_of(channels, layers, heads):
+    def unet_of(widths, layers, heads):
         return UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=layers,
-            block_out_channels=channels,
+            block_out_channels=widths,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=heads, norm_num_groups=32,
+            cross_attention_dim=64, attention_head_dim=heads, norm_num_groups=min(32, widths[0]),
         ).to(dev)
 
-    def train_unet(name, unet, steps, train_text):
+    def train_unet(name, unet, steps, train_text, save):
         params = list(unet.parameters()) + (list(text.parameters()) if train_text else [])
-        opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
         text.train(train_text)
         text.requires_grad_(train_text)
         curve, ema = [], None
         t0 = time.time()
         for step in range(steps):
-            set_lr(opt, lr_at(step, steps, 5e-4))
+            set_lr(opt, lr_at(step, steps, args.lr))
             idx = torch.randint(0, n, (args.batch,), device=dev)
             z0 = latents[idx]
             ids = ids_all[idx]
@@ -177,7 +187,11 @@ def main():
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             if step % 200 == 0 or step == steps - 1:
                 curve.append([step, ema])
-                print(f"{name} {step} loss {ema:.4f}", flush=True)
+                print(f"{name} {step} loss {ema:.4f} ({time.time() - t0:.0f} s)", flush=True)
+            if args.checkpoint_every and step > 0 and step % args.checkpoint_every == 0:
+                save()
+                unet.train()
+                text.train(train_text)
         unet.eval()
         text.eval()
         params_count = sum(p.numel() for p in unet.parameters())
@@ -190,11 +204,6 @@ def main():
         (out / "training_log.json").write_text(json.dumps(log, indent=1))
 
     # Each stage is saved when it ends, so a cut-off run keeps what it finished.
-    server = unet_of((64, 128), 1, 8)
-    train_unet("unet", server, args.unet_steps, train_text=True)
-    text.save_pretrained(out / "text_encoder")
-    tok.save_pretrained(out / "tokenizer")
-    server.save_pretrained(out / "unet")
     DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                   beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                   steps_offset=1, prediction_type="epsilon").save_pretrained(out / "scheduler")
@@ -205,11 +214,27 @@ def main():
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    server = unet_of(channels(args.unet_channels), 1, 8)
+
+    def save_server():
+        text.save_pretrained(out / "text_encoder")
+        tok.save_pretrained(out / "tokenizer")
+        server.save_pretrained(out / "unet")
+        write_log()
+
+    train_unet("unet", server, args.unet_steps, train_text=True, save=save_server)
+    save_server()
     write_log()
-    device_unet = unet_of((32, 64), 1, 8)
-    train_unet("device_unet", device_unet, args.device_unet_steps, train_text=False)
-    device_unet.save_pretrained(out / "device_unet" / "unet")
-    write_log()
+    if args.device_unet_steps > 0:
+        device_unet = unet_of(channels(args.device_unet_channels), 1, 8)
+
+        def save_device():
+            device_unet.save_pretrained(out / "device_unet" / "unet")
+            write_log()
+
+        train_unet("device_unet", device_unet, args.device_unet_steps, train_text=False,
+                   save=save_device)
+        save_device()
     print(f"saved {out} in {log['seconds']:.0f} s total", flush=True)
 
 

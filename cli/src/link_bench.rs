@@ -99,6 +99,27 @@ pub struct LinkBenchArgs {
 const MB: f64 = 1e6;
 
 pub fn run(a: LinkBenchArgs) -> Result<()> {
+    let report = measure(&a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let profile = if a.profile.trim().eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(LinkProfile::parse(&a.profile)?)
+        };
+        if a.throughput {
+            print_throughput(&a, profile.as_ref(), &report);
+        } else {
+            print_generation(&a, profile.as_ref(), &report);
+        }
+    }
+    Ok(())
+}
+
+/// Runs the benchmark `a` describes (local QUIC servers behind the emulated link) and returns
+/// its report; `veil eval` reads the same report.
+pub fn measure(a: &LinkBenchArgs) -> Result<Value> {
     let profile = if a.profile.trim().eq_ignore_ascii_case("none") {
         None
     } else {
@@ -161,9 +182,9 @@ pub fn run(a: LinkBenchArgs) -> Result<()> {
         let result = match backends {
             Ok(backends) => {
                 let r = if a.throughput {
-                    throughput(&a, wire, &backends, link.as_ref()).await
+                    throughput(a, wire, &backends, link.as_ref()).await
                 } else {
-                    generation(&a, &sd, policy, wire, &backends, link.as_ref()).await
+                    generation(a, &sd, policy, wire, &backends, link.as_ref()).await
                 };
                 for b in &backends {
                     b.close().await;
@@ -195,14 +216,7 @@ pub fn run(a: LinkBenchArgs) -> Result<()> {
     report["servers"] = a.servers.into();
     report["wire"] = wire.to_string().into();
     report["zstd"] = a.zstd.into();
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if a.throughput {
-        print_throughput(&a, profile.as_ref(), &report);
-    } else {
-        print_generation(&a, profile.as_ref(), &report);
-    }
-    Ok(())
+    Ok(report)
 }
 
 fn finite_queue(q: usize) -> Value {

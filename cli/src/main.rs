@@ -6,8 +6,11 @@
 //!   (`--local-servers N`), or on remote `veil-server`s (`--server-list servers.toml`).
 //! - `veil plan --config unet/config.json --width 512 --height 512 --servers 4 --policy ppidm`
 //!   prints PPIDM-style traffic tables and the offloaded FLOP share from the config alone.
+//! - `veil dataset`, `veil score` and `veil eval`: the shapes dataset, the adherence scorer and
+//!   the evaluation report (docs/EVAL.md: utility, fidelity, traffic, FLOPs, attacks).
 
 mod bench;
+mod eval;
 mod link_bench;
 
 use std::path::PathBuf;
@@ -53,6 +56,9 @@ enum Command {
     Dataset(DatasetArgs),
     /// Score pictures against their captions (colour, shape, position, size of the main object).
     Score(ScoreArgs),
+    /// Evaluate every policy on a trained model: adherence, fidelity, link traffic, FLOPs and
+    /// the attack suite; writes docs/EVAL.md and PNG grids.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -204,6 +210,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Dataset(a) => dataset_cmd(a),
         Command::Score(a) => score_cmd(a),
+        Command::Eval(a) => eval::run(a),
     }
 }
 
@@ -302,6 +309,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         policy,
         wire,
         attention_reuse_from: a.reuse_attention_from,
+        capture_from_step: None,
     };
     let quic = policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some());
     if !policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some()) {

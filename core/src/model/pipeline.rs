@@ -20,7 +20,7 @@ use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 use crate::model::weights::WeightFile;
 use crate::placement::accounting::Accounting;
-use crate::placement::audit::Audit;
+use crate::placement::audit::{Audit, View};
 use crate::placement::backend::{InProcessBackend, ShardBackend};
 use crate::placement::engine::{CandleEngine, WireDtype};
 use crate::placement::policy::Policy;
@@ -169,7 +169,8 @@ impl StableDiffusion {
         };
         let placement = opts.policy.placement();
         let mut rt = Runtime::new(&self.unet_engine, placement, backends, opts.wire)?
-            .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64));
+            .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64))
+            .with_capture(opts.capture_from_step.map(|s| s as u64));
         let mut acct = Accounting::new(backends.len());
         let total = scheduler.timesteps().len();
         let timesteps = scheduler.timesteps().to_vec();
@@ -206,6 +207,7 @@ impl StableDiffusion {
             latents,
             accounting: acct,
             audit: rt.take_audit(),
+            captured: rt.take_captured(),
             stats,
         })
     }
@@ -267,6 +269,9 @@ pub struct GenerateOptions {
     /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
     /// output of the step before instead of recomputing it (None: always recompute).
     pub attention_reuse_from: Option<usize>,
+    /// Evaluation only: from this step on, keep every tensor the servers receive
+    /// (`Generation::captured`).
+    pub capture_from_step: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -284,6 +289,7 @@ impl Default for GenerateOptions {
             policy: Policy::Local,
             wire: WireDtype::F32,
             attention_reuse_from: None,
+            capture_from_step: None,
         }
     }
 }
@@ -343,6 +349,9 @@ pub struct Generation {
     pub accounting: Accounting,
     /// Every tensor each server received (empty for `local`).
     pub audit: Audit,
+    /// With `capture_from_step`: each tensor a server received from that step on, with its
+    /// view, in send order.
+    pub captured: Vec<(View, Tensor)>,
     pub stats: RunStats,
 }
 

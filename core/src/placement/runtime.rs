@@ -79,6 +79,10 @@ pub struct Runtime<'a, E: Engine> {
     /// (H, W) of the feature map whose tokens the transformer is working on.
     token_map: Option<(usize, usize)>,
     reuse: Option<AttentionReuse<E::T>>,
+    /// From this U-Net call on, keep every tensor a server receives next to its view (the
+    /// evaluation's attacks read what a server saw; off in normal runs).
+    capture_from: Option<u64>,
+    captured: Vec<(View, E::T)>,
 }
 
 fn prod(d: &[usize]) -> u64 {
@@ -127,7 +131,21 @@ impl<'a, E: Engine> Runtime<'a, E> {
             released: Arc::new(Mutex::new(Vec::new())),
             token_map: None,
             reuse: None,
+            capture_from: None,
+            captured: Vec::new(),
         })
+    }
+
+    /// Keeps a copy of every tensor sent to a server from U-Net call `from_call` on, with its
+    /// view (`take_captured`). For evaluation: an attacker's input is exactly these tensors.
+    pub fn with_capture(mut self, from_call: Option<u64>) -> Self {
+        self.capture_from = from_call;
+        self
+    }
+
+    /// The captured (view, tensor) pairs so far, in send order.
+    pub fn take_captured(&mut self) -> Vec<(View, E::T)> {
+        std::mem::take(&mut self.captured)
     }
 
     pub fn with_attention_chunk(mut self, chunk: usize) -> Self {
@@ -253,7 +271,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 }
             }
         }
-        View {
+        let view = View {
             server,
             call: self.call_index(),
             layer: layer.to_string(),
@@ -262,7 +280,11 @@ impl<'a, E: Engine> Runtime<'a, E> {
             rows,
             text_indexed,
             bytes: self.bytes(t),
+        };
+        if self.capture_from.is_some_and(|from| view.call >= from) {
+            self.captured.push((view.clone(), t.clone()));
         }
+        view
     }
 
     /// Sends one request to each backend concurrently (one round trip) and returns each

@@ -211,6 +211,7 @@ impl Inner {
             policy: self.config.policy,
             wire: self.config.wire,
             attention_reuse_from: o.reuse_attention_from.map(|s| s as usize),
+            capture_from_step: None,
         })
     }
 

@@ -1,0 +1,750 @@
+//! `veil eval`: scores every placement policy on a trained model and writes docs/EVAL.md with
+//! PNG grids — utility (prompt adherence), fidelity against `local` (PSNR/SSIM over servers and
+//! steps), traffic and time per step on the emulated 5g link, FLOPs per party, and the attack
+//! suite's reconstructions per server.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use veil_core::model::pipeline::{GenerateOptions, Generation, StableDiffusion};
+use veil_core::placement::{GnVariant, Policy};
+use veil_eval::attack::{self, AttackConfig, AttackReport, Fidelity};
+use veil_eval::metrics::{psnr, ssim, Picture};
+use veil_eval::{score, Dataset};
+
+use crate::link_bench::{self, LinkBenchArgs};
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Diffusers-layout model folder (trained on the shapes dataset).
+    #[arg(long, default_value = "models/tiny-shapes")]
+    pub model: PathBuf,
+    /// The report to write.
+    #[arg(long, default_value = "docs/EVAL.md")]
+    pub out: PathBuf,
+    /// Folder for the PNG grids (linked from the report by relative path).
+    #[arg(long, default_value = "docs/eval")]
+    pub figures: PathBuf,
+    /// Held-out prompts scored for adherence under `local`.
+    #[arg(long, default_value_t = 200)]
+    pub prompts: usize,
+    /// Held-out prompts scored for adherence under `ppidm` and `strict` (the first of the above).
+    #[arg(long, default_value_t = 50)]
+    pub policy_prompts: usize,
+    /// Denoising steps for the adherence runs and the grid.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+    /// Prompts per fidelity cell.
+    #[arg(long, default_value_t = 3)]
+    pub fidelity_prompts: usize,
+    /// Server counts of the fidelity table.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    pub fidelity_servers: Vec<usize>,
+    /// Step counts of the fidelity table.
+    #[arg(long, value_delimiter = ',', default_value = "30,50,70")]
+    pub fidelity_steps: Vec<usize>,
+    /// Generations each attacker trains its probes on.
+    #[arg(long, default_value_t = 96)]
+    pub attack_train: usize,
+    /// Generations attacked.
+    #[arg(long, default_value_t = 16)]
+    pub attack_test: usize,
+    #[arg(long, default_value_t = 20)]
+    pub attack_steps: usize,
+    /// Extra captions in the prompt-recovery pool.
+    #[arg(long, default_value_t = 200)]
+    pub attack_pool: usize,
+    /// Steps timed through the emulated 5g link (0 skips the link section).
+    #[arg(long, default_value_t = 4)]
+    pub link_steps: usize,
+    /// Dataset seed of the captions.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// A small, fast configuration (tests and CI): few prompts, small attack sets.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+impl EvalArgs {
+    fn shrink(&mut self) {
+        self.prompts = self.prompts.min(6);
+        self.policy_prompts = self.policy_prompts.min(3);
+        self.steps = self.steps.min(6);
+        self.fidelity_prompts = 1;
+        self.fidelity_servers = vec![2];
+        self.fidelity_steps = vec![4];
+        self.attack_train = self.attack_train.min(6);
+        self.attack_test = self.attack_test.min(2);
+        self.attack_steps = self.attack_steps.min(3);
+        self.attack_pool = self.attack_pool.min(10);
+        self.link_steps = self.link_steps.min(2);
+    }
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{elapsed_precise}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b
+}
+
+fn picture(t: &Tensor) -> Result<Picture> {
+    let (_, h, w) = t.dims3()?;
+    Ok(Picture::new(h, w, t.flatten_all()?.to_vec1::<f32>()?)?)
+}
+
+struct Runner<'a> {
+    sd: &'a StableDiffusion,
+    rt: tokio::runtime::Runtime,
+    side: usize,
+    guidance: f64,
+}
+
+impl Runner<'_> {
+    fn generate(
+        &self,
+        prompt: &str,
+        steps: usize,
+        seed: u64,
+        policy: Policy,
+        servers: usize,
+    ) -> Result<Generation> {
+        let opts = GenerateOptions {
+            prompt: prompt.to_string(),
+            steps,
+            guidance: self.guidance,
+            seed,
+            width: self.side,
+            height: self.side,
+            policy,
+            ..Default::default()
+        };
+        let backends = if policy.needs_backends() {
+            self.sd.in_process_backends(servers)
+        } else {
+            Vec::new()
+        };
+        Ok(self
+            .rt
+            .block_on(self.sd.generate(&opts, &backends, &mut |_| {}))?)
+    }
+}
+
+/// Tiles pictures into one PNG: `rows[r][c]`, a 2-pixel gap, missing tiles grey.
+fn grid(rows: &[Vec<Option<Picture>>]) -> image::RgbImage {
+    let side = rows
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|p| p.height.max(p.width))
+        .max()
+        .unwrap_or(64);
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let gap = 2u32;
+    let s = side as u32;
+    let mut img = image::RgbImage::from_pixel(
+        cols as u32 * (s + gap) + gap,
+        rows.len() as u32 * (s + gap) + gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (r, row) in rows.iter().enumerate() {
+        for (c, tile) in row.iter().enumerate() {
+            let (x0, y0) = (gap + c as u32 * (s + gap), gap + r as u32 * (s + gap));
+            match tile {
+                Some(p) => {
+                    let t = p.to_rgb();
+                    for (x, y, px) in t.enumerate_pixels() {
+                        img.put_pixel(x0 + x, y0 + y, *px);
+                    }
+                }
+                None => {
+                    for y in 0..s {
+                        for x in 0..s {
+                            img.put_pixel(x0 + x, y0 + y, image::Rgb([200, 200, 200]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    img
+}
+
+fn pct(n: usize, d: usize) -> String {
+    if d == 0 {
+        "—".into()
+    } else {
+        format!("{:.1}%", 100.0 * n as f64 / d as f64)
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "—".into(),
+    }
+}
+
+fn fid(f: &Fidelity) -> (String, String) {
+    (
+        format!("{:.2} / {:.3}", f.psnr, f.ssim),
+        format!("{} / {}", opt(f.psnr_outside, 2), opt(f.ssim_outside, 3)),
+    )
+}
+
+/// Adherence counts: (colour, shape, position, size, scored).
+#[derive(Default, Clone, Copy)]
+struct Counts([usize; 5]);
+
+impl Counts {
+    fn add(&mut self, a: veil_eval::Adherence) {
+        for (i, ok) in [a.colour, a.shape, a.position, a.size]
+            .into_iter()
+            .enumerate()
+        {
+            self.0[i] += ok as usize;
+        }
+        self.0[4] += 1;
+    }
+    fn row(&self, name: &str) -> String {
+        let n = self.0[4];
+        format!(
+            "| {name} | {n} | {} | {} | {} | {} |\n",
+            pct(self.0[0], n),
+            pct(self.0[1], n),
+            pct(self.0[2], n),
+            pct(self.0[3], n)
+        )
+    }
+}
+
+fn rel(path: &Path, from: &Path) -> String {
+    // Figures are linked relative to the report's folder when they live under it.
+    let base = from.parent().unwrap_or(Path::new(""));
+    path.strip_prefix(base)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+pub fn run(mut a: EvalArgs) -> Result<()> {
+    if a.quick {
+        a.shrink();
+    }
+    if a.prompts == 0 || a.steps == 0 {
+        bail!("--prompts and --steps must be at least 1");
+    }
+    let started = Instant::now();
+    let device = Device::Cpu;
+    let sd = StableDiffusion::load(&a.model, &device)
+        .with_context(|| format!("loading model folder {}", a.model.display()))?;
+    let f = sd.vae.config.downsample_factor();
+    let side = sd.unet.config.sample_size.unwrap_or(16) * f;
+    let runner = Runner {
+        sd: &sd,
+        rt: tokio::runtime::Builder::new_current_thread().build()?,
+        side,
+        guidance: a.guidance,
+    };
+    std::fs::create_dir_all(&a.figures)
+        .with_context(|| format!("creating {}", a.figures.display()))?;
+    let data = Dataset::new(a.seed, side);
+    let held: Vec<String> = (0..a.prompts as u64).map(|i| data.held_out(i).1).collect();
+    let strict = Policy::Strict;
+    let ppidm = Policy::Ppidm {
+        gn: GnVariant::Exact,
+    };
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Evaluation: the tiny shapes model under every placement policy\n"
+    )?;
+    writeln!(
+        md,
+        "Written by `veil eval{}` (model `{}`, {side}×{side} pictures, guidance {}, DDIM). \
+         Every number below is measured by that command; nothing is typed in by hand. \
+         Held-out captions come from the dataset's held-out split (seed {}): none of them \
+         was a training caption.\n",
+        if a.quick { " --quick" } else { "" },
+        a.model.display(),
+        a.guidance,
+        a.seed
+    )?;
+    training_section(&mut md, &a.model)?;
+
+    // --- utility: adherence --------------------------------------------------------------
+    let gens = a.prompts + 2 * a.policy_prompts.min(a.prompts);
+    let b = bar(gens, "adherence");
+    let mut counts = [Counts::default(); 3];
+    let mut agree = [0usize; 2];
+    let mut grid_rows: Vec<Vec<Option<Picture>>> = vec![Vec::new(); 4];
+    let grid_n = 8.min(a.prompts);
+    let t0 = Instant::now();
+    for (i, caption) in held.iter().enumerate() {
+        let seed = 1 + i as u64;
+        let local = runner.generate(caption, a.steps, seed, Policy::Local, 0)?;
+        let lp = picture(&local.image)?;
+        let la = score(&lp.to_rgb(), caption)?;
+        counts[0].add(la);
+        b.inc(1);
+        if i < grid_n {
+            grid_rows[0].push(Some(Picture::from_rgb(&data.held_out(i as u64).2)));
+            grid_rows[1].push(Some(lp.clone()));
+        }
+        if i < a.policy_prompts {
+            for (j, policy) in [ppidm, strict].into_iter().enumerate() {
+                let g =
+                    runner.generate(caption, a.steps, seed, policy, 4.min(side / f / 2).max(1))?;
+                let p = picture(&g.image)?;
+                let s = score(&p.to_rgb(), caption)?;
+                counts[j + 1].add(s);
+                agree[j] += (s == la) as usize;
+                if i < grid_n {
+                    grid_rows[j + 2].push(Some(p));
+                }
+                b.inc(1);
+            }
+        }
+    }
+    b.finish_and_clear();
+    let adherence_seconds = t0.elapsed().as_secs_f64();
+    let grid_path = a.figures.join("heldout_grid.png");
+    grid(&grid_rows)
+        .save(&grid_path)
+        .with_context(|| format!("writing {}", grid_path.display()))?;
+    writeln!(md, "## Utility: prompt adherence on held-out prompts\n")?;
+    writeln!(
+        md,
+        "The scorer (`veil_eval::score`) finds the caption's main object by colour in the \
+         pixels and checks its shape, 3×3 position cell and size. {} steps, seed = prompt \
+         index + 1. `ppidm` and `strict` ran with 4 in-process servers on the first {} prompts. \
+         Goal for `local`: ≥ 80% colour, ≥ 70% position.\n",
+        a.steps,
+        a.policy_prompts.min(a.prompts)
+    )?;
+    writeln!(
+        md,
+        "| policy | prompts | colour | shape | position | size |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    md.push_str(&counts[0].row("local"));
+    md.push_str(&counts[1].row("ppidm (exact GN), N = 4"));
+    md.push_str(&counts[2].row("strict, N = 4"));
+    writeln!(
+        md,
+        "\nThe four scores of a `ppidm` picture equal those of the `local` picture of the same \
+         prompt and seed for {} of {} prompts; `strict`: {} of {}. ({adherence_seconds:.0} s)\n",
+        agree[0], counts[1].0[4], agree[1], counts[2].0[4]
+    )?;
+    writeln!(
+        md,
+        "![held-out grid]({})\n\nRows: the dataset's own rendering of the caption (one \
+         random jitter), `local`, `ppidm`, `strict`. Columns, left to right:\n",
+        rel(&grid_path, &a.out)
+    )?;
+    for (i, c) in held.iter().take(grid_n).enumerate() {
+        writeln!(md, "{}. {c}", i + 1)?;
+    }
+    md.push('\n');
+
+    // --- fidelity --------------------------------------------------------------------------
+    fidelity_section(&mut md, &a, &runner, &held, side / f)?;
+
+    // --- traffic and time on the link ------------------------------------------------------
+    if a.link_steps > 0 {
+        link_section(&mut md, &a, &held[0])?;
+    }
+
+    // --- attacks ---------------------------------------------------------------------------
+    attack_section(&mut md, &a, &sd, side)?;
+
+    writeln!(
+        md,
+        "---\nTotal time of this `veil eval`: {:.0} s on {} CPU threads.",
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, md).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} and figures in {} ({:.0} s)",
+        a.out.display(),
+        a.figures.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn training_section(md: &mut String, model: &Path) -> Result<()> {
+    let path = model.join("training_log.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        writeln!(md, "(No `training_log.json` in the model folder.)\n")?;
+        return Ok(());
+    };
+    let log: serde_json::Value = serde_json::from_str(&text).context("training_log.json")?;
+    writeln!(md, "## The model\n")?;
+    writeln!(
+        md,
+        "Trained by `tools/train_tiny.py` on {} pictures ({}; {:.0} s in all). Loss curves \
+         (every 200 steps) are in `training_log.json` beside the weights.\n",
+        log["data"]["pictures"],
+        log["device"].as_str().unwrap_or("?"),
+        log["seconds"].as_f64().unwrap_or(0.0)
+    )?;
+    writeln!(
+        md,
+        "| stage | steps | parameters | seconds | first loss | last loss |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    if let Some(stages) = log["stages"].as_object() {
+        for (name, s) in stages {
+            let curve = s["curve"].as_array().cloned().unwrap_or_default();
+            let at = |i: Option<&serde_json::Value>| {
+                i.and_then(|p| p.get(1))
+                    .and_then(|v| v.as_f64())
+                    .map(|v| format!("{v:.4}"))
+                    .unwrap_or_else(|| "—".into())
+            };
+            writeln!(
+                md,
+                "| {name} | {} | {} | {:.0} | {} | {} |",
+                s["steps"],
+                s.get("parameters")
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "—".into()),
+                s["seconds"].as_f64().unwrap_or(0.0),
+                at(curve.first()),
+                at(curve.last())
+            )?;
+        }
+        if let Some(v) = stages.get("vae") {
+            writeln!(
+                md,
+                "\nVAE reconstruction PSNR on 512 training pictures: {:.1} dB; latent scaling \
+                 factor {:.4}.",
+                v["reconstruction_psnr_db"].as_f64().unwrap_or(f64::NAN),
+                v["scaling_factor"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
+    }
+    md.push('\n');
+    Ok(())
+}
+
+fn fidelity_section(
+    md: &mut String,
+    a: &EvalArgs,
+    runner: &Runner<'_>,
+    held: &[String],
+    latent_rows: usize,
+) -> Result<()> {
+    let policies = [
+        (
+            "ppidm, paper GN (PPIGN)",
+            Policy::Ppidm {
+                gn: GnVariant::Paper,
+            },
+        ),
+        (
+            "ppidm, exact GN",
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+        ),
+        ("strict", Policy::Strict),
+    ];
+    let servers: Vec<usize> = a
+        .fidelity_servers
+        .iter()
+        .copied()
+        .filter(|&n| n >= 1 && latent_rows / 2 >= n)
+        .collect();
+    let prompts: Vec<&String> = held.iter().take(a.fidelity_prompts.max(1)).collect();
+    let total = prompts.len() * a.fidelity_steps.len() * (1 + policies.len() * servers.len());
+    let b = bar(total, "fidelity");
+    // cells[policy][servers][steps] = (psnr, ssim) sums; flops[policy][servers] per step.
+    let mut cells = vec![
+        vec![vec![(0f64, 0f64, 0usize); a.fidelity_steps.len()]; servers.len()];
+        policies.len()
+    ];
+    let mut flops = vec![vec![(0u64, 0u64, 0u64, 0u64); servers.len()]; policies.len()];
+    let mut local_flops = 0u64;
+    for (pi, prompt) in prompts.iter().enumerate() {
+        for (si, &steps) in a.fidelity_steps.iter().enumerate() {
+            let seed = 100 + pi as u64;
+            let local = runner.generate(prompt, steps, seed, Policy::Local, 0)?;
+            local_flops = local.stats.device_flops / steps as u64;
+            let lp = picture(&local.image)?;
+            b.inc(1);
+            for (k, (_, policy)) in policies.iter().enumerate() {
+                for (ni, &n) in servers.iter().enumerate() {
+                    let g = runner.generate(prompt, steps, seed, *policy, n)?;
+                    let p = picture(&g.image)?;
+                    let c = &mut cells[k][ni][si];
+                    c.0 += psnr(&lp, &p, None)?.unwrap_or(f64::NAN);
+                    c.1 += ssim(&lp, &p, None)?.unwrap_or(f64::NAN);
+                    c.2 += 1;
+                    let st = &g.stats;
+                    let per = steps as u64;
+                    let max_server = st
+                        .per_server
+                        .iter()
+                        .map(|s| s.server_flops)
+                        .max()
+                        .unwrap_or(0);
+                    flops[k][ni] = (
+                        st.device_flops / per,
+                        max_server / per,
+                        st.bytes_up / per,
+                        st.round_trips / per,
+                    );
+                    b.inc(1);
+                }
+            }
+        }
+    }
+    b.finish_and_clear();
+    writeln!(md, "## Fidelity against `local`\n")?;
+    writeln!(
+        md,
+        "PSNR (dB, capped at 100 = bit-identical) / SSIM of each policy's picture against the \
+         `local` picture of the same prompt, seed and steps, mean over {} held-out prompts — \
+         the shape of PPIDM's Tables IV–VII (quality over server count and step count). \
+         In-process servers, f32 wire.\n",
+        prompts.len()
+    )?;
+    write!(md, "| policy | servers |")?;
+    for s in &a.fidelity_steps {
+        write!(md, " {s} steps |")?;
+    }
+    writeln!(md)?;
+    writeln!(md, "|---|---|{}", "---|".repeat(a.fidelity_steps.len()))?;
+    for (k, (name, _)) in policies.iter().enumerate() {
+        for (ni, n) in servers.iter().enumerate() {
+            write!(md, "| {name} | {n} |")?;
+            for c in &cells[k][ni] {
+                let d = c.2.max(1) as f64;
+                write!(md, " {:.2} / {:.4} |", c.0 / d, c.1 / d)?;
+            }
+            writeln!(md)?;
+        }
+    }
+    writeln!(md, "\n### FLOPs and traffic per step, per party\n")?;
+    writeln!(
+        md,
+        "From the runtime's accounting (one U-Net call per step, CFG batch 2). `local` runs \
+         {:.1} MFLOP per step on the device.\n",
+        local_flops as f64 / 1e6
+    )?;
+    writeln!(md, "| policy | servers | device MFLOP/step | busiest server MFLOP/step | upload MB/step | round trips/step |")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    for (k, (name, _)) in policies.iter().enumerate() {
+        for (ni, n) in servers.iter().enumerate() {
+            let (d, s, up, rt) = flops[k][ni];
+            writeln!(
+                md,
+                "| {name} | {n} | {:.1} | {:.1} | {:.3} | {rt} |",
+                d as f64 / 1e6,
+                s as f64 / 1e6,
+                up as f64 / 1e6
+            )?;
+        }
+    }
+    md.push('\n');
+    Ok(())
+}
+
+fn link_section(md: &mut String, a: &EvalArgs, prompt: &str) -> Result<()> {
+    writeln!(md, "## Traffic and time per step on the emulated 5g link\n")?;
+    writeln!(
+        md,
+        "Real QUIC shard servers on loopback behind the link emulator's `5g` profile \
+         (81.14 Mbit/s up, 340.56 Mbit/s down, 30 ms RTT, one shared bottleneck), f32 wire, \
+         no compression, {} steps; the median step after the first. Same as \
+         `veil bench link --profile 5g --model {} --policy P --servers N --steps {}`.\n",
+        a.link_steps,
+        a.model.display(),
+        a.link_steps
+    )?;
+    writeln!(md, "| policy | servers | s/step | up MB/step | down MB/step | round trips/step | serialisation + RTT bound s/step |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    let configs = [("ppidm", 2), ("ppidm", 4), ("strict", 2), ("strict", 4)];
+    let b = bar(configs.len(), "5g link");
+    for (policy, servers) in configs {
+        let args = LinkBenchArgs {
+            profile: "5g".into(),
+            model: a.model.clone(),
+            servers,
+            policy: policy.into(),
+            gn: "exact".into(),
+            steps: a.link_steps,
+            wire: "f32".into(),
+            zstd: 0,
+            width: None,
+            height: None,
+            prompt: prompt.to_string(),
+            guidance: a.guidance,
+            seed: 1,
+            scheduler: "ddim".into(),
+            request_timeout: 600.0,
+            throughput: false,
+            tensor: String::new(),
+            repeats: 1,
+            json: true,
+        };
+        let r = link_bench::measure(&args)?;
+        let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        let step = r["step_seconds_median_after_first"]
+            .as_f64()
+            .unwrap_or(num("step_seconds_median"));
+        writeln!(
+            md,
+            "| {policy} | {servers} | {step:.2} | {:.3} | {:.3} | {} | {:.2} |",
+            num("tensor_bytes_up_per_step") / 1e6,
+            num("tensor_bytes_down_per_step") / 1e6,
+            r["round_trips_per_step"],
+            num("serialization_lower_bound_seconds_per_step")
+        )?;
+        b.inc(1);
+    }
+    b.finish_and_clear();
+    md.push('\n');
+    Ok(())
+}
+
+fn attack_section(md: &mut String, a: &EvalArgs, sd: &StableDiffusion, side: usize) -> Result<()> {
+    let configs = [
+        (
+            "everything on one server",
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+            1,
+        ),
+        (
+            "ppidm",
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+            2,
+        ),
+        (
+            "ppidm",
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+            4,
+        ),
+        ("strict", Policy::Strict, 2),
+        ("strict", Policy::Strict, 4),
+    ];
+    let mut reports: Vec<(&str, AttackReport)> = Vec::new();
+    for (name, policy, servers) in configs {
+        let cfg = AttackConfig {
+            policy,
+            servers,
+            train: a.attack_train,
+            test: a.attack_test,
+            steps: a.attack_steps,
+            guidance: a.guidance,
+            side,
+            seed: a.seed,
+            pool_extra: a.attack_pool,
+        };
+        let b = bar(
+            cfg.train + cfg.test,
+            &format!("attacks: {name} N={servers}"),
+        );
+        let r = attack::run(sd, &cfg, &mut |done, _| b.set_position(done as u64))?;
+        b.finish_and_clear();
+        reports.push((name, r));
+    }
+    let first = &reports[0].1;
+    writeln!(md, "## Attacks: what each server can reconstruct\n")?;
+    writeln!(
+        md,
+        "A white-box attacker per server knows the public weights, the scheduler and the code, \
+         and every tensor its server received at the last denoising step (captured where the \
+         view audit records it). It trains its probes on {} generations of training captions \
+         and attacks {} generations of held-out captions ({} steps each). Scores: PSNR (dB) / \
+         SSIM of the reconstruction against the true final picture, over the whole picture and \
+         over the rows outside the server's own strip (`—` where its strip is everything).\n",
+        first.train, first.test, first.steps
+    )?;
+    writeln!(md, "- **strip decode**: the U-Net input rows it received (≈ the final latent at the last step) in the mean latent of the training generations, VAE-decoded.")?;
+    writeln!(md, "- **K/V inversion**: least squares for `LN(h)` from `K = LN(h)·W_kᵀ`, `V = LN(h)·W_vᵀ` (the residual column: 0 means the features are exactly determined), then a per-position ridge probe from the features of the self-attention nearest the output to the final latent.")?;
+    writeln!(md, "- **linear probe**: ridge regression (dual form, strength by leave-one-out) from the whole flattened view to the final latent.")?;
+    writeln!(md, "- **prompt recovery**: nearest caption, by the cross-attention keys it would produce, in a pool of {} captions (the attacked ones among them); `—` where no text-indexed tensor arrived (the attacker can only guess: 1/{}).\n", first.prompt_pool, first.prompt_pool)?;
+    writeln!(
+        md,
+        "Baseline **fully on device** (the attacker sees nothing; its best guess is the mean \
+         picture of the training generations): {} dB / {:.3}.\n",
+        opt(Some(first.device_baseline.psnr), 2),
+        first.device_baseline.ssim
+    )?;
+    writeln!(md, "| setting | N | server | strip (latent rows) | rows seen | strip decode: all | outside strip | K/V inversion: all | outside strip | K/V residual | linear probe: all | outside strip | prompt recovered |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    let mut example_rows: Vec<Vec<Option<Picture>>> = Vec::new();
+    for (name, r) in &reports {
+        for s in &r.per_server {
+            let (sd_all, sd_out) = fid(&s.strip_decode);
+            let (kv_all, kv_out) = s
+                .kv_inversion
+                .as_ref()
+                .map(fid)
+                .unwrap_or(("—".into(), "—".into()));
+            let (lp_all, lp_out) = fid(&s.linear_probe);
+            writeln!(
+                md,
+                "| {name} | {} | {} | {}–{} | {} | {sd_all} | {sd_out} | {kv_all} | {kv_out} | {} | {lp_all} | {lp_out} | {} |",
+                r.servers,
+                s.server,
+                s.strip[0],
+                s.strip[1],
+                s.latent_rows_seen,
+                s.kv_residual.map(|v| format!("{v:.1e}")).unwrap_or_else(|| "—".into()),
+                s.prompt_recovery.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_else(|| "—".into()),
+            )?;
+        }
+        // Example row per report: truth, then each server's best-looking attack (strip
+        // decode, K/V, probe) for the first attacked generation.
+        if let Some(truth) = r.truths.first() {
+            let mut row = vec![Some(truth.clone())];
+            for per in &r.examples {
+                if let Some(ex) = per.first() {
+                    row.extend(ex[1..].iter().cloned());
+                }
+            }
+            example_rows.push(row);
+        }
+    }
+    let path = a.figures.join("attacks.png");
+    grid(&example_rows)
+        .save(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(
+        md,
+        "\n![attack reconstructions]({})\n\nOne row per setting above (same order), first attacked \
+         prompt: the true picture, then for each server its strip decode, K/V inversion (grey: \
+         nothing to invert) and linear probe.\n",
+        rel(&path, &a.out)
+    )?;
+    writeln!(md, "Not covered here: the attacker of the `obfuscated` policy (guessing the real attribute among the candidates) belongs to that policy's issue; it does not exist yet.\n")?;
+    Ok(())
+}
