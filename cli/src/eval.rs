@@ -34,15 +34,15 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 200)]
     pub prompts: usize,
     /// Held-out prompts scored for adherence under `ppidm` and `strict` (the first of the above).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 30)]
     pub policy_prompts: usize,
     /// Denoising steps for the adherence runs and the grid.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     #[arg(long, default_value_t = 5.0)]
     pub guidance: f64,
     /// Prompts per fidelity cell.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 1)]
     pub fidelity_prompts: usize,
     /// Server counts of the fidelity table.
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
@@ -51,18 +51,18 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', default_value = "30,50,70")]
     pub fidelity_steps: Vec<usize>,
     /// Generations each attacker trains its probes on.
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 48)]
     pub attack_train: usize,
     /// Generations attacked.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub attack_test: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     pub attack_steps: usize,
     /// Extra captions in the prompt-recovery pool.
     #[arg(long, default_value_t = 200)]
     pub attack_pool: usize,
     /// Steps timed through the emulated 5g link (0 skips the link section).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub link_steps: usize,
     /// Dataset seed of the captions.
     #[arg(long, default_value_t = 7)]
@@ -733,6 +733,42 @@ fn attack_section(md: &mut String, a: &EvalArgs, sd: &StableDiffusion, side: usi
             }
             example_rows.push(row);
         }
+    }
+    writeln!(md, "\nSummary: the best any single server of a setting reaches, over all its attacks (PSNR dB, whole picture / outside its strip), against the fully-on-device baseline of {:.2} dB.\n", first.device_baseline.psnr)?;
+    writeln!(md, "| setting | N | best PSNR, whole picture | best PSNR, outside own strip | prompt recovered by some server |")?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for (name, r) in &reports {
+        let mut all = f64::NEG_INFINITY;
+        let mut outside: Option<f64> = None;
+        for s in &r.per_server {
+            for f in [
+                Some(&s.strip_decode),
+                s.kv_inversion.as_ref(),
+                Some(&s.linear_probe),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                all = all.max(f.psnr);
+                if let Some(o) = f.psnr_outside {
+                    outside = Some(outside.map_or(o, |b: f64| b.max(o)));
+                }
+            }
+        }
+        let prompt = r
+            .per_server
+            .iter()
+            .filter_map(|s| s.prompt_recovery)
+            .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))));
+        writeln!(
+            md,
+            "| {name} | {} | {all:.2} | {} | {} |",
+            r.servers,
+            opt(outside, 2),
+            prompt
+                .map(|v| format!("{:.0}%", v * 100.0))
+                .unwrap_or_else(|| "no (nothing text-derived arrives)".into())
+        )?;
     }
     let path = a.figures.join("attacks.png");
     grid(&example_rows)

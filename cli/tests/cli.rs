@@ -253,3 +253,46 @@ fn strict_generation_writes_the_documented_audit() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+#[test]
+fn eval_quick_writes_every_section_and_its_grids() {
+    let dir = tmp("eval");
+    let md = dir.join("EVAL.md");
+    let figures = dir.join("figures");
+    let st = veil()
+        .args([
+            "eval",
+            "--quick",
+            "--model",
+            "models/tiny-random",
+            "--link-steps",
+            "0",
+        ])
+        .arg("--out")
+        .arg(&md)
+        .arg("--figures")
+        .arg(&figures)
+        .status()
+        .expect("run veil eval");
+    assert!(st.success());
+    let text = std::fs::read_to_string(&md).expect("EVAL.md");
+    for section in [
+        "## Utility: prompt adherence",
+        "| local | 6 |",
+        "## Fidelity against `local`",
+        "| strict | 2 | 100.00 / 1.0000 |",
+        "### FLOPs and traffic per step",
+        "## Attacks: what each server can reconstruct",
+        "| everything on one server | 1 | 0 |",
+        "| strict | 4 | 3 |",
+    ] {
+        assert!(text.contains(section), "missing `{section}` in:\n{text}");
+    }
+    // The link section was skipped on request.
+    assert!(!text.contains("5g link"));
+    for png in ["heldout_grid.png", "attacks.png"] {
+        let img = image::open(figures.join(png)).expect(png);
+        assert!(img.width() > 64 && img.height() > 64);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
