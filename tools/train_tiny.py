@@ -18,10 +18,20 @@ Stages: VAE (reconstruction + small KL), then the server U-Net with the text enc
 (epsilon prediction, 10% empty captions for classifier-free guidance), then the device U-Net
 with the text encoder frozen.
 
-Status (2026-11-22): smoke-tested end to end on CPU (3 steps per stage, 600 pictures; the
-output loads in `veil generate --model` and has the shapes above). The full run is sized for a
-GPU (defaults take minutes on one); no GPU was lent to the session that wrote it, and a full
-CPU run on 2 cores was not attempted yet.
+Status (2026-11-22): no GPU is lent to this project's sessions, so it runs on 2 CPU cores:
+about 0.9 s per VAE step and 1.0-1.1 s per server U-Net step at batch 32 with the sizes below
+(bf16 autocast on this CPU is 10x slower; f32 it is).
+
+  python3 tools/train_tiny.py --data .train/data --out .train/out --device cpu --batch 32 \
+      --vae-channels 16,32,32 --unet-channels 32,64 --lr 1e-3 --vae-steps 1100 \
+      --unet-steps 2400 --device-unet-steps 0
+
+A first CPU run (900 VAE steps, then 1,700 of 2,400 U-Net steps; 85 min of wall time, much
+of it shared with Rust builds) learned the backgrounds, but its VAE (unweighted loss, 24.1 dB
+PSNR, mostly background) decoded every object as a colourless blob, so the U-Net could not learn colours; the VAE loss now weighs object
+pixels (--object-weight) and reports PSNR on object pixels. Long runs continue in pieces:
+--vae-from reuses a trained VAE, --unet-from continues the text encoder and U-Net of an earlier
+output, and the U-Net is saved every --checkpoint-every steps.
 """
 import argparse
 import json
@@ -58,6 +68,61 @@ def set_lr(opt, lr):
         g["lr"] = lr
 
 
+def train_vae(args, x_all, dev, log, out):
+    """Trains the AutoencoderKL, saves it under out/vae, returns (latent means, scaling)."""
+    from diffusers import AutoencoderKL
+    n = x_all.shape[0]
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=channels(args.vae_channels), layers_per_block=1, latent_channels=4,
+        norm_num_groups=16, sample_size=64,
+    ).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    curve = []
+    t0 = time.time()
+    for step in range(args.vae_steps):
+        set_lr(opt, lr_at(step, args.vae_steps, 1e-3))
+        idx = torch.randint(0, n, (args.batch,), device=dev)
+        x = x_all[idx]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample
+        # Object pixels (those unlike the picture's corner, i.e. its background) weigh more.
+        bg = x[:, :, :1, :1]
+        obj = ((x - bg).abs().sum(1, keepdim=True) > 0.1).float()
+        wmap = 1.0 + args.object_weight * obj
+        err = (rec.float() - x) ** 2 + 0.5 * (rec.float() - x).abs()
+        rec_loss = (err * wmap).sum() / (wmap.sum() * 3)
+        kl = post.kl().mean() / (3 * 64 * 64)
+        loss = rec_loss + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == args.vae_steps - 1:
+            curve.append([step, rec_loss.item(), kl.item()])
+            print(f"vae {step} rec {rec_loss.item():.4f} kl {kl.item():.3f}", flush=True)
+    vae.eval()
+    with torch.no_grad():
+        zs = torch.cat([vae.encode(x_all[i:i + 512]).latent_dist.mean for i in range(0, n, 512)])
+        scaling = float(1.0 / zs.std())
+        rec = vae.decode(zs[:512]).sample
+        psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, x_all[:512])))
+        x = x_all[:512]
+        obj = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).expand_as(x)
+        psnr_obj = float(10 * torch.log10(4.0 / ((rec - x)[obj] ** 2).mean()))
+    vae.register_to_config(scaling_factor=scaling)
+    out.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out / "vae")
+    log["stages"]["vae"] = {"steps": args.vae_steps, "seconds": time.time() - t0, "curve": curve,
+                            "scaling_factor": scaling, "reconstruction_psnr_db": psnr,
+                            "object_psnr_db": psnr_obj, "object_weight": args.object_weight}
+    print(f"vae done: scaling {scaling:.4f}, reconstruction PSNR {psnr:.1f} dB, "
+          f"on object pixels {psnr_obj:.1f} dB", flush=True)
+    return zs, scaling
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, type=Path)
@@ -72,6 +137,16 @@ def main():
     ap.add_argument("--unet-channels", default="64,128", help="server U-Net block_out_channels")
     ap.add_argument("--device-unet-channels", default="32,64", help="device U-Net block_out_channels")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak U-Net learning rate")
+    ap.add_argument("--object-weight", type=float, default=20.0,
+                    help="VAE loss weight of object pixels relative to background pixels (objects "
+                         "are a few percent of a picture; unweighted, the VAE learns backgrounds "
+                         "and blurs objects to colourless blobs)")
+    ap.add_argument("--vae-from", type=Path,
+                    help="reuse this trained vae/ folder instead of training one")
+    ap.add_argument("--stop-after-vae", action="store_true", help="train and save the VAE only")
+    ap.add_argument("--unet-from", type=Path,
+                    help="continue training text_encoder/ and unet/ of this earlier output (with "
+                         "--vae-from its vae/): a fresh optimiser and learning-rate schedule")
     ap.add_argument("--checkpoint-every", type=int, default=500,
                     help="save the U-Net being trained every N steps (a cut-off run keeps a usable model)")
     ap.add_argument("--seed", type=int, default=0)
@@ -90,46 +165,22 @@ def main():
     log = {"data": {"pictures": n, "folder": str(args.data)}, "stages": {}}
 
     # --- VAE ---------------------------------------------------------------------------------
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=channels(args.vae_channels), layers_per_block=1, latent_channels=4,
-        norm_num_groups=16, sample_size=64,
-    ).to(dev)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    curve = []
-    t0 = time.time()
-    for step in range(args.vae_steps):
-        set_lr(opt, lr_at(step, args.vae_steps, 1e-3))
-        idx = torch.randint(0, n, (args.batch,), device=dev)
-        x = x_all[idx]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            post = vae.encode(x).latent_dist
-            z = post.sample()
-            rec = vae.decode(z).sample
-        rec_loss = F.mse_loss(rec.float(), x) + 0.5 * F.l1_loss(rec.float(), x)
-        kl = post.kl().mean() / (3 * 64 * 64)
-        loss = rec_loss + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 200 == 0 or step == args.vae_steps - 1:
-            curve.append([step, rec_loss.item(), kl.item()])
-            print(f"vae {step} rec {rec_loss.item():.4f} kl {kl.item():.3f}", flush=True)
-    vae.eval()
-    with torch.no_grad():
-        zs = torch.cat([vae.encode(x_all[i:i + 512]).latent_dist.mean for i in range(0, n, 512)])
-        scaling = float(1.0 / zs.std())
-        rec = vae.decode(zs[:512]).sample
-        psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, x_all[:512])))
-    vae.register_to_config(scaling_factor=scaling)
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    vae.save_pretrained(out / "vae")
-    log["stages"]["vae"] = {"steps": args.vae_steps, "seconds": time.time() - t0, "curve": curve,
-                            "scaling_factor": scaling, "reconstruction_psnr_db": psnr}
-    print(f"vae done: scaling {scaling:.4f}, reconstruction PSNR {psnr:.1f} dB", flush=True)
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from).to(dev)
+        vae.eval()
+        with torch.no_grad():
+            zs = torch.cat([vae.encode(x_all[i:i + 512]).latent_dist.mean for i in range(0, n, 512)])
+        scaling = vae.config.scaling_factor
+        vae.save_pretrained(out / "vae")
+        log["stages"]["vae"] = {"reused": str(args.vae_from)}
+    else:
+        zs, scaling = train_vae(args, x_all, dev, log, out)
+    if args.stop_after_vae:
+        print("stopping after the VAE (--stop-after-vae)", flush=True)
+        return
     latents = (zs * scaling).detach()
     del zs
 
@@ -143,7 +194,8 @@ def main():
                               num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, projection_dim=64, hidden_act="quick_gelu")
-    text = CLIPTextModel(text_cfg).to(dev)
+    text = (CLIPTextModel.from_pretrained(args.unet_from / "text_encoder") if args.unet_from
+            else CLIPTextModel(text_cfg)).to(dev)
 
     train_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                 beta_schedule="scaled_linear", prediction_type="epsilon")
@@ -214,7 +266,8 @@ def main():
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
-    server = unet_of(channels(args.unet_channels), 1, 8)
+    server = (UNet2DConditionModel.from_pretrained(args.unet_from / "unet").to(dev) if args.unet_from
+              else unet_of(channels(args.unet_channels), 1, 8))
 
     def save_server():
         text.save_pretrained(out / "text_encoder")
