@@ -9,7 +9,7 @@ unchanged), then writes tests/fixtures/golden/shapes.safetensors:
   device_eps     [2, 4, 16, 16]  the same for device_unet/unet, when present
   latents_final  [1, 4, 16, 16]  after a DDIM generation (STEPS steps, guidance 5)
   image          [1, 3, 64, 64]  its VAE decode in [0, 1]
-`tests/tests/shapes_golden.rs` matches Veil's loader and pipeline to these.
+The Rust golden test that matches Veil to these lands with the model (written in commit 3ffa16d).
 
 Usage: python3 tools/make_shapes_golden.py [--model models/tiny-shapes]
 """

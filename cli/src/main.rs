@@ -59,6 +59,27 @@ enum Command {
     /// Evaluate every policy on a trained model: adherence, fidelity, link traffic, FLOPs and
     /// the attack suite; writes docs/EVAL.md and PNG grids.
     Eval(eval::EvalArgs),
+    /// Detect sensitive attributes in a prompt and print the candidate prompts the obfuscated
+    /// policy would send (order shuffled as it would be sent).
+    Obfuscate(ObfuscateArgs),
+}
+
+#[derive(Args)]
+struct ObfuscateArgs {
+    /// The prompt.
+    prompt: String,
+    /// Extra lexicon files (TOML or JSON, same shape as the built-in one); repeatable.
+    #[arg(long)]
+    lexicon: Vec<PathBuf>,
+    /// Use only the given lexicons, not the built-in gender/age/ethnicity one.
+    #[arg(long)]
+    no_builtin: bool,
+    /// Most candidates sent (K_max).
+    #[arg(long, default_value_t = 8)]
+    k_max: usize,
+    /// Print one JSON object: {"spans": [{category, text, start, end}…], "candidates": […]}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -211,7 +232,59 @@ fn main() -> Result<()> {
         Command::Dataset(a) => dataset_cmd(a),
         Command::Score(a) => score_cmd(a),
         Command::Eval(a) => eval::run(a),
+        Command::Obfuscate(a) => obfuscate_cmd(a),
     }
+}
+
+fn obfuscate_cmd(a: ObfuscateArgs) -> Result<()> {
+    use veil_core::obfuscation::{candidates, Lexicon};
+    let mut lex = if a.no_builtin {
+        Lexicon::default()
+    } else {
+        Lexicon::builtin()?
+    };
+    for path in &a.lexicon {
+        lex.extend(Lexicon::from_file(path)?);
+    }
+    let spans = lex.detect(&a.prompt);
+    let set = candidates(&a.prompt, &spans, &lex, a.k_max, &mut rand::rng())?;
+    if a.json {
+        let spans: Vec<serde_json::Value> = spans
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "category": s.category,
+                    "text": s.text,
+                    "start": s.start,
+                    "end": s.end,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"spans": spans, "candidates": set.prompts})
+        );
+        return Ok(());
+    }
+    if spans.is_empty() {
+        println!("no sensitive attribute found: the prompt is its only candidate");
+    }
+    for s in &spans {
+        println!(
+            "{:<10} {:<14} bytes {}..{}  \"{}\"",
+            s.category, s.value, s.start, s.end, s.text
+        );
+    }
+    println!(
+        "{} candidates of {} combinations (K_max {}), in send order:",
+        set.prompts.len(),
+        set.combinations,
+        a.k_max
+    );
+    for p in &set.prompts {
+        println!("  {p}");
+    }
+    Ok(())
 }
 
 fn dataset_cmd(a: DatasetArgs) -> Result<()> {

@@ -296,3 +296,52 @@ fn eval_quick_writes_every_section_and_its_grids() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn obfuscate_json_lists_spans_and_candidates() {
+    let prompt = "a 25-year-old woman reading";
+    let out = veil()
+        .args(["obfuscate", prompt, "--json"])
+        .output()
+        .expect("run veil obfuscate");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let spans = v["spans"].as_array().expect("spans");
+    assert_eq!(spans.len(), 2);
+    assert_eq!(spans[0]["category"], "age");
+    assert_eq!(spans[0]["text"], "25-year-old");
+    assert_eq!(spans[0]["start"], 2);
+    assert_eq!(spans[0]["end"], 13);
+    assert_eq!(spans[1]["category"], "gender");
+    let c: Vec<&str> = v["candidates"]
+        .as_array()
+        .expect("candidates")
+        .iter()
+        .map(|c| c.as_str().expect("string"))
+        .collect();
+    assert_eq!(c.len(), 6, "3 ages × 2 genders");
+    assert!(c.contains(&"a young woman reading"));
+    assert!(c.contains(&"an old man reading"), "{c:?}");
+
+    // A colour lexicon for the shapes model, without the built-in one.
+    let lex = tmp("colours.toml");
+    std::fs::write(
+        &lex,
+        "[[category]]\nname = \"colour\"\n[[category.value]]\nname = \"red\"\ncanonical = \"red\"\nphrases = [\"red\"]\n[[category.value]]\nname = \"blue\"\ncanonical = \"blue\"\nphrases = [\"blue\"]\n",
+    )
+    .expect("write lexicon");
+    let out = veil()
+        .args([
+            "obfuscate",
+            "a red circle",
+            "--json",
+            "--no-builtin",
+            "--lexicon",
+        ])
+        .arg(&lex)
+        .output()
+        .expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["candidates"].as_array().map(|a| a.len()), Some(2));
+    let _ = std::fs::remove_file(lex);
+}

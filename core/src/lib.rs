@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod model;
+pub mod obfuscation;
 pub mod placement;
 pub mod sdk;
 pub mod transport;
