@@ -399,17 +399,19 @@ pub fn run(
         for seen in &per_server {
             let (latent_rows, rows_seen) = latent_rows(seen, dims);
             let kvs = key_values(seen);
-            let mut kv_residual = 0f64;
-            for kv in &kvs {
-                kv_residual = kv_residual.max(invert_key_values(sd, kv)?.2);
-            }
+            let inverted = kvs
+                .iter()
+                .map(|kv| invert_key_values(sd, kv))
+                .collect::<Result<Vec<_>>>()?;
+            let kv_residual = inverted.iter().map(|r| r.2).fold(0f64, f64::max);
             // The probe reads the self-attention nearest the output at the latent resolution.
-            let chosen = kvs.iter().rev().find(|kv| kv.resolution == (lh, lw));
-            let (kv_features, kv_channels) = match chosen {
-                Some(kv) => {
-                    let (f, c, _) = invert_key_values(sd, kv)?;
-                    (Some(f), c)
-                }
+            let (kv_features, kv_channels) = match kvs
+                .iter()
+                .zip(inverted)
+                .rev()
+                .find(|(kv, _)| kv.resolution == (lh, lw))
+            {
+                Some((_, (f, c, _))) => (Some(f), c),
                 None => (None, 0),
             };
             servers.push(ServerRecord {
