@@ -524,7 +524,7 @@ fn fidelity_section(
     writeln!(
         md,
         "PSNR (dB, capped at 100 = bit-identical) / SSIM of each policy's picture against the \
-         `local` picture of the same prompt, seed and steps, mean over {} held-out prompts — \
+         `local` picture of the same prompt, seed and steps, mean over {} held-out prompt(s) — \
          the shape of PPIDM's Tables IV–VII (quality over server count and step count). \
          In-process servers, f32 wire.\n",
         prompts.len()
