@@ -111,8 +111,9 @@ struct ScoreArgs {
 
 #[derive(Args)]
 struct PolicyArgs {
-    /// Placement policy: local (everything on the device), ppidm (the paper's split) or strict
-    /// (each server confined to its own strip; the prompt never leaves the device).
+    /// Placement policy: local (everything on the device), ppidm (the paper's split), strict
+    /// (each server confined to its own strip; the prompt never leaves the device) or
+    /// obfuscated (one server runs the early steps of K candidate prompts; see --server-steps).
     #[arg(long, default_value = "local")]
     policy: String,
     /// Number of in-process shard backends (see --local-servers / --server-list for QUIC).
@@ -189,6 +190,82 @@ struct GenerateArgs {
     /// output from the step before instead of recomputing it (saves strict's gathers).
     #[arg(long)]
     reuse_attention_from: Option<usize>,
+    #[command(flatten)]
+    obfuscation: ObfuscationArgs,
+}
+
+/// The `obfuscated` policy's settings.
+#[derive(Args)]
+struct ObfuscationArgs {
+    /// obfuscated: k, the steps the server runs for every candidate (default: half of --steps;
+    /// 0 = all on this device, --steps = all on the server).
+    #[arg(long)]
+    server_steps: Option<usize>,
+    /// obfuscated: most candidate prompts sent.
+    #[arg(long, default_value_t = 8)]
+    k_max: usize,
+    /// obfuscated: the U-Net of the late steps (a diffusers folder or unet folder with the
+    /// same latent space; default: the model's own).
+    #[arg(long)]
+    device_model: Option<PathBuf>,
+    /// obfuscated: extra attribute lexicons (TOML or JSON), added to the built-in one.
+    #[arg(long)]
+    lexicon: Vec<PathBuf>,
+    /// obfuscated: use only the --lexicon files, not the built-in gender/age/ethnicity one.
+    #[arg(long)]
+    no_builtin: bool,
+    /// obfuscated, server side: off, exact (share the unconditional branch while the
+    /// candidates' latents are identical) or shared (ObCLIP-style, approximate).
+    #[arg(long, default_value = "exact")]
+    batch_redundancy: String,
+    /// obfuscated, server side: from this server step on, reuse each transformer block's
+    /// attention output (T-GATE).
+    #[arg(long)]
+    attention_gate: Option<usize>,
+}
+
+impl ObfuscationArgs {
+    fn options(
+        &self,
+        device: &Device,
+    ) -> Result<veil_core::obfuscation::hybrid::ObfuscationOptions> {
+        use veil_core::obfuscation::hybrid::{Accelerations, DeviceUNet, ObfuscationOptions};
+        use veil_core::obfuscation::Lexicon;
+        let custom = !self.lexicon.is_empty() || self.no_builtin;
+        let lexicon = if custom {
+            let mut lex = if self.no_builtin {
+                Lexicon::default()
+            } else {
+                Lexicon::builtin()?
+            };
+            for p in &self.lexicon {
+                lex.extend(
+                    Lexicon::from_file(p)
+                        .with_context(|| format!("reading lexicon {}", p.display()))?,
+                );
+            }
+            Some(Arc::new(lex))
+        } else {
+            None
+        };
+        let device_unet = match &self.device_model {
+            Some(d) => Some(Arc::new(
+                DeviceUNet::load(d, device)
+                    .with_context(|| format!("loading the device model {}", d.display()))?,
+            )),
+            None => None,
+        };
+        Ok(ObfuscationOptions {
+            server_steps: self.server_steps,
+            k_max: Some(self.k_max),
+            lexicon,
+            accel: Accelerations {
+                batch_redundancy: self.batch_redundancy.parse()?,
+                attention_gate: self.attention_gate,
+            },
+            device_unet,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -354,8 +431,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let wire: WireDtype = a.placement.wire.parse()?;
     let scheduler: SchedulerKind = a.scheduler.parse()?;
     let device = Device::Cpu;
-    let sd = StableDiffusion::load(&a.model, &device)
-        .with_context(|| format!("loading model folder {}", a.model.display()))?;
+    let sd = Arc::new(
+        StableDiffusion::load(&a.model, &device)
+            .with_context(|| format!("loading model folder {}", a.model.display()))?,
+    );
     let f = sd.vae.config.downsample_factor();
     let default_side = sd.unet.config.sample_size.unwrap_or(64) * f;
     let latents = match &a.latents {
@@ -383,7 +462,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         wire,
         attention_reuse_from: a.reuse_attention_from,
         capture_from_step: None,
+        obfuscation: if policy == Policy::Obfuscated {
+            a.obfuscation.options(&device)?
+        } else {
+            Default::default()
+        },
     };
+    let obfuscated = policy == Policy::Obfuscated;
+    if obfuscated && (a.local_servers.is_some_and(|n| n > 1) || a.placement.servers > 1) {
+        eprintln!("note: policy obfuscated uses one server (the first)");
+    }
     let quic = policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some());
     if !policy.needs_backends() && (a.server_list.is_some() || a.local_servers.is_some()) {
         eprintln!(
@@ -428,8 +516,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 (Some(path), _) => load_server_list(path)
                     .with_context(|| format!("reading server list {}", path.display()))?,
                 (None, Some(n)) => {
-                    let model = Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine));
-                    let c = spawn_local(n, model, ServerLimits::default())
+                    let mut model = ShardModel::from_engine(&sd.unet, &sd.unet_engine);
+                    if obfuscated {
+                        model = model.with_denoiser(sd.clone());
+                    }
+                    let n = if obfuscated { 1 } else { n };
+                    let c = spawn_local(n, Arc::new(model), ServerLimits::default())
                         .context("starting local shard servers")?;
                     let specs = c.specs.clone();
                     cluster = Some(c);
@@ -462,6 +554,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
                     b.clone() as Arc<dyn veil_core::placement::ShardBackend<candle_core::Tensor>>
                 })
                 .collect()
+        } else if obfuscated {
+            vec![sd.in_process_full_server()]
         } else {
             sd.in_process_backends(a.placement.servers)
         };
@@ -500,7 +594,28 @@ fn generate(a: GenerateArgs) -> Result<()> {
         s.bytes_down as f64 / 1048576.0,
         s.round_trips
     );
+    if let Some(o) = &generation.obfuscation {
+        let spans: Vec<String> = o
+            .spans
+            .iter()
+            .map(|s| format!("{} `{}`", s.category, s.text))
+            .collect();
+        eprintln!(
+            "obfuscated: {} candidate prompt{} sent ({} combinations; spans: {}); server ran {} of {} steps ({} U-Net rows), this device {}",
+            o.candidates,
+            if o.candidates == 1 { "" } else { "s" },
+            o.combinations,
+            if spans.is_empty() { "none".to_string() } else { spans.join(", ") },
+            o.server_steps,
+            o.server_steps + o.device_steps,
+            o.server_unet_rows,
+            o.device_steps
+        );
+    }
     let mut json = serde_json::to_value(s)?;
+    if let Some(o) = &generation.obfuscation {
+        json["obfuscation"] = serde_json::to_value(o)?;
+    }
     if let Some((sent, received)) = wire_bytes {
         eprintln!(
             "QUIC streams: sent {:.2} MB, received {:.2} MB (encoded, compression included)",

@@ -4,6 +4,8 @@
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 use veil_core::model::layers::GeluKind;
+use veil_core::model::scheduler::SchedulerKind;
+use veil_core::obfuscation::hybrid::{Accelerations, BatchRedundancy, EarlySteps};
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use veil_core::placement::engine::{Pad, WireDtype};
 use veil_core::wire::codec::{decode, encode, WireError};
@@ -915,6 +917,16 @@ fn comparable(op: &ShardOp<Tensor>) -> ShardOp<Bits> {
         },
         ShardOp::Identity { input } => ShardOp::Identity { input: o(input) },
         ShardOp::Release { handle } => ShardOp::Release { handle: *handle },
+        ShardOp::EarlySteps(job) => ShardOp::EarlySteps(Box::new(EarlySteps {
+            candidates: job.candidates.clone(),
+            negative_prompt: job.negative_prompt.clone(),
+            noise: bits(&job.noise),
+            steps: job.steps,
+            server_steps: job.server_steps,
+            guidance: job.guidance,
+            scheduler: job.scheduler,
+            accel: job.accel,
+        })),
         ShardOp::Narrow {
             input,
             dim,
@@ -1208,6 +1220,74 @@ fn wire_round_trip(req: &ShardRequest<Tensor>, c: Compression) -> ShardRequest<T
         panic!("not a request")
     };
     calls_from_wire(calls, &Device::Cpu).expect("from wire")
+}
+
+#[test]
+fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
+    let noise = field(&[1, 4, 3, 5], 9);
+    for (scheduler, redundancy, gate) in [
+        (SchedulerKind::Ddim, BatchRedundancy::Off, None),
+        (
+            SchedulerKind::EulerDiscrete,
+            BatchRedundancy::Exact,
+            Some(3),
+        ),
+        (
+            SchedulerKind::DpmSolverMultistep,
+            BatchRedundancy::Shared,
+            Some(1),
+        ),
+    ] {
+        let job = EarlySteps {
+            candidates: vec!["a young woman".into(), "an old man".into(), String::new()],
+            negative_prompt: "blurry".into(),
+            noise: noise.clone(),
+            steps: 30,
+            server_steps: 15,
+            guidance: 7.5,
+            scheduler,
+            accel: Accelerations {
+                batch_redundancy: redundancy,
+                attention_gate: gate,
+            },
+        };
+        let req = ShardRequest {
+            calls: vec![ShardCall::reply(ShardOp::EarlySteps(Box::new(job)))],
+        };
+        // A bf16 wire still carries the noise as f32: every candidate starts from it exactly.
+        let calls = request_to_wire(&req, WireDtype::Bf16).expect("to wire");
+        let msg = Message::Request {
+            calls,
+            reply_dtype: WireDtype::F32,
+            compression: Compression::None,
+        };
+        let Message::Request { calls, .. } =
+            dec(&encode(&msg, Compression::Zstd(3)).expect("encode")).expect("decode")
+        else {
+            panic!("not a request")
+        };
+        let back = calls_from_wire(calls, &Device::Cpu).expect("from wire");
+        assert_eq!(
+            format!("{:?}", comparable(&req.calls[0].op)),
+            format!("{:?}", comparable(&back.calls[0].op))
+        );
+    }
+    // Server steps past the schedule: refused before it goes out.
+    let bad = ShardRequest {
+        calls: vec![ShardCall::reply(ShardOp::EarlySteps(Box::new(
+            EarlySteps {
+                candidates: vec!["x".into()],
+                negative_prompt: String::new(),
+                noise: noise.clone(),
+                steps: 4,
+                server_steps: 5,
+                guidance: 5.0,
+                scheduler: SchedulerKind::Ddim,
+                accel: Accelerations::default(),
+            },
+        )))],
+    };
+    assert!(request_to_wire(&bad, WireDtype::F32).is_err());
 }
 
 #[test]

@@ -43,6 +43,9 @@ pub struct FileConfig {
     pub tokens: Option<Vec<String>>,
     pub token_file: Option<PathBuf>,
     pub device: Option<String>,
+    /// Load the whole model (text encoder, tokenizer, U-Net) to serve the `obfuscated`
+    /// policy's early steps; without it only the shard layers' weights are read.
+    pub full_model: Option<bool>,
     #[serde(default)]
     pub limits: FileLimits,
 }
@@ -97,6 +100,7 @@ pub struct Overrides {
     pub key: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub device: Option<String>,
+    pub full_model: Option<bool>,
     pub max_message_bytes: Option<usize>,
     pub max_tensor_bytes: Option<usize>,
     pub max_sessions: Option<usize>,
@@ -114,6 +118,8 @@ pub struct Config {
     pub key: Option<PathBuf>,
     pub tokens: Vec<String>,
     pub device: String,
+    /// Serve the `obfuscated` policy too (loads the whole model).
+    pub full_model: bool,
     pub limits: ServerLimits,
 }
 
@@ -197,6 +203,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             cert: o.cert.or(f.cert),
             key: o.key.or(f.key),
+            full_model: o.full_model.or(f.full_model).unwrap_or(false),
             tokens,
             device: o.device.or(f.device).unwrap_or_else(|| "cpu".to_string()),
             limits,

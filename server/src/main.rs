@@ -61,7 +61,7 @@ struct ServeArgs {
     /// Listen address, ip:port (default 0.0.0.0:4433).
     #[arg(long)]
     listen: Option<String>,
-    /// Diffusers-layout model folder (only unet/ is read).
+    /// Diffusers-layout model folder (only unet/ is read, unless --full-model).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Keeps the self-signed certificate and key (created on first start).
@@ -79,6 +79,10 @@ struct ServeArgs {
     /// cpu, or cuda:N (builds with the `cuda` feature).
     #[arg(long)]
     device: Option<String>,
+    /// Load the whole model (text encoder, tokenizer, U-Net, scheduler) and serve the
+    /// obfuscated policy's early steps as well as the shard ops.
+    #[arg(long)]
+    full_model: bool,
     #[arg(long)]
     max_message_bytes: Option<usize>,
     #[arg(long)]
@@ -154,6 +158,7 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
             key: a.key,
             token_file: a.token_file,
             device: a.device,
+            full_model: a.full_model.then_some(true),
             max_message_bytes: a.max_message_bytes,
             max_tensor_bytes: a.max_tensor_bytes,
             max_sessions: a.max_sessions,
@@ -166,7 +171,11 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
     println!("fingerprint {}", identity.fingerprint());
     let device = parse_device(&cfg.device)?;
     let started = Instant::now();
-    let model = ShardModel::load(&cfg.model, &device)?;
+    let model = if cfg.full_model {
+        ShardModel::load_full(&cfg.model, &device)?
+    } else {
+        ShardModel::load(&cfg.model, &device)?
+    };
     let (layers, values) = model.size();
     tracing::info!(
         model = %cfg.model.display(),
@@ -174,7 +183,8 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
         layers,
         parameters = values,
         seconds = started.elapsed().as_secs_f64(),
-        "loaded the shard layers"
+        full_model = model.serves_early_steps(),
+        "loaded the model"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -3,12 +3,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use veil_core::model::config::ModelPaths;
 use veil_core::model::layers::ShardLayer;
+use veil_core::model::pipeline::StableDiffusion;
 use veil_core::model::unet::UNet;
 use veil_core::model::weights::WeightFile;
+use veil_core::obfuscation::hybrid::EarlyStepsRunner;
 use veil_core::placement::backend::ShardExecutor;
 use veil_core::placement::engine::CandleEngine;
 use veil_core::wire::identity::{model_identity, shard_parameters};
@@ -17,11 +20,23 @@ use veil_core::wire::ModelId;
 use crate::ServerError;
 
 /// The layers and weights a shard server executes with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ShardModel {
     layers: HashMap<String, ShardLayer>,
     engine: CandleEngine,
     id: ModelId,
+    /// The whole pipeline, where this server also runs the `obfuscated` policy's early steps.
+    denoiser: Option<Arc<dyn EarlyStepsRunner<Tensor>>>,
+}
+
+impl std::fmt::Debug for ShardModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardModel")
+            .field("layers", &self.layers.len())
+            .field("id", &hex::encode(self.id))
+            .field("early_steps", &self.denoiser.is_some())
+            .finish()
+    }
 }
 
 impl ShardModel {
@@ -47,7 +62,30 @@ impl ShardModel {
         let names: Vec<String> = layers.keys().cloned().collect();
         let engine = CandleEngine::new(weights, device.clone()).subset(&names);
         let id = model_identity(unet, engine.weights());
-        Self { layers, engine, id }
+        Self {
+            layers,
+            engine,
+            id,
+            denoiser: None,
+        }
+    }
+
+    /// The whole model of a diffusers folder: the shard layers, and the pipeline that runs the
+    /// `obfuscated` policy's early steps (tokenizer, text encoder, U-Net, scheduler).
+    pub fn load_full(root: &Path, device: &Device) -> Result<Self, ServerError> {
+        let sd = Arc::new(StableDiffusion::load(root, device)?);
+        Ok(Self::from_engine(&sd.unet, &sd.unet_engine).with_denoiser(sd))
+    }
+
+    /// Lets this model's sessions run early steps with `runner`.
+    pub fn with_denoiser(mut self, runner: Arc<dyn EarlyStepsRunner<Tensor>>) -> Self {
+        self.denoiser = Some(runner);
+        self
+    }
+
+    /// Whether this server runs the `obfuscated` policy's early steps.
+    pub fn serves_early_steps(&self) -> bool {
+        self.denoiser.is_some()
     }
 
     /// From a loaded pipeline's U-Net engine (shares the weight storage; for local servers).
@@ -72,6 +110,10 @@ impl ShardModel {
 
     /// A fresh executor for one session (shares the weights).
     pub fn executor(&self) -> ShardExecutor<CandleEngine> {
-        ShardExecutor::new(self.engine.clone(), self.layers.clone())
+        let e = ShardExecutor::new(self.engine.clone(), self.layers.clone());
+        match &self.denoiser {
+            Some(d) => e.with_denoiser(d.clone()),
+            None => e,
+        }
     }
 }

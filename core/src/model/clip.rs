@@ -148,6 +148,11 @@ impl ClipTokenizer {
     }
 
     /// Token ids as the SD pipeline feeds them: truncated (as diffusers does, no error) and
+    /// Token positions per prompt (77 for CLIP).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
     /// padded to `max_len`. An empty prompt is valid (BOS, EOS, padding).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(prompt, false).map_err(tok_err)?;

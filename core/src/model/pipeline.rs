@@ -19,6 +19,7 @@ use crate::model::scheduler::{new_scheduler, SchedulerConfig, SchedulerKind};
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 use crate::model::weights::WeightFile;
+use crate::obfuscation::hybrid::{ObfuscationOptions, ObfuscationReport};
 use crate::placement::accounting::Accounting;
 use crate::placement::audit::{Audit, View};
 use crate::placement::backend::{InProcessBackend, ShardBackend};
@@ -93,6 +94,16 @@ impl StableDiffusion {
             .collect()
     }
 
+    /// One in-process server holding this whole model: it runs the `obfuscated` policy's
+    /// early steps (and every shard op too).
+    pub fn in_process_full_server(self: &Arc<Self>) -> Arc<dyn ShardBackend<Tensor>> {
+        let layers = self.unet.shard_layers();
+        let names: Vec<String> = layers.keys().cloned().collect();
+        let mut backend = InProcessBackend::new(self.unet_engine.subset(&names), layers);
+        backend.executor = backend.executor.with_denoiser(self.clone());
+        Arc::new(backend)
+    }
+
     /// Text states [1, 77, D] of a prompt.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
         let ids = self.tokenizer.encode(prompt)?;
@@ -139,6 +150,11 @@ impl StableDiffusion {
         }
         if opts.steps == 0 {
             return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        }
+        if opts.policy == Policy::Obfuscated {
+            return self
+                .generate_obfuscated(opts, backends, progress, cancelled)
+                .await;
         }
         let (h, w) = self.latent_size(opts.width, opts.height)?;
         let lc = self.unet.config.in_channels;
@@ -209,6 +225,7 @@ impl StableDiffusion {
             audit: rt.take_audit(),
             captured: rt.take_captured(),
             stats,
+            obfuscation: None,
         })
     }
 
@@ -272,6 +289,8 @@ pub struct GenerateOptions {
     /// Evaluation only: from this step on, keep every tensor the servers receive
     /// (`Generation::captured`).
     pub capture_from_step: Option<usize>,
+    /// The `obfuscated` policy's settings (ignored by the other policies).
+    pub obfuscation: ObfuscationOptions,
 }
 
 impl Default for GenerateOptions {
@@ -290,6 +309,7 @@ impl Default for GenerateOptions {
             wire: WireDtype::F32,
             attention_reuse_from: None,
             capture_from_step: None,
+            obfuscation: ObfuscationOptions::default(),
         }
     }
 }
@@ -353,6 +373,8 @@ pub struct Generation {
     /// view, in send order.
     pub captured: Vec<(View, Tensor)>,
     pub stats: RunStats,
+    /// What an `obfuscated` generation sent (None for the other policies).
+    pub obfuscation: Option<ObfuscationReport>,
 }
 
 impl Generation {

@@ -11,6 +11,8 @@
 //!   partition depends only on the prompt with its sensitive spans masked; order shuffled with a
 //!   CSPRNG. The real index stays in `CandidateSet` on the device.
 
+pub mod hybrid;
+
 use std::collections::BTreeSet;
 
 use rand::seq::SliceRandom;

@@ -15,15 +15,18 @@ pub enum OpKind {
     Gather,
     /// Strict: neighbour rows fetched for a convolution outside a GroupNorm round trip.
     Halo,
+    /// Obfuscated: the early steps of all candidates (prompts and noise up, latents down).
+    EarlySteps,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 5] = [
+    pub const ALL: [OpKind; 6] = [
         OpKind::Conv,
         OpKind::Attention,
         OpKind::GroupNorm,
         OpKind::Gather,
         OpKind::Halo,
+        OpKind::EarlySteps,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -32,6 +35,7 @@ impl OpKind {
             OpKind::GroupNorm => "GN",
             OpKind::Gather => "Gather",
             OpKind::Halo => "Halo",
+            OpKind::EarlySteps => "Early",
         }
     }
 }

@@ -29,6 +29,8 @@ pub enum ViewKind {
     TextKeyValue,
     /// GroupNorm moments [B, G, 2]: one mean and variance per group of the whole map.
     Moments,
+    /// A whole prompt as text (`obfuscated`: the candidate prompts; `Audit::texts` holds them).
+    Prompt,
     /// A per-channel or per-batch vector (no spatial rows).
     Vector,
 }
@@ -50,10 +52,20 @@ pub struct View {
     pub bytes: u64,
 }
 
+/// A text one server received (the `obfuscated` policy's candidate prompts).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TextView {
+    pub server: usize,
+    pub call: u64,
+    pub text: String,
+}
+
 /// Every view of a run, plus each server's own strip per resolution.
 #[derive(Debug, Clone, Default)]
 pub struct Audit {
     pub views: Vec<View>,
+    /// Every text a server received, in send order.
+    pub texts: Vec<TextView>,
     /// Server → resolution → its own rows there.
     pub strips: Vec<BTreeMap<(usize, usize), Range<usize>>>,
 }
@@ -87,6 +99,8 @@ pub struct ServerView {
     /// Bytes per view kind.
     pub bytes_by_kind: BTreeMap<String, u64>,
     pub tensors: usize,
+    /// The prompts (as text) it received, in send order (`obfuscated` only).
+    pub prompts: Vec<String>,
 }
 
 /// The audit file.
@@ -105,12 +119,14 @@ impl Audit {
     pub fn new(servers: usize) -> Self {
         Self {
             views: Vec::new(),
+            texts: Vec::new(),
             strips: vec![BTreeMap::new(); servers],
         }
     }
 
     pub fn absorb(&mut self, other: Audit) {
         self.views.extend(other.views);
+        self.texts.extend(other.texts);
         for (a, b) in self.strips.iter_mut().zip(other.strips) {
             a.extend(b);
         }
@@ -125,6 +141,18 @@ impl Audit {
             }
         }
         m.into_iter().map(|(k, v)| (k, union(v))).collect()
+    }
+
+    /// The texts `server` received, sorted: the multiset of prompts it saw.
+    pub fn prompt_multiset(&self, server: usize) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .texts
+            .iter()
+            .filter(|t| t.server == server)
+            .map(|t| t.text.clone())
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn text_indexed_bytes(&self, server: usize) -> u64 {
@@ -176,6 +204,12 @@ impl Audit {
                     bytes: self.bytes(i),
                     bytes_by_kind: by_kind,
                     tensors,
+                    prompts: self
+                        .texts
+                        .iter()
+                        .filter(|t| t.server == i)
+                        .map(|t| t.text.clone())
+                        .collect(),
                 }
             })
             .collect();

@@ -6,12 +6,13 @@
 //! requests over the wire.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::model::layers::{GeluKind, ShardLayer};
+use crate::obfuscation::hybrid::{EarlySteps, EarlyStepsRunner};
 use crate::placement::engine::{Engine, Pad};
 
 /// A session-scoped tensor id chosen by the client.
@@ -121,6 +122,9 @@ pub enum ShardOp<T> {
         h: usize,
         w: usize,
     },
+    /// The `obfuscated` policy's server part: the first k denoising steps of K candidate
+    /// prompts (only a server that holds the whole model runs it).
+    EarlySteps(Box<EarlySteps<T>>),
     /// The sinusoidal embedding of a (public) timestep, [batch, dim].
     TimestepEmbedding {
         timestep: f64,
@@ -147,6 +151,7 @@ impl<T> ShardOp<T> {
             | ShardOp::Identity { input } => vec![input],
             ShardOp::Attention { q, k, v, .. } => vec![q, k, v],
             ShardOp::Release { .. } | ShardOp::TimestepEmbedding { .. } => vec![],
+            ShardOp::EarlySteps(job) => return vec![&job.noise],
             ShardOp::Narrow { input, .. }
             | ShardOp::LayerNorm { input, .. }
             | ShardOp::Linear { input, .. }
@@ -218,6 +223,8 @@ pub struct ShardExecutor<E: Engine> {
     max_handles: usize,
     max_handle_bytes: u64,
     attention_chunk: usize,
+    /// Runs `EarlySteps` where this server holds the whole model.
+    denoiser: Option<Arc<dyn EarlyStepsRunner<E::T>>>,
 }
 
 /// Default cap on the f32 bytes a session may keep under handles.
@@ -240,7 +247,14 @@ impl<E: Engine> ShardExecutor<E> {
             max_handles: 4096,
             max_handle_bytes: DEFAULT_MAX_HANDLE_BYTES,
             attention_chunk: 4096,
+            denoiser: None,
         }
+    }
+
+    /// Lets this executor run the `obfuscated` policy's early steps with `runner`.
+    pub fn with_denoiser(mut self, runner: Arc<dyn EarlyStepsRunner<E::T>>) -> Self {
+        self.denoiser = Some(runner);
+        self
     }
 
     /// Caps the bytes (as f32) a session keeps under handles; a call that would exceed it fails.
@@ -305,6 +319,16 @@ impl<E: Engine> ShardExecutor<E> {
                 self.attention_chunk,
             )?,
             ShardOp::Identity { input } => self.operand(input)?,
+            ShardOp::EarlySteps(job) => match &self.denoiser {
+                Some(d) => d.run_early_steps(job)?,
+                None => {
+                    return Err(Error::Unsupported(
+                        "this server holds shard layers only; the obfuscated policy needs a \
+                         server started with --full-model"
+                            .into(),
+                    ))
+                }
+            },
             ShardOp::Release { handle } => {
                 if let Ok(mut h) = self.handles.lock() {
                     h.remove(handle);

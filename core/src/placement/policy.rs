@@ -113,12 +113,17 @@ pub enum Policy {
     /// Veil's flagship: each server only ever holds its own spatial strip (plus halo rows);
     /// the phone runs the attention sub-layers and keeps everything text-derived.
     Strict,
+    /// ObCLIP: one server runs the first k steps of K candidate prompts that differ only in
+    /// their sensitive attributes; the phone finishes its own with a device U-Net. Each U-Net
+    /// call runs whole on one party (see `obfuscation::hybrid`).
+    Obfuscated,
 }
 
 impl Policy {
     pub fn placement(self) -> Placement {
         match self {
-            Policy::Local => Placement {
+            // Every U-Net call of `obfuscated` runs whole, on the server or on the phone.
+            Policy::Local | Policy::Obfuscated => Placement {
                 conv: ConvPlace::Device,
                 group_norm: GnPlace::Device,
                 attention: AttnPlace::Device,
@@ -151,11 +156,9 @@ impl Policy {
             "local" => Ok(Policy::Local),
             "ppidm" => Ok(Policy::Ppidm { gn }),
             "strict" => Ok(Policy::Strict),
-            "obfuscated" => Err(Error::Unsupported(format!(
-                "policy `{name}` is not implemented yet (planned: see DESIGN.md §3)"
-            ))),
+            "obfuscated" => Ok(Policy::Obfuscated),
             o => Err(Error::InvalidArgument(format!(
-                "unknown policy `{o}` (expected local, ppidm or strict)"
+                "unknown policy `{o}` (expected local, ppidm, strict or obfuscated)"
             ))),
         }
     }
@@ -169,6 +172,7 @@ impl Policy {
             Policy::Local => "local",
             Policy::Ppidm { .. } => "ppidm",
             Policy::Strict => "strict",
+            Policy::Obfuscated => "obfuscated",
         }
     }
 

@@ -212,6 +212,7 @@ impl Inner {
             wire: self.config.wire,
             attention_reuse_from: o.reuse_attention_from.map(|s| s as usize),
             capture_from_step: None,
+            obfuscation: Default::default(),
         })
     }
 

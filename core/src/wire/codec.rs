@@ -14,6 +14,7 @@ use super::{
     Compression, ErrorCode, Limits, Message, WireCall, WireOp, WireOperand, WireTensor,
     MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
 };
+use crate::obfuscation::hybrid::{MAX_CANDIDATES, MAX_PROMPT_BYTES};
 use crate::placement::engine::{Pad, WireDtype};
 
 /// The first four bytes of every message.
@@ -38,6 +39,7 @@ pub mod op {
     pub const IDENTITY: u8 = 4;
     pub const RELEASE: u8 = 5;
     pub const APPLY: u8 = 6;
+    pub const EARLY_STEPS: u8 = 7;
 }
 
 /// Operand tags.
@@ -449,6 +451,38 @@ impl Writer {
                 self.u8(op::RELEASE);
                 self.u64(*handle);
             }
+            WireOp::EarlySteps {
+                candidates,
+                negative_prompt,
+                noise,
+                steps,
+                server_steps,
+                guidance,
+                scheduler,
+                batch_redundancy,
+                attention_gate,
+            } => {
+                if candidates.len() > MAX_CANDIDATES {
+                    return Err(WireError::TooLarge {
+                        what: "candidate prompts",
+                        len: to_u64(candidates.len()),
+                        limit: to_u64(MAX_CANDIDATES),
+                    });
+                }
+                self.u8(op::EARLY_STEPS);
+                self.u8(candidates.len() as u8);
+                for c in candidates {
+                    self.string(c, "candidate prompt")?;
+                }
+                self.string(negative_prompt, "negative prompt")?;
+                self.tensor(noise)?;
+                self.u32(*steps);
+                self.u32(*server_steps);
+                self.u64(guidance.to_bits());
+                self.u8(*scheduler);
+                self.u8(*batch_redundancy);
+                self.u32(*attention_gate);
+            }
             WireOp::Apply {
                 kind,
                 layer,
@@ -520,6 +554,13 @@ fn payload_hint(msg: &Message) -> usize {
                     | WireOp::Identity { input } => operand(input),
                     WireOp::Attention { q, k, v, .. } => operand(q) + operand(k) + operand(v),
                     WireOp::Release { .. } => 0,
+                    WireOp::EarlySteps {
+                        candidates, noise, ..
+                    } => {
+                        noise.data.len()
+                            + 64
+                            + candidates.iter().map(|c| c.len() + 4).sum::<usize>()
+                    }
                     WireOp::Apply { operands, .. } => operands.iter().map(operand).sum(),
                 }
             })
@@ -887,6 +928,23 @@ impl<'a> Reader<'a> {
             op::RELEASE => WireOp::Release {
                 handle: self.u64()?,
             },
+            op::EARLY_STEPS => {
+                let n = self.small_count("candidate prompts", MAX_CANDIDATES)?;
+                let candidates = (0..n)
+                    .map(|_| self.string("candidate prompt", MAX_PROMPT_BYTES))
+                    .collect::<Result<Vec<_>>>()?;
+                WireOp::EarlySteps {
+                    candidates,
+                    negative_prompt: self.string("negative prompt", MAX_PROMPT_BYTES)?,
+                    noise: self.tensor()?,
+                    steps: self.u32()?,
+                    server_steps: self.u32()?,
+                    guidance: f64::from_bits(self.u64()?),
+                    scheduler: self.u8()?,
+                    batch_redundancy: self.u8()?,
+                    attention_gate: self.u32()?,
+                }
+            }
             op::APPLY => {
                 let kind = self.u8()?;
                 let layer = self.string("layer name", self.limits.max_name_len)?;

@@ -102,6 +102,22 @@ pub enum WireOp {
     Release {
         handle: u64,
     },
+    /// The `obfuscated` policy's early steps (`obfuscation::hybrid::EarlySteps`): K candidate
+    /// prompts and the shared noise (always f32) up, the K latents back.
+    EarlySteps {
+        candidates: Vec<String>,
+        negative_prompt: String,
+        noise: WireTensor,
+        steps: u32,
+        server_steps: u32,
+        guidance: f64,
+        /// 0 ddim, 1 dpm++2m, 2 euler.
+        scheduler: u8,
+        /// 0 off, 1 exact, 2 shared.
+        batch_redundancy: u8,
+        /// The attention gate step; 0 for none.
+        attention_gate: u32,
+    },
     /// The strip ops (see `convert::apply_kind`): a kind byte, an optional layer name (empty
     /// when the op has none), operands, integer and float parameters.
     Apply {
