@@ -41,6 +41,8 @@ enum BenchTarget {
     Unet(UnetArgs),
     /// A generation (or tensor transfers) over local QUIC servers behind the link emulator.
     Link(crate::link_bench::LinkBenchArgs),
+    /// The obfuscated policy: server cost against K, phone traffic per switch point, utility.
+    Obfuscated(crate::obf_bench::ObfBenchArgs),
 }
 
 #[derive(Args)]
@@ -96,6 +98,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.target {
         BenchTarget::Unet(u) => bench_unet(u),
         BenchTarget::Link(l) => crate::link_bench::run(l),
+        BenchTarget::Obfuscated(o) => crate::obf_bench::run(o),
     }
 }
 

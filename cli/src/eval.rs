@@ -64,6 +64,12 @@ pub struct EvalArgs {
     /// Steps timed through the emulated 5g link (0 skips the link section).
     #[arg(long, default_value_t = 3)]
     pub link_steps: usize,
+    /// Generations attacked under `obfuscated` (0 skips that attacker).
+    #[arg(long, default_value_t = 16)]
+    pub obfuscated_prompts: usize,
+    /// The sensitive category of the `obfuscated` attacks (the shapes' colours).
+    #[arg(long, default_value = "eval/lexicons/colours.toml")]
+    pub lexicon: PathBuf,
     /// Dataset seed of the captions.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -85,6 +91,7 @@ impl EvalArgs {
         self.attack_steps = self.attack_steps.min(3);
         self.attack_pool = self.attack_pool.min(10);
         self.link_steps = self.link_steps.min(2);
+        self.obfuscated_prompts = self.obfuscated_prompts.min(2);
     }
 }
 
@@ -248,8 +255,10 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     }
     let started = Instant::now();
     let device = Device::Cpu;
-    let sd = StableDiffusion::load(&a.model, &device)
-        .with_context(|| format!("loading model folder {}", a.model.display()))?;
+    let sd = std::sync::Arc::new(
+        StableDiffusion::load(&a.model, &device)
+            .with_context(|| format!("loading model folder {}", a.model.display()))?,
+    );
     let f = sd.vae.config.downsample_factor();
     let side = sd.unet.config.sample_size.unwrap_or(16) * f;
     let runner = Runner {
@@ -628,7 +637,12 @@ fn link_section(md: &mut String, a: &EvalArgs, prompt: &str) -> Result<()> {
     Ok(())
 }
 
-fn attack_section(md: &mut String, a: &EvalArgs, sd: &StableDiffusion, side: usize) -> Result<()> {
+fn attack_section(
+    md: &mut String,
+    a: &EvalArgs,
+    sd: &std::sync::Arc<StableDiffusion>,
+    side: usize,
+) -> Result<()> {
     let configs = [
         (
             "everything on one server",
@@ -781,6 +795,80 @@ fn attack_section(md: &mut String, a: &EvalArgs, sd: &StableDiffusion, side: usi
          nothing to invert) and linear probe.\n",
         rel(&path, &a.out)
     )?;
-    writeln!(md, "Not covered here: the attacker of the `obfuscated` policy (guessing the real attribute among the candidates) belongs to that policy's issue; it does not exist yet.\n")?;
+    if a.obfuscated_prompts > 0 {
+        obfuscated_attack_section(md, a, sd, side)?;
+    }
+    Ok(())
+}
+
+/// The attacker of an `obfuscated` server: which candidate is real, and how close the pictures
+/// it can finish itself come to the true one.
+fn obfuscated_attack_section(
+    md: &mut String,
+    a: &EvalArgs,
+    sd: &std::sync::Arc<StableDiffusion>,
+    side: usize,
+) -> Result<()> {
+    let lex = std::sync::Arc::new(
+        veil_core::obfuscation::Lexicon::from_file(&a.lexicon)
+            .with_context(|| format!("reading lexicon {}", a.lexicon.display()))?,
+    );
+    let steps = a.attack_steps.max(2);
+    let k = steps / 2;
+    let k_max = 8;
+    let b = bar(a.obfuscated_prompts, "attacks: obfuscated");
+    let r = attack::obfuscated_attack(
+        sd,
+        lex,
+        a.obfuscated_prompts,
+        steps,
+        k,
+        k_max,
+        a.guidance,
+        side,
+        a.seed,
+        &mut |done, _| b.set_position(done as u64),
+    )?;
+    b.finish_and_clear();
+    writeln!(
+        md,
+        "### The `obfuscated` server
+"
+    )?;
+    writeln!(
+        md,
+        "The sensitive category is the shapes' colours (`{}`): each request sends up to {k_max}          candidate captions that differ only in their colour words, and the server runs the first          {k} of {steps} steps for all of them. Its view is the candidate texts in send order and          the shared noise (tests assert that this view does not depend on which candidate is          real). {} held-out captions attacked; mean K = {:.1}.\n",
+        a.lexicon.display(),
+        r.prompts,
+        r.mean_k
+    )?;
+    writeln!(md, "| attack | result | chance / baseline |")?;
+    writeln!(md, "|---|---|---|")?;
+    writeln!(
+        md,
+        "| guess the real candidate: the first one sent | {:.0}% | {:.0}% (1/K) |",
+        100.0 * r.guess_first,
+        100.0 * r.chance
+    )?;
+    writeln!(
+        md,
+        "| guess the real candidate: the most frequent colours in the training captions | {:.0}% | {:.0}% (1/K) |",
+        100.0 * r.guess_prior,
+        100.0 * r.chance
+    )?;
+    writeln!(
+        md,
+        "| finish all K itself, pick one uniformly: PSNR to the true picture | {:.2} dB | fully on device (mean picture), above |",
+        r.pick_psnr
+    )?;
+    writeln!(
+        md,
+        "| finish all K itself, the best of the K (an oracle pick) | {:.2} dB | — |\n",
+        r.best_psnr
+    )?;
+    writeln!(
+        md,
+        "What this says: the server learns the prompt's template and the set of K values, not          which value is real — its guesses stay near 1/K. But it holds the whole model, so one          of the K pictures it can finish is (nearly: the phone's late steps use its own U-Net)          the user's picture; obfuscation hides the attribute, not the rest of the image.\n"
+    )?;
     Ok(())
 }

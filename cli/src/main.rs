@@ -12,6 +12,7 @@
 mod bench;
 mod eval;
 mod link_bench;
+mod obf_bench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate an image from a prompt.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Account bytes, round trips and FLOPs per step for a U-Net config (no weights needed).
     Plan(PlanArgs),
     /// Time one U-Net forward pass with random weights (CPU).
@@ -303,7 +304,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Generate(a) => generate(a),
+        Command::Generate(a) => generate(*a),
         Command::Plan(a) => plan_cmd(a),
         Command::Bench(a) => bench::run(a),
         Command::Dataset(a) => dataset_cmd(a),

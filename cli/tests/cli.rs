@@ -197,6 +197,67 @@ fn plan_json_has_the_documented_fields() {
 }
 
 #[test]
+fn obfuscated_generation_over_a_local_full_model_server() {
+    let out = tmp("obf.png");
+    let stats = tmp("obf-stats.json");
+    let audit = tmp("obf-audit.json");
+    let o = veil()
+        .args([
+            "generate",
+            "a photo of an old woman reading",
+            "--policy",
+            "obfuscated",
+            "--local-servers",
+            "1",
+            "--steps",
+            "4",
+            "--server-steps",
+            "2",
+            "--batch-redundancy",
+            "shared",
+            "--attention-gate",
+            "1",
+            "--device-model",
+            "models/tiny-random",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .arg("--stats")
+        .arg(&stats)
+        .arg("--audit")
+        .arg(&audit)
+        .output()
+        .expect("run veil");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("obfuscated: 6 candidate prompts sent (6 combinations; spans: age `old`, gender `woman`); server ran 2 of 4 steps"),
+        "{stderr}"
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stats).expect("stats")).expect("json");
+    assert_eq!(s["obfuscation"]["candidates"], 6);
+    assert_eq!(s["obfuscation"]["device_steps"], 2);
+    // Shared uncond: K + 1 rows per server step.
+    assert_eq!(s["obfuscation"]["server_unet_rows"], 14);
+    assert_eq!(s["round_trips"], 1);
+    let a: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&audit).expect("audit")).expect("json");
+    assert_eq!(a["policy"], "obfuscated");
+    let prompts = a["servers"][0]["prompts"].as_array().expect("prompts");
+    assert_eq!(prompts.len(), 7);
+    assert!(prompts
+        .iter()
+        .any(|p| p == "a photo of an old woman reading"));
+    assert!(prompts
+        .iter()
+        .any(|p| p == "a photo of a young man reading"));
+    for f in [&out, &stats, &audit] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+#[test]
 fn strict_generation_writes_the_documented_audit() {
     let out = tmp("strict.png");
     let audit = tmp("strict-audit.json");
@@ -285,6 +346,8 @@ fn eval_quick_writes_every_section_and_its_grids() {
         "## Attacks: what each server can reconstruct",
         "| everything on one server | 1 | 0 |",
         "| strict | 4 | 3 |",
+        "### The `obfuscated` server",
+        "| guess the real candidate: the first one sent |",
     ] {
         assert!(text.contains(section), "missing `{section}` in:\n{text}");
     }

@@ -283,7 +283,9 @@ async fn device_model_and_bad_settings() {
 
     let server = sd.in_process_full_server();
     let too_many = opts("a photo of a young woman reading", 4, Some(5));
-    let e = sd.generate(&too_many, &[server.clone()], &mut |_| {}).await;
+    let e = sd
+        .generate(&too_many, std::slice::from_ref(&server), &mut |_| {})
+        .await;
     assert!(e
         .err()
         .expect("k > T")
@@ -360,8 +362,7 @@ fn early_steps_codec_round_trips_and_checks_its_bounds() {
     };
     let e = veil_core::wire::convert::calls_from_wire(calls, &Device::Cpu);
     assert!(e
-        .err()
-        .expect("unknown scheduler")
+        .expect_err("unknown scheduler")
         .to_string()
         .contains("unknown scheduler"));
     // Truncated anywhere: an error, never a panic.

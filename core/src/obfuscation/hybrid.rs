@@ -341,7 +341,7 @@ pub const DEFAULT_K_MAX: usize = 8;
 pub struct ObfuscationReport {
     /// The sensitive spans found in the prompt.
     pub spans: Vec<crate::obfuscation::Span>,
-    /// K: candidate prompts sent.
+    /// K: candidate prompts sent (0 when k = 0: nothing leaves the phone).
     pub candidates: usize,
     /// Every combination of the detected values (before the K_max cut).
     pub combinations: usize,
@@ -658,7 +658,7 @@ impl StableDiffusion {
             stats,
             obfuscation: Some(ObfuscationReport {
                 spans,
-                candidates: kk,
+                candidates: if k_steps > 0 { kk } else { 0 },
                 combinations: set.combinations,
                 server_steps: k_steps,
                 device_steps: total - k_steps,

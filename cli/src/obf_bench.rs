@@ -1,0 +1,334 @@
+//! `veil bench obfuscated`: the numbers of the `obfuscated` policy (docs/BENCHMARKS.md) — the
+//! server's FLOPs and time against K with and without each acceleration, the phone's traffic and
+//! compute per switch point k, and prompt adherence per k and per acceleration against the
+//! non-private baseline (`local`, which is k = 0). Prints Markdown tables.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use veil_core::model::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
+use veil_core::model::scheduler::SchedulerKind;
+use veil_core::obfuscation::hybrid::{
+    Accelerations, BatchRedundancy, DeviceUNet, EarlySteps, ObfuscationOptions,
+};
+use veil_core::obfuscation::{candidates, Lexicon};
+use veil_core::placement::Policy;
+use veil_eval::{score, Dataset};
+
+#[derive(Args)]
+pub struct ObfBenchArgs {
+    #[arg(long, default_value = "models/tiny-shapes")]
+    model: PathBuf,
+    /// The attribute lexicon; the default makes the shapes' colours the sensitive category.
+    #[arg(long, default_value = "eval/lexicons/colours.toml")]
+    lexicon: PathBuf,
+    /// T, the whole schedule.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    /// Candidate counts of the server-cost table.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    k: Vec<usize>,
+    /// K of the traffic and utility tables.
+    #[arg(long, default_value_t = 8)]
+    k_max: usize,
+    /// Held-out prompts scored per utility row.
+    #[arg(long, default_value_t = 30)]
+    prompts: usize,
+    /// Timed repetitions per server-cost cell (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// The device U-Net of the late steps (default: the model's own).
+    #[arg(long)]
+    device_model: Option<PathBuf>,
+    /// Dataset seed of the held-out captions.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{elapsed_precise}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The accelerations compared: name and settings (the gate at half the server's steps).
+fn accelerations(server_steps: usize) -> Vec<(&'static str, Accelerations)> {
+    let gate = Some((server_steps / 2).max(1));
+    vec![
+        ("none", Accelerations::default()),
+        (
+            "exact batch redundancy",
+            Accelerations {
+                batch_redundancy: BatchRedundancy::Exact,
+                attention_gate: None,
+            },
+        ),
+        (
+            "shared uncond (ObCLIP-style)",
+            Accelerations {
+                batch_redundancy: BatchRedundancy::Shared,
+                attention_gate: None,
+            },
+        ),
+        (
+            "attention gate",
+            Accelerations {
+                batch_redundancy: BatchRedundancy::Exact,
+                attention_gate: gate,
+            },
+        ),
+        (
+            "shared uncond + gate",
+            Accelerations {
+                batch_redundancy: BatchRedundancy::Shared,
+                attention_gate: gate,
+            },
+        ),
+    ]
+}
+
+pub fn run(a: ObfBenchArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let sd = Arc::new(
+        StableDiffusion::load(&a.model, &device)
+            .with_context(|| format!("loading model folder {}", a.model.display()))?,
+    );
+    let lex = Arc::new(
+        Lexicon::from_file(&a.lexicon)
+            .with_context(|| format!("reading lexicon {}", a.lexicon.display()))?,
+    );
+    let device_unet = match &a.device_model {
+        Some(d) => Some(Arc::new(DeviceUNet::load(d, &device)?)),
+        None => None,
+    };
+    let f = sd.vae.config.downsample_factor();
+    let side = sd.unet.config.sample_size.unwrap_or(8) * f;
+    let (lh, lw) = sd.latent_size(side, side)?;
+    let t_all = a.steps;
+    let half = t_all / 2;
+    let data = Dataset::new(a.seed, side);
+    let mut md = String::new();
+    writeln!(
+        md,
+        "`veil bench obfuscated` — model `{}` ({side}×{side}), T = {t_all} DDIM steps, guidance {}, lexicon `{}`, one CPU thread pool on this machine.\n",
+        a.model.display(),
+        a.guidance,
+        a.lexicon.display()
+    )?;
+
+    // --- server cost against K --------------------------------------------------------------
+    let probe = data.held_out(0).1;
+    let spans = lex.detect(&probe);
+    let accels = accelerations(half);
+    let cells = a.k.len() * accels.len() * a.repeats;
+    let b = bar(cells, "server cost");
+    let noise = seeded_normal(3, &[1, sd.unet.config.in_channels, lh, lw], &device)?;
+    let mut rows: Vec<(usize, &str, u64, f64, u64)> = Vec::new();
+    for &k in &a.k {
+        let set = candidates(&probe, &spans, &lex, k, &mut rand::rng())?;
+        anyhow::ensure!(
+            set.prompts.len() == k,
+            "the probe prompt `{probe}` has only {} candidate prompts under this lexicon, not {k}",
+            set.prompts.len()
+        );
+        for (name, accel) in &accels {
+            let job = EarlySteps {
+                candidates: set.prompts.clone(),
+                negative_prompt: String::new(),
+                noise: noise.clone(),
+                steps: t_all,
+                server_steps: half,
+                guidance: a.guidance,
+                scheduler: SchedulerKind::Ddim,
+                accel: *accel,
+            };
+            let mut times = Vec::new();
+            let mut flops = 0;
+            let mut unet_rows = 0;
+            for _ in 0..a.repeats {
+                let t0 = Instant::now();
+                let r = sd.early_steps(&job, &mut |_, _| {})?;
+                times.push(t0.elapsed().as_secs_f64());
+                flops = r.accounting.device_flops;
+                unet_rows = r.unet_rows;
+                b.inc(1);
+            }
+            rows.push((k, name, flops, median(times), unet_rows));
+        }
+    }
+    b.finish_and_clear();
+    let single = rows
+        .iter()
+        .find(|r| r.0 == 1 && r.1 == "none")
+        .map(|r| (r.2, r.3));
+    writeln!(
+        md,
+        "### Server cost of the first k = {half} of {t_all} steps against K\n\n\
+         FLOPs are the runtime's own count; time is the median of {} runs of `early_steps` on this machine. \
+         \"× one\" divides by the same k steps of one ordinary generation (K = 1, no acceleration: \
+         2 U-Net rows per step). The gate is at server step {}.\n",
+        a.repeats,
+        (half / 2).max(1)
+    )?;
+    writeln!(
+        md,
+        "| K | acceleration | U-Net rows | server GFLOPs | × one | time (s) | × one |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for (k, name, flops, secs, unet_rows) in &rows {
+        let (f1, t1) = single.unwrap_or((*flops, *secs));
+        writeln!(
+            md,
+            "| {k} | {name} | {unet_rows} | {:.3} | {:.2} | {:.3} | {:.2} |",
+            *flops as f64 / 1e9,
+            *flops as f64 / f1.max(1) as f64,
+            secs,
+            secs / t1.max(1e-9)
+        )?;
+    }
+
+    // --- phone traffic and compute per switch point -------------------------------------------
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let server = sd.in_process_full_server();
+    let gen = |caption: &str, seed: u64, k: usize, accel: Accelerations| {
+        let opts = GenerateOptions {
+            prompt: caption.to_string(),
+            steps: t_all,
+            guidance: a.guidance,
+            seed,
+            width: side,
+            height: side,
+            policy: Policy::Obfuscated,
+            obfuscation: ObfuscationOptions {
+                server_steps: Some(k),
+                k_max: Some(a.k_max),
+                lexicon: Some(lex.clone()),
+                accel,
+                device_unet: device_unet.clone(),
+            },
+            ..Default::default()
+        };
+        rt.block_on(sd.generate(&opts, std::slice::from_ref(&server), &mut |_| {}))
+    };
+    let exact = Accelerations {
+        batch_redundancy: BatchRedundancy::Exact,
+        attention_gate: None,
+    };
+    let points = [0, t_all / 4, half, 3 * t_all / 4, t_all];
+    writeln!(
+        md,
+        "\n### Phone traffic and compute per switch point (K = {}, exact batch redundancy)\n\n\
+         Up: the candidate prompts, the negative prompt and the f32 noise; down: K f32 latents. \
+         Phone FLOPs are its T − k U-Net steps (text encoding and VAE decoding are the same at every k).\n",
+        a.k_max
+    )?;
+    writeln!(
+        md,
+        "| k (server steps) | up (bytes) | down (bytes) | round trips | phone GFLOPs | server GFLOPs | phone share |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for &k in &points {
+        let g = gen(&probe, 1, k, exact)?;
+        let s = &g.stats;
+        writeln!(
+            md,
+            "| {k} of {t_all} | {} | {} | {} | {:.3} | {:.3} | {:.1}% |",
+            s.bytes_up,
+            s.bytes_down,
+            s.round_trips,
+            s.device_flops as f64 / 1e9,
+            s.server_flops as f64 / 1e9,
+            100.0 * s.device_flops as f64 / (s.device_flops + s.server_flops).max(1) as f64
+        )?;
+    }
+
+    // --- utility per k and per acceleration ----------------------------------------------------
+    let held: Vec<String> = (0..a.prompts as u64).map(|i| data.held_out(i).1).collect();
+    let mut configs: Vec<(String, usize, Accelerations)> = points
+        .iter()
+        .map(|&k| (format!("k = {k}, exact"), k, exact))
+        .collect();
+    for (name, accel) in accelerations(half).into_iter().skip(2) {
+        configs.push((format!("k = {half}, {name}"), half, accel));
+    }
+    let b = bar(configs.len() * held.len(), "utility");
+    writeln!(
+        md,
+        "\n### Prompt adherence per k and acceleration ({} held-out captions, K = {})\n\n\
+         Scored from the pixels by `veil_eval::score` (the evaluation's scorer). k = 0 is the \
+         non-private baseline: it equals `local` exactly. \"same as local\" counts captions whose \
+         four scores all equal local's.\n",
+        held.len(),
+        a.k_max
+    )?;
+    writeln!(
+        md,
+        "| setting | colour | shape | position | size | same as local | mean K |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    let mut baseline: Vec<[bool; 4]> = Vec::new();
+    for (ci, (name, k, accel)) in configs.iter().enumerate() {
+        let mut c = [0usize; 4];
+        let mut same = 0;
+        let mut ks = 0;
+        for (i, caption) in held.iter().enumerate() {
+            let g = gen(caption, 1 + i as u64, *k, *accel)?;
+            ks += g.obfuscation.as_ref().map_or(0, |o| o.candidates);
+            let img = to_rgb(&g.image)?;
+            let s = score(&img, caption)?;
+            let v = [s.colour, s.shape, s.position, s.size];
+            for (n, hit) in c.iter_mut().zip(v) {
+                *n += usize::from(hit);
+            }
+            if ci == 0 {
+                baseline.push(v);
+            }
+            same += usize::from(baseline.get(i) == Some(&v));
+            b.inc(1);
+        }
+        let pct = |n: usize| 100.0 * n as f64 / held.len().max(1) as f64;
+        writeln!(
+            md,
+            "| {name} | {:.0}% | {:.0}% | {:.0}% | {:.0}% | {same}/{} | {:.1} |",
+            pct(c[0]),
+            pct(c[1]),
+            pct(c[2]),
+            pct(c[3]),
+            held.len(),
+            ks as f64 / held.len().max(1) as f64
+        )?;
+    }
+    b.finish_and_clear();
+    print!("{md}");
+    Ok(())
+}
+
+fn to_rgb(t: &Tensor) -> Result<image::RgbImage> {
+    let (_, h, w) = t.dims3()?;
+    let bytes = (t.permute((1, 2, 0))? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(candle_core::DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    image::RgbImage::from_raw(w as u32, h as u32, bytes).context("image buffer size")
+}
