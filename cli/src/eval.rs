@@ -408,14 +408,28 @@ fn training_section(md: &mut String, model: &Path) -> Result<()> {
     };
     let log: serde_json::Value = serde_json::from_str(&text).context("training_log.json")?;
     writeln!(md, "## The model\n")?;
+    let logged: f64 = log["stages"]
+        .as_object()
+        .map(|st| st.values().filter_map(|s| s["seconds"].as_f64()).sum())
+        .unwrap_or(0.0);
     writeln!(
         md,
-        "Trained by `tools/train_tiny.py` on {} pictures ({}; {:.0} s in all). Loss curves \
+        "Trained by `tools/train_tiny.py` on {} pictures ({}; {}). Loss curves \
          (every 200 steps) are in `training_log.json` beside the weights.\n",
         log["data"]["pictures"],
         log["device"].as_str().unwrap_or("?"),
-        log["seconds"].as_f64().unwrap_or(0.0)
+        match log["seconds"].as_f64() {
+            Some(t) => format!("{t:.0} s in all"),
+            None => format!("{logged:.0} s in the stages that logged their time"),
+        }
     )?;
+    if let Some(cmds) = log["commands"].as_array() {
+        writeln!(md, "```sh")?;
+        for c in cmds.iter().filter_map(|c| c.as_str()) {
+            writeln!(md, "{c}")?;
+        }
+        writeln!(md, "```\n")?;
+    }
     writeln!(
         md,
         "| stage | steps | parameters | seconds | first loss | last loss |"
@@ -432,12 +446,14 @@ fn training_section(md: &mut String, model: &Path) -> Result<()> {
             };
             writeln!(
                 md,
-                "| {name} | {} | {} | {:.0} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} |",
                 s["steps"],
                 s.get("parameters")
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "—".into()),
-                s["seconds"].as_f64().unwrap_or(0.0),
+                s["seconds"]
+                    .as_f64()
+                    .map_or_else(|| "—".to_string(), |t| format!("{t:.0}")),
                 at(curve.first()),
                 at(curve.last())
             )?;
@@ -445,11 +461,17 @@ fn training_section(md: &mut String, model: &Path) -> Result<()> {
         if let Some(v) = stages.get("vae") {
             writeln!(
                 md,
-                "\nVAE reconstruction PSNR on 512 training pictures: {:.1} dB; latent scaling \
-                 factor {:.4}.",
+                "\nVAE reconstruction PSNR on 512 training pictures: {:.1} dB ({} dB on object \
+                 pixels); latent scaling factor {:.4}.",
                 v["reconstruction_psnr_db"].as_f64().unwrap_or(f64::NAN),
+                v["object_psnr_db"]
+                    .as_f64()
+                    .map_or_else(|| "—".to_string(), |x| format!("{x:.1}")),
                 v["scaling_factor"].as_f64().unwrap_or(f64::NAN)
             )?;
+            if let Some(n) = v["note"].as_str() {
+                writeln!(md, "VAE note: {n}.")?;
+            }
         }
     }
     md.push('\n');
