@@ -95,7 +95,8 @@ impl EvalArgs {
     }
 }
 
-fn bar(len: usize, what: &str) -> ProgressBar {
+/// A progress bar for a long CLI stage.
+pub(crate) fn bar(len: usize, what: &str) -> ProgressBar {
     let b = ProgressBar::new(len as u64);
     b.set_style(
         ProgressStyle::with_template(&format!(

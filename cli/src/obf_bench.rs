@@ -11,7 +11,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use veil_core::model::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::obfuscation::hybrid::{
@@ -20,6 +19,8 @@ use veil_core::obfuscation::hybrid::{
 use veil_core::obfuscation::{candidates, Lexicon};
 use veil_core::placement::Policy;
 use veil_eval::{score, Dataset};
+
+use crate::eval::bar;
 
 #[derive(Args)]
 pub struct ObfBenchArgs {
@@ -51,18 +52,6 @@ pub struct ObfBenchArgs {
     /// Dataset seed of the held-out captions.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-}
-
-fn bar(len: usize, what: &str) -> ProgressBar {
-    let b = ProgressBar::new(len as u64);
-    b.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{elapsed_precise}} eta {{eta}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    b
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
