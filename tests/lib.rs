@@ -88,7 +88,7 @@ pub fn random_weights(params: &[(String, Vec<usize>)], seed: u64) -> HashMap<Str
 
 /// A seeded standard-normal tensor.
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
-    veil_core::model::pipeline::seeded_normal(seed, shape, &Device::Cpu).expect("randn")
+    veil_core::client::pipeline::seeded_normal(seed, shape, &Device::Cpu).expect("randn")
 }
 
 /// Reads a committed `*.params.json` list of [name, shape].

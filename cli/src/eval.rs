@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use veil_core::model::pipeline::{GenerateOptions, Generation, StableDiffusion};
+use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
 use veil_core::placement::{GnVariant, Policy};
 use veil_eval::attack::{self, AttackConfig, AttackReport, Fidelity};
 use veil_eval::metrics::{psnr, ssim, Picture};

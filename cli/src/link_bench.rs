@@ -27,7 +27,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use veil_core::model::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
+use veil_core::client::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
 use veil_core::placement::{GnVariant, Policy, ShardBackend, WireDtype};

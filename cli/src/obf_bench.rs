@@ -11,9 +11,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use veil_core::model::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
+use veil_core::client::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
-use veil_core::obfuscation::hybrid::{
+use veil_core::client::hybrid::{
     Accelerations, BatchRedundancy, DeviceUNet, EarlySteps, ObfuscationOptions,
 };
 use veil_core::obfuscation::{candidates, Lexicon};

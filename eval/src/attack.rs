@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use veil_core::model::pipeline::{GenerateOptions, StableDiffusion};
+use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
 use veil_core::placement::{Policy, View, ViewKind};
 
 use crate::dataset::Dataset;
@@ -645,7 +645,7 @@ pub fn obfuscated_attack(
     seed: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ObfuscatedReport> {
-    use veil_core::obfuscation::hybrid::{EarlySteps, ObfuscationOptions};
+    use veil_core::client::hybrid::{EarlySteps, ObfuscationOptions};
     let data = Dataset::new(seed, side);
     // The attacker's prior: how often each attribute phrase appears in training captions.
     let mut freq: BTreeMap<String, f64> = BTreeMap::new();
@@ -713,7 +713,7 @@ pub fn obfuscated_attack(
         by_prior += f64::from(u8::from(real.is_some() && top == real));
         // The server finishes all K itself, from the same noise.
         let (h, w) = sd.latent_size(side, side)?;
-        let noise = veil_core::model::pipeline::seeded_normal(
+        let noise = veil_core::client::pipeline::seeded_normal(
             1 + i as u64,
             &[1, sd.unet.config.in_channels, h, w],
             &sd.device,

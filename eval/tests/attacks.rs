@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use veil_core::model::pipeline::StableDiffusion;
+use veil_core::client::pipeline::StableDiffusion;
 use veil_core::placement::{GnVariant, Policy, View, ViewKind};
 use veil_eval::attack::{
     self, fill_rows, invert_key_values, key_values, latent_rows, AttackConfig, Seen,

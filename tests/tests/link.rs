@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use tokio::net::UdpSocket;
-use veil_core::model::pipeline::{GenerateOptions, StableDiffusion};
+use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::{GnVariant, Policy, WireDtype};
 use veil_core::transport::link::{Direction, LinkEmulator, LinkProfile, MIN_QUEUE_BYTES};

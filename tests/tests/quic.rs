@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use quinn::VarInt;
-use veil_core::model::pipeline::{GenerateOptions, StableDiffusion};
+use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
 use veil_core::placement::engine::Pad;
@@ -98,7 +98,7 @@ async fn generate(
     sd: &StableDiffusion,
     o: &GenerateOptions,
     backends: &[Arc<dyn ShardBackend<Tensor>>],
-) -> veil_core::Result<veil_core::model::pipeline::Generation> {
+) -> veil_core::Result<veil_core::client::pipeline::Generation> {
     sd.generate(o, backends, &mut |_| {}).await
 }
 

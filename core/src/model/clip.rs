@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use tokenizers::Tokenizer;
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig};
 use crate::model::weights::WeightFile;
 

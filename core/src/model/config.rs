@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 
 /// An integer given either once for all blocks or once per block (diffusers accepts both).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

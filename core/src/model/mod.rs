@@ -1,10 +1,14 @@
-//! The Stable Diffusion model: configs, weights, text encoder, VAE, U-Net, schedulers, pipeline.
+//! The Stable Diffusion model: configs, weights, text encoder, VAE, schedulers, and the U-Net
+//! written once over a trait of ops (`ops::UNetOps`), so the placement runtime above decides
+//! where each op runs without the model knowing it.
 
 pub mod clip;
 pub mod config;
-pub mod layers;
-pub mod pipeline;
+pub mod ops;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+/// The layer specs are vocabulary (`vocab::layers`); re-exported where the U-Net builds them.
+pub use crate::vocab::layers;

@@ -22,14 +22,12 @@
 //! exactly n timesteps. diffusers' quirks that are well defined are kept, e.g. DDIM always
 //! steps back by `num_train_timesteps / n`, even with trailing/linspace spacing.
 
-use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Deserializer};
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 
 /// How betas are laid out over the training timesteps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -392,42 +390,7 @@ impl SchedulerConfig {
     }
 }
 
-/// Which sampler to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SchedulerKind {
-    Ddim,
-    DpmSolverMultistep,
-    EulerDiscrete,
-}
-
-impl FromStr for SchedulerKind {
-    type Err = Error;
-
-    /// "ddim", "dpm++2m" (also "dpmsolver++", "dpm"), "euler", case-insensitive; the diffusers
-    /// class names are accepted too, so a config's `_class_name` can be passed straight in.
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "ddim" | "ddimscheduler" => Ok(Self::Ddim),
-            "dpm++2m" | "dpmsolver++" | "dpm" | "dpmsolvermultistepscheduler" => {
-                Ok(Self::DpmSolverMultistep)
-            }
-            "euler" | "eulerdiscretescheduler" => Ok(Self::EulerDiscrete),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown scheduler {s:?}; expected one of ddim, dpm++2m (dpmsolver++, dpm), euler"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for SchedulerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Ddim => "ddim",
-            Self::DpmSolverMultistep => "dpm++2m",
-            Self::EulerDiscrete => "euler",
-        })
-    }
-}
+pub use crate::vocab::job::SchedulerKind;
 
 /// A sampler over a fixed inference schedule. Steps are addressed by index into
 /// [`Scheduler::timesteps`]; call them in order (DPM-Solver++ keeps the previous model output).

@@ -1,17 +1,16 @@
 //! `UNet2DConditionModel`, written once. The struct is the layer tree (names as in diffusers, so
 //! `down_blocks.0.resnets.1.conv1` is both our path and the checkpoint's key); `forward` runs it
-//! through a placement `Runtime`, which decides per op whether the phone or the shard backends
-//! compute it. No weights live here: engines look them up by name.
+//! over `UNetOps`, which the placement runtime implements: it decides per op whether the phone
+//! or the shard backends compute it. No weights live here: engines look them up by name.
 
 use std::collections::HashMap;
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 use crate::model::config::UNetConfig;
-use crate::model::layers::{
+use crate::vocab::layers::{
     Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, Role, ShardLayer,
 };
-use crate::placement::engine::Engine;
-use crate::placement::runtime::{Runtime, Val};
+use crate::model::ops::UNetOps;
 
 /// diffusers' `ResnetBlock2D`.
 #[derive(Debug, Clone)]
@@ -491,26 +490,26 @@ impl UNet {
 
     /// One U-Net evaluation: ε (or v) prediction for `sample` [B, C, h, w] at `timestep`, with
     /// text states `context` [B, T, D].
-    pub async fn forward<E: Engine>(
+    pub async fn forward<R: UNetOps>(
         &self,
-        rt: &mut Runtime<'_, E>,
-        sample: &E::T,
+        rt: &mut R,
+        sample: &R::T,
         timestep: f64,
-        context: &E::T,
-    ) -> Result<E::T> {
+        context: &R::T,
+    ) -> Result<R::T> {
         let sample = rt.input(sample.clone());
         let context = rt.input(context.clone());
         let out = self.forward_values(rt, &sample, timestep, &context).await?;
         rt.local(&out).await
     }
 
-    async fn forward_values<E: Engine>(
+    async fn forward_values<R: UNetOps>(
         &self,
-        rt: &mut Runtime<'_, E>,
-        sample: &Val<E>,
+        rt: &mut R,
+        sample: &R::Val,
         timestep: f64,
-        context: &Val<E>,
-    ) -> Result<Val<E>> {
+        context: &R::Val,
+    ) -> Result<R::Val> {
         let d = rt.dims(sample);
         self.check_input(&d)?;
         rt.note_unet_call();
@@ -580,12 +579,12 @@ impl UNet {
 }
 
 impl ResnetBlock {
-    async fn forward<E: Engine>(
+    async fn forward<R: UNetOps>(
         &self,
-        rt: &mut Runtime<'_, E>,
-        x: &Val<E>,
-        emb_act: &Val<E>,
-    ) -> Result<Val<E>> {
+        rt: &mut R,
+        x: &R::Val,
+        emb_act: &R::Val,
+    ) -> Result<R::Val> {
         let h = rt.group_norm(&self.norm1, x).await?;
         let h = rt.silu(&h).await?;
         let h = rt.conv2d(&self.conv1, &h).await?;
@@ -608,12 +607,12 @@ impl ResnetBlock {
 }
 
 impl Attention {
-    async fn forward<E: Engine>(
+    async fn forward<R: UNetOps>(
         &self,
-        rt: &mut Runtime<'_, E>,
-        x: &Val<E>,
-        ctx: &Val<E>,
-    ) -> Result<Val<E>> {
+        rt: &mut R,
+        x: &R::Val,
+        ctx: &R::Val,
+    ) -> Result<R::Val> {
         let q = rt.linear(&self.to_q, x).await?;
         let k = rt.linear(&self.to_k, ctx).await?;
         let v = rt.linear(&self.to_v, ctx).await?;
@@ -623,13 +622,13 @@ impl Attention {
 }
 
 impl Transformer2D {
-    async fn forward<E: Engine>(
+    async fn forward<R: UNetOps>(
         &self,
-        rt: &mut Runtime<'_, E>,
-        x: &Val<E>,
-        context: &Val<E>,
+        rt: &mut R,
+        x: &R::Val,
+        context: &R::Val,
         gelu: GeluKind,
-    ) -> Result<Val<E>> {
+    ) -> Result<R::Val> {
         let d = rt.dims(x);
         let (h, w) = (d[2], d[3]);
         let n = rt.group_norm(&self.norm, x).await?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 use crate::model::config::{read_json, VaeConfig};
 use crate::model::weights::WeightFile;
 

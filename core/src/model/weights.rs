@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 
 /// The safetensors weights of one component (`unet/`, `vae/`, `text_encoder/`).
 pub struct WeightFile {

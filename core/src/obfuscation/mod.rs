@@ -11,7 +11,6 @@
 //!   partition depends only on the prompt with its sensitive spans masked; order shuffled with a
 //!   CSPRNG. The real index stays in `CandidateSet` on the device.
 
-pub mod hybrid;
 
 use std::collections::BTreeSet;
 
@@ -20,7 +19,7 @@ use rand::{CryptoRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 
 const BUILTIN: &str = include_str!("lexicon.toml");
 

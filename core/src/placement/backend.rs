@@ -1,218 +1,21 @@
-//! Shard backends: where server-side work runs. A request is a list of calls; each call names a
-//! layer the server holds weights for (by diffusers name, never by weight values) and operands
-//! that are either sent inline or refer to a tensor the server keeps in this session by handle.
-//! Handles let a later policy keep feature strips resident on a server between ops. The
-//! in-process backend executes calls here; the QUIC backend (server issue) carries the same
-//! requests over the wire.
+//! Shard execution: what a shard server does with a request (`ShardExecutor`, over any engine,
+//! with the session's tensor handles), and the in-process backend built on it. The ops and the
+//! backend trait are vocabulary (`vocab::ops`); the QUIC backend carries the same requests over
+//! the wire.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
-use crate::model::layers::{GeluKind, ShardLayer};
-use crate::obfuscation::hybrid::{EarlySteps, EarlyStepsRunner};
-use crate::placement::engine::{Engine, Pad};
-
-/// A session-scoped tensor id chosen by the client.
-pub type HandleId = u64;
-
-/// An op's input: sent with the request, or already held by the server.
-#[derive(Debug, Clone)]
-pub enum Operand<T> {
-    Inline(T),
-    Handle(HandleId),
-}
-
-/// The work a shard server can be asked to do.
-#[derive(Debug, Clone)]
-pub enum ShardOp<T> {
-    /// Convolution of a row block; `pad` is the zero padding where the block meets the border.
-    Conv2d {
-        layer: String,
-        input: Operand<T>,
-        pad: Pad,
-    },
-    /// Per-group partial statistics [B, G, 3] = (count, mean, M2) of a block.
-    GroupNormStats {
-        layer: String,
-        input: Operand<T>,
-    },
-    /// softmax(q kᵀ/√d) v for a block of query rows.
-    Attention {
-        q: Operand<T>,
-        k: Operand<T>,
-        v: Operand<T>,
-        heads: usize,
-    },
-    /// Returns (or keeps) the operand itself: uploads a tensor into a handle, or fetches one.
-    Identity {
-        input: Operand<T>,
-    },
-    /// Forgets a handle.
-    Release {
-        handle: HandleId,
-    },
-
-    // Strip ops (the `strict` policy): the elementwise and per-token work on resident strips.
-    /// `len` entries of dimension `dim` from `start` (e.g. a strip's boundary rows).
-    Narrow {
-        input: Operand<T>,
-        dim: usize,
-        start: usize,
-        len: usize,
-    },
-    /// Concatenation along `dim` (halo rows around a strip; skip connections on channels).
-    Cat {
-        inputs: Vec<Operand<T>>,
-        dim: usize,
-    },
-    /// Normalises with global moments [B, G, 2] and applies the affine parameters.
-    GroupNormApply {
-        layer: String,
-        input: Operand<T>,
-        moments: Operand<T>,
-    },
-    LayerNorm {
-        layer: String,
-        input: Operand<T>,
-    },
-    Linear {
-        layer: String,
-        input: Operand<T>,
-    },
-    Silu {
-        input: Operand<T>,
-    },
-    Geglu {
-        input: Operand<T>,
-        kind: GeluKind,
-    },
-    Add {
-        a: Operand<T>,
-        b: Operand<T>,
-    },
-    Scale {
-        input: Operand<T>,
-        factor: f64,
-    },
-    /// x [B, C, h, w] + e [B, C].
-    AddChannelBias {
-        input: Operand<T>,
-        bias: Operand<T>,
-    },
-    /// Nearest up-sampling of a strip: output rows `dst_first..dst_first + dst_len` of a
-    /// `dst_h`-row map taken from a `src_h`-row map whose rows from `src_first` the input holds
-    /// (the same row choice as a whole-map up-sampling), columns to `dst_w`.
-    UpsampleRows {
-        input: Operand<T>,
-        src_first: usize,
-        src_h: usize,
-        dst_h: usize,
-        dst_first: usize,
-        dst_len: usize,
-        dst_w: usize,
-    },
-    ToTokens {
-        input: Operand<T>,
-    },
-    ToSpatial {
-        input: Operand<T>,
-        h: usize,
-        w: usize,
-    },
-    /// The `obfuscated` policy's server part: the first k denoising steps of K candidate
-    /// prompts (only a server that holds the whole model runs it).
-    EarlySteps(Box<EarlySteps<T>>),
-    /// The sinusoidal embedding of a (public) timestep, [batch, dim].
-    TimestepEmbedding {
-        timestep: f64,
-        batch: usize,
-        dim: usize,
-        flip_sin_to_cos: bool,
-        shift: f64,
-    },
-}
-
-/// Source rows of a nearest up-sampling from `src_h` to `dst_h` rows, as candle computes them
-/// for the whole map (so a strip-wise up-sampling is bit-identical to the whole one).
-pub fn upsample_source_row(dst_row: usize, src_h: usize, dst_h: usize) -> usize {
-    let scale = src_h as f64 / dst_h as f64;
-    ((dst_row as f64 * scale) as usize).min(src_h.saturating_sub(1))
-}
-
-impl<T> ShardOp<T> {
-    /// Inline operands, i.e. what this op carries over the wire.
-    pub fn inline_operands(&self) -> Vec<&T> {
-        let operands: Vec<&Operand<T>> = match self {
-            ShardOp::Conv2d { input, .. }
-            | ShardOp::GroupNormStats { input, .. }
-            | ShardOp::Identity { input } => vec![input],
-            ShardOp::Attention { q, k, v, .. } => vec![q, k, v],
-            ShardOp::Release { .. } | ShardOp::TimestepEmbedding { .. } => vec![],
-            ShardOp::EarlySteps(job) => return vec![&job.noise],
-            ShardOp::Narrow { input, .. }
-            | ShardOp::LayerNorm { input, .. }
-            | ShardOp::Linear { input, .. }
-            | ShardOp::Silu { input }
-            | ShardOp::Geglu { input, .. }
-            | ShardOp::Scale { input, .. }
-            | ShardOp::UpsampleRows { input, .. }
-            | ShardOp::ToTokens { input }
-            | ShardOp::ToSpatial { input, .. } => vec![input],
-            ShardOp::Cat { inputs, .. } => inputs.iter().collect(),
-            ShardOp::GroupNormApply { input, moments, .. } => vec![input, moments],
-            ShardOp::Add { a, b } => vec![a, b],
-            ShardOp::AddChannelBias { input, bias } => vec![input, bias],
-        };
-        operands
-            .into_iter()
-            .filter_map(|o| match o {
-                Operand::Inline(t) => Some(t),
-                Operand::Handle(_) => None,
-            })
-            .collect()
-    }
-}
-
-/// One call: the op, whether to keep its result under a handle, whether to send it back.
-#[derive(Debug, Clone)]
-pub struct ShardCall<T> {
-    pub op: ShardOp<T>,
-    pub keep_as: Option<HandleId>,
-    pub reply: bool,
-}
-
-impl<T> ShardCall<T> {
-    /// A call whose result comes straight back (the `ppidm` pattern).
-    pub fn reply(op: ShardOp<T>) -> Self {
-        Self {
-            op,
-            keep_as: None,
-            reply: true,
-        }
-    }
-}
-
-/// Calls executed in order; one round trip.
-#[derive(Debug, Clone)]
-pub struct ShardRequest<T> {
-    pub calls: Vec<ShardCall<T>>,
-}
-
-/// The results of the calls that asked for a reply, in order.
-#[derive(Debug, Clone)]
-pub struct ShardReply<T> {
-    pub outputs: Vec<T>,
-}
-
-/// Something that executes shard requests: an in-process executor now, a QUIC connection to a
-/// `veil-server` later.
-#[async_trait]
-pub trait ShardBackend<T: Send + Sync + 'static>: Send + Sync {
-    async fn execute(&self, request: ShardRequest<T>) -> Result<ShardReply<T>>;
-}
+use crate::vocab::engine::Engine;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::job::{EarlySteps, EarlyStepsRunner};
+use crate::vocab::layers::ShardLayer;
+pub use crate::vocab::ops::{
+    upsample_source_row, HandleId, Operand, ShardBackend, ShardCall, ShardOp, ShardReply,
+    ShardRequest,
+};
 
 /// What a shard server does with a request, over any engine. Holds the layer table (which
 /// layers this server may run, with their hyper-parameters) and the session's handles.
@@ -263,6 +66,15 @@ impl<E: Engine> ShardExecutor<E> {
         self
     }
 
+    /// Runs the `obfuscated` policy's early steps where this executor holds a runner for them;
+    /// refuses on a shard-only server.
+    pub fn early_steps(&self, job: &EarlySteps<E::T>) -> Result<E::T> {
+        match &self.denoiser {
+            Some(d) => d.run_early_steps(job),
+            None => Err(crate::vocab::ops::shard_only()),
+        }
+    }
+
     /// Bytes held under handles now.
     pub fn held_bytes(&self) -> u64 {
         self.handles
@@ -293,6 +105,80 @@ impl<E: Engine> ShardExecutor<E> {
     /// Runs one call's op.
     pub fn run(&self, op: &ShardOp<E::T>) -> Result<Option<E::T>> {
         Ok(Some(match op {
+            ShardOp::Conv2d { .. }
+            | ShardOp::GroupNormStats { .. }
+            | ShardOp::GroupNormApply { .. }
+            | ShardOp::LayerNorm { .. }
+            | ShardOp::Linear { .. } => self.run_layer_op(op)?,
+            ShardOp::Narrow { .. }
+            | ShardOp::Cat { .. }
+            | ShardOp::UpsampleRows { .. }
+            | ShardOp::ToTokens { .. }
+            | ShardOp::ToSpatial { .. } => self.run_shape_op(op)?,
+            ShardOp::Attention { q, k, v, heads } => self.engine.attention(
+                &self.operand(q)?,
+                &self.operand(k)?,
+                &self.operand(v)?,
+                *heads,
+                self.attention_chunk,
+            )?,
+            ShardOp::Identity { input } => self.operand(input)?,
+            ShardOp::Release { handle } => {
+                if let Ok(mut h) = self.handles.lock() {
+                    h.remove(handle);
+                }
+                return Ok(None);
+            }
+            ShardOp::Silu { input } => self.engine.silu(&self.operand(input)?)?,
+            ShardOp::Geglu { input, kind } => {
+                let x = self.operand(input)?;
+                if self.engine.dims(&x).last().is_none_or(|l| l % 2 != 0) {
+                    return Err(bad("GEGLU needs an even last dimension".into()));
+                }
+                self.engine.geglu(&x, *kind)?
+            }
+            ShardOp::Add { a, b } => {
+                let (a, b) = (self.operand(a)?, self.operand(b)?);
+                if self.engine.dims(&a) != self.engine.dims(&b) {
+                    return Err(bad(format!(
+                        "add of {:?} and {:?}",
+                        self.engine.dims(&a),
+                        self.engine.dims(&b)
+                    )));
+                }
+                self.engine.add(&a, &b)?
+            }
+            ShardOp::Scale { input, factor } => {
+                self.engine.scale(&self.operand(input)?, *factor)?
+            }
+            ShardOp::AddChannelBias { input, bias } => {
+                let (x, e) = (self.operand(input)?, self.operand(bias)?);
+                let (xd, ed) = (self.engine.dims(&x), self.engine.dims(&e));
+                if xd.len() != 4 || ed != [xd[0], xd[1]] {
+                    return Err(bad(format!("channel bias {ed:?} on {xd:?}")));
+                }
+                self.engine.add_channel_bias(&x, &e)?
+            }
+            ShardOp::TimestepEmbedding {
+                timestep,
+                batch,
+                dim,
+                flip_sin_to_cos,
+                shift,
+            } => {
+                if *batch == 0 || *batch > 4096 || *dim == 0 || *dim > (1 << 16) {
+                    return Err(bad(format!("timestep embedding {batch}x{dim}")));
+                }
+                self.engine
+                    .timestep_embedding(*timestep, *batch, *dim, *flip_sin_to_cos, *shift)?
+            }
+        }))
+    }
+
+    /// The ops that name a layer this server holds: the layer must exist, be of the op's kind,
+    /// and fit the operand's shape.
+    fn run_layer_op(&self, op: &ShardOp<E::T>) -> Result<E::T> {
+        Ok(match op {
             ShardOp::Conv2d { layer, input, pad } => match self.layer(layer)? {
                 ShardLayer::Conv2d(c) => self.engine.conv2d(c, &self.operand(input)?, *pad)?,
                 _ => {
@@ -311,54 +197,6 @@ impl<E: Engine> ShardExecutor<E> {
                     )))
                 }
             },
-            ShardOp::Attention { q, k, v, heads } => self.engine.attention(
-                &self.operand(q)?,
-                &self.operand(k)?,
-                &self.operand(v)?,
-                *heads,
-                self.attention_chunk,
-            )?,
-            ShardOp::Identity { input } => self.operand(input)?,
-            ShardOp::EarlySteps(job) => match &self.denoiser {
-                Some(d) => d.run_early_steps(job)?,
-                None => {
-                    return Err(Error::Unsupported(
-                        "this server holds shard layers only; the obfuscated policy needs a \
-                         server started with --full-model"
-                            .into(),
-                    ))
-                }
-            },
-            ShardOp::Release { handle } => {
-                if let Ok(mut h) = self.handles.lock() {
-                    h.remove(handle);
-                }
-                return Ok(None);
-            }
-            ShardOp::Narrow {
-                input,
-                dim,
-                start,
-                len,
-            } => {
-                let x = self.operand(input)?;
-                let d = self.engine.dims(&x);
-                let size = d
-                    .get(*dim)
-                    .ok_or_else(|| bad(format!("narrow on dim {dim} of {d:?}")))?;
-                if start.checked_add(*len).is_none_or(|e| e > *size) || *len == 0 {
-                    return Err(bad(format!("narrow {start}+{len} of dim {dim} of {d:?}")));
-                }
-                self.engine.narrow(&x, *dim, *start, *len)?
-            }
-            ShardOp::Cat { inputs, dim } => {
-                let xs = inputs
-                    .iter()
-                    .map(|o| self.operand(o))
-                    .collect::<Result<Vec<_>>>()?;
-                self.check_cat(&xs, *dim)?;
-                self.engine.cat(&xs, *dim)?
-            }
             ShardOp::GroupNormApply {
                 layer,
                 input,
@@ -397,35 +235,36 @@ impl<E: Engine> ShardExecutor<E> {
                 }
                 _ => return Err(bad(format!("`{layer}` is not a linear layer"))),
             },
-            ShardOp::Silu { input } => self.engine.silu(&self.operand(input)?)?,
-            ShardOp::Geglu { input, kind } => {
+            _ => return Err(bad("not a layer op".into())),
+        })
+    }
+
+    /// The ops that move rows and tokens around: every index is checked against the operand.
+    fn run_shape_op(&self, op: &ShardOp<E::T>) -> Result<E::T> {
+        Ok(match op {
+            ShardOp::Narrow {
+                input,
+                dim,
+                start,
+                len,
+            } => {
                 let x = self.operand(input)?;
-                if self.engine.dims(&x).last().is_none_or(|l| l % 2 != 0) {
-                    return Err(bad("GEGLU needs an even last dimension".into()));
+                let d = self.engine.dims(&x);
+                let size = d
+                    .get(*dim)
+                    .ok_or_else(|| bad(format!("narrow on dim {dim} of {d:?}")))?;
+                if start.checked_add(*len).is_none_or(|e| e > *size) || *len == 0 {
+                    return Err(bad(format!("narrow {start}+{len} of dim {dim} of {d:?}")));
                 }
-                self.engine.geglu(&x, *kind)?
+                self.engine.narrow(&x, *dim, *start, *len)?
             }
-            ShardOp::Add { a, b } => {
-                let (a, b) = (self.operand(a)?, self.operand(b)?);
-                if self.engine.dims(&a) != self.engine.dims(&b) {
-                    return Err(bad(format!(
-                        "add of {:?} and {:?}",
-                        self.engine.dims(&a),
-                        self.engine.dims(&b)
-                    )));
-                }
-                self.engine.add(&a, &b)?
-            }
-            ShardOp::Scale { input, factor } => {
-                self.engine.scale(&self.operand(input)?, *factor)?
-            }
-            ShardOp::AddChannelBias { input, bias } => {
-                let (x, e) = (self.operand(input)?, self.operand(bias)?);
-                let (xd, ed) = (self.engine.dims(&x), self.engine.dims(&e));
-                if xd.len() != 4 || ed != [xd[0], xd[1]] {
-                    return Err(bad(format!("channel bias {ed:?} on {xd:?}")));
-                }
-                self.engine.add_channel_bias(&x, &e)?
+            ShardOp::Cat { inputs, dim } => {
+                let xs = inputs
+                    .iter()
+                    .map(|o| self.operand(o))
+                    .collect::<Result<Vec<_>>>()?;
+                self.check_cat(&xs, *dim)?;
+                self.engine.cat(&xs, *dim)?
             }
             ShardOp::UpsampleRows {
                 input,
@@ -478,20 +317,8 @@ impl<E: Engine> ShardExecutor<E> {
                 }
                 self.engine.to_spatial(&x, *h, *w)?
             }
-            ShardOp::TimestepEmbedding {
-                timestep,
-                batch,
-                dim,
-                flip_sin_to_cos,
-                shift,
-            } => {
-                if *batch == 0 || *batch > 4096 || *dim == 0 || *dim > (1 << 16) {
-                    return Err(bad(format!("timestep embedding {batch}x{dim}")));
-                }
-                self.engine
-                    .timestep_embedding(*timestep, *batch, *dim, *flip_sin_to_cos, *shift)?
-            }
-        }))
+            _ => return Err(bad("not a shape op".into())),
+        })
     }
 
     fn check_cat(&self, xs: &[E::T], dim: usize) -> Result<()> {
@@ -579,12 +406,17 @@ impl<E: Engine> ShardBackend<E::T> for InProcessBackend<E> {
     async fn execute(&self, request: ShardRequest<E::T>) -> Result<ShardReply<E::T>> {
         self.executor.execute(&request)
     }
+
+    async fn early_steps(&self, job: EarlySteps<E::T>) -> Result<E::T> {
+        self.executor.early_steps(&job)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::layers::Conv2dSpec;
+    use crate::vocab::layers::Conv2dSpec;
+    use crate::vocab::precision::Pad;
     use crate::placement::engine::CandleEngine;
     use candle_core::{Device, Tensor};
 

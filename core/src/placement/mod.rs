@@ -5,7 +5,6 @@ pub mod accounting;
 pub mod audit;
 pub mod backend;
 pub mod engine;
-pub mod plan;
 pub mod policy;
 pub mod runtime;
 pub mod value;

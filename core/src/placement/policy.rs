@@ -1,8 +1,8 @@
 //! Placement policies as data: for each kind of heavy op, where it runs. The U-Net never
 //! branches on the policy; the runtime reads this table.
 
-use crate::error::{Error, Result};
-use crate::model::layers::Role;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::layers::Role;
 
 /// How GroupNorm is split under `ppidm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

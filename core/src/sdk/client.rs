@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use crate::model::pipeline::{image_to_png, GenerateOptions, StableDiffusion};
+use crate::client::pipeline::{image_to_png, GenerateOptions, StableDiffusion};
 use crate::placement::backend::ShardBackend;
 use crate::transport::{compression_for, connect_backends, ClientOptions, QuicBackend};
 use crate::wire::identity::model_identity;
@@ -248,7 +248,7 @@ impl Inner {
             .iter()
             .map(|b| b.clone() as Arc<dyn ShardBackend<Tensor>>)
             .collect();
-        let mut report = |p: crate::model::pipeline::Progress<'_>| {
+        let mut report = |p: crate::client::pipeline::Progress<'_>| {
             if let Some(l) = &progress {
                 l.on_progress(p.step as u32, p.total as u32);
             }

@@ -2,7 +2,7 @@
 //! change with the code; apps get this small, stable set, one variant per thing they can act
 //! on (fix the config, ship the model, talk to tenant N, retry, show "cancelled").
 
-use crate::error::Error;
+use crate::vocab::error::Error;
 use crate::transport::TransportError;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -11,14 +11,15 @@ use async_trait::async_trait;
 use candle_core::{Device, Tensor};
 use quinn::{Connection, ConnectionError, Endpoint, ReadToEndError, VarInt, WriteError};
 
-use crate::error::Result;
-use crate::placement::backend::{ShardBackend, ShardReply, ShardRequest};
-use crate::placement::engine::WireDtype;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::job::EarlySteps;
+use crate::vocab::ops::{ShardBackend, ShardReply, ShardRequest};
+use crate::vocab::precision::WireDtype;
 use crate::transport::servers::ServerSpec;
 use crate::transport::tls::{client_config, Fingerprint, PinnedVerifier, TransportTuning};
 use crate::transport::TransportError;
 use crate::wire::codec::{decode, encode, WireError};
-use crate::wire::convert::request_to_wire;
+use crate::wire::convert::{early_steps_to_wire, request_to_wire};
 use crate::wire::{Compression, ErrorCode, Limits, Message, ModelId, PROTOCOL_VERSION};
 
 /// Largest handshake answer the client reads.
@@ -385,13 +386,18 @@ impl QuicBackend {
 
     async fn execute_wire(&self, request: &ShardRequest<Tensor>) -> Result<ShardReply<Tensor>> {
         let wanted = request.calls.iter().filter(|c| c.reply).count();
-        let calls = request_to_wire(request, self.options.wire)?;
         let msg = Message::Request {
-            calls,
+            calls: request_to_wire(request, self.options.wire)?,
             reply_dtype: self.options.wire,
             compression: self.options.compression,
         };
-        let bytes = encode(&msg, self.options.compression)?;
+        let outputs = self.send_for_outputs(&msg, wanted).await?;
+        Ok(ShardReply { outputs })
+    }
+
+    /// Sends one message and waits for a `Reply` of exactly `wanted` tensors.
+    async fn send_for_outputs(&self, msg: &Message, wanted: usize) -> Result<Vec<Tensor>> {
+        let bytes = encode(msg, self.options.compression)?;
         if let Ok(mut t) = self.tap.lock() {
             if let Some(t) = t.as_mut() {
                 t.extend_from_slice(&bytes);
@@ -419,12 +425,11 @@ impl QuicBackend {
                 ))
                 .into());
         }
-        let outputs = outputs
+        Ok(outputs
             .iter()
             .map(|t| t.to_tensor(&self.options.device))
             .collect::<Result<Vec<_>>>()
-            .map_err(|e| self.who.protocol(format!("reply tensor: {e}")))?;
-        Ok(ShardReply { outputs })
+            .map_err(|e| self.who.protocol(format!("reply tensor: {e}")))?)
     }
 }
 
@@ -433,6 +438,18 @@ impl ShardBackend<Tensor> for QuicBackend {
     async fn execute(&self, request: ShardRequest<Tensor>) -> Result<ShardReply<Tensor>> {
         self.execute_wire(&request).await
     }
+
+    async fn early_steps(&self, job: EarlySteps<Tensor>) -> Result<Tensor> {
+        let msg = Message::EarlySteps {
+            job: early_steps_to_wire(&job)?,
+            reply_dtype: self.options.wire,
+            compression: self.options.compression,
+        };
+        let mut outputs = self.send_for_outputs(&msg, 1).await?;
+        outputs
+            .pop()
+            .ok_or_else(|| Error::Internal("a checked one-tensor reply is empty".into()))
+    }
 }
 
 pub(crate) fn kind_name(m: &Message) -> &'static str {
@@ -440,6 +457,7 @@ pub(crate) fn kind_name(m: &Message) -> &'static str {
         Message::Hello { .. } => "Hello",
         Message::Welcome { .. } => "Welcome",
         Message::Request { .. } => "Request",
+        Message::EarlySteps { .. } => "EarlySteps",
         Message::Reply { .. } => "Reply",
         Message::Error { .. } => "Error",
     }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::vocab::error::{Error, Result};
 use crate::transport::tls::Fingerprint;
 
 /// One shard server as the client sees it.

@@ -11,10 +11,11 @@
 use std::io::Cursor;
 
 use super::{
-    Compression, ErrorCode, Limits, Message, WireCall, WireOp, WireOperand, WireTensor,
+    Compression, ErrorCode, Limits, Message, WireCall, WireEarlySteps, WireOp, WireOperand,
+    WireTensor,
     MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
 };
-use crate::obfuscation::hybrid::{MAX_CANDIDATES, MAX_PROMPT_BYTES};
+use crate::vocab::job::{MAX_CANDIDATES, MAX_PROMPT_BYTES};
 use crate::placement::engine::{Pad, WireDtype};
 
 /// The first four bytes of every message.
@@ -29,6 +30,7 @@ pub mod kind {
     pub const REQUEST: u8 = 3;
     pub const REPLY: u8 = 4;
     pub const ERROR: u8 = 5;
+    pub const EARLY_STEPS: u8 = 6;
 }
 
 /// Op tags of a call.
@@ -39,7 +41,6 @@ pub mod op {
     pub const IDENTITY: u8 = 4;
     pub const RELEASE: u8 = 5;
     pub const APPLY: u8 = 6;
-    pub const EARLY_STEPS: u8 = 7;
 }
 
 /// Operand tags.
@@ -68,46 +69,7 @@ const MIN_CALL_BYTES: usize = 1 + 1 + 2 + 3 + 1 + 1;
 /// The smallest encoded tensor: dtype, compression, rank 0, u64 payload length.
 const MIN_TENSOR_BYTES: usize = 1 + 1 + 1 + 8;
 
-/// Why a message could not be decoded (or encoded).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WireError {
-    #[error("message truncated")]
-    Truncated,
-    #[error("not a Veil message (bad magic)")]
-    BadMagic,
-    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
-    UnsupportedVersion(u16),
-    #[error("unknown {what} tag {tag}")]
-    UnknownTag { what: &'static str, tag: u8 },
-    #[error("unknown tensor dtype {0}")]
-    UnknownDtype(u8),
-    #[error("{what} is {len}, the limit is {limit}")]
-    TooLarge {
-        what: &'static str,
-        len: u64,
-        limit: u64,
-    },
-    #[error("tensor shape product overflows")]
-    ShapeOverflow,
-    #[error("{what}: expected {expected} bytes, got {actual}")]
-    LengthMismatch {
-        what: &'static str,
-        expected: u64,
-        actual: u64,
-    },
-    #[error("{0} is not valid UTF-8")]
-    Utf8(&'static str),
-    #[error("invalid {what}: {value}")]
-    InvalidValue { what: &'static str, value: i64 },
-    #[error("zstd decompression failed: {0}")]
-    Decompress(String),
-    #[error("{0} trailing bytes after the message")]
-    TrailingBytes(usize),
-    #[error("zstd compression failed: {0}")]
-    Compress(String),
-    #[error("malformed call: {0}")]
-    BadCall(String),
-}
+pub use crate::vocab::error::WireError;
 
 type Result<T> = std::result::Result<T, WireError>;
 
@@ -421,6 +383,29 @@ impl Writer {
         }
     }
 
+    fn early_steps(&mut self, job: &WireEarlySteps) -> Result<()> {
+        if job.candidates.len() > MAX_CANDIDATES {
+            return Err(WireError::TooLarge {
+                what: "candidate prompts",
+                len: to_u64(job.candidates.len()),
+                limit: to_u64(MAX_CANDIDATES),
+            });
+        }
+        self.u8(job.candidates.len() as u8);
+        for c in &job.candidates {
+            self.string(c, "candidate prompt")?;
+        }
+        self.string(&job.negative_prompt, "negative prompt")?;
+        self.tensor(&job.noise)?;
+        self.u32(job.steps);
+        self.u32(job.server_steps);
+        self.u64(job.guidance.to_bits());
+        self.u8(job.scheduler);
+        self.u8(job.batch_redundancy);
+        self.u32(job.attention_gate);
+        Ok(())
+    }
+
     fn call(&mut self, c: &WireCall) -> Result<()> {
         match &c.op {
             WireOp::Conv2d { layer, input, pad } => {
@@ -450,38 +435,6 @@ impl Writer {
             WireOp::Release { handle } => {
                 self.u8(op::RELEASE);
                 self.u64(*handle);
-            }
-            WireOp::EarlySteps {
-                candidates,
-                negative_prompt,
-                noise,
-                steps,
-                server_steps,
-                guidance,
-                scheduler,
-                batch_redundancy,
-                attention_gate,
-            } => {
-                if candidates.len() > MAX_CANDIDATES {
-                    return Err(WireError::TooLarge {
-                        what: "candidate prompts",
-                        len: to_u64(candidates.len()),
-                        limit: to_u64(MAX_CANDIDATES),
-                    });
-                }
-                self.u8(op::EARLY_STEPS);
-                self.u8(candidates.len() as u8);
-                for c in candidates {
-                    self.string(c, "candidate prompt")?;
-                }
-                self.string(negative_prompt, "negative prompt")?;
-                self.tensor(noise)?;
-                self.u32(*steps);
-                self.u32(*server_steps);
-                self.u64(guidance.to_bits());
-                self.u8(*scheduler);
-                self.u8(*batch_redundancy);
-                self.u32(*attention_gate);
             }
             WireOp::Apply {
                 kind,
@@ -554,17 +507,15 @@ fn payload_hint(msg: &Message) -> usize {
                     | WireOp::Identity { input } => operand(input),
                     WireOp::Attention { q, k, v, .. } => operand(q) + operand(k) + operand(v),
                     WireOp::Release { .. } => 0,
-                    WireOp::EarlySteps {
-                        candidates, noise, ..
-                    } => {
-                        noise.data.len()
-                            + 64
-                            + candidates.iter().map(|c| c.len() + 4).sum::<usize>()
-                    }
                     WireOp::Apply { operands, .. } => operands.iter().map(operand).sum(),
                 }
             })
             .fold(0usize, usize::saturating_add),
+        Message::EarlySteps { job, .. } => {
+            job.noise.data.len()
+                + 64
+                + job.candidates.iter().map(|c| c.len() + 4).sum::<usize>()
+        }
         Message::Reply { outputs } => outputs
             .iter()
             .map(|t| t.data.len() + 64)
@@ -621,6 +572,16 @@ pub fn encode(msg: &Message, compression: Compression) -> Result<Vec<u8>> {
             for c in calls {
                 w.call(c)?;
             }
+        }
+        Message::EarlySteps {
+            job,
+            reply_dtype,
+            compression: reply_compression,
+        } => {
+            w.u8(kind::EARLY_STEPS);
+            w.u8(dtype_to_u8(*reply_dtype));
+            w.compression(*reply_compression)?;
+            w.early_steps(job)?;
         }
         Message::Reply { outputs } => {
             w.u8(kind::REPLY);
@@ -899,6 +860,24 @@ impl<'a> Reader<'a> {
         self.string("layer name", self.limits.max_name_len)
     }
 
+    fn early_steps(&mut self) -> Result<WireEarlySteps> {
+        let n = self.small_count("candidate prompts", MAX_CANDIDATES)?;
+        let candidates = (0..n)
+            .map(|_| self.string("candidate prompt", MAX_PROMPT_BYTES))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WireEarlySteps {
+            candidates,
+            negative_prompt: self.string("negative prompt", MAX_PROMPT_BYTES)?,
+            noise: self.tensor()?,
+            steps: self.u32()?,
+            server_steps: self.u32()?,
+            guidance: f64::from_bits(self.u64()?),
+            scheduler: self.u8()?,
+            batch_redundancy: self.u8()?,
+            attention_gate: self.u32()?,
+        })
+    }
+
     fn call(&mut self) -> Result<WireCall> {
         let op = match self.u8()? {
             op::CONV2D => {
@@ -928,23 +907,6 @@ impl<'a> Reader<'a> {
             op::RELEASE => WireOp::Release {
                 handle: self.u64()?,
             },
-            op::EARLY_STEPS => {
-                let n = self.small_count("candidate prompts", MAX_CANDIDATES)?;
-                let candidates = (0..n)
-                    .map(|_| self.string("candidate prompt", MAX_PROMPT_BYTES))
-                    .collect::<Result<Vec<_>>>()?;
-                WireOp::EarlySteps {
-                    candidates,
-                    negative_prompt: self.string("negative prompt", MAX_PROMPT_BYTES)?,
-                    noise: self.tensor()?,
-                    steps: self.u32()?,
-                    server_steps: self.u32()?,
-                    guidance: f64::from_bits(self.u64()?),
-                    scheduler: self.u8()?,
-                    batch_redundancy: self.u8()?,
-                    attention_gate: self.u32()?,
-                }
-            }
             op::APPLY => {
                 let kind = self.u8()?;
                 let layer = self.string("layer name", self.limits.max_name_len)?;
@@ -1023,6 +985,11 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Message> {
                 compression,
             }
         }
+        kind::EARLY_STEPS => Message::EarlySteps {
+            reply_dtype: dtype_from_u8(r.u8()?)?,
+            compression: r.compression()?,
+            job: r.early_steps()?,
+        },
         kind::REPLY => {
             let n = r.count("output count", limits.max_calls, MIN_TENSOR_BYTES)?;
             let mut outputs = Vec::with_capacity(n);

@@ -7,11 +7,10 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::codec::{tensor_bytes, WireError};
-use super::{WireCall, WireOp, WireOperand, WireTensor};
-use crate::error::{Error, Result};
-use crate::model::layers::GeluKind;
-use crate::model::scheduler::SchedulerKind;
-use crate::obfuscation::hybrid::{Accelerations, BatchRedundancy, EarlySteps};
+use super::{WireCall, WireEarlySteps, WireOp, WireOperand, WireTensor};
+use crate::vocab::error::{Error, Result};
+use crate::vocab::layers::GeluKind;
+use crate::vocab::job::{Accelerations, BatchRedundancy, EarlySteps, SchedulerKind};
 use crate::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use crate::placement::engine::WireDtype;
 
@@ -223,9 +222,8 @@ pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
         | ShardOp::GroupNormStats { .. }
         | ShardOp::Attention { .. }
         | ShardOp::Identity { .. }
-        | ShardOp::Release { .. }
-        | ShardOp::EarlySteps(_) => {
-            return Err(Error::InvalidArgument(
+        | ShardOp::Release { .. } => {
+            return Err(Error::Internal(
                 "this op has its own wire form, not Apply".into(),
             ))
         }
@@ -363,12 +361,12 @@ pub fn apply_from_parts<T>(
 
 /// An early-steps job for the wire (its noise always in f32: the starting point of every
 /// candidate must be exact).
-fn early_steps_to_wire(job: &EarlySteps<Tensor>) -> Result<WireOp> {
+pub fn early_steps_to_wire(job: &EarlySteps<Tensor>) -> Result<WireEarlySteps> {
     job.validate()?;
     let u32_of = |v: usize, what: &str| {
         u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} {v} out of range")))
     };
-    Ok(WireOp::EarlySteps {
+    Ok(WireEarlySteps {
         candidates: job.candidates.clone(),
         negative_prompt: job.negative_prompt.clone(),
         noise: WireTensor::from_tensor(&job.noise, WireDtype::F32)?,
@@ -387,6 +385,39 @@ fn early_steps_to_wire(job: &EarlySteps<Tensor>) -> Result<WireOp> {
         },
         attention_gate: u32_of(job.accel.attention_gate.unwrap_or(0), "attention gate")?,
     })
+}
+
+/// A decoded early-steps job, its noise as f32 on `device`, checked against every bound a
+/// server relies on.
+pub fn early_steps_from_wire(w: WireEarlySteps, device: &Device) -> Result<EarlySteps<Tensor>> {
+    let bad = |m: &str| Error::Wire(WireError::BadCall(format!("early steps: {m}")));
+    let scheduler = match w.scheduler {
+        0 => SchedulerKind::Ddim,
+        1 => SchedulerKind::DpmSolverMultistep,
+        2 => SchedulerKind::EulerDiscrete,
+        _ => return Err(bad("unknown scheduler")),
+    };
+    let batch_redundancy = match w.batch_redundancy {
+        0 => BatchRedundancy::Off,
+        1 => BatchRedundancy::Exact,
+        2 => BatchRedundancy::Shared,
+        _ => return Err(bad("unknown batch redundancy")),
+    };
+    let job = EarlySteps {
+        candidates: w.candidates,
+        negative_prompt: w.negative_prompt,
+        noise: w.noise.to_tensor(device)?,
+        steps: w.steps as usize,
+        server_steps: w.server_steps as usize,
+        guidance: w.guidance,
+        scheduler,
+        accel: Accelerations {
+            batch_redundancy,
+            attention_gate: (w.attention_gate > 0).then_some(w.attention_gate as usize),
+        },
+    };
+    job.validate()?;
+    Ok(job)
 }
 
 /// A request's calls for the wire, inline tensors in `dtype`.
@@ -416,7 +447,6 @@ pub fn request_to_wire(req: &ShardRequest<Tensor>, dtype: WireDtype) -> Result<V
                     input: operand_to_wire(input, dtype)?,
                 },
                 ShardOp::Release { handle } => WireOp::Release { handle: *handle },
-                ShardOp::EarlySteps(job) => early_steps_to_wire(job)?,
                 other => {
                     let (kind, layer, operands, ints, floats) = apply_parts(other)?;
                     WireOp::Apply {
@@ -467,47 +497,6 @@ pub fn calls_from_wire(calls: Vec<WireCall>, device: &Device) -> Result<ShardReq
                     input: operand_from_wire(input, device)?,
                 },
                 WireOp::Release { handle } => ShardOp::Release { handle },
-                WireOp::EarlySteps {
-                    candidates,
-                    negative_prompt,
-                    noise,
-                    steps,
-                    server_steps,
-                    guidance,
-                    scheduler,
-                    batch_redundancy,
-                    attention_gate,
-                } => {
-                    let bad =
-                        |m: &str| Error::Wire(WireError::BadCall(format!("early steps: {m}")));
-                    let scheduler = match scheduler {
-                        0 => SchedulerKind::Ddim,
-                        1 => SchedulerKind::DpmSolverMultistep,
-                        2 => SchedulerKind::EulerDiscrete,
-                        _ => return Err(bad("unknown scheduler")),
-                    };
-                    let batch_redundancy = match batch_redundancy {
-                        0 => BatchRedundancy::Off,
-                        1 => BatchRedundancy::Exact,
-                        2 => BatchRedundancy::Shared,
-                        _ => return Err(bad("unknown batch redundancy")),
-                    };
-                    let job = EarlySteps {
-                        candidates,
-                        negative_prompt,
-                        noise: noise.to_tensor(device)?,
-                        steps: steps as usize,
-                        server_steps: server_steps as usize,
-                        guidance,
-                        scheduler,
-                        accel: Accelerations {
-                            batch_redundancy,
-                            attention_gate: (attention_gate > 0).then_some(attention_gate as usize),
-                        },
-                    };
-                    job.validate()?;
-                    ShardOp::EarlySteps(Box::new(job))
-                }
                 WireOp::Apply {
                     kind,
                     layer,

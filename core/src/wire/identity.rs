@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::model::layers::ShardLayer;
+use crate::vocab::layers::ShardLayer;
 use crate::model::unet::UNet;
 use crate::wire::ModelId;
 

@@ -11,10 +11,8 @@ pub mod codec;
 pub mod convert;
 pub mod identity;
 
-use crate::placement::engine::{Pad, WireDtype};
-
-/// Protocol version spoken by this build. A server refuses other versions.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub use crate::vocab::PROTOCOL_VERSION;
+use crate::vocab::precision::{Pad, WireDtype};
 
 /// ALPN of the Veil protocol over QUIC.
 pub const ALPN: &[u8] = b"veil/1";
@@ -78,7 +76,7 @@ pub enum WireOperand {
     Handle(u64),
 }
 
-/// The ops of `placement::backend::ShardOp`, on the wire.
+/// The ops of `vocab::ops::ShardOp`, on the wire.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WireOp {
     Conv2d {
@@ -102,22 +100,6 @@ pub enum WireOp {
     Release {
         handle: u64,
     },
-    /// The `obfuscated` policy's early steps (`obfuscation::hybrid::EarlySteps`): K candidate
-    /// prompts and the shared noise (always f32) up, the K latents back.
-    EarlySteps {
-        candidates: Vec<String>,
-        negative_prompt: String,
-        noise: WireTensor,
-        steps: u32,
-        server_steps: u32,
-        guidance: f64,
-        /// 0 ddim, 1 dpm++2m, 2 euler.
-        scheduler: u8,
-        /// 0 off, 1 exact, 2 shared.
-        batch_redundancy: u8,
-        /// The attention gate step; 0 for none.
-        attention_gate: u32,
-    },
     /// The strip ops (see `convert::apply_kind`): a kind byte, an optional layer name (empty
     /// when the op has none), operands, integer and float parameters.
     Apply {
@@ -127,6 +109,24 @@ pub enum WireOp {
         ints: Vec<u64>,
         floats: Vec<f64>,
     },
+}
+
+/// The `obfuscated` policy's early steps (`vocab::job::EarlySteps`) as they travel: K candidate
+/// prompts and the shared noise (always f32) up, the K latents back in a `Reply`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireEarlySteps {
+    pub candidates: Vec<String>,
+    pub negative_prompt: String,
+    pub noise: WireTensor,
+    pub steps: u32,
+    pub server_steps: u32,
+    pub guidance: f64,
+    /// 0 ddim, 1 dpm++2m, 2 euler.
+    pub scheduler: u8,
+    /// 0 off, 1 exact, 2 shared.
+    pub batch_redundancy: u8,
+    /// The attention gate step; 0 for none.
+    pub attention_gate: u32,
 }
 
 /// Most operands, integer and float parameters of an `Apply` call.
@@ -175,6 +175,13 @@ pub enum Message {
     /// Client → server: calls executed in order. Replies use `reply_dtype` and `compression`.
     Request {
         calls: Vec<WireCall>,
+        reply_dtype: WireDtype,
+        compression: Compression,
+    },
+    /// Client → server: the `obfuscated` policy's job, on a server that holds the whole model.
+    /// The reply is a `Reply` with one tensor, the K latents, in `reply_dtype`.
+    EarlySteps {
+        job: WireEarlySteps,
         reply_dtype: WireDtype,
         compression: Compression,
     },

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::vocab::error::Result;
 use crate::model::unet::UNet;
 use crate::placement::accounting::{Accounting, OpKind};
 use crate::placement::backend::{InProcessBackend, ShardBackend};

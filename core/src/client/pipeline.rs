@@ -12,20 +12,22 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::client::denoise::{denoise, Conditioning, LoopHooks};
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::model::config::ModelPaths;
 use crate::model::scheduler::{new_scheduler, SchedulerConfig, SchedulerKind};
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 use crate::model::weights::WeightFile;
-use crate::obfuscation::hybrid::{ObfuscationOptions, ObfuscationReport};
+use crate::client::hybrid::{ObfuscationOptions, ObfuscationReport};
 use crate::placement::accounting::Accounting;
 use crate::placement::audit::{Audit, View};
 use crate::placement::backend::{InProcessBackend, ShardBackend};
 use crate::placement::engine::{CandleEngine, WireDtype};
 use crate::placement::policy::Policy;
 use crate::placement::runtime::Runtime;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::job::Accelerations;
 
 /// A loaded diffusers-layout Stable Diffusion folder.
 pub struct StableDiffusion {
@@ -136,7 +138,9 @@ impl StableDiffusion {
 
     /// `generate`, asking `cancelled` before every denoising step: once it answers true the
     /// generation stops there with `Error::Cancelled` (a step in flight is finished first, so
-    /// no server is left mid-request).
+    /// no server is left mid-request). The policy picks the strategy: `obfuscated` splits the
+    /// schedule in time (`hybrid`), every other policy runs each U-Net call through the
+    /// placement runtime (`generate_split`).
     pub async fn generate_cancellable(
         &self,
         opts: &GenerateOptions,
@@ -144,7 +148,6 @@ impl StableDiffusion {
         progress: &mut (dyn FnMut(Progress<'_>) + Send),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<Generation> {
-        let start = Instant::now();
         if cancelled() {
             return Err(Error::Cancelled);
         }
@@ -153,80 +156,91 @@ impl StableDiffusion {
         }
         if opts.policy == Policy::Obfuscated {
             return self
-                .generate_obfuscated(opts, backends, progress, cancelled)
+                .generate_hybrid(opts, backends, progress, cancelled)
                 .await;
         }
+        self.generate_split(opts, backends, progress, cancelled)
+            .await
+    }
+
+    /// Every step on the phone and the servers the policy's placement table names.
+    async fn generate_split(
+        &self,
+        opts: &GenerateOptions,
+        backends: &[Arc<dyn ShardBackend<Tensor>>],
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Generation> {
+        let start = Instant::now();
         let (h, w) = self.latent_size(opts.width, opts.height)?;
-        let lc = self.unet.config.in_channels;
         let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
-        let latents = match &opts.latents {
-            Some(l) => {
-                let want = [1, lc, h, w];
-                if l.dims() != want {
-                    return Err(Error::InvalidArgument(format!(
-                        "initial latents have shape {:?}, expected {want:?} for {}x{}",
-                        l.dims(),
-                        opts.width,
-                        opts.height
-                    )));
-                }
-                l.to_dtype(DType::F32)?.to_device(&self.device)?
-            }
-            None => seeded_normal(opts.seed, &[1, lc, h, w], &self.device)?,
-        };
-        let mut latents = (latents * scheduler.init_noise_sigma())?;
-        let cfg = opts.guidance > 1.0;
-        let cond = self.encode_prompt(&opts.prompt)?;
-        let context = if cfg {
-            let uncond = self.encode_prompt(&opts.negative_prompt)?;
-            Tensor::cat(&[uncond, cond], 0)?
-        } else {
-            cond
-        };
-        let placement = opts.policy.placement();
-        let mut rt = Runtime::new(&self.unet_engine, placement, backends, opts.wire)?
-            .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64))
-            .with_capture(opts.capture_from_step.map(|s| s as u64));
-        let mut acct = Accounting::new(backends.len());
+        let latents = (self.initial_noise(opts, h, w)? * scheduler.init_noise_sigma())?;
+        let conditioning = self.text_conditioning(opts)?;
+        let mut rt = Runtime::new(
+            &self.unet_engine,
+            opts.policy.placement(),
+            backends,
+            opts.wire,
+        )?
+        .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64))
+        .with_capture(opts.capture_from_step.map(|s| s as u64));
         let total = scheduler.timesteps().len();
-        let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
-            if cancelled() {
-                return Err(Error::Cancelled);
-            }
-            let x = if cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let x = scheduler.scale_model_input(&x, i)?;
-            let out = self.unet.forward(&mut rt, &x, t, &context).await?;
-            let eps = if cfg {
-                let u = out.narrow(0, 0, 1)?;
-                let c = out.narrow(0, 1, 1)?;
-                (&u + ((c - &u)? * opts.guidance)?)?
-            } else {
-                out
-            };
-            latents = scheduler.step(&eps, i, &latents)?;
-            acct.absorb(rt.take_accounting());
-            progress(Progress {
-                step: i + 1,
-                total,
-                latents: &latents,
-            });
-        }
-        let image = self.decode(&latents)?;
-        let stats = RunStats::new(&acct, total, start.elapsed().as_secs_f64());
+        let report = denoise(
+            &self.unet,
+            &mut rt,
+            scheduler.as_mut(),
+            latents,
+            0..total,
+            &conditioning,
+            LoopHooks {
+                cancelled,
+                after_step: &mut |i, l| {
+                    progress(Progress {
+                        step: i + 1,
+                        total,
+                        latents: l,
+                    })
+                },
+            },
+        )
+        .await?;
+        let image = self.decode(&report.latents)?;
+        let stats = RunStats::new(&report.accounting, total, start.elapsed().as_secs_f64());
         Ok(Generation {
             image,
-            latents,
-            accounting: acct,
+            latents: report.latents,
+            accounting: report.accounting,
             audit: rt.take_audit(),
             captured: rt.take_captured(),
             stats,
             obfuscation: None,
         })
+    }
+
+    /// The initial noise [1, C, h, w]: the caller's latents (checked), or seeded noise.
+    pub(crate) fn initial_noise(&self, opts: &GenerateOptions, h: usize, w: usize) -> Result<Tensor> {
+        let want = [1, self.unet.config.in_channels, h, w];
+        match &opts.latents {
+            Some(l) if l.dims() != want => Err(Error::InvalidArgument(format!(
+                "initial latents have shape {:?}, expected {want:?} for {}x{}",
+                l.dims(),
+                opts.width,
+                opts.height
+            ))),
+            Some(l) => Ok(l.to_dtype(DType::F32)?.to_device(&self.device)?),
+            None => seeded_normal(opts.seed, &want, &self.device),
+        }
+    }
+
+    /// The prompt's conditioning, guided by the negative prompt when `guidance > 1`.
+    pub(crate) fn text_conditioning(&self, opts: &GenerateOptions) -> Result<Conditioning> {
+        let cond = self.encode_prompt(&opts.prompt)?;
+        let uncond = if opts.guidance > 1.0 {
+            Some(self.encode_prompt(&opts.negative_prompt)?)
+        } else {
+            None
+        };
+        Conditioning::new(cond, uncond, opts.guidance, Accelerations::default())
     }
 
     /// Decodes final latents to an RGB image [3, H, W] in [0, 1].

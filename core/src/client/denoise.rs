@@ -1,0 +1,158 @@
+//! The one denoise loop. Every policy runs it: a `local`, `ppidm` or `strict` generation over
+//! all T steps with one candidate, the `obfuscated` server over its first k steps with K
+//! candidates in one guided batch, and the `obfuscated` phone over the last T − k steps. What
+//! differs between them is data: the runtime (where the ops run), the step range, and the
+//! candidates' conditioning with its batching rule (`Accelerations::rows_at`).
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+
+use crate::model::scheduler::Scheduler;
+use crate::model::unet::UNet;
+use crate::placement::accounting::Accounting;
+use crate::placement::runtime::Runtime;
+use crate::vocab::engine::Engine;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::job::{Accelerations, BatchRedundancy, StepRows};
+
+/// The text conditioning of K candidates denoised together (K = 1 for an ordinary generation),
+/// with classifier-free guidance when an unconditional text is given.
+pub struct Conditioning {
+    /// Candidates: K.
+    k: usize,
+    /// [K, T, D] conditional states, one row per candidate.
+    cond: Tensor,
+    /// Guided: [1, T, D] unconditional states, and the contexts of both batch layouts.
+    guided: Option<Guided>,
+    guidance: f64,
+    accel: Accelerations,
+}
+
+struct Guided {
+    /// [2K, T, D]: K unconditional rows, then the K conditional ones.
+    full: Tensor,
+    /// [K + 1, T, D]: one unconditional row shared by the K conditional ones.
+    shared: Tensor,
+}
+
+impl Conditioning {
+    /// `cond` [K, T, D]; `uncond` [1, T, D] when `guidance > 1` (classifier-free guidance).
+    pub fn new(
+        cond: Tensor,
+        uncond: Option<Tensor>,
+        guidance: f64,
+        accel: Accelerations,
+    ) -> Result<Self> {
+        let k = cond.dim(0)?;
+        let guided = match uncond {
+            Some(u) => Some(Guided {
+                full: Tensor::cat(&[&u.repeat((k, 1, 1))?, &cond], 0)?,
+                shared: Tensor::cat(&[&u, &cond], 0)?,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            k,
+            cond,
+            guided,
+            guidance,
+            accel,
+        })
+    }
+
+    /// How step `i` is batched.
+    pub fn rows(&self, i: usize) -> StepRows {
+        self.accel.rows_at(i, self.k, self.guided.is_some())
+    }
+
+    /// The U-Net's input (before the scheduler's scaling) and context at step `i` for the K
+    /// latents [K, C, h, w].
+    fn batch(&self, i: usize, latents: &Tensor) -> Result<(Tensor, &Tensor)> {
+        Ok(match (self.rows(i), &self.guided) {
+            (StepRows::Cond, _) | (_, None) => (latents.clone(), &self.cond),
+            (StepRows::Full, Some(g)) => (Tensor::cat(&[latents, latents], 0)?, &g.full),
+            (StepRows::SharedUncond, Some(g)) => {
+                // Exact: the K latents are identical here, so the first one is all of them.
+                // Shared (ObCLIP): their mean stands for all, an approximation.
+                let row = match self.accel.batch_redundancy {
+                    BatchRedundancy::Shared => latents.mean_keepdim(0)?,
+                    _ => latents.narrow(0, 0, 1)?,
+                };
+                (Tensor::cat(&[&row, latents], 0)?, &g.shared)
+            }
+        })
+    }
+
+    /// The guided noise prediction [K, C, h, w] from the U-Net's output of step `i`.
+    fn combine(&self, i: usize, out: Tensor) -> Result<Tensor> {
+        let k = self.k;
+        let g = self.guidance;
+        Ok(match self.rows(i) {
+            StepRows::Cond => out,
+            _ if self.guided.is_none() => out,
+            StepRows::Full => {
+                let eu = out.narrow(0, 0, k)?;
+                let ec = out.narrow(0, k, k)?;
+                (&eu + ((ec - &eu)? * g)?)?
+            }
+            StepRows::SharedUncond => {
+                let eu = out.narrow(0, 0, 1)?;
+                let ec = out.narrow(0, 1, k)?;
+                eu.broadcast_add(&(ec.broadcast_sub(&eu)? * g)?)?
+            }
+        })
+    }
+}
+
+/// What the loop reports and asks between steps.
+pub struct LoopHooks<'h> {
+    /// Asked before every step: once it answers true the loop stops with `Error::Cancelled`
+    /// (a step in flight is finished first, so no server is left mid-request).
+    pub cancelled: &'h (dyn Fn() -> bool + Sync),
+    /// Told the step index and the latents after every step.
+    pub after_step: &'h mut (dyn FnMut(usize, &Tensor) + Send),
+}
+
+/// What a run of the loop did besides moving the latents.
+pub struct LoopReport {
+    pub latents: Tensor,
+    /// Everything the runtime accounted, summed over the steps.
+    pub accounting: Accounting,
+    /// U-Net batch rows summed over the steps.
+    pub unet_rows: u64,
+}
+
+/// Runs steps `steps` of `scheduler` from `latents` [K, C, h, w] (already scaled by the
+/// scheduler's initial sigma), every U-Net call through `rt`.
+pub async fn denoise<E: Engine<T = Tensor>>(
+    unet: &UNet,
+    rt: &mut Runtime<'_, E>,
+    scheduler: &mut dyn Scheduler,
+    mut latents: Tensor,
+    steps: Range<usize>,
+    conditioning: &Conditioning,
+    hooks: LoopHooks<'_>,
+) -> Result<LoopReport> {
+    let mut accounting = rt.take_accounting();
+    let mut unet_rows = 0;
+    let timesteps = scheduler.timesteps().to_vec();
+    for (i, &t) in timesteps.iter().enumerate().take(steps.end).skip(steps.start) {
+        if (hooks.cancelled)() {
+            return Err(Error::Cancelled);
+        }
+        let (x, context) = conditioning.batch(i, &latents)?;
+        unet_rows += x.dim(0)? as u64;
+        let x = scheduler.scale_model_input(&x, i)?;
+        let out = unet.forward(rt, &x, t, context).await?;
+        let eps = conditioning.combine(i, out)?;
+        latents = scheduler.step(&eps, i, &latents)?;
+        accounting.absorb(rt.take_accounting());
+        (hooks.after_step)(i, &latents);
+    }
+    Ok(LoopReport {
+        latents,
+        accounting,
+        unet_rows,
+    })
+}

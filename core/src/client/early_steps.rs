@@ -1,0 +1,145 @@
+//! The server's side of the `obfuscated` policy: a server that holds the whole model runs the
+//! first k denoising steps of all K candidate prompts in one guided batch, through the same
+//! denoise loop as every other generation (`denoise::denoise`), and answers with K latents.
+//! `early_steps_flops` gives the same job's cost from shapes alone, by the same batching rule.
+
+use candle_core::{DType, Tensor};
+
+use crate::client::denoise::{denoise, Conditioning, LoopHooks};
+use crate::client::pipeline::StableDiffusion;
+use crate::client::plan::{account_step, PlanInput};
+use crate::model::scheduler::new_scheduler;
+use crate::model::unet::UNet;
+use crate::placement::accounting::Accounting;
+use crate::placement::policy::Policy;
+use crate::placement::runtime::Runtime;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::job::{Accelerations, EarlySteps, EarlyStepsRunner};
+use crate::vocab::precision::WireDtype;
+
+/// What a run of early steps cost the server.
+#[derive(Debug, Clone)]
+pub struct EarlyReport {
+    /// [K, C, h, w] after the server's steps.
+    pub latents: Tensor,
+    /// The server's FLOPs (as `device_flops`: the server runs the whole U-Net locally).
+    pub accounting: Accounting,
+    /// U-Net batch rows summed over the steps (2K per step without batch redundancy).
+    pub unet_rows: u64,
+}
+
+impl StableDiffusion {
+    /// Runs a job's early steps here (the server side of `obfuscated`). `observe` sees the K
+    /// latents after every step.
+    pub fn early_steps(
+        &self,
+        job: &EarlySteps<Tensor>,
+        observe: &mut (dyn FnMut(usize, &Tensor) + Send),
+    ) -> Result<EarlyReport> {
+        job.validate()?;
+        let k = job.candidates.len();
+        let (one, c, h, w) = job.noise.dims4()?;
+        if one != 1 || c != self.unet.config.in_channels || h == 0 || w == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "noise of shape {:?}, expected [1, {}, h, w]",
+                job.noise.dims(),
+                self.unet.config.in_channels
+            )));
+        }
+        let noise = job.noise.to_dtype(DType::F32)?;
+        let mut sched = new_scheduler(job.scheduler, &self.scheduler_config, job.steps)?;
+        let latents = (noise * sched.init_noise_sigma())?.repeat((k, 1, 1, 1))?;
+        let conds = job
+            .candidates
+            .iter()
+            .map(|p| self.encode_prompt(p))
+            .collect::<Result<Vec<_>>>()?;
+        let uncond = if job.guidance > 1.0 {
+            Some(self.encode_prompt(&job.negative_prompt)?)
+        } else {
+            None
+        };
+        let conditioning =
+            Conditioning::new(Tensor::cat(&conds, 0)?, uncond, job.guidance, job.accel)?;
+        let gate = job.accel.attention_gate;
+        let mut rt = Runtime::new(
+            &self.unet_engine,
+            Policy::Local.placement(),
+            &[],
+            WireDtype::F32,
+        )?
+        .with_attention_reuse(gate.map(|g| g as u64));
+        let run = denoise(
+            &self.unet,
+            &mut rt,
+            sched.as_mut(),
+            latents,
+            0..job.server_steps,
+            &conditioning,
+            LoopHooks {
+                cancelled: &|| false,
+                after_step: observe,
+            },
+        );
+        // Under `local` placement with no backends no op ever waits, so this future is ready
+        // at every poll; the server runs it on a blocking thread of its own.
+        let report = futures::executor::block_on(run)?;
+        Ok(EarlyReport {
+            latents: report.latents,
+            accounting: report.accounting,
+            unet_rows: report.unet_rows,
+        })
+    }
+}
+
+impl EarlyStepsRunner<Tensor> for StableDiffusion {
+    fn run_early_steps(&self, job: &EarlySteps<Tensor>) -> Result<Tensor> {
+        Ok(self.early_steps(job, &mut |_, _| {})?.latents)
+    }
+}
+
+/// The server's FLOPs for a job, from shapes alone: FLOPs are linear in the batch, so one
+/// shape-only U-Net call per row (an ordinary one and, with a gate, one that reuses attention)
+/// times the rows of each step (`Accelerations::rows_at`, the rule the server batches by).
+pub fn early_steps_flops(
+    unet: &UNet,
+    latent: (usize, usize),
+    context_len: usize,
+    k: usize,
+    server_steps: usize,
+    cfg: bool,
+    accel: &Accelerations,
+) -> Result<u64> {
+    let per_row = |reuse: bool| {
+        account_step(
+            unet,
+            &PlanInput {
+                latent_height: latent.0,
+                latent_width: latent.1,
+                batch: 1,
+                context_len,
+                servers: 0,
+                policy: Policy::Local,
+                wire: WireDtype::F32,
+                reuse_attention: reuse,
+            },
+        )
+        .map(|a| a.device_flops)
+    };
+    let full = per_row(false)?;
+    let reused = if accel.attention_gate.is_some() {
+        per_row(true)?
+    } else {
+        full
+    };
+    Ok((0..server_steps)
+        .map(|i| {
+            let f = if accel.attention_gate.is_some_and(|g| i >= g) {
+                reused
+            } else {
+                full
+            };
+            accel.rows_at(i, k, cfg).count(k) * f
+        })
+        .sum())
+}

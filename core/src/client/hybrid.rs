@@ -1,0 +1,372 @@
+//! The `obfuscated` strategy (ObCLIP), the phone's side: detect the sensitive attributes,
+//! build K candidate prompts, have one server that holds the whole model run the first k of T
+//! steps for all of them (`EarlySteps`, its own message), keep the real candidate's latent, and
+//! finish the remaining T − k steps on the phone with the device U-Net, through the same denoise
+//! loop as every generation. The server's side is `early_steps`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+pub use crate::client::early_steps::{early_steps_flops, EarlyReport};
+use crate::client::denoise::{denoise, LoopHooks};
+use crate::client::pipeline::{
+    load_unet_weights, GenerateOptions, Generation, Progress, RunStats, StableDiffusion,
+};
+use crate::model::scheduler::{new_scheduler, Scheduler, SchedulerKind};
+use crate::model::unet::UNet;
+use crate::obfuscation::{CandidateSet, Lexicon, Span};
+use crate::placement::accounting::{Accounting, OpKind, Transfer};
+use crate::placement::audit::{Audit, TextView, View, ViewKind};
+use crate::placement::engine::CandleEngine;
+use crate::placement::policy::Policy;
+use crate::placement::runtime::Runtime;
+use crate::vocab::error::{Error, Result};
+pub use crate::vocab::job::{
+    Accelerations, BatchRedundancy, EarlySteps, EarlyStepsRunner, MAX_CANDIDATES,
+    MAX_PROMPT_BYTES, MAX_STEPS,
+};
+use crate::vocab::ops::ShardBackend;
+
+/// A device U-Net for the late steps: any diffusers U-Net with the same latent space.
+pub struct DeviceUNet {
+    pub unet: UNet,
+    pub engine: CandleEngine,
+}
+
+impl DeviceUNet {
+    /// Loads `dir/unet` (a diffusers model folder) or `dir` itself when it holds the U-Net's
+    /// `config.json` directly.
+    pub fn load(dir: &std::path::Path, device: &candle_core::Device) -> Result<Self> {
+        let unet_dir = if dir.join("unet").join("config.json").is_file() {
+            dir.join("unet")
+        } else {
+            dir.to_path_buf()
+        };
+        let cfg: crate::model::config::UNetConfig =
+            crate::model::config::read_json(&unet_dir.join("config.json"))?;
+        cfg.validate()?;
+        let unet = UNet::new(&cfg)?;
+        let weights = load_unet_weights(&unet_dir, &unet, device)?;
+        Ok(Self {
+            unet,
+            engine: CandleEngine::new(weights, device.clone()),
+        })
+    }
+}
+
+
+/// The phone's settings of an `obfuscated` generation.
+#[derive(Clone, Default)]
+pub struct ObfuscationOptions {
+    /// k: steps run on the server (default: half of T).
+    pub server_steps: Option<usize>,
+    /// Most candidates sent (default 8).
+    pub k_max: Option<usize>,
+    /// The attribute lexicon (default: the built-in one).
+    pub lexicon: Option<Arc<Lexicon>>,
+    /// What the server is asked to accelerate.
+    pub accel: Accelerations,
+    /// The U-Net of the late steps (default: the model's own).
+    pub device_unet: Option<Arc<DeviceUNet>>,
+}
+
+impl std::fmt::Debug for ObfuscationOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObfuscationOptions")
+            .field("server_steps", &self.server_steps)
+            .field("k_max", &self.k_max)
+            .field("custom_lexicon", &self.lexicon.is_some())
+            .field("accel", &self.accel)
+            .field("device_unet", &self.device_unet.is_some())
+            .finish()
+    }
+}
+
+/// Default K_max.
+pub const DEFAULT_K_MAX: usize = 8;
+
+/// What an `obfuscated` generation sent, for its caller (the real index is not in it).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ObfuscationReport {
+    /// The sensitive spans found in the prompt.
+    pub spans: Vec<Span>,
+    /// K: candidate prompts sent (0 when k = 0: nothing leaves the phone).
+    pub candidates: usize,
+    /// Every combination of the detected values (before the K_max cut).
+    pub combinations: usize,
+    /// k: steps the server ran.
+    pub server_steps: usize,
+    /// T − k: steps this device ran.
+    pub device_steps: usize,
+    /// U-Net batch rows the server ran (summed over its steps).
+    pub server_unet_rows: u64,
+}
+
+
+/// What the phone sent for one `obfuscated` generation, and what came back.
+struct EarlyExchange {
+    /// The real candidate's latent [1, C, h, w] after the server's steps.
+    latents: Tensor,
+    audit: Audit,
+    accounting: Accounting,
+    server_rows: u64,
+}
+
+impl StableDiffusion {
+    /// The phone's side of `obfuscated`: detect, build the candidates, have `backends[0]` run
+    /// the first k steps of all of them, keep the real latent, finish with the device U-Net.
+    pub(crate) async fn generate_hybrid(
+        &self,
+        opts: &GenerateOptions,
+        backends: &[Arc<dyn ShardBackend<Tensor>>],
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        let o = &opts.obfuscation;
+        let total = opts.steps;
+        let k_steps = o.server_steps.unwrap_or(total / 2);
+        check_split(k_steps, total, opts.scheduler)?;
+        let (h, w) = self.latent_size(opts.width, opts.height)?;
+        let noise = self.initial_noise(opts, h, w)?;
+        let builtin;
+        let lex = match &o.lexicon {
+            Some(l) => l.as_ref(),
+            None => {
+                builtin = Lexicon::builtin()?;
+                &builtin
+            }
+        };
+        let spans = lex.detect(&opts.prompt);
+        let k_max = o.k_max.unwrap_or(DEFAULT_K_MAX);
+        let set = crate::obfuscation::candidates(&opts.prompt, &spans, lex, k_max, &mut rand::rng())?;
+        let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, total)?;
+        let mut latents = (&noise * scheduler.init_noise_sigma())?;
+        let mut exchange = EarlyExchange {
+            latents: latents.clone(),
+            audit: Audit::new(usize::from(k_steps > 0)),
+            accounting: Accounting::new(usize::from(k_steps > 0)),
+            server_rows: 0,
+        };
+        if k_steps > 0 {
+            let server = backends.first().ok_or_else(|| {
+                Error::InvalidArgument("the obfuscated policy needs one server".into())
+            })?;
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
+            exchange = self
+                .send_early_steps(server.as_ref(), opts, &set, &noise, k_steps)
+                .await?;
+            latents = exchange.latents.clone();
+            progress(Progress {
+                step: k_steps,
+                total,
+                latents: &latents,
+            });
+        }
+        if k_steps < total {
+            let late = self
+                .late_steps(opts, scheduler.as_mut(), latents, k_steps, progress, cancelled)
+                .await?;
+            latents = late.latents;
+            exchange.accounting.absorb(late.accounting);
+        }
+        let image = self.decode(&latents)?;
+        let acct = exchange.accounting;
+        let stats = RunStats::new(&acct, total, start.elapsed().as_secs_f64());
+        Ok(Generation {
+            image,
+            latents,
+            accounting: acct,
+            audit: exchange.audit,
+            captured: Vec::new(),
+            stats,
+            obfuscation: Some(ObfuscationReport {
+                spans,
+                candidates: if k_steps > 0 { set.prompts.len() } else { 0 },
+                combinations: set.combinations,
+                server_steps: k_steps,
+                device_steps: total - k_steps,
+                server_unet_rows: exchange.server_rows,
+            }),
+        })
+    }
+
+    /// Sends the job, records what left the phone (every candidate as text, and the noise) in
+    /// the audit and the accounting, and keeps the real candidate's latent of the reply.
+    async fn send_early_steps(
+        &self,
+        server: &dyn ShardBackend<Tensor>,
+        opts: &GenerateOptions,
+        set: &CandidateSet,
+        noise: &Tensor,
+        k_steps: usize,
+    ) -> Result<EarlyExchange> {
+        let accel = opts.obfuscation.accel;
+        let kk = set.prompts.len();
+        let (_, lc, h, w) = noise.dims4()?;
+        let cfg = opts.guidance > 1.0;
+        let job = EarlySteps {
+            candidates: set.prompts.clone(),
+            negative_prompt: opts.negative_prompt.clone(),
+            noise: noise.clone(),
+            steps: opts.steps,
+            server_steps: k_steps,
+            guidance: opts.guidance,
+            scheduler: opts.scheduler,
+            accel,
+        };
+        job.validate()?;
+        let noise_bytes = (lc * h * w) as u64 * 4;
+        let mut audit = Audit::new(1);
+        let up = record_texts(&mut audit, &set.prompts, cfg.then_some(&opts.negative_prompt));
+        audit.views.push(View {
+            server: 0,
+            call: 0,
+            layer: "early_steps".into(),
+            kind: ViewKind::Latent,
+            resolution: Some((h, w)),
+            rows: Some(0..h),
+            text_indexed: false,
+            bytes: noise_bytes,
+        });
+        let all = server.early_steps(job).await?;
+        if all.dims() != [kk, lc, h, w] {
+            return Err(Error::Backend {
+                backend: 0,
+                message: format!(
+                    "early-steps reply of shape {:?}, expected {:?}",
+                    all.dims(),
+                    [kk, lc, h, w]
+                ),
+            });
+        }
+        let latents = all.narrow(0, set.real_index(), 1)?.to_dtype(DType::F32)?;
+        let mut acct = Accounting::new(1);
+        acct.transfers.push(Transfer {
+            kind: OpKind::EarlySteps,
+            layer: "early_steps".into(),
+            up: vec![noise_bytes + up],
+            down: vec![(kk * lc * h * w) as u64 * opts.wire.size() as u64],
+        });
+        acct.round_trips += 1;
+        acct.unet_calls += k_steps as u64;
+        acct.server_flops[0] = early_steps_flops(
+            &self.unet,
+            (h, w),
+            self.tokenizer.max_len(),
+            kk,
+            k_steps,
+            cfg,
+            &accel,
+        )?;
+        Ok(EarlyExchange {
+            latents,
+            audit,
+            accounting: acct,
+            server_rows: (0..k_steps)
+                .map(|i| accel.rows_at(i, kk, cfg).count(kk))
+                .sum(),
+        })
+    }
+
+    /// The late steps k..T on the device, with the device U-Net (default: the model's own).
+    async fn late_steps(
+        &self,
+        opts: &GenerateOptions,
+        scheduler: &mut dyn Scheduler,
+        latents: Tensor,
+        k_steps: usize,
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<crate::client::denoise::LoopReport> {
+        let lc = self.unet.config.in_channels;
+        let (unet, engine) = match &opts.obfuscation.device_unet {
+            Some(d) => {
+                if d.unet.config.in_channels != lc {
+                    return Err(Error::InvalidArgument(format!(
+                        "the device U-Net takes {} latent channels, the model's VAE {lc}",
+                        d.unet.config.in_channels
+                    )));
+                }
+                (&d.unet, &d.engine)
+            }
+            None => (&self.unet, &self.unet_engine),
+        };
+        let conditioning = self.text_conditioning(opts)?;
+        let mut rt = Runtime::new(engine, Policy::Local.placement(), &[], opts.wire)?;
+        let total = opts.steps;
+        denoise(
+            unet,
+            &mut rt,
+            scheduler,
+            latents,
+            k_steps..total,
+            &conditioning,
+            LoopHooks {
+                cancelled,
+                after_step: &mut |i, l| {
+                    progress(Progress {
+                        step: i + 1,
+                        total,
+                        latents: l,
+                    })
+                },
+            },
+        )
+        .await
+    }
+}
+
+/// The split point must lie in the schedule, and a multistep sampler cannot change hands.
+fn check_split(k_steps: usize, total: usize, scheduler: SchedulerKind) -> Result<()> {
+    if k_steps > total {
+        return Err(Error::InvalidArgument(format!(
+            "{k_steps} server steps of {total} in all"
+        )));
+    }
+    if k_steps > 0 && k_steps < total && scheduler == SchedulerKind::DpmSolverMultistep {
+        return Err(Error::Unsupported(
+            "the obfuscated policy hands the latents over mid-schedule, which the multistep \
+             DPM-Solver++ cannot do (its history stays on the server); use ddim or euler"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Records every candidate (and the negative prompt, under guidance) as text the server
+/// received; returns their bytes.
+fn record_texts(audit: &mut Audit, prompts: &[String], negative: Option<&String>) -> u64 {
+    let mut up = 0;
+    for p in prompts {
+        audit.texts.push(TextView {
+            server: 0,
+            call: 0,
+            text: p.clone(),
+        });
+        audit.views.push(View {
+            server: 0,
+            call: 0,
+            layer: "early_steps".into(),
+            kind: ViewKind::Prompt,
+            resolution: None,
+            rows: None,
+            text_indexed: true,
+            bytes: p.len() as u64,
+        });
+        up += p.len() as u64;
+    }
+    if let Some(n) = negative {
+        audit.texts.push(TextView {
+            server: 0,
+            call: 0,
+            text: n.clone(),
+        });
+        up += n.len() as u64;
+    }
+    up
+}

@@ -1,0 +1,395 @@
+//! The placement runtime: the U-Net calls it for every op, and it decides from the policy's
+//! placement table where the op runs. Under `local` everything runs on the phone; under
+//! `ppidm` each offloaded op is one round trip (row blocks with halo rows out, results back);
+//! under `strict` activations stay resident on the servers as strips (session handles), ops on
+//! them are queued per server and sent together with the next request the phone must wait for
+//! (GroupNorm statistics, a gather for the attention sub-layers, missing halo rows). The
+//! runtime accounts bytes, round trips and FLOPs, and records every tensor a server receives
+//! in the view audit.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use futures::future::try_join_all;
+
+mod ops;
+mod reuse;
+mod strips;
+mod transfer;
+mod unet_ops;
+
+use crate::vocab::error::{Error, Result};
+use crate::vocab::layers::{Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec};
+use crate::placement::accounting::{flops, Accounting, OpKind, Transfer};
+use crate::placement::audit::{Audit, View, ViewKind};
+use crate::placement::backend::{
+    upsample_source_row, HandleId, Operand, ShardBackend, ShardCall, ShardOp, ShardRequest,
+};
+use crate::placement::engine::{Engine, Pad, WireDtype};
+use crate::placement::policy::{
+    partition, AttnPlace, ConvPlace, GnPlace, GnVariant, LayerPlace, Placement,
+};
+use crate::placement::value::{Layout, Remote, Value};
+
+/// Default number of query rows per attention chunk (bounds the [heads, rows, keys] scores).
+pub const DEFAULT_ATTENTION_CHUNK: usize = 1024;
+
+/// A value of the runtime over engine `E`.
+pub type Val<E> = Value<<E as Engine>::T>;
+
+/// A halo row range server `i` asked for: (above its piece?, source server, index of the
+/// source's reply, rows).
+#[derive(Debug, Clone)]
+struct HaloAsk {
+    top: bool,
+    source: usize,
+    reply: usize,
+    rows: Range<usize>,
+}
+
+/// Two operands of a binary op on one server.
+type OperandPair<T> = (Operand<T>, Operand<T>);
+
+/// What one server gets in one round trip: the calls, and the views of their inline tensors.
+struct Outgoing<T> {
+    calls: Vec<ShardCall<T>>,
+    views: Vec<View>,
+}
+
+/// T-GATE-style reuse of attention outputs: from `from_call` on, each transformer block adds the
+/// attention delta cached at the call before instead of recomputing it.
+struct AttentionReuse<T> {
+    from_call: u64,
+    deltas: HashMap<String, Value<T>>,
+}
+
+/// Executes U-Net ops for one run under one placement.
+pub struct Runtime<'a, E: Engine> {
+    engine: &'a E,
+    placement: Placement,
+    backends: &'a [Arc<dyn ShardBackend<E::T>>],
+    wire: WireDtype,
+    attention_chunk: usize,
+    acct: Accounting,
+    audit: Audit,
+    /// U-Net calls started on this runtime.
+    calls: u64,
+    /// (rows, columns) of each U-Net level, finest first.
+    pyramid: Vec<(usize, usize)>,
+    next_handle: HandleId,
+    pending: Vec<Vec<ShardCall<E::T>>>,
+    pending_views: Vec<Vec<View>>,
+    pending_flops: Vec<u64>,
+    released: Arc<Mutex<Vec<HandleId>>>,
+    /// (H, W) of the feature map whose tokens the transformer is working on.
+    token_map: Option<(usize, usize)>,
+    reuse: Option<AttentionReuse<E::T>>,
+    /// From this U-Net call on, keep every tensor a server receives next to its view (the
+    /// evaluation's attacks read what a server saw; off in normal runs).
+    capture_from: Option<u64>,
+    captured: Vec<(View, E::T)>,
+}
+
+fn prod(d: &[usize]) -> u64 {
+    d.iter().map(|&x| x as u64).product()
+}
+
+fn internal(msg: impl Into<String>) -> Error {
+    Error::Internal(format!("placement runtime: {}", msg.into()))
+}
+
+/// Dimensions of a server's piece of a value with whole-map `dims` (rows `rows` of dim `axis`).
+fn piece_dims(dims: &[usize], axis: usize, len: usize) -> Vec<usize> {
+    let mut d = dims.to_vec();
+    d[axis] = len;
+    d
+}
+
+impl<'a, E: Engine> Runtime<'a, E> {
+    /// A runtime; a placement that offloads work needs at least one backend.
+    pub fn new(
+        engine: &'a E,
+        placement: Placement,
+        backends: &'a [Arc<dyn ShardBackend<E::T>>],
+        wire: WireDtype,
+    ) -> Result<Self> {
+        if placement.offloads() && backends.is_empty() {
+            return Err(Error::InvalidArgument(
+                "this placement offloads work but no shard backend was given".into(),
+            ));
+        }
+        let n = backends.len();
+        Ok(Self {
+            engine,
+            placement,
+            backends,
+            wire,
+            attention_chunk: DEFAULT_ATTENTION_CHUNK,
+            acct: Accounting::new(n),
+            audit: Audit::new(n),
+            calls: 0,
+            pyramid: Vec::new(),
+            next_handle: 1,
+            pending: vec![Vec::new(); n],
+            pending_views: vec![Vec::new(); n],
+            pending_flops: vec![0; n],
+            released: Arc::new(Mutex::new(Vec::new())),
+            token_map: None,
+            reuse: None,
+            capture_from: None,
+            captured: Vec::new(),
+        })
+    }
+
+    /// Keeps a copy of every tensor sent to a server from U-Net call `from_call` on, with its
+    /// view (`take_captured`). For evaluation: an attacker's input is exactly these tensors.
+    pub fn with_capture(mut self, from_call: Option<u64>) -> Self {
+        self.capture_from = from_call;
+        self
+    }
+
+    /// The captured (view, tensor) pairs so far, in send order.
+    pub fn take_captured(&mut self) -> Vec<(View, E::T)> {
+        std::mem::take(&mut self.captured)
+    }
+
+    pub fn with_attention_chunk(mut self, chunk: usize) -> Self {
+        self.attention_chunk = chunk.max(1);
+        self
+    }
+
+    /// Reuses each transformer block's attention output from U-Net call `from_call` on
+    /// (T-GATE-style; `None` recomputes always).
+    pub fn with_attention_reuse(mut self, from_call: Option<u64>) -> Self {
+        self.reuse = from_call.map(|from_call| AttentionReuse {
+            from_call,
+            deltas: HashMap::new(),
+        });
+        self
+    }
+
+    pub fn engine(&self) -> &E {
+        self.engine
+    }
+    pub fn accounting(&self) -> &Accounting {
+        &self.acct
+    }
+    pub fn take_accounting(&mut self) -> Accounting {
+        std::mem::replace(&mut self.acct, Accounting::new(self.backends.len()))
+    }
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+    pub fn take_audit(&mut self) -> Audit {
+        std::mem::replace(&mut self.audit, Audit::new(self.backends.len()))
+    }
+    pub fn note_unet_call(&mut self) {
+        self.acct.unet_calls += 1;
+        self.calls += 1;
+    }
+    fn call_index(&self) -> u64 {
+        self.calls.saturating_sub(1)
+    }
+
+    /// The (rows, columns) of each U-Net level, finest first; strict strips are cut from the
+    /// coarsest level and scaled up, so down- and up-sampling stay inside a strip (plus one
+    /// halo row).
+    pub fn set_pyramid(&mut self, levels: &[(usize, usize)]) -> Result<()> {
+        self.pyramid = levels.to_vec();
+        if self.placement.resident() {
+            for &(h, w) in levels {
+                let strips = self.strips(h)?;
+                for (i, s) in strips.into_iter().enumerate() {
+                    self.audit.strips[i].insert((h, w), s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each server's own rows of an `h`-row map.
+    fn strips(&self, h: usize) -> Result<Vec<Range<usize>>> {
+        let n = self.backends.len();
+        let Some(level) = self.pyramid.iter().position(|&(ph, _)| ph == h) else {
+            if self.pyramid.is_empty() && h >= n {
+                return Ok(partition(h, n));
+            }
+            return Err(internal(format!("no strip layout for a map of {h} rows")));
+        };
+        let (coarse, _) = self.pyramid[self.pyramid.len() - 1];
+        if coarse < n {
+            return Err(Error::TooManyBackends {
+                layer: format!("the {coarse}-row coarsest U-Net level"),
+                rows: coarse,
+                backends: n,
+            });
+        }
+        let f = 1usize << (self.pyramid.len() - 1 - level);
+        Ok(partition(coarse, n)
+            .into_iter()
+            .map(|r| r.start * f..(r.end * f).min(h))
+            .collect())
+    }
+
+    fn bytes(&self, t: &E::T) -> u64 {
+        prod(&self.engine.dims(t)) * self.wire.size() as u64
+    }
+
+    fn wire(&self, t: &E::T) -> Result<E::T> {
+        self.engine.through_wire(t, self.wire)
+    }
+
+    fn lv(&self, t: E::T) -> Val<E> {
+        Value::local(self.engine.dims(&t), t)
+    }
+
+    fn fresh(&mut self) -> HandleId {
+        let h = self.next_handle;
+        self.next_handle += 1;
+        h
+    }
+
+    fn new_remote(&mut self, dims: Vec<usize>, layout: Layout) -> (Val<E>, HandleId) {
+        let id = self.fresh();
+        let v = Value::remote(dims, Remote::new(id, layout, self.released.clone()));
+        (v, id)
+    }
+
+    /// A view of an inline tensor sent to `server`.
+    #[allow(clippy::too_many_arguments)]
+    fn view(
+        &mut self,
+        server: usize,
+        layer: &str,
+        kind: ViewKind,
+        resolution: Option<(usize, usize)>,
+        rows: Option<Range<usize>>,
+        text_indexed: bool,
+        t: &E::T,
+    ) -> View {
+        if let (Some(res), false) = (resolution, self.placement.resident()) {
+            // Non-resident policies have no strips; report the even row split as the strip.
+            let n = self.backends.len();
+            if res.0 >= n && !self.audit.strips[server].contains_key(&res) {
+                for (i, r) in partition(res.0, n).into_iter().enumerate() {
+                    self.audit.strips[i].insert(res, r);
+                }
+            }
+        }
+        let view = View {
+            server,
+            call: self.call_index(),
+            layer: layer.to_string(),
+            kind,
+            resolution,
+            rows,
+            text_indexed,
+            bytes: self.bytes(t),
+        };
+        if self.capture_from.is_some_and(|from| view.call >= from) {
+            self.captured.push((view.clone(), t.clone()));
+        }
+        view
+    }
+
+    /// Sends one request to each backend concurrently (one round trip) and returns each
+    /// backend's replies, rounded through the wire dtype. Inline operands must already be
+    /// rounded by the caller (`wire`). Empty requests are not sent.
+    async fn round_trip(
+        &mut self,
+        kind: OpKind,
+        layer: &str,
+        outgoing: Vec<Outgoing<E::T>>,
+        server_flops: Vec<u64>,
+    ) -> Result<Vec<Vec<E::T>>> {
+        let up: Vec<u64> = outgoing
+            .iter()
+            .map(|o| {
+                o.calls
+                    .iter()
+                    .flat_map(|c| c.op.inline_operands())
+                    .map(|t| self.bytes(t))
+                    .sum()
+            })
+            .collect();
+        for (o, &bytes) in outgoing.iter().zip(&up) {
+            let viewed: u64 = o.views.iter().map(|v| v.bytes).sum();
+            if viewed != bytes {
+                return Err(internal(format!(
+                    "audit mismatch at {layer}: {bytes} bytes sent, {viewed} described"
+                )));
+            }
+        }
+        let mut requests = Vec::with_capacity(outgoing.len());
+        for o in outgoing {
+            self.audit.views.extend(o.views);
+            requests.push(ShardRequest { calls: o.calls });
+        }
+        let futures = requests
+            .into_iter()
+            .zip(self.backends.iter())
+            .enumerate()
+            .map(|(i, (req, b))| async move {
+                if req.calls.is_empty() {
+                    return Ok(crate::placement::backend::ShardReply {
+                        outputs: Vec::new(),
+                    });
+                }
+                b.execute(req).await.map_err(|e| match e {
+                    Error::Backend { .. } | Error::Transport(_) => e,
+                    other => Error::Backend {
+                        backend: i,
+                        message: other.to_string(),
+                    },
+                })
+            });
+        let replies = try_join_all(futures).await?;
+        let mut down = Vec::with_capacity(replies.len());
+        let mut outs = Vec::with_capacity(replies.len());
+        for r in replies {
+            down.push(r.outputs.iter().map(|t| self.bytes(t)).sum());
+            outs.push(
+                r.outputs
+                    .iter()
+                    .map(|t| self.engine.through_wire(t, self.wire))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+        for (acc, f) in self.acct.server_flops.iter_mut().zip(server_flops) {
+            *acc += f;
+        }
+        self.acct.transfers.push(Transfer {
+            kind,
+            layer: layer.to_string(),
+            up,
+            down,
+        });
+        self.acct.round_trips += 1;
+        Ok(outs)
+    }
+
+    fn rows_check(&self, layer: &str, rows: usize) -> Result<()> {
+        if rows < self.backends.len() {
+            return Err(Error::TooManyBackends {
+                layer: layer.to_string(),
+                rows,
+                backends: self.backends.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn one_reply(mut replies: Vec<Vec<E::T>>) -> Result<Vec<E::T>> {
+        replies
+            .iter_mut()
+            .enumerate()
+            .map(|(i, r)| {
+                r.pop().ok_or(Error::Backend {
+                    backend: i,
+                    message: "reply carried no tensor".into(),
+                })
+            })
+            .collect()
+    }
+}
