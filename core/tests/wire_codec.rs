@@ -9,7 +9,10 @@ use veil_core::client::hybrid::{Accelerations, BatchRedundancy, EarlySteps};
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use veil_core::placement::engine::{Pad, WireDtype};
 use veil_core::wire::codec::{decode, encode, WireError};
-use veil_core::wire::convert::{calls_from_wire, reply_from_wire, reply_to_wire, request_to_wire};
+use veil_core::wire::convert::{
+    calls_from_wire, early_steps_from_wire, early_steps_to_wire, reply_from_wire, reply_to_wire,
+    request_to_wire,
+};
 use veil_core::wire::{
     Compression, ErrorCode, Limits, Message, WireCall, WireOp, WireOperand, WireTensor,
     PROTOCOL_VERSION,
@@ -339,8 +342,9 @@ fn header_errors() {
     b[0] = b'X';
     assert_eq!(dec(&b), Err(WireError::BadMagic));
     let mut b = sample_request(Compression::None);
-    b[4..6].copy_from_slice(&2u16.to_le_bytes());
-    assert_eq!(dec(&b), Err(WireError::UnsupportedVersion(2)));
+    let other = PROTOCOL_VERSION + 1;
+    b[4..6].copy_from_slice(&other.to_le_bytes());
+    assert_eq!(dec(&b), Err(WireError::UnsupportedVersion(other)));
     let mut b = sample_request(Compression::None);
     b[6] = 0;
     assert_eq!(
@@ -917,16 +921,6 @@ fn comparable(op: &ShardOp<Tensor>) -> ShardOp<Bits> {
         },
         ShardOp::Identity { input } => ShardOp::Identity { input: o(input) },
         ShardOp::Release { handle } => ShardOp::Release { handle: *handle },
-        ShardOp::EarlySteps(job) => ShardOp::EarlySteps(Box::new(EarlySteps {
-            candidates: job.candidates.clone(),
-            negative_prompt: job.negative_prompt.clone(),
-            noise: bits(&job.noise),
-            steps: job.steps,
-            server_steps: job.server_steps,
-            guidance: job.guidance,
-            scheduler: job.scheduler,
-            accel: job.accel,
-        })),
         ShardOp::Narrow {
             input,
             dim,
@@ -1251,43 +1245,50 @@ fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
                 attention_gate: gate,
             },
         };
-        let req = ShardRequest {
-            calls: vec![ShardCall::reply(ShardOp::EarlySteps(Box::new(job)))],
-        };
+        // Its own message (protocol 2), not a shard op.
         // A bf16 wire still carries the noise as f32: every candidate starts from it exactly.
-        let calls = request_to_wire(&req, WireDtype::Bf16).expect("to wire");
-        let msg = Message::Request {
-            calls,
-            reply_dtype: WireDtype::F32,
+        let msg = Message::EarlySteps {
+            job: early_steps_to_wire(&job).expect("to wire"),
+            reply_dtype: WireDtype::Bf16,
             compression: Compression::None,
         };
-        let Message::Request { calls, .. } =
+        let Message::EarlySteps { job: wire_job, .. } =
             dec(&encode(&msg, Compression::Zstd(3)).expect("encode")).expect("decode")
         else {
-            panic!("not a request")
+            panic!("not an early-steps message")
         };
-        let back = calls_from_wire(calls, &Device::Cpu).expect("from wire");
+        let back = early_steps_from_wire(wire_job, &Device::Cpu).expect("from wire");
         assert_eq!(
-            format!("{:?}", comparable(&req.calls[0].op)),
-            format!("{:?}", comparable(&back.calls[0].op))
+            format!("{:?}", comparable_job(&job)),
+            format!("{:?}", comparable_job(&back))
         );
     }
     // Server steps past the schedule: refused before it goes out.
-    let bad = ShardRequest {
-        calls: vec![ShardCall::reply(ShardOp::EarlySteps(Box::new(
-            EarlySteps {
-                candidates: vec!["x".into()],
-                negative_prompt: String::new(),
-                noise: noise.clone(),
-                steps: 4,
-                server_steps: 5,
-                guidance: 5.0,
-                scheduler: SchedulerKind::Ddim,
-                accel: Accelerations::default(),
-            },
-        )))],
+    let bad = EarlySteps {
+        candidates: vec!["x".into()],
+        negative_prompt: String::new(),
+        noise: noise.clone(),
+        steps: 4,
+        server_steps: 5,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Ddim,
+        accel: Accelerations::default(),
     };
-    assert!(request_to_wire(&bad, WireDtype::F32).is_err());
+    assert!(early_steps_to_wire(&bad).is_err());
+}
+
+/// A copy of `job` whose noise compares bit for bit through `Debug`.
+fn comparable_job(job: &EarlySteps<Tensor>) -> EarlySteps<Bits> {
+    EarlySteps {
+        candidates: job.candidates.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        noise: bits(&job.noise),
+        steps: job.steps,
+        server_steps: job.server_steps,
+        guidance: job.guidance,
+        scheduler: job.scheduler,
+        accel: job.accel,
+    }
 }
 
 #[test]

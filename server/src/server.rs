@@ -17,8 +17,12 @@ use veil_core::transport::quic::close_code;
 use veil_core::transport::tls::{server_config, TransportTuning};
 use veil_core::transport::Fingerprint;
 use veil_core::wire::codec::{decode, encode, WireError};
-use veil_core::wire::convert::{calls_from_wire, reply_to_wire};
-use veil_core::wire::{Compression, ErrorCode, Limits, Message, ModelId, PROTOCOL_VERSION};
+use veil_core::placement::engine::WireDtype;
+use veil_core::wire::convert::{calls_from_wire, early_steps_from_wire, reply_to_wire};
+use veil_core::wire::{
+    Compression, ErrorCode, Limits, Message, ModelId, WireCall, WireEarlySteps, WireTensor,
+    PROTOCOL_VERSION,
+};
 
 use crate::model::ShardModel;
 use crate::tls::TlsIdentity;
@@ -533,71 +537,44 @@ async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::Own
     Some(permit)
 }
 
+/// What one request stream asks for.
+enum Work {
+    /// Shard calls, executed in order.
+    Shard(Vec<WireCall>),
+    /// The `obfuscated` policy's early steps (a full-model server only).
+    EarlySteps(WireEarlySteps),
+}
+
 async fn serve_stream(
     conn: &Connection,
-    mut send: SendStream,
+    send: SendStream,
     mut recv: RecvStream,
     ctx: &Arc<Ctx>,
     executor: Arc<ShardExecutor<CandleEngine>>,
 ) {
     let remote = conn.remote_address();
-    let limits = ctx.limits.wire();
-    let buf = match recv.read_to_end(limits.max_message_bytes).await {
-        Ok(b) => b,
-        Err(ReadToEndError::TooLong) => {
-            bump(&ctx.stats.malformed);
-            tracing::warn!(%remote, "closing: request over {} bytes", limits.max_message_bytes);
-            let msg = error_msg(
-                ErrorCode::Malformed,
-                format!("message larger than {} bytes", limits.max_message_bytes),
-            );
-            refuse(conn, send, msg, close_code::MALFORMED, b"message too large").await;
-            return;
-        }
-        Err(e) => {
-            tracing::debug!(%remote, "request stream failed: {e}");
-            return;
-        }
+    let Some((work, reply_dtype, compression, send)) =
+        read_work(conn, send, &mut recv, ctx).await
+    else {
+        return;
     };
-    ctx.stats
-        .bytes_in
-        .fetch_add(buf.len() as u64, Ordering::Relaxed);
-    let (calls, reply_dtype, compression) = match decode(&buf, &limits) {
-        Ok(Message::Request {
-            calls,
-            reply_dtype,
-            compression,
-        }) => (calls, reply_dtype, compression),
-        Ok(_) => {
-            bump(&ctx.stats.malformed);
-            let msg = error_msg(ErrorCode::WrongState, "expected a Request");
-            refuse(
-                conn,
-                send,
-                msg,
-                close_code::MALFORMED,
-                b"unexpected message",
-            )
-            .await;
-            return;
-        }
-        Err(e) => {
-            bump(&ctx.stats.malformed);
-            tracing::warn!(%remote, "closing: malformed request: {e}");
-            let msg = error_msg(ErrorCode::Malformed, e);
-            refuse(conn, send, msg, close_code::MALFORMED, b"malformed").await;
-            return;
-        }
-    };
-    drop(buf);
     bump(&ctx.stats.requests);
     let device = ctx.model.device().clone();
     // Compute off the async workers: convolutions take long, and a panic in candle on some
     // unforeseen shape becomes an Internal error instead of taking the server down.
     let work = tokio::task::spawn_blocking(move || {
-        let request = calls_from_wire(calls, &device)?;
-        let reply = executor.execute(&request)?;
-        let outputs = reply_to_wire(&reply, reply_dtype)?;
+        let outputs = match work {
+            Work::Shard(calls) => {
+                let request = calls_from_wire(calls, &device)?;
+                let reply = executor.execute(&request)?;
+                reply_to_wire(&reply, reply_dtype)?
+            }
+            Work::EarlySteps(job) => {
+                let job = early_steps_from_wire(job, &device)?;
+                let latents = executor.early_steps(&job)?;
+                vec![WireTensor::from_tensor(&latents, reply_dtype)?]
+            }
+        };
         Ok::<_, veil_core::Error>(Message::Reply { outputs })
     })
     .await;
@@ -616,12 +593,80 @@ async fn serve_stream(
             error_msg(ErrorCode::Internal, "the request failed inside the server")
         }
     };
+    send_answer(send, msg, compression, ctx).await;
+}
+
+/// Reads and decodes one request stream; on anything but a `Request` or an `EarlySteps`, answers
+/// with an error, closes the connection and returns None.
+async fn read_work(
+    conn: &Connection,
+    send: SendStream,
+    recv: &mut RecvStream,
+    ctx: &Arc<Ctx>,
+) -> Option<(Work, WireDtype, Compression, SendStream)> {
+    let remote = conn.remote_address();
+    let limits = ctx.limits.wire();
+    let buf = match recv.read_to_end(limits.max_message_bytes).await {
+        Ok(b) => b,
+        Err(ReadToEndError::TooLong) => {
+            bump(&ctx.stats.malformed);
+            tracing::warn!(%remote, "closing: request over {} bytes", limits.max_message_bytes);
+            let msg = error_msg(
+                ErrorCode::Malformed,
+                format!("message larger than {} bytes", limits.max_message_bytes),
+            );
+            refuse(conn, send, msg, close_code::MALFORMED, b"message too large").await;
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(%remote, "request stream failed: {e}");
+            return None;
+        }
+    };
+    ctx.stats
+        .bytes_in
+        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+    match decode(&buf, &limits) {
+        Ok(Message::Request {
+            calls,
+            reply_dtype,
+            compression,
+        }) => Some((Work::Shard(calls), reply_dtype, compression, send)),
+        Ok(Message::EarlySteps {
+            job,
+            reply_dtype,
+            compression,
+        }) => Some((Work::EarlySteps(job), reply_dtype, compression, send)),
+        Ok(_) => {
+            bump(&ctx.stats.malformed);
+            let msg = error_msg(ErrorCode::WrongState, "expected a Request");
+            refuse(
+                conn,
+                send,
+                msg,
+                close_code::MALFORMED,
+                b"unexpected message",
+            )
+            .await;
+            None
+        }
+        Err(e) => {
+            bump(&ctx.stats.malformed);
+            tracing::warn!(%remote, "closing: malformed request: {e}");
+            let msg = error_msg(ErrorCode::Malformed, e);
+            refuse(conn, send, msg, close_code::MALFORMED, b"malformed").await;
+            None
+        }
+    }
+}
+
+/// Encodes (off the async workers: zstd on large replies is CPU work) and sends an answer.
+async fn send_answer(mut send: SendStream, msg: Message, compression: Compression, ctx: &Ctx) {
     let compression = if matches!(msg, Message::Reply { .. }) {
         compression
     } else {
         Compression::None
     };
-    // zstd on large replies is CPU work as well.
     let encoded = tokio::task::spawn_blocking(move || encode(&msg, compression)).await;
     let bytes = match encoded {
         Ok(Ok(b)) => b,

@@ -16,7 +16,7 @@ use veil_core::placement::{Policy, ShardBackend, ViewKind, WireDtype};
 use veil_core::transport::{connect_backends, ClientOptions};
 use veil_core::wire::codec::{decode, encode};
 use veil_core::wire::identity::model_identity;
-use veil_core::wire::{Compression, Limits, Message, WireCall, WireOp, WireTensor};
+use veil_core::wire::{Compression, Limits, Message, WireEarlySteps, WireTensor};
 use veil_server::{spawn_local, ServerLimits, ShardModel};
 use veil_tests::tiny_model;
 
@@ -326,7 +326,7 @@ fn early_steps_codec_round_trips_and_checks_its_bounds() {
         shape: vec![1, 4, 2, 2],
         data: vec![0u8; 64],
     };
-    let op = |n: usize, scheduler: u8| WireOp::EarlySteps {
+    let job = |n: usize, scheduler: u8| WireEarlySteps {
         candidates: (0..n).map(|i| format!("candidate {i}")).collect(),
         negative_prompt: "blurry".into(),
         noise: noise.clone(),
@@ -337,30 +337,27 @@ fn early_steps_codec_round_trips_and_checks_its_bounds() {
         batch_redundancy: 1,
         attention_gate: 6,
     };
-    let msg = |o: WireOp| Message::Request {
-        calls: vec![WireCall {
-            op: o,
-            keep_as: None,
-            reply: true,
-        }],
+    // Its own message (protocol 2), not a call of a shard request.
+    let msg = |j: WireEarlySteps| Message::EarlySteps {
+        job: j,
         reply_dtype: WireDtype::F32,
         compression: Compression::None,
     };
-    let m = msg(op(8, 0));
+    let m = msg(job(8, 0));
     let bytes = encode(&m, Compression::None).expect("encode");
     assert_eq!(decode(&bytes, &Limits::default()).expect("decode"), m);
     // More candidates than a job may carry: refused when encoding.
-    assert!(encode(&msg(op(65, 0)), Compression::None).is_err());
+    assert!(encode(&msg(job(65, 0)), Compression::None).is_err());
     // An unknown scheduler decodes (the codec is syntax) but the server refuses it.
-    let bad = msg(op(2, 9));
-    let Message::Request { calls, .. } = decode(
+    let bad = msg(job(2, 9));
+    let Message::EarlySteps { job: decoded, .. } = decode(
         &encode(&bad, Compression::None).expect("encode"),
         &Limits::default(),
     )
     .expect("decode") else {
-        panic!("not a request")
+        panic!("not an early-steps message")
     };
-    let e = veil_core::wire::convert::calls_from_wire(calls, &Device::Cpu);
+    let e = veil_core::wire::convert::early_steps_from_wire(decoded, &Device::Cpu);
     assert!(e
         .expect_err("unknown scheduler")
         .to_string()
