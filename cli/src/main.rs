@@ -22,11 +22,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use veil_core::model::config::{read_json, UNetConfig};
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
+use veil_core::client::plan::{plan, PlanInput};
+use veil_core::model::config::{read_json, UNetConfig};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::model::unet::UNet;
-use veil_core::client::plan::{plan, PlanInput};
 use veil_core::placement::{GnVariant, Policy, WireDtype};
 use veil_core::transport::{
     compression_for, connect_backends, load_server_list, ClientOptions, QuicBackend,
@@ -226,10 +226,7 @@ struct ObfuscationArgs {
 }
 
 impl ObfuscationArgs {
-    fn options(
-        &self,
-        device: &Device,
-    ) -> Result<veil_core::client::hybrid::ObfuscationOptions> {
+    fn options(&self, device: &Device) -> Result<veil_core::client::hybrid::ObfuscationOptions> {
         use veil_core::client::hybrid::{Accelerations, DeviceUNet, ObfuscationOptions};
         use veil_core::obfuscation::Lexicon;
         let custom = !self.lexicon.is_empty() || self.no_builtin;

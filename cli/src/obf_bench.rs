@@ -11,11 +11,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use veil_core::client::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
-use veil_core::model::scheduler::SchedulerKind;
 use veil_core::client::hybrid::{
     Accelerations, BatchRedundancy, DeviceUNet, EarlySteps, ObfuscationOptions,
 };
+use veil_core::client::pipeline::{seeded_normal, GenerateOptions, StableDiffusion};
+use veil_core::model::scheduler::SchedulerKind;
 use veil_core::obfuscation::{candidates, Lexicon};
 use veil_core::placement::Policy;
 use veil_eval::{score, Dataset};

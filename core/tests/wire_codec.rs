@@ -3,9 +3,9 @@
 
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
+use veil_core::client::hybrid::{Accelerations, BatchRedundancy, EarlySteps};
 use veil_core::model::layers::GeluKind;
 use veil_core::model::scheduler::SchedulerKind;
-use veil_core::client::hybrid::{Accelerations, BatchRedundancy, EarlySteps};
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use veil_core::placement::engine::{Pad, WireDtype};
 use veil_core::wire::codec::{decode, encode, WireError};

@@ -129,9 +129,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_DATA_DIR: &str = "veil-server-data";
 
 fn secs(what: &str, v: f64) -> Result<Duration, ServerError> {
-    Duration::try_from_secs_f64(v)
-        .ok()
-        .filter(|d| !d.is_zero())
+    veil_core::vocab::positive_seconds(v)
         .ok_or_else(|| ServerError::Config(format!("{what} must be a positive number of seconds")))
 }
 

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use veil_core::client::hybrid::EarlyStepsRunner;
+use veil_core::client::pipeline::StableDiffusion;
 use veil_core::model::config::ModelPaths;
 use veil_core::model::layers::ShardLayer;
-use veil_core::client::pipeline::StableDiffusion;
 use veil_core::model::unet::UNet;
 use veil_core::model::weights::WeightFile;
-use veil_core::client::hybrid::EarlyStepsRunner;
 use veil_core::placement::backend::ShardExecutor;
 use veil_core::placement::engine::CandleEngine;
 use veil_core::wire::identity::{model_identity, shard_parameters};

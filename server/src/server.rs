@@ -13,11 +13,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use veil_core::placement::backend::ShardExecutor;
 use veil_core::placement::engine::CandleEngine;
+use veil_core::placement::engine::WireDtype;
 use veil_core::transport::quic::close_code;
 use veil_core::transport::tls::{server_config, TransportTuning};
 use veil_core::transport::Fingerprint;
 use veil_core::wire::codec::{decode, encode, WireError};
-use veil_core::placement::engine::WireDtype;
 use veil_core::wire::convert::{calls_from_wire, early_steps_from_wire, reply_to_wire};
 use veil_core::wire::{
     Compression, ErrorCode, Limits, Message, ModelId, WireCall, WireEarlySteps, WireTensor,
@@ -553,8 +553,7 @@ async fn serve_stream(
     executor: Arc<ShardExecutor<CandleEngine>>,
 ) {
     let remote = conn.remote_address();
-    let Some((work, reply_dtype, compression, send)) =
-        read_work(conn, send, &mut recv, ctx).await
+    let Some((work, reply_dtype, compression, send)) = read_work(conn, send, &mut recv, ctx).await
     else {
         return;
     };

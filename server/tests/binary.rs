@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use veil_core::model::config::ModelPaths;
 use veil_core::client::pipeline::{load_unet_weights, seeded_normal};
+use veil_core::model::config::ModelPaths;
 use veil_core::model::unet::UNet;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
 use veil_core::placement::engine::{CandleEngine, Engine, Pad};

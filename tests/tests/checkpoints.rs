@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use veil_core::client::pipeline::{load_unet_weights, GenerateOptions, StableDiffusion};
 use veil_core::model::clip::ClipTextEncoder;
 use veil_core::model::config::{read_json, ClipTextConfig, UNetConfig};
-use veil_core::client::pipeline::{load_unet_weights, GenerateOptions, StableDiffusion};
 use veil_core::model::unet::UNet;
 use veil_core::model::weights::RecordingBackend;
 use veil_core::Error;

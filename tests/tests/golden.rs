@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use veil_core::model::clip::ClipTokenizer;
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
+use veil_core::model::clip::ClipTokenizer;
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::backend::ShardBackend;
 use veil_core::placement::{GnVariant, Policy, Runtime, WireDtype};

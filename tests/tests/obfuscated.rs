@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use veil_core::client::pipeline::{seeded_normal, GenerateOptions, Generation, StableDiffusion};
-use veil_core::model::scheduler::SchedulerKind;
 use veil_core::client::hybrid::{
     early_steps_flops, Accelerations, BatchRedundancy, DeviceUNet, EarlySteps, ObfuscationOptions,
 };
+use veil_core::client::pipeline::{seeded_normal, GenerateOptions, Generation, StableDiffusion};
+use veil_core::model::scheduler::SchedulerKind;
 use veil_core::obfuscation::Lexicon;
 use veil_core::placement::{Policy, ShardBackend, ViewKind, WireDtype};
 use veil_core::transport::{connect_backends, ClientOptions};

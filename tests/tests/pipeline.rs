@@ -4,8 +4,8 @@
 
 use candle_core::Device;
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
-use veil_core::model::scheduler::SchedulerKind;
 use veil_core::client::plan::{account_step, plan, PlanInput};
+use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::{GnVariant, Policy, WireDtype};
 use veil_tests::{psnr, tiny_model};
 

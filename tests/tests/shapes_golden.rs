@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use veil_core::client::hybrid::DeviceUNet;
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
-use veil_core::client::hybrid::DeviceUNet;
 use veil_core::placement::backend::ShardBackend;
 use veil_core::placement::{Policy, Runtime, WireDtype};
 use veil_tests::{rel_l2, repo_root};

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use veil_core::model::layers::LinearSpec;
 use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
+use veil_core::model::layers::LinearSpec;
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::{Engine, GnVariant, Policy, ShardBackend, WireDtype};
 use veil_core::transport::{connect_backends, ClientOptions, QuicBackend};

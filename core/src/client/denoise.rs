@@ -137,7 +137,12 @@ pub async fn denoise<E: Engine<T = Tensor>>(
     let mut accounting = rt.take_accounting();
     let mut unet_rows = 0;
     let timesteps = scheduler.timesteps().to_vec();
-    for (i, &t) in timesteps.iter().enumerate().take(steps.end).skip(steps.start) {
+    for (i, &t) in timesteps
+        .iter()
+        .enumerate()
+        .take(steps.end)
+        .skip(steps.start)
+    {
         if (hooks.cancelled)() {
             return Err(Error::Cancelled);
         }

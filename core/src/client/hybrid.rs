@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-pub use crate::client::early_steps::{early_steps_flops, EarlyReport};
 use crate::client::denoise::{denoise, LoopHooks};
+pub use crate::client::early_steps::{early_steps_flops, EarlyReport};
 use crate::client::pipeline::{
     load_unet_weights, GenerateOptions, Generation, Progress, RunStats, StableDiffusion,
 };
@@ -24,8 +24,8 @@ use crate::placement::policy::Policy;
 use crate::placement::runtime::Runtime;
 use crate::vocab::error::{Error, Result};
 pub use crate::vocab::job::{
-    Accelerations, BatchRedundancy, EarlySteps, EarlyStepsRunner, MAX_CANDIDATES,
-    MAX_PROMPT_BYTES, MAX_STEPS,
+    Accelerations, BatchRedundancy, EarlySteps, EarlyStepsRunner, MAX_CANDIDATES, MAX_PROMPT_BYTES,
+    MAX_STEPS,
 };
 use crate::vocab::ops::ShardBackend;
 
@@ -55,7 +55,6 @@ impl DeviceUNet {
         })
     }
 }
-
 
 /// The phone's settings of an `obfuscated` generation.
 #[derive(Clone, Default)]
@@ -104,7 +103,6 @@ pub struct ObfuscationReport {
     pub server_unet_rows: u64,
 }
 
-
 /// What the phone sent for one `obfuscated` generation, and what came back.
 struct EarlyExchange {
     /// The real candidate's latent [1, C, h, w] after the server's steps.
@@ -141,7 +139,8 @@ impl StableDiffusion {
         };
         let spans = lex.detect(&opts.prompt);
         let k_max = o.k_max.unwrap_or(DEFAULT_K_MAX);
-        let set = crate::obfuscation::candidates(&opts.prompt, &spans, lex, k_max, &mut rand::rng())?;
+        let set =
+            crate::obfuscation::candidates(&opts.prompt, &spans, lex, k_max, &mut rand::rng())?;
         let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, total)?;
         let mut latents = (&noise * scheduler.init_noise_sigma())?;
         let mut exchange = EarlyExchange {
@@ -169,7 +168,14 @@ impl StableDiffusion {
         }
         if k_steps < total {
             let late = self
-                .late_steps(opts, scheduler.as_mut(), latents, k_steps, progress, cancelled)
+                .late_steps(
+                    opts,
+                    scheduler.as_mut(),
+                    latents,
+                    k_steps,
+                    progress,
+                    cancelled,
+                )
                 .await?;
             latents = late.latents;
             exchange.accounting.absorb(late.accounting);
@@ -222,7 +228,11 @@ impl StableDiffusion {
         job.validate()?;
         let noise_bytes = (lc * h * w) as u64 * 4;
         let mut audit = Audit::new(1);
-        let up = record_texts(&mut audit, &set.prompts, cfg.then_some(&opts.negative_prompt));
+        let up = record_texts(
+            &mut audit,
+            &set.prompts,
+            cfg.then_some(&opts.negative_prompt),
+        );
         audit.views.push(View {
             server: 0,
             call: 0,

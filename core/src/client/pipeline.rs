@@ -13,13 +13,13 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::client::denoise::{denoise, Conditioning, LoopHooks};
+use crate::client::hybrid::{ObfuscationOptions, ObfuscationReport};
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::model::config::ModelPaths;
 use crate::model::scheduler::{new_scheduler, SchedulerConfig, SchedulerKind};
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 use crate::model::weights::WeightFile;
-use crate::client::hybrid::{ObfuscationOptions, ObfuscationReport};
 use crate::placement::accounting::Accounting;
 use crate::placement::audit::{Audit, View};
 use crate::placement::backend::{InProcessBackend, ShardBackend};
@@ -218,7 +218,12 @@ impl StableDiffusion {
     }
 
     /// The initial noise [1, C, h, w]: the caller's latents (checked), or seeded noise.
-    pub(crate) fn initial_noise(&self, opts: &GenerateOptions, h: usize, w: usize) -> Result<Tensor> {
+    pub(crate) fn initial_noise(
+        &self,
+        opts: &GenerateOptions,
+        h: usize,
+        w: usize,
+    ) -> Result<Tensor> {
         let want = [1, self.unet.config.in_channels, h, w];
         match &opts.latents {
             Some(l) if l.dims() != want => Err(Error::InvalidArgument(format!(

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::vocab::error::Result;
 use crate::model::unet::UNet;
 use crate::placement::accounting::{Accounting, OpKind};
 use crate::placement::backend::{InProcessBackend, ShardBackend};
 use crate::placement::engine::{ShapeEngine, WireDtype};
 use crate::placement::policy::Policy;
 use crate::placement::runtime::Runtime;
+use crate::vocab::error::Result;
 
 /// What one step looks like.
 #[derive(Debug, Clone)]

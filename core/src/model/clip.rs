@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use tokenizers::Tokenizer;
 
-use crate::vocab::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig};
 use crate::model::weights::WeightFile;
+use crate::vocab::error::{Error, Result};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";

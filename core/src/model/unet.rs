@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 
-use crate::vocab::error::{Error, Result};
 use crate::model::config::UNetConfig;
+use crate::model::ops::UNetOps;
+use crate::vocab::error::{Error, Result};
 use crate::vocab::layers::{
     Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, Role, ShardLayer,
 };
-use crate::model::ops::UNetOps;
 
 /// diffusers' `ResnetBlock2D`.
 #[derive(Debug, Clone)]
@@ -607,12 +607,7 @@ impl ResnetBlock {
 }
 
 impl Attention {
-    async fn forward<R: UNetOps>(
-        &self,
-        rt: &mut R,
-        x: &R::Val,
-        ctx: &R::Val,
-    ) -> Result<R::Val> {
+    async fn forward<R: UNetOps>(&self, rt: &mut R, x: &R::Val, ctx: &R::Val) -> Result<R::Val> {
         let q = rt.linear(&self.to_q, x).await?;
         let k = rt.linear(&self.to_k, ctx).await?;
         let v = rt.linear(&self.to_v, ctx).await?;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
-use crate::vocab::error::{Error, Result};
 use crate::model::config::{read_json, VaeConfig};
 use crate::model::weights::WeightFile;
+use crate::vocab::error::{Error, Result};
 
 /// diffusers builds every VAE norm (resnets, attention, `conv_norm_out`) with eps 1e-6.
 const EPS: f64 = 1e-6;

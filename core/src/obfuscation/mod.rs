@@ -11,7 +11,6 @@
 //!   partition depends only on the prompt with its sensitive spans masked; order shuffled with a
 //!   CSPRNG. The real index stays in `CandidateSet` on the device.
 
-
 use std::collections::BTreeSet;
 
 use rand::seq::SliceRandom;

@@ -415,9 +415,9 @@ impl<E: Engine> ShardBackend<E::T> for InProcessBackend<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::engine::CandleEngine;
     use crate::vocab::layers::Conv2dSpec;
     use crate::vocab::precision::Pad;
-    use crate::placement::engine::CandleEngine;
     use candle_core::{Device, Tensor};
 
     fn executor() -> (ShardExecutor<CandleEngine>, Tensor) {

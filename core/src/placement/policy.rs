@@ -1,5 +1,7 @@
 //! Placement policies as data: for each kind of heavy op, where it runs. The U-Net never
-//! branches on the policy; the runtime reads this table.
+//! branches on the policy; the runtime reads this table. A table is validated when it is built
+//! (`Placement::new`), so it cannot express a combination the runtime would silently read as
+//! something else; the claims a policy makes (its halo bound) are read from its table.
 
 use crate::vocab::error::{Error, Result};
 use crate::vocab::layers::Role;
@@ -65,8 +67,13 @@ pub enum AttnPlace {
     SplitQueries,
 }
 
-/// The placement table of one policy.
+/// Halo rows per side a 3×3 convolution on a strip needs beyond the strip.
+pub const STRIP_HALO_ROWS: usize = 1;
+
+/// The placement table of one policy. Built only through `Placement::new` (or a named
+/// `Policy`), which rejects meaningless combinations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Placement {
     pub conv: ConvPlace,
     pub group_norm: GnPlace,
@@ -80,6 +87,67 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// A placement table, checked: work can sit on the servers' strips only where the feature
+    /// map itself is resident there (convolutions on strips), so a table that puts a per-token
+    /// layer, the timestep MLP or GroupNorm on strips without it is refused rather than run on
+    /// the phone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        conv: ConvPlace,
+        group_norm: GnPlace,
+        attention: AttnPlace,
+        attention_layers: LayerPlace,
+        feed_forward: LayerPlace,
+        projection: LayerPlace,
+        time_embedding: LayerPlace,
+    ) -> Result<Self> {
+        let p = Self {
+            conv,
+            group_norm,
+            attention,
+            attention_layers,
+            feed_forward,
+            projection,
+            time_embedding,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Checks the table (see `new`).
+    pub fn validate(&self) -> Result<()> {
+        if self.resident() {
+            return Ok(());
+        }
+        let on_strips = [
+            ("attention layers", self.attention_layers),
+            ("feed-forward", self.feed_forward),
+            ("projections", self.projection),
+            ("timestep embedding", self.time_embedding),
+        ]
+        .into_iter()
+        .find(|(_, place)| *place == LayerPlace::Strips)
+        .map(|(what, _)| what)
+        .or((self.group_norm == GnPlace::Strips).then_some("GroupNorm"));
+        match on_strips {
+            Some(what) => Err(Error::InvalidArgument(format!(
+                "a placement puts {what} on the servers' strips, but its convolutions are not on \
+                 strips, so no strip is resident there"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The halo rows per side a server may receive beyond its strip, where the table confines
+    /// every server to its strip: convolutions and GroupNorm on resident strips, the attention
+    /// core on the phone. None where it does not (row blocks with full K/V, or nothing sent).
+    pub fn halo_bound(&self) -> Option<usize> {
+        let confined = self.conv == ConvPlace::Strips
+            && self.group_norm == GnPlace::Strips
+            && self.attention == AttnPlace::Device;
+        confined.then_some(STRIP_HALO_ROWS)
+    }
+
     /// Where a layer of `role` runs.
     pub fn layer(&self, role: Role) -> LayerPlace {
         match role {
@@ -150,9 +218,10 @@ impl Policy {
         }
     }
 
-    /// Parses a policy name; `gn` applies to policies that split GroupNorm.
+    /// Parses a policy name (the one parser of policy names: the CLI, the SDK and the server
+    /// all go through it); `gn` applies to policies that split GroupNorm.
     pub fn parse(name: &str, gn: GnVariant) -> Result<Self> {
-        match name {
+        match name.trim() {
             "local" => Ok(Policy::Local),
             "ppidm" => Ok(Policy::Ppidm { gn }),
             "strict" => Ok(Policy::Strict),
@@ -176,13 +245,10 @@ impl Policy {
         }
     }
 
-    /// The halo rows per side a server may receive beyond its strip, where the policy claims
-    /// strip confinement.
+    /// The halo rows per side a server may receive beyond its strip, read from the policy's
+    /// table (`Placement::halo_bound`).
     pub fn halo_bound(self) -> Option<usize> {
-        match self {
-            Policy::Strict => Some(1),
-            _ => None,
-        }
+        self.placement().halo_bound()
     }
 }
 
@@ -204,6 +270,85 @@ pub fn partition(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_named_policy_is_a_valid_table() {
+        for p in [
+            Policy::Local,
+            Policy::Ppidm {
+                gn: GnVariant::Paper,
+            },
+            Policy::Ppidm {
+                gn: GnVariant::Exact,
+            },
+            Policy::Strict,
+            Policy::Obfuscated,
+        ] {
+            p.placement().validate().expect(p.name());
+            assert_eq!(
+                Policy::parse(p.name(), GnVariant::Exact)
+                    .map(|q| q.name())
+                    .ok(),
+                Some(p.name())
+            );
+        }
+        assert_eq!(Policy::Strict.halo_bound(), Some(1));
+        assert_eq!(Policy::Local.halo_bound(), None);
+        assert_eq!(
+            Policy::Ppidm {
+                gn: GnVariant::Exact
+            }
+            .halo_bound(),
+            None
+        );
+    }
+
+    #[test]
+    fn strips_without_resident_convolutions_are_refused() {
+        let ok = Placement::new(
+            ConvPlace::SplitRows,
+            GnPlace::SplitRows(GnVariant::Exact),
+            AttnPlace::SplitQueries,
+            LayerPlace::Device,
+            LayerPlace::Device,
+            LayerPlace::Device,
+            LayerPlace::Device,
+        );
+        assert!(ok.is_ok());
+        let ff_on_strips = Placement::new(
+            ConvPlace::SplitRows,
+            GnPlace::SplitRows(GnVariant::Exact),
+            AttnPlace::SplitQueries,
+            LayerPlace::Device,
+            LayerPlace::Strips,
+            LayerPlace::Device,
+            LayerPlace::Device,
+        );
+        let e = ff_on_strips.expect_err("feed-forward on strips without resident strips");
+        assert!(e.to_string().contains("feed-forward"), "{e}");
+        let gn_on_strips = Placement::new(
+            ConvPlace::Device,
+            GnPlace::Strips,
+            AttnPlace::Device,
+            LayerPlace::Device,
+            LayerPlace::Device,
+            LayerPlace::Device,
+            LayerPlace::Device,
+        );
+        assert!(gn_on_strips.is_err());
+        // Strips with the attention core split by queries: meaningful, but not confined.
+        let leaky = Placement::new(
+            ConvPlace::Strips,
+            GnPlace::Strips,
+            AttnPlace::SplitQueries,
+            LayerPlace::Device,
+            LayerPlace::Strips,
+            LayerPlace::Strips,
+            LayerPlace::Strips,
+        )
+        .expect("valid");
+        assert_eq!(leaky.halo_bound(), None);
+    }
 
     #[test]
     fn partition_uneven() {

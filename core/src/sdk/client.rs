@@ -259,7 +259,8 @@ impl Inner {
             .await;
         // Close every session whatever happened: the servers drop our handles at once.
         futures::future::join_all(quic.iter().map(|b| b.close())).await;
-        let generation = result?;
+        let addresses: Vec<String> = quic.iter().map(|b| b.address().to_string()).collect();
+        let generation = result.map_err(|e| VeilError::from_generation(e, &addresses))?;
         let png = image_to_png(&generation.image)?;
         let s = &generation.stats;
         let a = &generation.accounting;

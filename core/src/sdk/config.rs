@@ -129,26 +129,22 @@ pub(crate) struct Validated {
 const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 0..=22;
 
 fn seconds(what: &str, s: f64) -> Result<Duration, VeilError> {
-    Duration::try_from_secs_f64(s)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            VeilError::config(format!(
-                "{what} must be a positive number of seconds, got {s}"
-            ))
-        })
+    crate::vocab::positive_seconds(s).ok_or_else(|| {
+        VeilError::config(format!(
+            "{what} must be a positive number of seconds, got {s}"
+        ))
+    })
 }
 
+/// The SDK's policies: those of `Policy::parse` that run with shard servers alone (the
+/// `obfuscated` policy needs a full-model server and a device U-Net, not offered here yet).
 pub(crate) fn parse_policy(name: &str) -> Result<Policy, VeilError> {
-    match name.trim() {
-        "local" => Ok(Policy::Local),
-        "ppidm" => Ok(Policy::Ppidm {
-            gn: GnVariant::Exact,
-        }),
-        "strict" => Ok(Policy::Strict),
-        other => Err(VeilError::config(format!(
-            "unknown policy `{other}` (expected strict, ppidm or local)"
-        ))),
+    match Policy::parse(name, GnVariant::Exact) {
+        Ok(Policy::Obfuscated) => Err(VeilError::config(
+            "the SDK does not offer the obfuscated policy yet (expected strict, ppidm or local)",
+        )),
+        Ok(p) => Ok(p),
+        Err(e) => Err(VeilError::config(e.to_string())),
     }
 }
 

@@ -2,8 +2,8 @@
 //! change with the code; apps get this small, stable set, one variant per thing they can act
 //! on (fix the config, ship the model, talk to tenant N, retry, show "cancelled").
 
-use crate::vocab::error::Error;
 use crate::transport::TransportError;
+use crate::vocab::error::Error;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum VeilError {
@@ -77,6 +77,22 @@ impl VeilError {
     pub(crate) fn internal(message: impl Into<String>) -> Self {
         VeilError::Internal {
             message: message.into(),
+        }
+    }
+
+    /// Maps an error of a generation whose server `i` is at `addresses[i]`: a server's failure
+    /// names that server's address, not a placeholder.
+    pub(crate) fn from_generation(e: Error, addresses: &[String]) -> Self {
+        match e {
+            Error::Backend { backend, message } => VeilError::ServerFailed {
+                server: index(backend),
+                address: addresses
+                    .get(backend)
+                    .cloned()
+                    .unwrap_or_else(|| "in-process".into()),
+                message,
+            },
+            other => other.into(),
         }
     }
 

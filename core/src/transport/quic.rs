@@ -11,13 +11,13 @@ use async_trait::async_trait;
 use candle_core::{Device, Tensor};
 use quinn::{Connection, ConnectionError, Endpoint, ReadToEndError, VarInt, WriteError};
 
+use crate::transport::servers::ServerSpec;
+use crate::transport::tls::{client_config, Fingerprint, PinnedVerifier, TransportTuning};
+use crate::transport::TransportError;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::job::EarlySteps;
 use crate::vocab::ops::{ShardBackend, ShardReply, ShardRequest};
 use crate::vocab::precision::WireDtype;
-use crate::transport::servers::ServerSpec;
-use crate::transport::tls::{client_config, Fingerprint, PinnedVerifier, TransportTuning};
-use crate::transport::TransportError;
 use crate::wire::codec::{decode, encode, WireError};
 use crate::wire::convert::{early_steps_to_wire, request_to_wire};
 use crate::wire::{Compression, ErrorCode, Limits, Message, ModelId, PROTOCOL_VERSION};

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::vocab::error::{Error, Result};
 use crate::transport::tls::Fingerprint;
+use crate::vocab::error::{Error, Result};
 
 /// One shard server as the client sees it.
 #[derive(Clone, PartialEq, Eq)]

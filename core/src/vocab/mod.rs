@@ -19,3 +19,11 @@ pub mod precision;
 
 /// Protocol version spoken by this build. A server refuses other versions.
 pub const PROTOCOL_VERSION: u16 = 2;
+
+/// A duration of `seconds`, where that is a positive, finite number of seconds (the one rule for
+/// every timeout a user configures: the SDK, the CLI and the server all read it here).
+pub fn positive_seconds(seconds: f64) -> Option<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+}

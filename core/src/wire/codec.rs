@@ -12,11 +12,10 @@ use std::io::Cursor;
 
 use super::{
     Compression, ErrorCode, Limits, Message, WireCall, WireEarlySteps, WireOp, WireOperand,
-    WireTensor,
-    MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
+    WireTensor, MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
 };
-use crate::vocab::job::{MAX_CANDIDATES, MAX_PROMPT_BYTES};
 use crate::placement::engine::{Pad, WireDtype};
+use crate::vocab::job::{MAX_CANDIDATES, MAX_PROMPT_BYTES};
 
 /// The first four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"VEIL";
@@ -512,9 +511,7 @@ fn payload_hint(msg: &Message) -> usize {
             })
             .fold(0usize, usize::saturating_add),
         Message::EarlySteps { job, .. } => {
-            job.noise.data.len()
-                + 64
-                + job.candidates.iter().map(|c| c.len() + 4).sum::<usize>()
+            job.noise.data.len() + 64 + job.candidates.iter().map(|c| c.len() + 4).sum::<usize>()
         }
         Message::Reply { outputs } => outputs
             .iter()

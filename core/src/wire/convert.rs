@@ -8,11 +8,11 @@ use half::{bf16, f16};
 
 use super::codec::{tensor_bytes, WireError};
 use super::{WireCall, WireEarlySteps, WireOp, WireOperand, WireTensor};
-use crate::vocab::error::{Error, Result};
-use crate::vocab::layers::GeluKind;
-use crate::vocab::job::{Accelerations, BatchRedundancy, EarlySteps, SchedulerKind};
 use crate::placement::backend::{Operand, ShardCall, ShardOp, ShardReply, ShardRequest};
 use crate::placement::engine::WireDtype;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::job::{Accelerations, BatchRedundancy, EarlySteps, SchedulerKind};
+use crate::vocab::layers::GeluKind;
 
 fn le_bytes<T, const N: usize>(v: &[T], f: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
     let mut out = vec![0u8; v.len() * N];

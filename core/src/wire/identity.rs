@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::vocab::layers::ShardLayer;
 use crate::model::unet::UNet;
+use crate::vocab::layers::ShardLayer;
 use crate::wire::ModelId;
 
 /// Values hashed per chunk (bounds the temporary byte buffer).

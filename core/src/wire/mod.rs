@@ -11,8 +11,8 @@ pub mod codec;
 pub mod convert;
 pub mod identity;
 
-pub use crate::vocab::PROTOCOL_VERSION;
 use crate::vocab::precision::{Pad, WireDtype};
+pub use crate::vocab::PROTOCOL_VERSION;
 
 /// ALPN of the Veil protocol over QUIC.
 pub const ALPN: &[u8] = b"veil/1";

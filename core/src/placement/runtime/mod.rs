@@ -19,8 +19,6 @@ mod strips;
 mod transfer;
 mod unet_ops;
 
-use crate::vocab::error::{Error, Result};
-use crate::vocab::layers::{Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec};
 use crate::placement::accounting::{flops, Accounting, OpKind, Transfer};
 use crate::placement::audit::{Audit, View, ViewKind};
 use crate::placement::backend::{
@@ -31,6 +29,8 @@ use crate::placement::policy::{
     partition, AttnPlace, ConvPlace, GnPlace, GnVariant, LayerPlace, Placement,
 };
 use crate::placement::value::{Layout, Remote, Value};
+use crate::vocab::error::{Error, Result};
+use crate::vocab::layers::{Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec};
 
 /// Default number of query rows per attention chunk (bounds the [heads, rows, keys] scores).
 pub const DEFAULT_ATTENTION_CHUNK: usize = 1024;
@@ -114,6 +114,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
         backends: &'a [Arc<dyn ShardBackend<E::T>>],
         wire: WireDtype,
     ) -> Result<Self> {
+        placement.validate()?;
         if placement.offloads() && backends.is_empty() {
             return Err(Error::InvalidArgument(
                 "this placement offloads work but no shard backend was given".into(),

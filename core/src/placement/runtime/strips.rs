@@ -16,7 +16,12 @@ impl<'a, E: Engine> Runtime<'a, E> {
         !vals.iter().all(|v| v.as_local().is_some())
     }
 
-    pub(super) fn piece_elems(&self, dims: &[usize], layout: &Layout, server: usize) -> Result<u64> {
+    pub(super) fn piece_elems(
+        &self,
+        dims: &[usize],
+        layout: &Layout,
+        server: usize,
+    ) -> Result<u64> {
         Ok(match layout {
             Layout::Replicated => prod(dims),
             Layout::Rows(ext) => prod(&piece_dims(dims, 2, ext[server].len())),
@@ -159,7 +164,11 @@ impl<'a, E: Engine> Runtime<'a, E> {
         Ok(out)
     }
 
-    pub(super) async fn group_norm_strips(&mut self, g: &GroupNormSpec, x: &Val<E>) -> Result<Val<E>> {
+    pub(super) async fn group_norm_strips(
+        &mut self,
+        g: &GroupNormSpec,
+        x: &Val<E>,
+    ) -> Result<Val<E>> {
         let d = x.dims().to_vec();
         let (id, layout) = self.remote_of(x, &g.name)?;
         let Layout::Rows(ext) = layout else {

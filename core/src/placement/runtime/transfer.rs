@@ -105,7 +105,13 @@ impl<'a, E: Engine> Runtime<'a, E> {
         self.round_trip(kind, layer, outgoing, f).await
     }
 
-    pub(super) fn emit(&mut self, server: usize, op: ShardOp<E::T>, keep: Option<HandleId>, flops: u64) {
+    pub(super) fn emit(
+        &mut self,
+        server: usize,
+        op: ShardOp<E::T>,
+        keep: Option<HandleId>,
+        flops: u64,
+    ) {
         self.pending[server].push(ShardCall {
             op,
             keep_as: keep,
