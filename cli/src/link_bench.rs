@@ -1,5 +1,5 @@
 //! `veil bench link`: a generation (or bulk tensor transfers) over real QUIC shard servers on
-//! loopback, behind the link emulator (`veil_core::transport::link`).
+//! loopback, behind the link emulator (`veil_devtools::link`).
 //!
 //! N `veil-server`s are spawned in this process (fresh certificates and tokens), one *shared*
 //! emulator fronts all of them (the phone's single uplink and downlink), and the client connects
@@ -31,9 +31,9 @@ use veil_core::client::pipeline::{seeded_normal, GenerateOptions, StableDiffusio
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
 use veil_core::placement::{GnVariant, Policy, ShardBackend, WireDtype};
-use veil_core::transport::link::{Direction, LinkEmulator, LinkProfile, LinkStats};
 use veil_core::transport::{compression_for, connect_backends, ClientOptions, QuicBackend};
 use veil_core::wire::identity::model_identity;
+use veil_devtools::link::{Direction, LinkEmulator, LinkProfile, LinkStats};
 use veil_server::{spawn_local, ServerLimits, ShardModel};
 
 #[derive(Args, Debug, Clone)]

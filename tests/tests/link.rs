@@ -1,4 +1,4 @@
-//! The link emulator (`veil_core::transport::link`): it imposes its delay (a ping takes at least
+//! The link emulator (`veil_devtools::link`): it imposes its delay (a ping takes at least
 //! the RTT), its bandwidth (2 MiB through 20 Mbit/s takes ≥ 0.84 s and not much more, also when
 //! two servers share the bottleneck), drops the tail of an overfull queue, stops on drop, and a
 //! generation over real QUIC servers behind it equals the direct one bit for bit.
@@ -13,9 +13,9 @@ use tokio::net::UdpSocket;
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::{GnVariant, Policy, WireDtype};
-use veil_core::transport::link::{Direction, LinkEmulator, LinkProfile, MIN_QUEUE_BYTES};
 use veil_core::transport::{connect_all, ClientOptions};
 use veil_core::wire::identity::model_identity;
+use veil_devtools::link::{Direction, LinkEmulator, LinkProfile, MIN_QUEUE_BYTES};
 use veil_server::{spawn_local, ServerLimits, ShardModel};
 use veil_tests::tiny_model;
 

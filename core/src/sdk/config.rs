@@ -194,7 +194,7 @@ impl VeilConfig {
         let wire: WireDtype = self
             .wire
             .parse()
-            .map_err(|e: crate::Error| VeilError::config(e.to_string()))?;
+            .map_err(|e: crate::vocab::error::Error| VeilError::config(e.to_string()))?;
         if !ZSTD_LEVELS.contains(&self.zstd_level) {
             return Err(VeilError::config(format!(
                 "zstd_level {} is outside 0..=22 (0 = off)",

@@ -5,7 +5,6 @@
 //! - `tls`: the pinned-certificate verifier, rustls/QUIC configs of both ends, transport tuning.
 //! - `quic`: `QuicBackend` (one connection = one session) and `connect_all`.
 
-pub mod link;
 pub mod quic;
 pub mod servers;
 pub mod tls;
