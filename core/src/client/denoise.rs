@@ -105,13 +105,21 @@ impl Conditioning {
     }
 }
 
+/// Reported after every denoising step.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub total: usize,
+    /// The latents after this step.
+    pub latents: &'a Tensor,
+}
+
 /// What the loop reports and asks between steps.
 pub struct LoopHooks<'h> {
     /// Asked before every step: once it answers true the loop stops with `Error::Cancelled`
     /// (a step in flight is finished first, so no server is left mid-request).
     pub cancelled: &'h (dyn Fn() -> bool + Sync),
-    /// Told the step index and the latents after every step.
-    pub after_step: &'h mut (dyn FnMut(usize, &Tensor) + Send),
+    /// Told after every step (`step` counts from 1 over the whole schedule).
+    pub progress: &'h mut (dyn FnMut(Progress<'_>) + Send),
 }
 
 /// What a run of the loop did besides moving the latents.
@@ -137,6 +145,7 @@ pub async fn denoise<E: Engine<T = Tensor>>(
     let mut accounting = rt.take_accounting();
     let mut unet_rows = 0;
     let timesteps = scheduler.timesteps().to_vec();
+    let total = timesteps.len();
     for (i, &t) in timesteps
         .iter()
         .enumerate()
@@ -153,7 +162,11 @@ pub async fn denoise<E: Engine<T = Tensor>>(
         let eps = conditioning.combine(i, out)?;
         latents = scheduler.step(&eps, i, &latents)?;
         accounting.absorb(rt.take_accounting());
-        (hooks.after_step)(i, &latents);
+        (hooks.progress)(Progress {
+            step: i + 1,
+            total,
+            latents: &latents,
+        });
     }
     Ok(LoopReport {
         latents,

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::client::denoise::{denoise, Conditioning, LoopHooks};
+use crate::client::denoise::{denoise, Conditioning, LoopHooks, Progress};
 use crate::client::pipeline::StableDiffusion;
 use crate::client::plan::{account_step, PlanInput};
 use crate::model::scheduler::new_scheduler;
@@ -69,6 +69,7 @@ impl StableDiffusion {
             WireDtype::F32,
         )?
         .with_attention_reuse(gate.map(|g| g as u64));
+        let mut progress = |p: Progress<'_>| observe(p.step - 1, p.latents);
         let run = denoise(
             &self.unet,
             &mut rt,
@@ -78,7 +79,7 @@ impl StableDiffusion {
             &conditioning,
             LoopHooks {
                 cancelled: &|| false,
-                after_step: observe,
+                progress: &mut progress,
             },
         );
         // Under `local` placement with no backends no op ever waits, so this future is ready

@@ -318,13 +318,7 @@ impl StableDiffusion {
             &conditioning,
             LoopHooks {
                 cancelled,
-                after_step: &mut |i, l| {
-                    progress(Progress {
-                        step: i + 1,
-                        total,
-                        latents: l,
-                    })
-                },
+                progress,
             },
         )
         .await

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+pub use crate::client::denoise::Progress;
 use crate::client::denoise::{denoise, Conditioning, LoopHooks};
 use crate::client::hybrid::{ObfuscationOptions, ObfuscationReport};
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
@@ -194,13 +195,7 @@ impl StableDiffusion {
             &conditioning,
             LoopHooks {
                 cancelled,
-                after_step: &mut |i, l| {
-                    progress(Progress {
-                        step: i + 1,
-                        total,
-                        latents: l,
-                    })
-                },
+                progress,
             },
         )
         .await?;
@@ -278,14 +273,6 @@ pub fn seeded_normal(seed: u64, shape: &[usize], device: &Device) -> Result<Tens
         }
     }
     Ok(Tensor::from_vec(v, shape, device)?)
-}
-
-/// Reported after every denoising step.
-pub struct Progress<'a> {
-    pub step: usize,
-    pub total: usize,
-    /// The latents after this step.
-    pub latents: &'a Tensor,
 }
 
 /// What to generate and how.

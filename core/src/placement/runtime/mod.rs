@@ -6,6 +6,15 @@
 //! (GroupNorm statistics, a gather for the attention sub-layers, missing halo rows). The
 //! runtime accounts bytes, round trips and FLOPs, and records every tensor a server receives
 //! in the view audit.
+//!
+//! The runtime in parts, by mechanism:
+//! - `mod.rs`: the runtime's state, its construction, accounting, audit and evaluation capture;
+//! - `unet_ops.rs`: the ops the U-Net calls (`UNetOps`), each placed by the table;
+//! - `transfer.rs`: moving values — gathers, the per-server queue of `strict` calls flushed with
+//!   the next round trip, handles, halo rows;
+//! - `strips.rs`: convolution and GroupNorm on resident strips (`strict`);
+//! - `split.rs`: the row-split convolution of `ppidm`;
+//! - attention reuse (T-GATE) is the `reuse` cache here, offered and read in `unet_ops.rs`.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -13,8 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::try_join_all;
 
-mod ops;
-mod reuse;
+mod split;
 mod strips;
 mod transfer;
 mod unet_ops;
@@ -185,28 +193,8 @@ impl<'a, E: Engine> Runtime<'a, E> {
     pub fn take_audit(&mut self) -> Audit {
         std::mem::replace(&mut self.audit, Audit::new(self.backends.len()))
     }
-    pub fn note_unet_call(&mut self) {
-        self.acct.unet_calls += 1;
-        self.calls += 1;
-    }
     fn call_index(&self) -> u64 {
         self.calls.saturating_sub(1)
-    }
-
-    /// The (rows, columns) of each U-Net level, finest first; strict strips are cut from the
-    /// coarsest level and scaled up, so down- and up-sampling stay inside a strip (plus one
-    /// halo row).
-    pub fn set_pyramid(&mut self, levels: &[(usize, usize)]) -> Result<()> {
-        self.pyramid = levels.to_vec();
-        if self.placement.resident() {
-            for &(h, w) in levels {
-                let strips = self.strips(h)?;
-                for (i, s) in strips.into_iter().enumerate() {
-                    self.audit.strips[i].insert((h, w), s);
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Each server's own rows of an `h`-row map.

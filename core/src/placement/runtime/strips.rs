@@ -4,8 +4,6 @@
 use super::*;
 
 impl<'a, E: Engine> Runtime<'a, E> {
-    // ---- strip ops ---------------------------------------------------------------------
-
     pub(super) fn on_servers(&self, vals: &[&Val<E>]) -> bool {
         if !self.placement.resident() {
             return false;

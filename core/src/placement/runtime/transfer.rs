@@ -4,18 +4,6 @@
 use super::*;
 
 impl<'a, E: Engine> Runtime<'a, E> {
-    // ---- moving values -------------------------------------------------------------------
-
-    /// The phone's copy of `v`, gathering it from the strips if needed (one round trip).
-    pub async fn local(&mut self, v: &Val<E>) -> Result<E::T> {
-        if let Some(t) = v.as_local() {
-            return Ok(t.clone());
-        }
-        let t = self.gather(v, "gather").await?;
-        v.set_local(t.clone());
-        Ok(t)
-    }
-
     pub(super) async fn gather(&mut self, v: &Val<E>, layer: &str) -> Result<E::T> {
         let r = v
             .as_remote()

@@ -1,7 +1,5 @@
-//! The runtime as the U-Net sees it: `UNetOps`, each op delegated to the runtime's own
-//! placement-aware method.
-
-use std::future::Future;
+//! The runtime as the U-Net sees it: `UNetOps`, each op placed by the policy's table — on the
+//! phone, split by rows over the servers (`ppidm`), or on resident strips (`strict`).
 
 use super::*;
 use crate::model::ops::UNetOps;
@@ -10,21 +8,46 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
     type T = E::T;
     type Val = Val<E>;
 
+    /// Wraps a phone tensor as a value.
     fn input(&self, t: E::T) -> Val<E> {
-        Runtime::input(self, t)
+        self.lv(t)
     }
-    fn local(&mut self, v: &Val<E>) -> impl Future<Output = Result<E::T>> + Send {
-        Runtime::local(self, v)
+
+    /// The phone's copy of `v`, gathering it from the strips if needed (one round trip).
+    async fn local(&mut self, v: &Val<E>) -> Result<E::T> {
+        if let Some(t) = v.as_local() {
+            return Ok(t.clone());
+        }
+        let t = self.gather(v, "gather").await?;
+        v.set_local(t.clone());
+        Ok(t)
     }
+
     fn dims(&self, v: &Val<E>) -> Vec<usize> {
-        Runtime::dims(self, v)
+        v.dims().to_vec()
     }
+
     fn note_unet_call(&mut self) {
-        Runtime::note_unet_call(self)
+        self.acct.unet_calls += 1;
+        self.calls += 1;
     }
+
+    /// The (rows, columns) of each U-Net level, finest first; strict strips are cut from the
+    /// coarsest level and scaled up, so down- and up-sampling stay inside a strip (plus one
+    /// halo row).
     fn set_pyramid(&mut self, levels: &[(usize, usize)]) -> Result<()> {
-        Runtime::set_pyramid(self, levels)
+        self.pyramid = levels.to_vec();
+        if self.placement.resident() {
+            for &(h, w) in levels {
+                let strips = self.strips(h)?;
+                for (i, s) in strips.into_iter().enumerate() {
+                    self.audit.strips[i].insert((h, w), s);
+                }
+            }
+        }
+        Ok(())
     }
+
     fn timestep_embedding(
         &mut self,
         t: f64,
@@ -33,96 +56,450 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         flip: bool,
         shift: f64,
     ) -> Result<Val<E>> {
-        Runtime::timestep_embedding(self, t, batch, dim, flip, shift)
+        if self.placement.time_embedding == LayerPlace::Strips && self.placement.resident() {
+            let (out, oid) = self.new_remote(vec![batch, dim], Layout::Replicated);
+            for i in 0..self.backends.len() {
+                self.emit(
+                    i,
+                    ShardOp::TimestepEmbedding {
+                        timestep: t,
+                        batch,
+                        dim,
+                        flip_sin_to_cos: flip,
+                        shift,
+                    },
+                    Some(oid),
+                    0,
+                );
+            }
+            return Ok(out);
+        }
+        let y = self.engine.timestep_embedding(t, batch, dim, flip, shift)?;
+        Ok(self.lv(y))
     }
-    fn conv2d(
-        &mut self,
-        c: &Conv2dSpec,
-        x: &Val<E>,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::conv2d(self, c, x)
+
+    /// A convolution: on the phone, PPICnv (one round trip), or on the resident strips.
+    async fn conv2d(&mut self, c: &Conv2dSpec, x: &Val<E>) -> Result<Val<E>> {
+        match self.placement.conv {
+            ConvPlace::Strips => self.conv_strips(c, x).await,
+            ConvPlace::Device => {
+                let x = self.local(x).await?;
+                let p = c.padding;
+                let sym = Pad {
+                    top: p,
+                    bottom: p,
+                    left: p,
+                    right: p,
+                };
+                let y = self.engine.conv2d(c, &x, sym)?;
+                self.acct.device_flops +=
+                    flops::conv2d(&self.engine.dims(&y), c.in_channels, c.kernel);
+                Ok(self.lv(y))
+            }
+            ConvPlace::SplitRows => {
+                let x = self.local(x).await?;
+                let y = self.conv_split(c, &x).await?;
+                Ok(self.lv(y))
+            }
+        }
     }
-    fn group_norm(
-        &mut self,
-        g: &GroupNormSpec,
-        x: &Val<E>,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::group_norm(self, g, x)
+
+    /// GroupNorm: on the phone, PPIGN, or exact on the strips.
+    async fn group_norm(&mut self, g: &GroupNormSpec, x: &Val<E>) -> Result<Val<E>> {
+        let variant = match self.placement.group_norm {
+            GnPlace::Strips => return self.group_norm_strips(g, x).await,
+            GnPlace::Device => {
+                let x = self.local(x).await?;
+                let d = self.engine.dims(&x);
+                let stats = self.engine.group_norm_stats(g, &x)?;
+                let moments = self.engine.merge_group_stats(&[stats])?;
+                self.acct.device_flops += flops::group_norm_stats(&d) + flops::norm_apply(&d);
+                let y = self.engine.group_norm_apply(g, &x, &moments)?;
+                return Ok(self.lv(y));
+            }
+            GnPlace::SplitRows(v) => v,
+        };
+        let x = self.local(x).await?;
+        let d = self.engine.dims(&x);
+        let h = d[2];
+        self.rows_check(&g.name, h)?;
+        let ranges = partition(h, self.backends.len());
+        let mut outgoing = Vec::new();
+        let mut sflops = Vec::new();
+        for (i, r) in ranges.iter().enumerate() {
+            let block = self.wire(&self.engine.narrow(&x, 2, r.start, r.len())?)?;
+            sflops.push(flops::group_norm_stats(&self.engine.dims(&block)));
+            let view = self.view(
+                i,
+                &g.name,
+                ViewKind::Block,
+                Some((h, d[3])),
+                Some(r.clone()),
+                false,
+                &block,
+            );
+            outgoing.push(Outgoing {
+                calls: vec![ShardCall::reply(ShardOp::GroupNormStats {
+                    layer: g.name.clone(),
+                    input: Operand::Inline(block),
+                })],
+                views: vec![view],
+            });
+        }
+        let stats = Self::one_reply(
+            self.round_trip(OpKind::GroupNorm, &g.name, outgoing, sflops)
+                .await?,
+        )?;
+        self.acct.device_flops += flops::norm_apply(&d);
+        let y = match variant {
+            GnVariant::Exact => {
+                let moments = self.engine.merge_group_stats(&stats)?;
+                self.engine.group_norm_apply(g, &x, &moments)?
+            }
+            GnVariant::Paper => {
+                // Each block normalised with its own statistics, as the paper's PPIGN does.
+                let mut outs = Vec::with_capacity(ranges.len());
+                for (r, s) in ranges.iter().zip(&stats) {
+                    let moments = self.engine.merge_group_stats(std::slice::from_ref(s))?;
+                    let block = self.engine.narrow(&x, 2, r.start, r.len())?;
+                    outs.push(self.engine.group_norm_apply(g, &block, &moments)?);
+                }
+                self.engine.cat(&outs, 2)?
+            }
+        };
+        Ok(self.lv(y))
     }
-    fn linear(
-        &mut self,
-        l: &LinearSpec,
-        x: &Val<E>,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::linear(self, l, x)
+
+    async fn linear(&mut self, l: &LinearSpec, x: &Val<E>) -> Result<Val<E>> {
+        let mut out_dims = x.dims().to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = l.out_features;
+        }
+        if self.placement.layer(l.role) == LayerPlace::Strips && self.placement.resident() {
+            let per = 2 * l.in_features as u64 + 1;
+            let name = l.name.clone();
+            return self.map_remote(x, &l.name, out_dims, per, |input| ShardOp::Linear {
+                layer: name.clone(),
+                input,
+            });
+        }
+        let x = self.local(x).await?;
+        let y = self.engine.linear(l, &x)?;
+        self.acct.device_flops += flops::linear(&self.engine.dims(&y), l.in_features);
+        Ok(self.lv(y))
     }
-    fn layer_norm(
-        &mut self,
-        l: &LayerNormSpec,
-        x: &Val<E>,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::layer_norm(self, l, x)
+
+    async fn layer_norm(&mut self, l: &LayerNormSpec, x: &Val<E>) -> Result<Val<E>> {
+        if self.placement.layer(l.role) == LayerPlace::Strips && self.placement.resident() {
+            let name = l.name.clone();
+            return self.map_remote(x, &l.name, x.dims().to_vec(), 8, |input| {
+                ShardOp::LayerNorm {
+                    layer: name.clone(),
+                    input,
+                }
+            });
+        }
+        let x = self.local(x).await?;
+        let d = self.engine.dims(&x);
+        self.acct.device_flops += flops::group_norm_stats(&d) + flops::norm_apply(&d);
+        let y = self.engine.layer_norm(l, &x)?;
+        Ok(self.lv(y))
     }
-    fn attention(
+
+    /// The attention core (PPIAtt when split: Q rows split, K and V whole to every backend).
+    async fn attention(
         &mut self,
         layer: &str,
         q: &Val<E>,
         k: &Val<E>,
         v: &Val<E>,
         heads: usize,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::attention(self, layer, q, k, v, heads)
+    ) -> Result<Val<E>> {
+        let q = self.local(q).await?;
+        let k = self.local(k).await?;
+        let v = self.local(v).await?;
+        let qd = self.engine.dims(&q);
+        let tk = self.engine.dims(&k)[1];
+        if self.placement.attention == AttnPlace::Device {
+            self.acct.device_flops += flops::attention(&qd, tk, heads);
+            let o = self
+                .engine
+                .attention(&q, &k, &v, heads, self.attention_chunk)?;
+            return Ok(self.lv(o));
+        }
+        self.rows_check(layer, qd[1])?;
+        let (k, v) = (self.wire(&k)?, self.wire(&v)?);
+        // Which rows of which map the tokens index: self-attention keys cover the whole map,
+        // cross-attention keys are indexed by text tokens.
+        let map = self.token_map.filter(|(h, w)| h * w == qd[1]);
+        let self_attn = tk == qd[1];
+        let mut outgoing = Vec::new();
+        let mut sflops = Vec::new();
+        for (i, r) in partition(qd[1], self.backends.len())
+            .into_iter()
+            .enumerate()
+        {
+            let qb = self.wire(&self.engine.narrow(&q, 1, r.start, r.len())?)?;
+            sflops.push(flops::attention(&[qd[0], r.len(), qd[2]], tk, heads));
+            let q_rows = map.map(|(_, w)| r.start / w..r.end.div_ceil(w));
+            let mut views = vec![self.view(i, layer, ViewKind::Query, map, q_rows, false, &qb)];
+            for t in [&k, &v] {
+                views.push(if self_attn {
+                    self.view(
+                        i,
+                        layer,
+                        ViewKind::KeyValue,
+                        map,
+                        map.map(|(h, _)| 0..h),
+                        false,
+                        t,
+                    )
+                } else {
+                    self.view(i, layer, ViewKind::TextKeyValue, None, None, true, t)
+                });
+            }
+            outgoing.push(Outgoing {
+                calls: vec![ShardCall::reply(ShardOp::Attention {
+                    q: Operand::Inline(qb),
+                    k: Operand::Inline(k.clone()),
+                    v: Operand::Inline(v.clone()),
+                    heads,
+                })],
+                views,
+            });
+        }
+        let parts = Self::one_reply(
+            self.round_trip(OpKind::Attention, layer, outgoing, sflops)
+                .await?,
+        )?;
+        let o = self.engine.cat(&parts, 1)?;
+        Ok(self.lv(o))
     }
-    fn silu(&mut self, x: &Val<E>) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::silu(self, x)
+
+    async fn silu(&mut self, x: &Val<E>) -> Result<Val<E>> {
+        if self.on_servers(&[x]) {
+            return self.map_remote(x, "silu", x.dims().to_vec(), 4, |input| ShardOp::Silu {
+                input,
+            });
+        }
+        let x = self.local(x).await?;
+        self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 4);
+        let y = self.engine.silu(&x)?;
+        Ok(self.lv(y))
     }
-    fn geglu(&mut self, x: &Val<E>, kind: GeluKind) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::geglu(self, x, kind)
+
+    async fn geglu(&mut self, x: &Val<E>, kind: GeluKind) -> Result<Val<E>> {
+        if self.on_servers(&[x]) {
+            let mut d = x.dims().to_vec();
+            if let Some(l) = d.last_mut() {
+                *l /= 2;
+            }
+            return self.map_remote(x, "geglu", d, 8, |input| ShardOp::Geglu { input, kind });
+        }
+        let x = self.local(x).await?;
+        self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 4);
+        let y = self.engine.geglu(&x, kind)?;
+        Ok(self.lv(y))
     }
-    fn scale(&mut self, x: &Val<E>, f: f64) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::scale(self, x, f)
+
+    async fn scale(&mut self, x: &Val<E>, f: f64) -> Result<Val<E>> {
+        if self.on_servers(&[x]) {
+            return self.map_remote(x, "scale", x.dims().to_vec(), 1, |input| ShardOp::Scale {
+                input,
+                factor: f,
+            });
+        }
+        let x = self.local(x).await?;
+        self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 1);
+        let y = self.engine.scale(&x, f)?;
+        Ok(self.lv(y))
     }
-    fn add(&mut self, a: &Val<E>, b: &Val<E>) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::add(self, a, b)
+
+    async fn add(&mut self, a: &Val<E>, b: &Val<E>) -> Result<Val<E>> {
+        if self.on_servers(&[a, b]) {
+            let (layout, ops) = self.align2(a, b, "add")?;
+            let d = a.dims().to_vec();
+            let (out, oid) = self.new_remote(d.clone(), layout.clone());
+            for (i, (oa, ob)) in ops.into_iter().enumerate() {
+                let f = self.piece_elems(&d, &layout, i)?;
+                self.emit(i, ShardOp::Add { a: oa, b: ob }, Some(oid), f);
+            }
+            return Ok(out);
+        }
+        let a = self.local(a).await?;
+        let b = self.local(b).await?;
+        self.acct.device_flops += flops::elementwise(&self.engine.dims(&a), 1);
+        let y = self.engine.add(&a, &b)?;
+        Ok(self.lv(y))
     }
-    fn add_channel_bias(
-        &mut self,
-        x: &Val<E>,
-        e: &Val<E>,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::add_channel_bias(self, x, e)
+
+    async fn add_channel_bias(&mut self, x: &Val<E>, e: &Val<E>) -> Result<Val<E>> {
+        if self.on_servers(&[x, e]) {
+            let (ie, _) = self.remote_of(e, "channel bias")?;
+            let d = x.dims().to_vec();
+            return self.map_remote(x, "channel bias", d, 1, |input| ShardOp::AddChannelBias {
+                input,
+                bias: Operand::Handle(ie),
+            });
+        }
+        let x = self.local(x).await?;
+        let e = self.local(e).await?;
+        self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 1);
+        let y = self.engine.add_channel_bias(&x, &e)?;
+        Ok(self.lv(y))
     }
-    fn cat(&mut self, xs: &[Val<E>], dim: usize) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::cat(self, xs, dim)
+
+    async fn cat(&mut self, xs: &[Val<E>], dim: usize) -> Result<Val<E>> {
+        let refs: Vec<&Val<E>> = xs.iter().collect();
+        if self.on_servers(&refs) && dim == 1 && xs.len() == 2 && xs[0].dims().len() == 4 {
+            let (layout, ops) = self.align2(&xs[0], &xs[1], "cat")?;
+            let mut d = xs[0].dims().to_vec();
+            d[1] += xs[1].dims()[1];
+            let (out, oid) = self.new_remote(d, layout);
+            for (i, (oa, ob)) in ops.into_iter().enumerate() {
+                self.emit(
+                    i,
+                    ShardOp::Cat {
+                        inputs: vec![oa, ob],
+                        dim: 1,
+                    },
+                    Some(oid),
+                    0,
+                );
+            }
+            return Ok(out);
+        }
+        let mut ts = Vec::with_capacity(xs.len());
+        for x in xs {
+            ts.push(self.local(x).await?);
+        }
+        let y = self.engine.cat(&ts, dim)?;
+        Ok(self.lv(y))
     }
-    fn upsample_nearest(
-        &mut self,
-        x: &Val<E>,
-        h: usize,
-        w: usize,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::upsample_nearest(self, x, h, w)
+
+    async fn upsample_nearest(&mut self, x: &Val<E>, h: usize, w: usize) -> Result<Val<E>> {
+        if self.on_servers(&[x]) && x.dims().len() == 4 {
+            let d = x.dims().to_vec();
+            let src_h = d[2];
+            let own = self.strips(h)?;
+            let need: Vec<Range<usize>> = own
+                .iter()
+                .map(|r| {
+                    upsample_source_row(r.start, src_h, h)
+                        ..upsample_source_row(r.end - 1, src_h, h) + 1
+                })
+                .collect();
+            let (xv, id, ext) = self.ensure_rows(x, "upsample", &need).await?;
+            let out_dims = vec![d[0], d[1], h, w];
+            let (out, oid) = self.new_remote(out_dims.clone(), Layout::Rows(own.clone()));
+            for i in 0..self.backends.len() {
+                self.emit(
+                    i,
+                    ShardOp::UpsampleRows {
+                        input: Operand::Handle(id),
+                        src_first: ext[i].start,
+                        src_h,
+                        dst_h: h,
+                        dst_first: own[i].start,
+                        dst_len: own[i].len(),
+                        dst_w: w,
+                    },
+                    Some(oid),
+                    0,
+                );
+            }
+            drop(xv);
+            return Ok(out);
+        }
+        let x = self.local(x).await?;
+        let y = self.engine.upsample_nearest(&x, h, w)?;
+        Ok(self.lv(y))
     }
-    fn to_tokens(&mut self, x: &Val<E>) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::to_tokens(self, x)
+
+    async fn to_tokens(&mut self, x: &Val<E>) -> Result<Val<E>> {
+        let d = x.dims().to_vec();
+        if d.len() == 4 {
+            self.token_map = Some((d[2], d[3]));
+        }
+        if self.on_servers(&[x]) && d.len() == 4 {
+            let (id, layout) = self.remote_of(x, "to_tokens")?;
+            let Layout::Rows(ext) = layout else {
+                return Err(internal("to_tokens of a non-spatial value"));
+            };
+            let own = self.strips(d[2])?;
+            let row = prod(&piece_dims(&d, 2, 1));
+            let (out, oid) = self.new_remote(
+                vec![d[0], d[2] * d[3], d[1]],
+                Layout::Tokens { h: d[2], w: d[3] },
+            );
+            for i in 0..self.backends.len() {
+                let input = self.rows_operand(i, id, &ext[i], &own[i], row)?;
+                self.emit(i, ShardOp::ToTokens { input }, Some(oid), 0);
+            }
+            return Ok(out);
+        }
+        let x = self.local(x).await?;
+        let y = self.engine.to_tokens(&x)?;
+        Ok(self.lv(y))
     }
-    fn to_spatial(
-        &mut self,
-        x: &Val<E>,
-        h: usize,
-        w: usize,
-    ) -> impl Future<Output = Result<Val<E>>> + Send {
-        Runtime::to_spatial(self, x, h, w)
+
+    async fn to_spatial(&mut self, x: &Val<E>, h: usize, w: usize) -> Result<Val<E>> {
+        if self.on_servers(&[x]) {
+            let (id, layout) = self.remote_of(x, "to_spatial")?;
+            if layout != (Layout::Tokens { h, w }) {
+                return Err(internal(format!("to_spatial {h}x{w} of {layout:?}")));
+            }
+            let d = x.dims().to_vec();
+            let own = self.strips(h)?;
+            let (out, oid) = self.new_remote(vec![d[0], d[2], h, w], Layout::Rows(own.clone()));
+            for (i, r) in own.iter().enumerate() {
+                self.emit(
+                    i,
+                    ShardOp::ToSpatial {
+                        input: Operand::Handle(id),
+                        h: r.len(),
+                        w,
+                    },
+                    Some(oid),
+                    0,
+                );
+            }
+            return Ok(out);
+        }
+        let x = self.local(x).await?;
+        let y = self.engine.to_spatial(&x, h, w)?;
+        Ok(self.lv(y))
     }
+
+    /// The cached attention delta of transformer block `block`, when this call reuses it.
     fn reused_attention(&self, block: &str) -> Option<Val<E>> {
-        Runtime::reused_attention(self, block)
+        let r = self.reuse.as_ref()?;
+        if self.call_index() < r.from_call {
+            return None;
+        }
+        r.deltas.get(block).cloned()
     }
-    fn offer_attention(
+
+    /// Offers a block's attention result: at the last call before the gate, the delta
+    /// `after − before` is kept (computed on the phone, which holds both).
+    async fn offer_attention(
         &mut self,
         block: &str,
         before: &Val<E>,
         after: &Val<E>,
-    ) -> impl Future<Output = Result<()>> + Send {
-        Runtime::offer_attention(self, block, before, after)
+    ) -> Result<()> {
+        let gate = match &self.reuse {
+            Some(r) if r.from_call == self.call_index() + 1 => r.from_call,
+            _ => return Ok(()),
+        };
+        let b = self.local(before).await?;
+        let a = self.local(after).await?;
+        let delta = self.engine.add(&a, &self.engine.scale(&b, -1.0)?)?;
+        self.acct.device_flops += flops::elementwise(&self.engine.dims(&a), 2);
+        let v = self.lv(delta);
+        if let Some(r) = self.reuse.as_mut().filter(|r| r.from_call == gate) {
+            r.deltas.insert(block.to_string(), v);
+        }
+        Ok(())
     }
 }
