@@ -183,7 +183,7 @@ pub enum Policy {
     Strict,
     /// ObCLIP: one server runs the first k steps of K candidate prompts that differ only in
     /// their sensitive attributes; the phone finishes its own with a device U-Net. Each U-Net
-    /// call runs whole on one party (see `obfuscation::hybrid`).
+    /// call runs whole on one party (see `client::hybrid`).
     Obfuscated,
 }
 
