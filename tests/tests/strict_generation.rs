@@ -275,7 +275,6 @@ async fn reducers_are_measured() {
         steps,
         wire,
         attention_reuse_from: gate,
-        capture_from_step: None,
         ..opts(policy)
     };
     let local = run(sd, &with(Policy::Local, WireDtype::F32, None), &[]).await;

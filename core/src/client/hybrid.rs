@@ -188,6 +188,7 @@ impl StableDiffusion {
             latents,
             accounting: acct,
             audit: exchange.audit,
+            #[cfg(feature = "eval-capture")]
             captured: Vec::new(),
             stats,
             obfuscation: Some(ObfuscationReport {

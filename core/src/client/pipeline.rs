@@ -22,7 +22,7 @@ use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 use crate::model::weights::WeightFile;
 use crate::placement::accounting::Accounting;
-use crate::placement::audit::{Audit, View};
+use crate::placement::audit::Audit;
 use crate::placement::backend::{InProcessBackend, ShardBackend};
 use crate::placement::engine::{CandleEngine, WireDtype};
 use crate::placement::policy::Policy;
@@ -177,14 +177,16 @@ impl StableDiffusion {
         let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
         let latents = (self.initial_noise(opts, h, w)? * scheduler.init_noise_sigma())?;
         let conditioning = self.text_conditioning(opts)?;
-        let mut rt = Runtime::new(
+        let rt = Runtime::new(
             &self.unet_engine,
             opts.policy.placement(),
             backends,
             opts.wire,
         )?
-        .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64))
-        .with_capture(opts.capture_from_step.map(|s| s as u64));
+        .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64));
+        #[cfg(feature = "eval-capture")]
+        let rt = rt.with_capture(opts.capture_from_step.map(|s| s as u64));
+        let mut rt = rt;
         let total = scheduler.timesteps().len();
         let report = denoise(
             &self.unet,
@@ -206,6 +208,7 @@ impl StableDiffusion {
             latents: report.latents,
             accounting: report.accounting,
             audit: rt.take_audit(),
+            #[cfg(feature = "eval-capture")]
             captured: rt.take_captured(),
             stats,
             obfuscation: None,
@@ -294,6 +297,7 @@ pub struct GenerateOptions {
     pub attention_reuse_from: Option<usize>,
     /// Evaluation only: from this step on, keep every tensor the servers receive
     /// (`Generation::captured`).
+    #[cfg(feature = "eval-capture")]
     pub capture_from_step: Option<usize>,
     /// The `obfuscated` policy's settings (ignored by the other policies).
     pub obfuscation: ObfuscationOptions,
@@ -314,6 +318,7 @@ impl Default for GenerateOptions {
             policy: Policy::Local,
             wire: WireDtype::F32,
             attention_reuse_from: None,
+            #[cfg(feature = "eval-capture")]
             capture_from_step: None,
             obfuscation: ObfuscationOptions::default(),
         }
@@ -377,7 +382,8 @@ pub struct Generation {
     pub audit: Audit,
     /// With `capture_from_step`: each tensor a server received from that step on, with its
     /// view, in send order.
-    pub captured: Vec<(View, Tensor)>,
+    #[cfg(feature = "eval-capture")]
+    pub captured: Vec<(crate::placement::audit::View, Tensor)>,
     pub stats: RunStats,
     /// What an `obfuscated` generation sent (None for the other policies).
     pub obfuscation: Option<ObfuscationReport>,

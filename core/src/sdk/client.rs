@@ -222,8 +222,8 @@ impl Inner {
             policy: self.config.policy,
             wire: self.config.wire,
             attention_reuse_from: o.reuse_attention_from.map(|s| s as usize),
-            capture_from_step: None,
-            obfuscation: Default::default(),
+            // The SDK runs the split policies only: no obfuscation settings.
+            ..Default::default()
         })
     }
 

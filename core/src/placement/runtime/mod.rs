@@ -95,7 +95,9 @@ pub struct Runtime<'a, E: Engine> {
     reuse: Option<AttentionReuse<E::T>>,
     /// From this U-Net call on, keep every tensor a server receives next to its view (the
     /// evaluation's attacks read what a server saw; off in normal runs).
+    #[cfg(feature = "eval-capture")]
     capture_from: Option<u64>,
+    #[cfg(feature = "eval-capture")]
     captured: Vec<(View, E::T)>,
 }
 
@@ -146,19 +148,23 @@ impl<'a, E: Engine> Runtime<'a, E> {
             released: Arc::new(Mutex::new(Vec::new())),
             token_map: None,
             reuse: None,
+            #[cfg(feature = "eval-capture")]
             capture_from: None,
+            #[cfg(feature = "eval-capture")]
             captured: Vec::new(),
         })
     }
 
     /// Keeps a copy of every tensor sent to a server from U-Net call `from_call` on, with its
     /// view (`take_captured`). For evaluation: an attacker's input is exactly these tensors.
+    #[cfg(feature = "eval-capture")]
     pub fn with_capture(mut self, from_call: Option<u64>) -> Self {
         self.capture_from = from_call;
         self
     }
 
     /// The captured (view, tensor) pairs so far, in send order.
+    #[cfg(feature = "eval-capture")]
     pub fn take_captured(&mut self) -> Vec<(View, E::T)> {
         std::mem::take(&mut self.captured)
     }
@@ -276,6 +282,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
             text_indexed,
             bytes: self.bytes(t),
         };
+        #[cfg(feature = "eval-capture")]
         if self.capture_from.is_some_and(|from| view.call >= from) {
             self.captured.push((view.clone(), t.clone()));
         }
