@@ -582,6 +582,10 @@ async fn serve_stream(
             bump(&ctx.stats.replies);
             m
         }
+        Ok(Err(veil_core::Error::Internal(e))) => {
+            tracing::error!(%remote, "internal error: {e}");
+            error_msg(ErrorCode::Internal, e)
+        }
         Ok(Err(e)) => {
             bump(&ctx.stats.bad_requests);
             tracing::debug!(%remote, "bad request: {e}");

@@ -89,7 +89,7 @@ impl<E: Engine> ShardExecutor<E> {
             Operand::Handle(h) => self
                 .handles
                 .lock()
-                .map_err(|_| Error::InvalidArgument("handle table poisoned".into()))?
+                .map_err(|_| Error::Internal("handle table poisoned".into()))?
                 .get(h)
                 .cloned()
                 .ok_or_else(|| Error::InvalidArgument(format!("unknown tensor handle {h}"))),
@@ -235,7 +235,7 @@ impl<E: Engine> ShardExecutor<E> {
                 }
                 _ => return Err(bad(format!("`{layer}` is not a linear layer"))),
             },
-            _ => return Err(bad("not a layer op".into())),
+            _ => return Err(Error::Internal("not a layer op".into())),
         })
     }
 
@@ -317,7 +317,7 @@ impl<E: Engine> ShardExecutor<E> {
                 }
                 self.engine.to_spatial(&x, *h, *w)?
             }
-            _ => return Err(bad("not a shape op".into())),
+            _ => return Err(Error::Internal("not a shape op".into())),
         })
     }
 
@@ -352,7 +352,7 @@ impl<E: Engine> ShardExecutor<E> {
                 let mut table = self
                     .handles
                     .lock()
-                    .map_err(|_| Error::InvalidArgument("handle table poisoned".into()))?;
+                    .map_err(|_| Error::Internal("handle table poisoned".into()))?;
                 if table.len() >= self.max_handles && !table.contains_key(&h) {
                     return Err(Error::InvalidArgument(format!(
                         "session holds {} tensors, the limit",
