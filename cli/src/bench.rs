@@ -522,6 +522,25 @@ fn time_forward<E: Engine<T = Tensor>>(
 }
 
 fn bench_unet(a: UnetArgs) -> Result<()> {
+    let policy = unet_policy(&a)?;
+    let (m, engine) = UnetModel::prepare(&a)?;
+    let backend_count = if policy.needs_backends() {
+        a.servers
+    } else {
+        0
+    };
+    let stats: Arc<Mutex<HashMap<String, OpStat>>> = Arc::default();
+    let timings = time_unet(&a, &m, engine, policy, backend_count, &stats)?;
+    let r = UnetReport::new(&a, &m, policy, backend_count, timings, &stats);
+    if a.json {
+        return r.print_json();
+    }
+    r.print_table();
+    Ok(())
+}
+
+/// Checks `--runs` and parses the policy (and its server count) of `veil bench unet`.
+fn unet_policy(a: &UnetArgs) -> Result<Policy> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -533,46 +552,86 @@ fn bench_unet(a: UnetArgs) -> Result<()> {
             policy.name()
         );
     }
-    let cfg: UNetConfig =
-        read_json(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
-    let unet = UNet::new(&cfg)?;
-    let (lh, lw) = (a.latent, a.latent_width.unwrap_or(a.latent));
-    let n_blocks = cfg.block_out_channels.len();
-    let ctx_dim = cfg
-        .cross_attention_dim
-        .get(0, n_blocks, "cross_attention_dim")?;
-    let device = Device::Cpu;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(policy)
+}
 
-    let t0 = Instant::now();
-    let (weights, params) = random_weights(&unet, a.seed, threads, &device)?;
-    let weights_seconds = t0.elapsed().as_secs_f64();
-    let rss_after_weights = proc_status_mib("VmRSS:");
-    let sample = normal_tensor(
-        &[a.batch, cfg.in_channels, lh, lw],
-        splitmix64(a.seed ^ 0x5A5A),
-        0.0,
-        1.0,
-        1,
-        &device,
-    )?;
-    let context = normal_tensor(
-        &[a.batch, a.context_len, ctx_dim],
-        splitmix64(a.seed ^ 0xC0C0),
-        0.0,
-        1.0,
-        1,
-        &device,
-    )?;
-    let engine = CandleEngine::new(weights, device);
+/// The U-Net under test, its seeded inputs, and what generating its weights cost.
+struct UnetModel {
+    unet: UNet,
+    sample: Tensor,
+    context: Tensor,
+    lh: usize,
+    lw: usize,
+    ctx_dim: usize,
+    params: usize,
+    weights_seconds: f64,
+    rss_after_weights: Option<f64>,
+}
 
-    let backend_count = if policy.needs_backends() {
-        a.servers
-    } else {
-        0
-    };
-    let stats: Arc<Mutex<HashMap<String, OpStat>>> = Arc::default();
-    let timings = if a.profile {
+impl UnetModel {
+    /// Reads the config, generates the random weights (timed, with the RSS after them) and
+    /// the seeded sample and context; the weights come back as the engine to time.
+    fn prepare(a: &UnetArgs) -> Result<(Self, CandleEngine)> {
+        let cfg: UNetConfig =
+            read_json(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
+        let unet = UNet::new(&cfg)?;
+        let (lh, lw) = (a.latent, a.latent_width.unwrap_or(a.latent));
+        let n_blocks = cfg.block_out_channels.len();
+        let ctx_dim = cfg
+            .cross_attention_dim
+            .get(0, n_blocks, "cross_attention_dim")?;
+        let device = Device::Cpu;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+        let t0 = Instant::now();
+        let (weights, params) = random_weights(&unet, a.seed, threads, &device)?;
+        let weights_seconds = t0.elapsed().as_secs_f64();
+        let rss_after_weights = proc_status_mib("VmRSS:");
+        let sample = normal_tensor(
+            &[a.batch, cfg.in_channels, lh, lw],
+            splitmix64(a.seed ^ 0x5A5A),
+            0.0,
+            1.0,
+            1,
+            &device,
+        )?;
+        let context = normal_tensor(
+            &[a.batch, a.context_len, ctx_dim],
+            splitmix64(a.seed ^ 0xC0C0),
+            0.0,
+            1.0,
+            1,
+            &device,
+        )?;
+        let engine = CandleEngine::new(weights, device);
+        let m = Self {
+            unet,
+            sample,
+            context,
+            lh,
+            lw,
+            ctx_dim,
+            params,
+            weights_seconds,
+            rss_after_weights,
+        };
+        Ok((m, engine))
+    }
+}
+
+/// Times the forward passes on `engine` (wrapped in the per-op timing layer under
+/// `--profile`, its table cleared after the warm-up), with `backend_count` in-process shard
+/// backends over the same engine.
+fn time_unet(
+    a: &UnetArgs,
+    m: &UnetModel,
+    engine: CandleEngine,
+    policy: Policy,
+    backend_count: usize,
+    stats: &Arc<Mutex<HashMap<String, OpStat>>>,
+) -> Result<Timings> {
+    let unet = &m.unet;
+    if a.profile {
         let p = Profiled {
             inner: engine,
             stats: stats.clone(),
@@ -588,7 +647,9 @@ fn bench_unet(a: UnetArgs) -> Result<()> {
                 m.clear();
             }
         };
-        time_forward(&unet, &p, policy, &backends, &sample, &context, &a, &reset)?
+        time_forward(
+            unet, &p, policy, &backends, &m.sample, &m.context, a, &reset,
+        )
     } else {
         let backends: Vec<Arc<dyn ShardBackend<Tensor>>> = (0..backend_count)
             .map(|_| {
@@ -597,35 +658,80 @@ fn bench_unet(a: UnetArgs) -> Result<()> {
             })
             .collect();
         time_forward(
-            &unet,
+            unet,
             &engine,
             policy,
             &backends,
-            &sample,
-            &context,
-            &a,
+            &m.sample,
+            &m.context,
+            a,
             &|| {},
-        )?
-    };
-    let peak = proc_status_mib("VmHWM:");
-    let med = median(&timings.seconds);
-    let min = timings
-        .seconds
-        .iter()
-        .copied()
-        .fold(f64::INFINITY, f64::min);
-    let gflops = timings.gflop_per_call / med;
+        )
+    }
+}
 
-    let mut profile: Vec<(String, OpStat)> = stats
-        .lock()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
-        .unwrap_or_default();
-    profile.sort_by_key(|p| std::cmp::Reverse(p.1.total));
-    let profiled_total: f64 = profile.iter().map(|(_, s)| s.total.as_secs_f64()).sum();
-    let runs = a.runs as f64;
+/// Everything `veil bench unet` prints: the run's settings, the timings and their summary
+/// (median, min, GFLOP/s, peak RSS) and the per-op profile (empty without `--profile`).
+struct UnetReport<'a> {
+    a: &'a UnetArgs,
+    m: &'a UnetModel,
+    policy: Policy,
+    backend_count: usize,
+    timings: Timings,
+    peak: Option<f64>,
+    med: f64,
+    min: f64,
+    gflops: f64,
+    profile: Vec<(String, OpStat)>,
+    profiled_total: f64,
+}
 
-    if a.json {
-        let ops: Vec<serde_json::Value> = profile
+impl<'a> UnetReport<'a> {
+    /// Summarises the timings; reads the peak RSS first, right after the timed calls.
+    fn new(
+        a: &'a UnetArgs,
+        m: &'a UnetModel,
+        policy: Policy,
+        backend_count: usize,
+        timings: Timings,
+        stats: &Mutex<HashMap<String, OpStat>>,
+    ) -> Self {
+        let peak = proc_status_mib("VmHWM:");
+        let med = median(&timings.seconds);
+        let min = timings
+            .seconds
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let gflops = timings.gflop_per_call / med;
+
+        let mut profile: Vec<(String, OpStat)> = stats
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        profile.sort_by_key(|p| std::cmp::Reverse(p.1.total));
+        let profiled_total: f64 = profile.iter().map(|(_, s)| s.total.as_secs_f64()).sum();
+        Self {
+            a,
+            m,
+            policy,
+            backend_count,
+            timings,
+            peak,
+            med,
+            min,
+            gflops,
+            profile,
+            profiled_total,
+        }
+    }
+
+    /// `--json`: one pretty-printed object.
+    fn print_json(&self) -> Result<()> {
+        let (a, m, timings) = (self.a, self.m, &self.timings);
+        let runs = a.runs as f64;
+        let ops: Vec<serde_json::Value> = self
+            .profile
             .iter()
             .map(|(k, s)| {
                 serde_json::json!({
@@ -637,78 +743,91 @@ fn bench_unet(a: UnetArgs) -> Result<()> {
             .collect();
         let v = serde_json::json!({
             "config": a.config.display().to_string(),
-            "policy": policy.name(),
-            "servers": backend_count,
+            "policy": self.policy.name(),
+            "servers": self.backend_count,
             "batch": a.batch,
-            "latent": [lh, lw],
-            "context": [a.batch, a.context_len, ctx_dim],
+            "latent": [m.lh, m.lw],
+            "context": [a.batch, a.context_len, m.ctx_dim],
             "timestep": a.timestep,
-            "params": params,
+            "params": m.params,
             "runs": a.runs,
             "warmup": a.warmup,
-            "seconds_median": med,
-            "seconds_min": min,
+            "seconds_median": self.med,
+            "seconds_min": self.min,
             "seconds_all": timings.seconds,
             "gflop_per_call": timings.gflop_per_call,
-            "gflop_per_second": gflops,
+            "gflop_per_second": self.gflops,
             "round_trips_per_call": timings.round_trips_per_call,
-            "peak_rss_mib": peak,
-            "rss_after_weights_mib": rss_after_weights,
-            "weights_mib": params as f64 * 4.0 / 1048576.0,
-            "weights_seconds": weights_seconds,
+            "peak_rss_mib": self.peak,
+            "rss_after_weights_mib": m.rss_after_weights,
+            "weights_mib": m.params as f64 * 4.0 / 1048576.0,
+            "weights_seconds": m.weights_seconds,
             "out_std": timings.out_std,
             "candle_threads": candle_core::utils::get_num_threads(),
             "dtype": "f32",
             "profile": ops,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        Ok(())
     }
 
-    let fmt_mib = |m: Option<f64>| m.map_or_else(|| "n/a".to_string(), |m| format!("{m:.0}"));
-    println!(
-        "{:<40} {:>6} {:>3} {:>5} {:>9} {:>10} {:>10} {:>9} {:>12}",
-        "config",
-        "policy",
-        "srv",
-        "batch",
-        "latent",
-        "median_s",
-        "min_s",
-        "GFLOP/s",
-        "peak_rss_MiB"
-    );
-    println!(
-        "{:<40} {:>6} {:>3} {:>5} {:>9} {:>10.3} {:>10.3} {:>9.1} {:>12}",
-        a.config.display().to_string(),
-        policy.name(),
-        backend_count,
-        a.batch,
-        format!("{lh}x{lw}"),
-        med,
-        min,
-        gflops,
-        fmt_mib(peak)
-    );
-    println!(
-        "params {params} ({:.0} MiB f32, generated in {weights_seconds:.1} s, RSS after weights {} MiB); \
-         {:.1} GFLOP/call; {} round trips/call; out std {:.4}; {} runs after {} warm-up; candle threads {}",
-        params as f64 * 4.0 / 1048576.0,
-        fmt_mib(rss_after_weights),
-        timings.gflop_per_call,
-        timings.round_trips_per_call,
-        timings.out_std,
-        a.runs,
-        a.warmup,
-        candle_core::utils::get_num_threads()
-    );
-    if a.profile {
+    /// The default output: a one-row table, a line of details, and the per-op table under
+    /// `--profile`.
+    fn print_table(&self) {
+        let (a, m, timings) = (self.a, self.m, &self.timings);
+        let (lh, lw, params, weights_seconds) = (m.lh, m.lw, m.params, m.weights_seconds);
+        let fmt_mib = |m: Option<f64>| m.map_or_else(|| "n/a".to_string(), |m| format!("{m:.0}"));
+        println!(
+            "{:<40} {:>6} {:>3} {:>5} {:>9} {:>10} {:>10} {:>9} {:>12}",
+            "config",
+            "policy",
+            "srv",
+            "batch",
+            "latent",
+            "median_s",
+            "min_s",
+            "GFLOP/s",
+            "peak_rss_MiB"
+        );
+        println!(
+            "{:<40} {:>6} {:>3} {:>5} {:>9} {:>10.3} {:>10.3} {:>9.1} {:>12}",
+            a.config.display().to_string(),
+            self.policy.name(),
+            self.backend_count,
+            a.batch,
+            format!("{lh}x{lw}"),
+            self.med,
+            self.min,
+            self.gflops,
+            fmt_mib(self.peak)
+        );
+        println!(
+            "params {params} ({:.0} MiB f32, generated in {weights_seconds:.1} s, RSS after weights {} MiB); \
+             {:.1} GFLOP/call; {} round trips/call; out std {:.4}; {} runs after {} warm-up; candle threads {}",
+            params as f64 * 4.0 / 1048576.0,
+            fmt_mib(m.rss_after_weights),
+            timings.gflop_per_call,
+            timings.round_trips_per_call,
+            timings.out_std,
+            a.runs,
+            a.warmup,
+            candle_core::utils::get_num_threads()
+        );
+        if a.profile {
+            self.print_profile();
+        }
+    }
+
+    /// `--profile`: seconds, share and calls per op kind, per forward pass.
+    fn print_profile(&self) {
+        let runs = self.a.runs as f64;
+        let profiled_total = self.profiled_total;
         println!();
         println!(
             "{:<44} {:>12} {:>7} {:>10}",
             "op (per forward)", "seconds", "share", "calls"
         );
-        for (k, s) in &profile {
+        for (k, s) in &self.profile {
             let sec = s.total.as_secs_f64() / runs;
             println!(
                 "{:<44} {:>12.4} {:>6.1}% {:>10.1}",
@@ -720,7 +839,6 @@ fn bench_unet(a: UnetArgs) -> Result<()> {
         }
         println!("{:<44} {:>12.4}", "sum of ops", profiled_total / runs);
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -272,10 +272,6 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         .with_context(|| format!("creating {}", a.figures.display()))?;
     let data = Dataset::new(a.seed, side);
     let held: Vec<String> = (0..a.prompts as u64).map(|i| data.held_out(i).1).collect();
-    let strict = Policy::Strict;
-    let ppidm = Policy::Ppidm {
-        gn: GnVariant::Exact,
-    };
     let mut md = String::new();
     writeln!(
         md,
@@ -295,6 +291,63 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     training_section(&mut md, &a.model)?;
 
     // --- utility: adherence --------------------------------------------------------------
+    adherence_section(&mut md, &a, &runner, &data, &held, side / f)?;
+
+    // --- fidelity --------------------------------------------------------------------------
+    fidelity_section(&mut md, &a, &runner, &held, side / f)?;
+
+    // --- traffic and time on the link ------------------------------------------------------
+    if a.link_steps > 0 {
+        link_section(&mut md, &a, &held[0])?;
+    }
+
+    // --- attacks ---------------------------------------------------------------------------
+    attack_section(&mut md, &a, &sd, side)?;
+
+    writeln!(
+        md,
+        "---\nTotal time of this `veil eval`: {:.0} s on {} CPU threads.",
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, md).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} and figures in {} ({:.0} s)",
+        a.out.display(),
+        a.figures.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What the adherence runs found: scores of `local`, `ppidm` and `strict`, how often the
+/// latter two agree with `local`, the grid's rows and the time taken.
+struct Adherence {
+    counts: [Counts; 3],
+    agree: [usize; 2],
+    grid_rows: Vec<Vec<Option<Picture>>>,
+    grid_n: usize,
+    seconds: f64,
+}
+
+/// Scores `local` on every held-out prompt, and `ppidm` and `strict` (N = 4, at most half
+/// the latent rows) on the first `--policy-prompts`, keeping the first 8 for the grid.
+fn measure_adherence(
+    a: &EvalArgs,
+    runner: &Runner<'_>,
+    data: &Dataset,
+    held: &[String],
+    latent_rows: usize,
+) -> Result<Adherence> {
+    let strict = Policy::Strict;
+    let ppidm = Policy::Ppidm {
+        gn: GnVariant::Exact,
+    };
     let gens = a.prompts + 2 * a.policy_prompts.min(a.prompts);
     let b = bar(gens, "adherence");
     let mut counts = [Counts::default(); 3];
@@ -315,8 +368,13 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         }
         if i < a.policy_prompts {
             for (j, policy) in [ppidm, strict].into_iter().enumerate() {
-                let g =
-                    runner.generate(caption, a.steps, seed, policy, 4.min(side / f / 2).max(1))?;
+                let g = runner.generate(
+                    caption,
+                    a.steps,
+                    seed,
+                    policy,
+                    4.min(latent_rows / 2).max(1),
+                )?;
                 let p = picture(&g.image)?;
                 let s = score(&p.to_rgb(), caption)?;
                 counts[j + 1].add(s);
@@ -329,7 +387,31 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         }
     }
     b.finish_and_clear();
-    let adherence_seconds = t0.elapsed().as_secs_f64();
+    Ok(Adherence {
+        counts,
+        agree,
+        grid_rows,
+        grid_n,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The utility section: adherence per policy, agreement with `local`, and the held-out grid.
+fn adherence_section(
+    md: &mut String,
+    a: &EvalArgs,
+    runner: &Runner<'_>,
+    data: &Dataset,
+    held: &[String],
+    latent_rows: usize,
+) -> Result<()> {
+    let Adherence {
+        counts,
+        agree,
+        grid_rows,
+        grid_n,
+        seconds: adherence_seconds,
+    } = measure_adherence(a, runner, data, held, latent_rows)?;
     let grid_path = a.figures.join("heldout_grid.png");
     grid(&grid_rows)
         .save(&grid_path)
@@ -368,36 +450,6 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         writeln!(md, "{}. {c}", i + 1)?;
     }
     md.push('\n');
-
-    // --- fidelity --------------------------------------------------------------------------
-    fidelity_section(&mut md, &a, &runner, &held, side / f)?;
-
-    // --- traffic and time on the link ------------------------------------------------------
-    if a.link_steps > 0 {
-        link_section(&mut md, &a, &held[0])?;
-    }
-
-    // --- attacks ---------------------------------------------------------------------------
-    attack_section(&mut md, &a, &sd, side)?;
-
-    writeln!(
-        md,
-        "---\nTotal time of this `veil eval`: {:.0} s on {} CPU threads.",
-        started.elapsed().as_secs_f64(),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    )?;
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.out, md).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
-        "wrote {} and figures in {} ({:.0} s)",
-        a.out.display(),
-        a.figures.display(),
-        started.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 
@@ -508,9 +560,30 @@ fn fidelity_section(
         .filter(|&n| n >= 1 && latent_rows / 2 >= n)
         .collect();
     let prompts: Vec<&String> = held.iter().take(a.fidelity_prompts.max(1)).collect();
+    let runs = measure_fidelity(a, runner, &prompts, &policies, &servers)?;
+    write_fidelity(md, a, &policies, &servers, prompts.len(), &runs)
+}
+
+/// The fidelity runs: `cells[policy][servers][steps]` = (PSNR sum, SSIM sum, count) against
+/// `local`; `flops[policy][servers]` = (device FLOPs, busiest server's FLOPs, upload bytes,
+/// round trips) per step, of the last prompt and step count; `local_flops` per step likewise.
+struct FidelityRuns {
+    cells: Vec<Vec<Vec<(f64, f64, usize)>>>,
+    flops: Vec<Vec<(u64, u64, u64, u64)>>,
+    local_flops: u64,
+}
+
+/// Generates every prompt × step count under `local`, then under every policy × server
+/// count, comparing each picture with `local`'s.
+fn measure_fidelity(
+    a: &EvalArgs,
+    runner: &Runner<'_>,
+    prompts: &[&String],
+    policies: &[(&str, Policy)],
+    servers: &[usize],
+) -> Result<FidelityRuns> {
     let total = prompts.len() * a.fidelity_steps.len() * (1 + policies.len() * servers.len());
     let b = bar(total, "fidelity");
-    // cells[policy][servers][steps] = (psnr, ssim) sums; flops[policy][servers] per step.
     let mut cells = vec![
         vec![vec![(0f64, 0f64, 0usize); a.fidelity_steps.len()]; servers.len()];
         policies.len()
@@ -552,6 +625,23 @@ fn fidelity_section(
         }
     }
     b.finish_and_clear();
+    Ok(FidelityRuns {
+        cells,
+        flops,
+        local_flops,
+    })
+}
+
+/// The fidelity table (PSNR / SSIM per policy, server count and step count) and the FLOPs
+/// and traffic table.
+fn write_fidelity(
+    md: &mut String,
+    a: &EvalArgs,
+    policies: &[(&str, Policy)],
+    servers: &[usize],
+    prompts: usize,
+    runs: &FidelityRuns,
+) -> Result<()> {
     writeln!(md, "## Fidelity against `local`\n")?;
     writeln!(
         md,
@@ -559,7 +649,7 @@ fn fidelity_section(
          `local` picture of the same prompt, seed and steps, mean over {} held-out prompt(s) — \
          the shape of PPIDM's Tables IV–VII (quality over server count and step count). \
          In-process servers, f32 wire.\n",
-        prompts.len()
+        prompts
     )?;
     write!(md, "| policy | servers |")?;
     for s in &a.fidelity_steps {
@@ -570,7 +660,7 @@ fn fidelity_section(
     for (k, (name, _)) in policies.iter().enumerate() {
         for (ni, n) in servers.iter().enumerate() {
             write!(md, "| {name} | {n} |")?;
-            for c in &cells[k][ni] {
+            for c in &runs.cells[k][ni] {
                 let d = c.2.max(1) as f64;
                 write!(md, " {:.2} / {:.4} |", c.0 / d, c.1 / d)?;
             }
@@ -582,13 +672,13 @@ fn fidelity_section(
         md,
         "From the runtime's accounting (one U-Net call per step, CFG batch 2). `local` runs \
          {:.1} MFLOP per step on the device.\n",
-        local_flops as f64 / 1e6
+        runs.local_flops as f64 / 1e6
     )?;
     writeln!(md, "| policy | servers | device MFLOP/step | busiest server MFLOP/step | upload MB/step | round trips/step |")?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     for (k, (name, _)) in policies.iter().enumerate() {
         for (ni, n) in servers.iter().enumerate() {
-            let (d, s, up, rt) = flops[k][ni];
+            let (d, s, up, rt) = runs.flops[k][ni];
             writeln!(
                 md,
                 "| {name} | {n} | {:.1} | {:.1} | {:.3} | {rt} |",
@@ -666,6 +756,34 @@ fn attack_section(
     sd: &std::sync::Arc<StableDiffusion>,
     side: usize,
 ) -> Result<()> {
+    let reports = run_attacks(a, sd, side)?;
+    write_attack_intro(md, &reports[0].1)?;
+    let example_rows = write_attack_table(md, &reports)?;
+    write_attack_summary(md, &reports)?;
+    let path = a.figures.join("attacks.png");
+    grid(&example_rows)
+        .save(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(
+        md,
+        "\n![attack reconstructions]({})\n\nOne row per setting above (same order), first attacked \
+         prompt: the true picture, then for each server its strip decode, K/V inversion (grey: \
+         nothing to invert) and linear probe.\n",
+        rel(&path, &a.out)
+    )?;
+    if a.obfuscated_prompts > 0 {
+        obfuscated_attack_section(md, a, sd, side)?;
+    }
+    Ok(())
+}
+
+/// Runs the attack suite on every setting of the section: all on one server, then `ppidm`
+/// and `strict` with 2 and 4 servers.
+fn run_attacks(
+    a: &EvalArgs,
+    sd: &std::sync::Arc<StableDiffusion>,
+    side: usize,
+) -> Result<Vec<(&'static str, AttackReport)>> {
     let configs = [
         (
             "everything on one server",
@@ -712,7 +830,12 @@ fn attack_section(
         b.finish_and_clear();
         reports.push((name, r));
     }
-    let first = &reports[0].1;
+    Ok(reports)
+}
+
+/// The attacker model, the four attacks and the fully-on-device baseline (from the first
+/// report; every setting shares them).
+fn write_attack_intro(md: &mut String, first: &AttackReport) -> Result<()> {
     writeln!(md, "## Attacks: what each server can reconstruct\n")?;
     writeln!(
         md,
@@ -735,10 +858,18 @@ fn attack_section(
         opt(Some(first.device_baseline.psnr), 2),
         first.device_baseline.ssim
     )?;
+    Ok(())
+}
+
+/// One table row per setting and server; returns the example grid's rows (one per setting).
+fn write_attack_table(
+    md: &mut String,
+    reports: &[(&str, AttackReport)],
+) -> Result<Vec<Vec<Option<Picture>>>> {
     writeln!(md, "| setting | N | server | strip (latent rows) | rows seen | strip decode: all | outside strip | K/V inversion: all | outside strip | K/V residual | linear probe: all | outside strip | prompt recovered |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     let mut example_rows: Vec<Vec<Option<Picture>>> = Vec::new();
-    for (name, r) in &reports {
+    for (name, r) in reports {
         for s in &r.per_server {
             let (sd_all, sd_out) = fid(&s.strip_decode);
             let (kv_all, kv_out) = s
@@ -771,10 +902,17 @@ fn attack_section(
             example_rows.push(row);
         }
     }
+    Ok(example_rows)
+}
+
+/// Per setting: the best PSNR any of its servers reaches over all attacks, and whether some
+/// server recovers the prompt.
+fn write_attack_summary(md: &mut String, reports: &[(&str, AttackReport)]) -> Result<()> {
+    let first = &reports[0].1;
     writeln!(md, "\nSummary: the best any single server of a setting reaches, over all its attacks (PSNR dB, whole picture / outside its strip), against the fully-on-device baseline of {:.2} dB.\n", first.device_baseline.psnr)?;
     writeln!(md, "| setting | N | best PSNR, whole picture | best PSNR, outside own strip | prompt recovered by some server |")?;
     writeln!(md, "|---|---|---|---|---|")?;
-    for (name, r) in &reports {
+    for (name, r) in reports {
         let mut all = f64::NEG_INFINITY;
         let mut outside: Option<f64> = None;
         for s in &r.per_server {
@@ -806,20 +944,6 @@ fn attack_section(
                 .map(|v| format!("{:.0}%", v * 100.0))
                 .unwrap_or_else(|| "no (nothing text-derived arrives)".into())
         )?;
-    }
-    let path = a.figures.join("attacks.png");
-    grid(&example_rows)
-        .save(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(
-        md,
-        "\n![attack reconstructions]({})\n\nOne row per setting above (same order), first attacked \
-         prompt: the true picture, then for each server its strip decode, K/V inversion (grey: \
-         nothing to invert) and linear probe.\n",
-        rel(&path, &a.out)
-    )?;
-    if a.obfuscated_prompts > 0 {
-        obfuscated_attack_section(md, a, sd, side)?;
     }
     Ok(())
 }

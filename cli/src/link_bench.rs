@@ -315,47 +315,110 @@ async fn generation(
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let mut rows: Vec<Value> = Vec::with_capacity(a.steps);
-    let mut last_t = Instant::now();
-    let mut last_link = link_stats(link);
-    let mut last_quic = quic_totals(quic);
+    let mut meter = StepMeter::new(a.steps, quic, link);
     let kernel_before = kernel_udp_rcvbuf_errors();
-    let started = last_t;
+    let started = meter.last_t;
     let generation = sd
-        .generate(&opts, &backends, &mut |p| {
-            let now = Instant::now();
-            let l = link_stats(link);
-            let q = quic_totals(quic);
-            let d = l.since(&last_link);
-            let wall = now.duration_since(last_t).as_secs_f64();
-            rows.push(json!({
-                "step": p.step,
-                "wall_seconds": wall,
-                "link_bytes_up": d.up.bytes,
-                "link_bytes_down": d.down.bytes,
-                "link_packets_up": d.up.packets,
-                "link_packets_down": d.down.packets,
-                "link_dropped_up": d.up.dropped_packets,
-                "link_dropped_down": d.down.dropped_packets,
-                "quic_bytes_sent": q.0 - last_quic.0,
-                "quic_bytes_received": q.1 - last_quic.1,
-                "requests": q.2 - last_quic.2,
-            }));
-            bar.set_message(format!(
-                "{:.2} s/step, up {:.2} MB, down {:.2} MB",
-                wall,
-                d.up.bytes as f64 / MB,
-                d.down.bytes as f64 / MB
-            ));
-            bar.set_position(p.step as u64);
-            last_t = now;
-            last_link = l;
-            last_quic = q;
-        })
+        .generate(&opts, &backends, &mut |p| meter.step(p.step, &bar))
         .await;
     bar.finish_and_clear();
     let generation = generation?;
     let total_seconds = started.elapsed().as_secs_f64();
+    let run = GenerationRun {
+        opts: &opts,
+        generation: &generation,
+        rows: meter.rows,
+        total_seconds,
+        kernel_before,
+    };
+    Ok(generation_report(a, policy, link, run))
+}
+
+/// Per-step measurements during a generation: the wall time, link and QUIC counters since the
+/// previous step, one JSON row per step.
+struct StepMeter<'a> {
+    quic: &'a [Arc<QuicBackend>],
+    link: Option<&'a LinkEmulator>,
+    rows: Vec<Value>,
+    last_t: Instant,
+    last_link: LinkStats,
+    last_quic: (u64, u64, u64),
+}
+
+impl<'a> StepMeter<'a> {
+    fn new(steps: usize, quic: &'a [Arc<QuicBackend>], link: Option<&'a LinkEmulator>) -> Self {
+        let rows: Vec<Value> = Vec::with_capacity(steps);
+        let last_t = Instant::now();
+        let last_link = link_stats(link);
+        let last_quic = quic_totals(quic);
+        Self {
+            quic,
+            link,
+            rows,
+            last_t,
+            last_link,
+            last_quic,
+        }
+    }
+
+    /// Records step `step` (just finished) and shows its numbers on the bar.
+    fn step(&mut self, step: usize, bar: &ProgressBar) {
+        let now = Instant::now();
+        let l = link_stats(self.link);
+        let q = quic_totals(self.quic);
+        let d = l.since(&self.last_link);
+        let wall = now.duration_since(self.last_t).as_secs_f64();
+        let last_quic = self.last_quic;
+        self.rows.push(json!({
+            "step": step,
+            "wall_seconds": wall,
+            "link_bytes_up": d.up.bytes,
+            "link_bytes_down": d.down.bytes,
+            "link_packets_up": d.up.packets,
+            "link_packets_down": d.down.packets,
+            "link_dropped_up": d.up.dropped_packets,
+            "link_dropped_down": d.down.dropped_packets,
+            "quic_bytes_sent": q.0 - last_quic.0,
+            "quic_bytes_received": q.1 - last_quic.1,
+            "requests": q.2 - last_quic.2,
+        }));
+        bar.set_message(format!(
+            "{:.2} s/step, up {:.2} MB, down {:.2} MB",
+            wall,
+            d.up.bytes as f64 / MB,
+            d.down.bytes as f64 / MB
+        ));
+        bar.set_position(step as u64);
+        self.last_t = now;
+        self.last_link = l;
+        self.last_quic = q;
+    }
+}
+
+/// What a measured generation left for its report.
+struct GenerationRun<'a> {
+    opts: &'a GenerateOptions,
+    generation: &'a veil_core::client::pipeline::Generation,
+    rows: Vec<Value>,
+    total_seconds: f64,
+    kernel_before: Option<u64>,
+}
+
+/// The generation report: per-step rows, step medians, payload per step beside its
+/// serialization lower bound on the link, and the link's totals.
+fn generation_report(
+    a: &LinkBenchArgs,
+    policy: Policy,
+    link: Option<&LinkEmulator>,
+    run: GenerationRun<'_>,
+) -> Value {
+    let GenerationRun {
+        opts,
+        generation,
+        rows,
+        total_seconds,
+        kernel_before,
+    } = run;
     let s = &generation.stats;
     let steps = s.steps.max(1) as u64;
     let walls: Vec<f64> = rows
@@ -374,7 +437,7 @@ async fn generation(
             + rtts as f64 * p.rtt.as_secs_f64()
     });
     let totals = link_stats(link);
-    Ok(json!({
+    json!({
         "mode": "generation",
         "model": a.model.display().to_string(),
         "policy": policy.name(),
@@ -395,7 +458,7 @@ async fn generation(
         "link_dropped_packets_up": totals.up.dropped_packets,
         "link_dropped_packets_down": totals.down.dropped_packets,
         "kernel_udp_rcvbuf_drops": kernel_drops_since(kernel_before),
-    }))
+    })
 }
 
 fn print_generation(a: &LinkBenchArgs, profile: Option<&LinkProfile>, r: &Value) {
@@ -468,18 +531,7 @@ async fn throughput(
     quic: &[Arc<QuicBackend>],
     link: Option<&LinkEmulator>,
 ) -> Result<Value> {
-    let shape: Vec<usize> = a
-        .tensor
-        .split(',')
-        .map(|d| d.trim().parse::<usize>())
-        .collect::<std::result::Result<_, _>>()
-        .with_context(|| format!("--tensor `{}`: expected comma-separated sizes", a.tensor))?;
-    if shape.len() != 4 || shape.contains(&0) {
-        bail!("--tensor needs four positive sizes [B, C, H, W]");
-    }
-    if shape[2] < quic.len() {
-        bail!("--tensor has {} rows, fewer than the servers", shape[2]);
-    }
+    let shape = tensor_shape(a, quic.len())?;
     let tensor = seeded_normal(a.seed, &shape, &Device::Cpu)?;
     // Row strips, one per server (the ppidm pattern).
     let n = quic.len();
@@ -492,25 +544,6 @@ async fn throughput(
     }
     let elements: usize = shape.iter().product();
     let payload = (elements * wire.size()) as u64;
-    const HANDLE: u64 = 1;
-    let request = |i: usize, phase: Phase| -> ShardRequest<Tensor> {
-        let call = match phase {
-            Phase::RoundTrip => ShardCall::reply(ShardOp::Identity {
-                input: Operand::Inline(strips[i].clone()),
-            }),
-            Phase::Up => ShardCall {
-                op: ShardOp::Identity {
-                    input: Operand::Inline(strips[i].clone()),
-                },
-                keep_as: Some(HANDLE),
-                reply: false,
-            },
-            Phase::Down => ShardCall::reply(ShardOp::Identity {
-                input: Operand::Handle(HANDLE),
-            }),
-        };
-        ShardRequest { calls: vec![call] }
-    };
     let bar = if a.json {
         ProgressBar::hidden()
     } else {
@@ -521,63 +554,19 @@ async fn throughput(
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    let transfers = Transfers {
+        a,
+        wire,
+        quic,
+        link,
+        strips: &strips,
+        payload,
+        bar: &bar,
+    };
     let mut phases = Vec::new();
     let kernel_before = kernel_udp_rcvbuf_errors();
     for phase in [Phase::RoundTrip, Phase::Up, Phase::Down] {
-        let mut times = Vec::new();
-        let mut quic_bytes = (0u64, 0u64);
-        let mut link_delta = LinkStats::default();
-        // One untimed warm-up transfer per phase (congestion window, allocations), then timed.
-        for rep in 0..=a.repeats {
-            if phase == Phase::Down {
-                // Make sure the handle holds the tensor (the Up phase left it there).
-                exchange_all(quic, &|i| request(i, Phase::Up)).await?;
-            }
-            let l0 = link_stats(link);
-            let q0 = quic_totals(quic);
-            let t = Instant::now();
-            let outputs = exchange_all(quic, &|i| request(i, phase)).await?;
-            let secs = t.elapsed().as_secs_f64();
-            if phase != Phase::Up {
-                check_echo(&strips, &outputs, wire)?;
-            }
-            bar.inc(1);
-            bar.set_message(format!("{} {:.3} s", phase.name(), secs));
-            if rep == 0 {
-                continue;
-            }
-            let q1 = quic_totals(quic);
-            let d = link_stats(link).since(&l0);
-            times.push(secs);
-            quic_bytes.0 += q1.0 - q0.0;
-            quic_bytes.1 += q1.1 - q0.1;
-            link_delta.up.bytes += d.up.bytes;
-            link_delta.down.bytes += d.down.bytes;
-            link_delta.up.dropped_packets += d.up.dropped_packets;
-            link_delta.down.dropped_packets += d.down.dropped_packets;
-        }
-        let (up, down) = match phase {
-            Phase::RoundTrip => (payload, payload),
-            Phase::Up => (payload, 0),
-            Phase::Down => (0, payload),
-        };
-        let med = median(&times);
-        let reps = a.repeats.max(1) as u64;
-        phases.push(json!({
-            "phase": phase.name(),
-            "seconds_median": med,
-            "seconds_min": times.iter().copied().fold(f64::INFINITY, f64::min),
-            "seconds_all": times,
-            "payload_bytes_up": up,
-            "payload_bytes_down": down,
-            "mb_per_s": (up + down) as f64 / MB / med,
-            "quic_bytes_sent_per_transfer": quic_bytes.0 / reps,
-            "quic_bytes_received_per_transfer": quic_bytes.1 / reps,
-            "link_bytes_up_per_transfer": link_delta.up.bytes / reps,
-            "link_bytes_down_per_transfer": link_delta.down.bytes / reps,
-            "link_dropped_packets_up": link_delta.up.dropped_packets,
-            "link_dropped_packets_down": link_delta.down.dropped_packets,
-        }));
+        phases.push(transfers.time_phase(phase).await?);
     }
     exchange_all(quic, &|_| ShardRequest {
         calls: vec![ShardCall {
@@ -597,6 +586,122 @@ async fn throughput(
         "phases": phases,
         "kernel_udp_rcvbuf_drops": kernel_drops_since(kernel_before),
     }))
+}
+
+/// The handle under which the servers keep their strip between the up and down phases.
+const HANDLE: u64 = 1;
+
+/// Parses `--tensor`: four positive sizes [B, C, H, W], at least one row per server.
+fn tensor_shape(a: &LinkBenchArgs, servers: usize) -> Result<Vec<usize>> {
+    let shape: Vec<usize> = a
+        .tensor
+        .split(',')
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--tensor `{}`: expected comma-separated sizes", a.tensor))?;
+    if shape.len() != 4 || shape.contains(&0) {
+        bail!("--tensor needs four positive sizes [B, C, H, W]");
+    }
+    if shape[2] < servers {
+        bail!("--tensor has {} rows, fewer than the servers", shape[2]);
+    }
+    Ok(shape)
+}
+
+/// The timed transfers of `--throughput`: every server's row strip, the payload per transfer
+/// at the wire dtype, and where the counters are read.
+struct Transfers<'a> {
+    a: &'a LinkBenchArgs,
+    wire: WireDtype,
+    quic: &'a [Arc<QuicBackend>],
+    link: Option<&'a LinkEmulator>,
+    strips: &'a [Tensor],
+    payload: u64,
+    bar: &'a ProgressBar,
+}
+
+impl Transfers<'_> {
+    /// Server `i`'s request of `phase`: its strip inline (echoed, or kept under `HANDLE`), or
+    /// the kept strip fetched back.
+    fn request(&self, i: usize, phase: Phase) -> ShardRequest<Tensor> {
+        let call = match phase {
+            Phase::RoundTrip => ShardCall::reply(ShardOp::Identity {
+                input: Operand::Inline(self.strips[i].clone()),
+            }),
+            Phase::Up => ShardCall {
+                op: ShardOp::Identity {
+                    input: Operand::Inline(self.strips[i].clone()),
+                },
+                keep_as: Some(HANDLE),
+                reply: false,
+            },
+            Phase::Down => ShardCall::reply(ShardOp::Identity {
+                input: Operand::Handle(HANDLE),
+            }),
+        };
+        ShardRequest { calls: vec![call] }
+    }
+
+    /// One untimed warm-up transfer of `phase` (congestion window, allocations), then
+    /// `--repeats` timed ones; their times, rates and byte counts.
+    async fn time_phase(&self, phase: Phase) -> Result<Value> {
+        let (a, quic, link) = (self.a, self.quic, self.link);
+        let mut times = Vec::new();
+        let mut quic_bytes = (0u64, 0u64);
+        let mut link_delta = LinkStats::default();
+        for rep in 0..=a.repeats {
+            if phase == Phase::Down {
+                // Make sure the handle holds the tensor (the Up phase left it there).
+                exchange_all(quic, &|i| self.request(i, Phase::Up)).await?;
+            }
+            let l0 = link_stats(link);
+            let q0 = quic_totals(quic);
+            let t = Instant::now();
+            let outputs = exchange_all(quic, &|i| self.request(i, phase)).await?;
+            let secs = t.elapsed().as_secs_f64();
+            if phase != Phase::Up {
+                check_echo(self.strips, &outputs, self.wire)?;
+            }
+            self.bar.inc(1);
+            self.bar
+                .set_message(format!("{} {:.3} s", phase.name(), secs));
+            if rep == 0 {
+                continue;
+            }
+            let q1 = quic_totals(quic);
+            let d = link_stats(link).since(&l0);
+            times.push(secs);
+            quic_bytes.0 += q1.0 - q0.0;
+            quic_bytes.1 += q1.1 - q0.1;
+            link_delta.up.bytes += d.up.bytes;
+            link_delta.down.bytes += d.down.bytes;
+            link_delta.up.dropped_packets += d.up.dropped_packets;
+            link_delta.down.dropped_packets += d.down.dropped_packets;
+        }
+        let payload = self.payload;
+        let (up, down) = match phase {
+            Phase::RoundTrip => (payload, payload),
+            Phase::Up => (payload, 0),
+            Phase::Down => (0, payload),
+        };
+        let med = median(&times);
+        let reps = a.repeats.max(1) as u64;
+        Ok(json!({
+            "phase": phase.name(),
+            "seconds_median": med,
+            "seconds_min": times.iter().copied().fold(f64::INFINITY, f64::min),
+            "seconds_all": times,
+            "payload_bytes_up": up,
+            "payload_bytes_down": down,
+            "mb_per_s": (up + down) as f64 / MB / med,
+            "quic_bytes_sent_per_transfer": quic_bytes.0 / reps,
+            "quic_bytes_received_per_transfer": quic_bytes.1 / reps,
+            "link_bytes_up_per_transfer": link_delta.up.bytes / reps,
+            "link_bytes_down_per_transfer": link_delta.down.bytes / reps,
+            "link_dropped_packets_up": link_delta.up.dropped_packets,
+            "link_dropped_packets_down": link_delta.down.dropped_packets,
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

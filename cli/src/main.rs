@@ -433,11 +433,48 @@ fn generate(a: GenerateArgs) -> Result<()> {
         StableDiffusion::load(&a.model, &device)
             .with_context(|| format!("loading model folder {}", a.model.display()))?,
     );
+    let opts = generate_options(&a, &sd, &device, policy, wire, scheduler)?;
+    let quic = check_servers(&a, policy)?;
+    let bar = ProgressBar::new(opts.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let rt = if quic {
+        // Real servers (and their request tasks) share this process: use worker threads.
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    let generation = rt.block_on(run_generation(&a, &sd, &opts, quic, &device, &bar));
+    let (generation, wire_bytes) = generation?;
+    bar.finish_and_clear();
+    print_generation(&a, &opts, &generation)?;
+    write_generation_reports(&a, policy, &generation, wire_bytes)
+}
+
+/// The generation's options from the arguments (initial latents read from `--latents`, the
+/// obfuscation settings only under `obfuscated`).
+fn generate_options(
+    a: &GenerateArgs,
+    sd: &StableDiffusion,
+    device: &Device,
+    policy: Policy,
+    wire: WireDtype,
+    scheduler: SchedulerKind,
+) -> Result<GenerateOptions> {
     let f = sd.vae.config.downsample_factor();
     let default_side = sd.unet.config.sample_size.unwrap_or(64) * f;
     let latents = match &a.latents {
         Some(p) => {
-            let mut m = candle_core::safetensors::load(p, &device)
+            let mut m = candle_core::safetensors::load(p, device)
                 .with_context(|| format!("reading latents {}", p.display()))?;
             Some(
                 m.remove("latents")
@@ -446,7 +483,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         None => None,
     };
-    let opts = GenerateOptions {
+    Ok(GenerateOptions {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
@@ -461,11 +498,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         attention_reuse_from: a.reuse_attention_from,
         capture_from_step: None,
         obfuscation: if policy == Policy::Obfuscated {
-            a.obfuscation.options(&device)?
+            a.obfuscation.options(device)?
         } else {
             Default::default()
         },
-    };
+    })
+}
+
+/// Notes server flags the policy ignores and refuses server counts it cannot run with;
+/// returns whether the shard backends are QUIC servers (listed or spawned locally).
+fn check_servers(a: &GenerateArgs, policy: Policy) -> Result<bool> {
     let obfuscated = policy == Policy::Obfuscated;
     if obfuscated && (a.local_servers.is_some_and(|n| n > 1) || a.placement.servers > 1) {
         eprintln!("note: policy obfuscated uses one server (the first)");
@@ -486,97 +528,111 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if a.local_servers == Some(0) {
         bail!("--local-servers needs at least one server");
     }
-    let bar = ProgressBar::new(opts.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let rt = if quic {
-        // Real servers (and their request tasks) share this process: use worker threads.
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
+    Ok(quic)
+}
+
+/// Sets up the shard backends the policy needs, generates, then closes the QUIC connections
+/// and stops any local servers. Also returns the bytes sent and received on the QUIC streams
+/// (None without QUIC).
+async fn run_generation(
+    a: &GenerateArgs,
+    sd: &Arc<StableDiffusion>,
+    opts: &GenerateOptions,
+    quic: bool,
+    device: &Device,
+    bar: &ProgressBar,
+) -> Result<(veil_core::client::pipeline::Generation, Option<(u64, u64)>)> {
+    let policy = opts.policy;
+    let obfuscated = policy == Policy::Obfuscated;
+    let mut cluster: Option<LocalCluster> = None;
+    let mut quic_backends: Vec<Arc<QuicBackend>> = Vec::new();
+    let backends = if !policy.needs_backends() {
+        vec![]
+    } else if quic {
+        (cluster, quic_backends) = connect_quic(a, sd, opts.wire, device, obfuscated).await?;
+        quic_backends
+            .iter()
+            .map(|b| b.clone() as Arc<dyn veil_core::placement::ShardBackend<candle_core::Tensor>>)
+            .collect()
+    } else if obfuscated {
+        vec![sd.in_process_full_server()]
     } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        sd.in_process_backends(a.placement.servers)
     };
-    let generation = rt.block_on(async {
-        let mut cluster: Option<LocalCluster> = None;
-        let mut quic_backends: Vec<Arc<QuicBackend>> = Vec::new();
-        let backends = if !policy.needs_backends() {
-            vec![]
-        } else if quic {
-            let specs = match (&a.server_list, a.local_servers) {
-                (Some(path), _) => load_server_list(path)
-                    .with_context(|| format!("reading server list {}", path.display()))?,
-                (None, Some(n)) => {
-                    let mut model = ShardModel::from_engine(&sd.unet, &sd.unet_engine);
-                    if obfuscated {
-                        model = model.with_denoiser(sd.clone());
-                    }
-                    let n = if obfuscated { 1 } else { n };
-                    let c = spawn_local(n, Arc::new(model), ServerLimits::default())
-                        .context("starting local shard servers")?;
-                    let specs = c.specs.clone();
-                    cluster = Some(c);
-                    specs
-                }
-                (None, None) => vec![],
-            };
-            let timeout = Duration::try_from_secs_f64(a.request_timeout)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .context("--request-timeout must be a positive number of seconds")?;
-            let options = ClientOptions {
-                wire,
-                compression: compression_for(wire, a.zstd),
-                request_timeout: timeout,
-                device: device.clone(),
-                ..ClientOptions::default()
-            };
-            let model_id = model_identity(&sd.unet, sd.unet_engine.weights());
-            quic_backends = connect_backends(&specs, model_id, &options).await?;
-            eprintln!(
-                "connected to {} shard server{} over QUIC{}",
-                quic_backends.len(),
-                if quic_backends.len() == 1 { "" } else { "s" },
-                if cluster.is_some() { " (local)" } else { "" }
-            );
-            quic_backends
-                .iter()
-                .map(|b| {
-                    b.clone() as Arc<dyn veil_core::placement::ShardBackend<candle_core::Tensor>>
-                })
-                .collect()
-        } else if obfuscated {
-            vec![sd.in_process_full_server()]
-        } else {
-            sd.in_process_backends(a.placement.servers)
-        };
-        let result = sd
-            .generate(&opts, &backends, &mut |p| bar.set_position(p.step as u64))
-            .await;
-        let wire_bytes = quic_backends.iter().fold((0u64, 0u64), |(s, r), b| {
-            let t = b.traffic();
-            (
-                s + t.bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
-                r + t.bytes_received.load(std::sync::atomic::Ordering::Relaxed),
-            )
-        });
-        for b in &quic_backends {
-            b.close().await;
-        }
-        if let Some(c) = cluster {
-            c.shutdown().await;
-        }
-        anyhow::Ok((result?, quic.then_some(wire_bytes)))
+    let result = sd
+        .generate(opts, &backends, &mut |p| bar.set_position(p.step as u64))
+        .await;
+    let wire_bytes = quic_backends.iter().fold((0u64, 0u64), |(s, r), b| {
+        let t = b.traffic();
+        (
+            s + t.bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
+            r + t.bytes_received.load(std::sync::atomic::Ordering::Relaxed),
+        )
     });
-    let (generation, wire_bytes) = generation?;
-    bar.finish_and_clear();
+    for b in &quic_backends {
+        b.close().await;
+    }
+    if let Some(c) = cluster {
+        c.shutdown().await;
+    }
+    anyhow::Ok((result?, quic.then_some(wire_bytes)))
+}
+
+/// Connects to the `--server-list` servers, or spawns `--local-servers` on loopback (one
+/// under `obfuscated`, which also serves its early steps) and connects to those.
+async fn connect_quic(
+    a: &GenerateArgs,
+    sd: &Arc<StableDiffusion>,
+    wire: WireDtype,
+    device: &Device,
+    obfuscated: bool,
+) -> Result<(Option<LocalCluster>, Vec<Arc<QuicBackend>>)> {
+    let mut cluster: Option<LocalCluster> = None;
+    let specs = match (&a.server_list, a.local_servers) {
+        (Some(path), _) => load_server_list(path)
+            .with_context(|| format!("reading server list {}", path.display()))?,
+        (None, Some(n)) => {
+            let mut model = ShardModel::from_engine(&sd.unet, &sd.unet_engine);
+            if obfuscated {
+                model = model.with_denoiser(sd.clone());
+            }
+            let n = if obfuscated { 1 } else { n };
+            let c = spawn_local(n, Arc::new(model), ServerLimits::default())
+                .context("starting local shard servers")?;
+            let specs = c.specs.clone();
+            cluster = Some(c);
+            specs
+        }
+        (None, None) => vec![],
+    };
+    let timeout = Duration::try_from_secs_f64(a.request_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--request-timeout must be a positive number of seconds")?;
+    let options = ClientOptions {
+        wire,
+        compression: compression_for(wire, a.zstd),
+        request_timeout: timeout,
+        device: device.clone(),
+        ..ClientOptions::default()
+    };
+    let model_id = model_identity(&sd.unet, sd.unet_engine.weights());
+    let quic_backends = connect_backends(&specs, model_id, &options).await?;
+    eprintln!(
+        "connected to {} shard server{} over QUIC{}",
+        quic_backends.len(),
+        if quic_backends.len() == 1 { "" } else { "s" },
+        if cluster.is_some() { " (local)" } else { "" }
+    );
+    Ok((cluster, quic_backends))
+}
+
+/// Writes the PNG and prints the one-line summary (and what `obfuscated` sent).
+fn print_generation(
+    a: &GenerateArgs,
+    opts: &GenerateOptions,
+    generation: &veil_core::client::pipeline::Generation,
+) -> Result<()> {
     std::fs::write(&a.out, generation.png()?)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let s = &generation.stats;
@@ -586,7 +642,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         opts.width,
         opts.height,
         s.steps,
-        policy.name(),
+        opts.policy.name(),
         format_args!("{:.2}", s.wall_seconds),
         s.bytes_up as f64 / 1048576.0,
         s.bytes_down as f64 / 1048576.0,
@@ -610,6 +666,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
             o.device_steps
         );
     }
+    Ok(())
+}
+
+/// The QUIC byte counts, the audit summary, and the `--stats` and `--audit` files.
+fn write_generation_reports(
+    a: &GenerateArgs,
+    policy: Policy,
+    generation: &veil_core::client::pipeline::Generation,
+    wire_bytes: Option<(u64, u64)>,
+) -> Result<()> {
+    let s = &generation.stats;
     let mut json = serde_json::to_value(s)?;
     if let Some(o) = &generation.obfuscation {
         json["obfuscation"] = serde_json::to_value(o)?;

@@ -345,6 +345,45 @@ pub fn run(
     cfg: &AttackConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<AttackReport> {
+    check_config(cfg)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| AttackError::Setup(e.to_string()))?;
+    let (lh, lw) = sd.latent_size(cfg.side, cfg.side)?;
+    let dims = (sd.unet.config.in_channels, lh, lw);
+    let data = Dataset::new(cfg.seed, cfg.side);
+    let (records, strips) = generate_records(sd, cfg, &rt, &data, dims, progress)?;
+    let (train, test) = records.split_at(cfg.train);
+    let train_latents: Vec<Vec<f32>> = train.iter().map(|r| r.latent.clone()).collect();
+    let n = train_latents.len() as f32;
+    let prior: Vec<f32> = (0..train_latents[0].len())
+        .map(|j| train_latents.iter().map(|l| l[j]).sum::<f32>() / n)
+        .collect();
+    let train_pictures: Vec<Picture> = train.iter().map(|r| r.picture.clone()).collect();
+    let mean = mean_picture(&train_pictures)
+        .ok_or_else(|| AttackError::Setup("no training pictures".into()))?;
+    let everywhere = vec![true; cfg.side];
+    let device_scores: Vec<_> = test
+        .iter()
+        .map(|r| score(&r.picture, &mean, &everywhere))
+        .collect::<Result<_>>()?;
+    let pool = prompt_pool(&data, test, cfg.pool_extra);
+    let attacker = Attacker {
+        sd,
+        dims,
+        train,
+        test,
+        train_latents,
+        prior,
+        examples_wanted: test.len().min(4),
+        pool,
+        pool_keys: BTreeMap::new(),
+    };
+    attacker.finish(cfg, &strips, mean_fidelity(&device_scores))
+}
+
+/// Refuses configurations the attacks cannot run on (no shard servers, too few generations).
+fn check_config(cfg: &AttackConfig) -> Result<()> {
     if !cfg.policy.needs_backends() || cfg.servers == 0 {
         return Err(AttackError::Setup(
             "attacks need a policy with shard servers".into(),
@@ -355,13 +394,20 @@ pub fn run(
             "need at least 2 training and 1 attacked generation".into(),
         ));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| AttackError::Setup(e.to_string()))?;
-    let (lh, lw) = sd.latent_size(cfg.side, cfg.side)?;
-    let lc = sd.unet.config.in_channels;
-    let dims = (lc, lh, lw);
-    let data = Dataset::new(cfg.seed, cfg.side);
+    Ok(())
+}
+
+/// Runs the training then the attacked generations, keeping what each server saw; also the
+/// servers' strips at the latent resolution (as last reported by the audit).
+fn generate_records(
+    sd: &StableDiffusion,
+    cfg: &AttackConfig,
+    rt: &tokio::runtime::Runtime,
+    data: &Dataset,
+    dims: (usize, usize, usize),
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Record>, Vec<[usize; 2]>)> {
+    let (_, lh, lw) = dims;
     let total = cfg.train + cfg.test;
     let backends = sd.in_process_backends(cfg.servers);
     let mut records = Vec::with_capacity(total);
@@ -395,36 +441,10 @@ pub fn run(
                 list.push(Seen::new(view.clone(), t)?);
             }
         }
-        let mut servers = Vec::with_capacity(cfg.servers);
-        for seen in &per_server {
-            let (latent_rows, rows_seen) = latent_rows(seen, dims);
-            let kvs = key_values(seen);
-            let inverted = kvs
-                .iter()
-                .map(|kv| invert_key_values(sd, kv))
-                .collect::<Result<Vec<_>>>()?;
-            let kv_residual = inverted.iter().map(|r| r.2).fold(0f64, f64::max);
-            // The probe reads the self-attention nearest the output at the latent resolution.
-            let (kv_features, kv_channels) = match kvs
-                .iter()
-                .zip(inverted)
-                .rev()
-                .find(|(kv, _)| kv.resolution == (lh, lw))
-            {
-                Some((_, (f, c, _))) => (Some(f), c),
-                None => (None, 0),
-            };
-            servers.push(ServerRecord {
-                latent_rows,
-                rows_seen,
-                kv_features,
-                kv_channels,
-                kv_residual,
-                kv_layers: kvs.len(),
-                view: seen.iter().flat_map(|s| s.data.iter().copied()).collect(),
-                text: text_keys(seen),
-            });
-        }
+        let servers = per_server
+            .iter()
+            .map(|seen| server_record(sd, seen, dims))
+            .collect::<Result<Vec<_>>>()?;
         records.push(Record {
             caption,
             latent: g.latents.flatten_all()?.to_vec1::<f32>()?,
@@ -433,179 +453,284 @@ pub fn run(
         });
         progress(i + 1, total);
     }
-    let (train, test) = records.split_at(cfg.train);
-    let train_latents: Vec<Vec<f32>> = train.iter().map(|r| r.latent.clone()).collect();
-    let n = train_latents.len() as f32;
-    let prior: Vec<f32> = (0..train_latents[0].len())
-        .map(|j| train_latents.iter().map(|l| l[j]).sum::<f32>() / n)
-        .collect();
-    let train_pictures: Vec<Picture> = train.iter().map(|r| r.picture.clone()).collect();
-    let mean = mean_picture(&train_pictures)
-        .ok_or_else(|| AttackError::Setup("no training pictures".into()))?;
-    let f = cfg.side / lh;
-    let everywhere = vec![true; cfg.side];
-    let device_scores: Vec<_> = test
-        .iter()
-        .map(|r| score(&r.picture, &mean, &everywhere))
-        .collect::<Result<_>>()?;
+    Ok((records, strips))
+}
 
-    // Prompt-recovery pool: the attacked captions and other training captions.
+/// What the attacker keeps from one server's view of one generation: the latent rows, the
+/// inverted self-attention features, the flattened view and the text keys.
+fn server_record(
+    sd: &StableDiffusion,
+    seen: &[Seen],
+    dims: (usize, usize, usize),
+) -> Result<ServerRecord> {
+    let (_, lh, lw) = dims;
+    let (latent_rows, rows_seen) = latent_rows(seen, dims);
+    let kvs = key_values(seen);
+    let inverted = kvs
+        .iter()
+        .map(|kv| invert_key_values(sd, kv))
+        .collect::<Result<Vec<_>>>()?;
+    let kv_residual = inverted.iter().map(|r| r.2).fold(0f64, f64::max);
+    // The probe reads the self-attention nearest the output at the latent resolution.
+    let (kv_features, kv_channels) = match kvs
+        .iter()
+        .zip(inverted)
+        .rev()
+        .find(|(kv, _)| kv.resolution == (lh, lw))
+    {
+        Some((_, (f, c, _))) => (Some(f), c),
+        None => (None, 0),
+    };
+    Ok(ServerRecord {
+        latent_rows,
+        rows_seen,
+        kv_features,
+        kv_channels,
+        kv_residual,
+        kv_layers: kvs.len(),
+        view: seen.iter().flat_map(|s| s.data.iter().copied()).collect(),
+        text: text_keys(seen),
+    })
+}
+
+/// Prompt-recovery pool: the attacked captions and other training captions.
+fn prompt_pool(data: &Dataset, test: &[Record], extra: usize) -> Vec<String> {
     let mut pool: Vec<String> = test.iter().map(|r| r.caption.clone()).collect();
     let mut j = 0u64;
-    while pool.len() < test.len() + cfg.pool_extra {
+    while pool.len() < test.len() + extra {
         let c = data.sample(100_000 + j).1;
         if !pool.contains(&c) {
             pool.push(c);
         }
         j += 1;
     }
-    let mut pool_keys: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
+    pool
+}
 
-    let examples_wanted = test.len().min(4);
-    let mut examples = vec![vec![[None, None, None, None]; examples_wanted]; cfg.servers];
-    let mut per_server = Vec::with_capacity(cfg.servers);
-    for s in 0..cfg.servers {
-        let strip = strips[s];
+/// Everything the per-server attacks share: the model, the generations split into training
+/// and attacked ones, the attacker's prior latent, and the prompt pool (with the candidate
+/// keys computed so far, per layer, so servers seeing the same layer reuse them).
+struct Attacker<'a> {
+    sd: &'a StableDiffusion,
+    dims: (usize, usize, usize),
+    train: &'a [Record],
+    test: &'a [Record],
+    train_latents: Vec<Vec<f32>>,
+    prior: Vec<f32>,
+    examples_wanted: usize,
+    pool: Vec<String>,
+    pool_keys: BTreeMap<String, Vec<Vec<f32>>>,
+}
+
+/// A server's example pictures: (truth, strip decode, K/V, probe) per attacked generation.
+type Examples = Vec<[Option<Picture>; 4]>;
+
+impl Attacker<'_> {
+    /// Runs every attack for every server and assembles the report.
+    fn finish(
+        mut self,
+        cfg: &AttackConfig,
+        strips: &[[usize; 2]],
+        device_baseline: Fidelity,
+    ) -> Result<AttackReport> {
+        let mut examples = vec![vec![[None, None, None, None]; self.examples_wanted]; cfg.servers];
+        let mut per_server = Vec::with_capacity(cfg.servers);
+        for s in 0..cfg.servers {
+            per_server.push(self.attack_server(cfg, s, strips[s], &mut examples[s])?);
+        }
+        Ok(AttackReport {
+            policy: cfg.policy.name().to_string(),
+            servers: cfg.servers,
+            train: cfg.train,
+            test: cfg.test,
+            steps: cfg.steps,
+            prompt_pool: self.pool.len(),
+            device_baseline,
+            per_server,
+            examples,
+            truths: self
+                .test
+                .iter()
+                .take(self.examples_wanted)
+                .map(|r| r.picture.clone())
+                .collect(),
+        })
+    }
+
+    /// Every attack of server `s` (whose strip is `strip`), scored outside its strip too.
+    fn attack_server(
+        &mut self,
+        cfg: &AttackConfig,
+        s: usize,
+        strip: [usize; 2],
+        examples: &mut Examples,
+    ) -> Result<ServerAttack> {
+        let f = cfg.side / self.dims.1;
         let outside: Vec<bool> = (0..cfg.side)
             .map(|y| !(strip[0] * f..strip[1] * f).contains(&y))
             .collect();
-        // Strip decode.
-        let mut sd_scores = Vec::new();
-        for (t, r) in test.iter().enumerate() {
-            let rec = &r.servers[s];
-            let guess = decode(
-                sd,
-                &fill_rows(&rec.latent_rows, &rec.rows_seen, &prior, lc, lw),
-                dims,
-            )?;
-            sd_scores.push(score(&r.picture, &guess, &outside)?);
-            if t < examples_wanted {
-                examples[s][t][0] = Some(r.picture.clone());
-                examples[s][t][1] = Some(guess);
-            }
-        }
-        // K/V inversion → per-position probe.
-        let kv = if train[0].servers[s].kv_features.is_some() {
-            let c = train[0].servers[s].kv_channels;
-            let mut xs = Vec::new();
-            let mut ys = Vec::new();
-            for r in train {
-                let Some(feat) = &r.servers[s].kv_features else {
-                    continue;
-                };
-                for p in 0..lh * lw {
-                    xs.push(feat[p * c..(p + 1) * c].to_vec());
-                    ys.push((0..lc).map(|ch| r.latent[ch * lh * lw + p]).collect());
-                }
-            }
-            let ridge = Ridge::fit(&xs, &ys, Some(1e-4))?;
-            let mut scores = Vec::new();
-            for (t, r) in test.iter().enumerate() {
-                let Some(feat) = &r.servers[s].kv_features else {
-                    continue;
-                };
-                let mut latent = vec![0f32; lc * lh * lw];
-                for p in 0..lh * lw {
-                    let y = ridge.predict(&feat[p * c..(p + 1) * c])?;
-                    for ch in 0..lc {
-                        latent[ch * lh * lw + p] = y[ch];
-                    }
-                }
-                let guess = decode(sd, &latent, dims)?;
-                scores.push(score(&r.picture, &guess, &outside)?);
-                if t < examples_wanted {
-                    examples[s][t][2] = Some(guess);
-                }
-            }
-            Some(mean_fidelity(&scores))
-        } else {
-            None
-        };
-        // Linear probe on the whole view.
-        let xs: Vec<Vec<f32>> = train.iter().map(|r| r.servers[s].view.clone()).collect();
-        let ridge = Ridge::fit(&xs, &train_latents, None)?;
-        let mut probe_scores = Vec::new();
-        for (t, r) in test.iter().enumerate() {
-            let guess = decode(sd, &ridge.predict(&r.servers[s].view)?, dims)?;
-            probe_scores.push(score(&r.picture, &guess, &outside)?);
-            if t < examples_wanted {
-                examples[s][t][3] = Some(guess);
-            }
-        }
-        // Prompt recovery.
-        let prompt_recovery = match &test[0].servers[s].text {
-            Some((layer, _)) => {
-                let keys = match pool_keys.get(layer) {
-                    Some(k) => k.clone(),
-                    None => {
-                        let k = pool
-                            .iter()
-                            .map(|c| candidate_keys(sd, layer, c))
-                            .collect::<Result<Vec<_>>>()?;
-                        pool_keys.insert(layer.clone(), k.clone());
-                        k
-                    }
-                };
-                let mut hits = 0usize;
-                for r in test {
-                    let Some((_, seen)) = &r.servers[s].text else {
-                        continue;
-                    };
-                    let best = keys
-                        .iter()
-                        .enumerate()
-                        .map(|(i, k)| {
-                            let d: f64 = k
-                                .iter()
-                                .zip(seen)
-                                .map(|(a, b)| ((a - b) as f64).powi(2))
-                                .sum();
-                            (d, i)
-                        })
-                        .min_by(|a, b| a.0.total_cmp(&b.0))
-                        .map(|(_, i)| i);
-                    if best.is_some_and(|i| pool[i] == r.caption) {
-                        hits += 1;
-                    }
-                }
-                Some(hits as f64 / test.len() as f64)
-            }
-            None => None,
-        };
+        let strip_decode = self.strip_decode(s, &outside, examples)?;
+        let kv_inversion = self.kv_inversion(s, &outside, examples)?;
+        let linear_probe = self.linear_probe(s, &outside, examples)?;
+        let prompt_recovery = self.prompt_recovery(s)?;
+        let test = self.test;
         let rec0 = &test[0].servers[s];
-        per_server.push(ServerAttack {
+        Ok(ServerAttack {
             server: s,
             strip,
             latent_rows_seen: rec0.rows_seen.iter().filter(|&&r| r).count(),
-            strip_decode: mean_fidelity(&sd_scores),
-            kv_inversion: kv,
+            strip_decode,
+            kv_inversion,
             kv_residual: (rec0.kv_layers > 0).then(|| {
                 test.iter()
                     .map(|r| r.servers[s].kv_residual)
                     .fold(0f64, f64::max)
             }),
             kv_layers: rec0.kv_layers,
-            linear_probe: mean_fidelity(&probe_scores),
+            linear_probe,
             view_values: rec0.view.len(),
             prompt_recovery,
-        });
+        })
     }
-    Ok(AttackReport {
-        policy: cfg.policy.name().to_string(),
-        servers: cfg.servers,
-        train: cfg.train,
-        test: cfg.test,
-        steps: cfg.steps,
-        prompt_pool: pool.len(),
-        device_baseline: mean_fidelity(&device_scores),
-        per_server,
-        examples,
-        truths: test
+
+    /// Strip decode: the rows the server saw, the training mean latent elsewhere.
+    fn strip_decode(
+        &self,
+        s: usize,
+        outside: &[bool],
+        examples: &mut Examples,
+    ) -> Result<Fidelity> {
+        let (lc, _, lw) = self.dims;
+        let mut scores = Vec::new();
+        for (t, r) in self.test.iter().enumerate() {
+            let rec = &r.servers[s];
+            let guess = decode(
+                self.sd,
+                &fill_rows(&rec.latent_rows, &rec.rows_seen, &self.prior, lc, lw),
+                self.dims,
+            )?;
+            scores.push(score(&r.picture, &guess, outside)?);
+            if t < self.examples_wanted {
+                examples[t][0] = Some(r.picture.clone());
+                examples[t][1] = Some(guess);
+            }
+        }
+        Ok(mean_fidelity(&scores))
+    }
+
+    /// K/V inversion → per-position probe; None where no self-attention keys/values at the
+    /// latent resolution arrived.
+    fn kv_inversion(
+        &self,
+        s: usize,
+        outside: &[bool],
+        examples: &mut Examples,
+    ) -> Result<Option<Fidelity>> {
+        if self.train[0].servers[s].kv_features.is_none() {
+            return Ok(None);
+        }
+        let (lc, lh, lw) = self.dims;
+        let c = self.train[0].servers[s].kv_channels;
+        let mut xs = Vec::new();
+        let mut ys = Vec::new();
+        for r in self.train {
+            let Some(feat) = &r.servers[s].kv_features else {
+                continue;
+            };
+            for p in 0..lh * lw {
+                xs.push(feat[p * c..(p + 1) * c].to_vec());
+                ys.push((0..lc).map(|ch| r.latent[ch * lh * lw + p]).collect());
+            }
+        }
+        let ridge = Ridge::fit(&xs, &ys, Some(1e-4))?;
+        let mut scores = Vec::new();
+        for (t, r) in self.test.iter().enumerate() {
+            let Some(feat) = &r.servers[s].kv_features else {
+                continue;
+            };
+            let mut latent = vec![0f32; lc * lh * lw];
+            for p in 0..lh * lw {
+                let y = ridge.predict(&feat[p * c..(p + 1) * c])?;
+                for ch in 0..lc {
+                    latent[ch * lh * lw + p] = y[ch];
+                }
+            }
+            let guess = decode(self.sd, &latent, self.dims)?;
+            scores.push(score(&r.picture, &guess, outside)?);
+            if t < self.examples_wanted {
+                examples[t][2] = Some(guess);
+            }
+        }
+        Ok(Some(mean_fidelity(&scores)))
+    }
+
+    /// Linear probe on the server's whole view.
+    fn linear_probe(
+        &self,
+        s: usize,
+        outside: &[bool],
+        examples: &mut Examples,
+    ) -> Result<Fidelity> {
+        let xs: Vec<Vec<f32>> = self
+            .train
             .iter()
-            .take(examples_wanted)
-            .map(|r| r.picture.clone())
-            .collect(),
-    })
+            .map(|r| r.servers[s].view.clone())
+            .collect();
+        let ridge = Ridge::fit(&xs, &self.train_latents, None)?;
+        let mut scores = Vec::new();
+        for (t, r) in self.test.iter().enumerate() {
+            let guess = decode(self.sd, &ridge.predict(&r.servers[s].view)?, self.dims)?;
+            scores.push(score(&r.picture, &guess, outside)?);
+            if t < self.examples_wanted {
+                examples[t][3] = Some(guess);
+            }
+        }
+        Ok(mean_fidelity(&scores))
+    }
+
+    /// Prompt recovery: the pool caption whose keys are nearest the text keys the server
+    /// received; None where it received none.
+    fn prompt_recovery(&mut self, s: usize) -> Result<Option<f64>> {
+        let test = self.test;
+        let Some((layer, _)) = &test[0].servers[s].text else {
+            return Ok(None);
+        };
+        let keys = match self.pool_keys.get(layer) {
+            Some(k) => k.clone(),
+            None => {
+                let k = self
+                    .pool
+                    .iter()
+                    .map(|c| candidate_keys(self.sd, layer, c))
+                    .collect::<Result<Vec<_>>>()?;
+                self.pool_keys.insert(layer.clone(), k.clone());
+                k
+            }
+        };
+        let mut hits = 0usize;
+        for r in test {
+            let Some((_, seen)) = &r.servers[s].text else {
+                continue;
+            };
+            let best = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    let d: f64 = k
+                        .iter()
+                        .zip(seen)
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum();
+                    (d, i)
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, i)| i);
+            if best.is_some_and(|i| self.pool[i] == r.caption) {
+                hits += 1;
+            }
+        }
+        Ok(Some(hits as f64 / test.len() as f64))
+    }
 }
 
 // ---- the `obfuscated` policy's attacker ----------------------------------------------------
