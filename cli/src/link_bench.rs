@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -137,10 +137,7 @@ pub fn measure(a: &LinkBenchArgs) -> Result<Value> {
             policy.name()
         );
     }
-    let timeout = Duration::try_from_secs_f64(a.request_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .context("--request-timeout must be a positive number of seconds")?;
+    let timeout = veil_core::vocab::positive_seconds(a.request_timeout).context("--request-timeout must be a positive number of seconds")?;
     let device = Device::Cpu;
     let sd = StableDiffusion::load(&a.model, &device)
         .with_context(|| format!("loading model folder {}", a.model.display()))?;

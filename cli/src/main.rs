@@ -16,7 +16,6 @@ mod obf_bench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -605,10 +604,7 @@ async fn connect_quic(
         }
         (None, None) => vec![],
     };
-    let timeout = Duration::try_from_secs_f64(a.request_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .context("--request-timeout must be a positive number of seconds")?;
+    let timeout = veil_core::vocab::positive_seconds(a.request_timeout).context("--request-timeout must be a positive number of seconds")?;
     let options = ClientOptions {
         wire,
         compression: compression_for(wire, a.zstd),
