@@ -137,7 +137,8 @@ pub fn measure(a: &LinkBenchArgs) -> Result<Value> {
             policy.name()
         );
     }
-    let timeout = veil_core::vocab::positive_seconds(a.request_timeout).context("--request-timeout must be a positive number of seconds")?;
+    let timeout = veil_core::vocab::positive_seconds(a.request_timeout)
+        .context("--request-timeout must be a positive number of seconds")?;
     let device = Device::Cpu;
     let sd = StableDiffusion::load(&a.model, &device)
         .with_context(|| format!("loading model folder {}", a.model.display()))?;

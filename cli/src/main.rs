@@ -604,7 +604,8 @@ async fn connect_quic(
         }
         (None, None) => vec![],
     };
-    let timeout = veil_core::vocab::positive_seconds(a.request_timeout).context("--request-timeout must be a positive number of seconds")?;
+    let timeout = veil_core::vocab::positive_seconds(a.request_timeout)
+        .context("--request-timeout must be a positive number of seconds")?;
     let options = ClientOptions {
         wire,
         compression: compression_for(wire, a.zstd),
