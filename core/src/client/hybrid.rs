@@ -11,15 +11,15 @@ use candle_core::{DType, Tensor};
 
 use crate::client::denoise::{denoise, LoopHooks};
 pub use crate::client::early_steps::{early_steps_flops, EarlyReport};
-use crate::client::pipeline::{
-    load_unet_weights, GenerateOptions, Generation, Progress, RunStats, StableDiffusion,
+pub use crate::client::options::{
+    DeviceUNet, ObfuscationOptions, ObfuscationReport, DEFAULT_K_MAX,
 };
+use crate::client::options::{GenerateOptions, Generation, RunStats};
+use crate::client::pipeline::{Progress, StableDiffusion};
 use crate::model::scheduler::{new_scheduler, Scheduler, SchedulerKind};
-use crate::model::unet::UNet;
-use crate::obfuscation::{CandidateSet, Lexicon, Span};
+use crate::obfuscation::{CandidateSet, Lexicon};
 use crate::placement::accounting::{Accounting, OpKind, Transfer};
 use crate::placement::audit::{Audit, TextView, View, ViewKind};
-use crate::placement::engine::CandleEngine;
 use crate::placement::policy::Policy;
 use crate::placement::runtime::Runtime;
 use crate::vocab::error::{Error, Result};
@@ -28,80 +28,6 @@ pub use crate::vocab::job::{
     MAX_STEPS,
 };
 use crate::vocab::ops::ShardBackend;
-
-/// A device U-Net for the late steps: any diffusers U-Net with the same latent space.
-pub struct DeviceUNet {
-    pub unet: UNet,
-    pub engine: CandleEngine,
-}
-
-impl DeviceUNet {
-    /// Loads `dir/unet` (a diffusers model folder) or `dir` itself when it holds the U-Net's
-    /// `config.json` directly.
-    pub fn load(dir: &std::path::Path, device: &candle_core::Device) -> Result<Self> {
-        let unet_dir = if dir.join("unet").join("config.json").is_file() {
-            dir.join("unet")
-        } else {
-            dir.to_path_buf()
-        };
-        let cfg: crate::model::config::UNetConfig =
-            crate::model::config::read_json(&unet_dir.join("config.json"))?;
-        cfg.validate()?;
-        let unet = UNet::new(&cfg)?;
-        let weights = load_unet_weights(&unet_dir, &unet, device)?;
-        Ok(Self {
-            unet,
-            engine: CandleEngine::new(weights, device.clone()),
-        })
-    }
-}
-
-/// The phone's settings of an `obfuscated` generation.
-#[derive(Clone, Default)]
-pub struct ObfuscationOptions {
-    /// k: steps run on the server (default: half of T).
-    pub server_steps: Option<usize>,
-    /// Most candidates sent (default 8).
-    pub k_max: Option<usize>,
-    /// The attribute lexicon (default: the built-in one).
-    pub lexicon: Option<Arc<Lexicon>>,
-    /// What the server is asked to accelerate.
-    pub accel: Accelerations,
-    /// The U-Net of the late steps (default: the model's own).
-    pub device_unet: Option<Arc<DeviceUNet>>,
-}
-
-impl std::fmt::Debug for ObfuscationOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObfuscationOptions")
-            .field("server_steps", &self.server_steps)
-            .field("k_max", &self.k_max)
-            .field("custom_lexicon", &self.lexicon.is_some())
-            .field("accel", &self.accel)
-            .field("device_unet", &self.device_unet.is_some())
-            .finish()
-    }
-}
-
-/// Default K_max.
-pub const DEFAULT_K_MAX: usize = 8;
-
-/// What an `obfuscated` generation sent, for its caller (the real index is not in it).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ObfuscationReport {
-    /// The sensitive spans found in the prompt.
-    pub spans: Vec<Span>,
-    /// K: candidate prompts sent (0 when k = 0: nothing leaves the phone).
-    pub candidates: usize,
-    /// Every combination of the detected values (before the K_max cut).
-    pub combinations: usize,
-    /// k: steps the server ran.
-    pub server_steps: usize,
-    /// T − k: steps this device ran.
-    pub device_steps: usize,
-    /// U-Net batch rows the server ran (summed over its steps).
-    pub server_unet_rows: u64,
-}
 
 /// What the phone sent for one `obfuscated` generation, and what came back.
 struct EarlyExchange {

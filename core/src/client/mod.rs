@@ -1,14 +1,21 @@
 //! The client: one generation pipeline with one denoise loop, and the strategies that split a
 //! generation between the phone and the servers.
 //!
-//! - `pipeline`: `StableDiffusion` (a loaded model), `generate`, options, results, PNG.
+//! - `options`: what a generation is asked (`GenerateOptions`, the obfuscated policy's
+//!   settings and device U-Net) and what it returns (`Generation`, `RunStats`, PNG).
+//! - `pipeline`: `StableDiffusion` (a loaded model) and `generate`, which picks the strategy.
 //! - `denoise`: the one denoise loop every policy runs, over K guided candidates.
 //! - `hybrid`: the `obfuscated` strategy (ObCLIP): a server runs the first k steps of K
 //!   candidate prompts, the phone finishes the real one with its device U-Net.
+//! - `early_steps`: the server's side of `obfuscated` (K candidates' first k steps).
 //! - `plan`: `veil plan`'s accounting of a policy from shapes alone.
+//!
+//! Within the client the files import one way too: `denoise` and `options` at the bottom, then
+//! `pipeline`, then `early_steps` and `plan`, then `hybrid`.
 
 pub mod denoise;
 pub mod early_steps;
 pub mod hybrid;
+pub mod options;
 pub mod pipeline;
 pub mod plan;

@@ -2,7 +2,6 @@
 //! classifier-free guidance where every U-Net call runs through the placement runtime (and so
 //! over the shard backends the policy uses), decode with the VAE on the device, write a PNG.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,21 +9,20 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 
 pub use crate::client::denoise::Progress;
 use crate::client::denoise::{denoise, Conditioning, LoopHooks};
-use crate::client::hybrid::{ObfuscationOptions, ObfuscationReport};
+pub use crate::client::options::{
+    image_to_png, GenerateOptions, Generation, RunStats, ServerStats,
+};
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::model::config::ModelPaths;
-use crate::model::scheduler::{new_scheduler, SchedulerConfig, SchedulerKind};
+use crate::model::scheduler::{new_scheduler, SchedulerConfig};
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
-use crate::model::weights::WeightFile;
-use crate::placement::accounting::Accounting;
-use crate::placement::audit::Audit;
+pub use crate::model::weights::load_unet_weights;
 use crate::placement::backend::{InProcessBackend, ShardBackend};
-use crate::placement::engine::{CandleEngine, WireDtype};
+use crate::placement::engine::CandleEngine;
 use crate::placement::policy::Policy;
 use crate::placement::runtime::Runtime;
 use crate::vocab::error::{Error, Result};
@@ -40,22 +38,6 @@ pub struct StableDiffusion {
     pub vae: Vae,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
-}
-
-/// Loads exactly the parameters `unet` asks for from `unet/`, checking every shape.
-pub fn load_unet_weights(
-    dir: &Path,
-    unet: &UNet,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let file = WeightFile::open_component(dir, "diffusion_pytorch_model")?;
-    unet.parameters()
-        .into_iter()
-        .map(|(name, shape)| {
-            let t = file.load(&name, &shape, DType::F32, device)?;
-            Ok((name, t))
-        })
-        .collect()
 }
 
 impl StableDiffusion {
@@ -276,144 +258,4 @@ pub fn seeded_normal(seed: u64, shape: &[usize], device: &Device) -> Result<Tens
         }
     }
     Ok(Tensor::from_vec(v, shape, device)?)
-}
-
-/// What to generate and how.
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub steps: usize,
-    pub guidance: f64,
-    pub seed: u64,
-    pub width: usize,
-    pub height: usize,
-    pub scheduler: SchedulerKind,
-    pub latents: Option<Tensor>,
-    pub policy: Policy,
-    pub wire: WireDtype,
-    /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
-    /// output of the step before instead of recomputing it (None: always recompute).
-    pub attention_reuse_from: Option<usize>,
-    /// Evaluation only: from this step on, keep every tensor the servers receive
-    /// (`Generation::captured`).
-    #[cfg(feature = "eval-capture")]
-    pub capture_from_step: Option<usize>,
-    /// The `obfuscated` policy's settings (ignored by the other policies).
-    pub obfuscation: ObfuscationOptions,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        Self {
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            steps: 50,
-            guidance: 5.0,
-            seed: 1,
-            width: 512,
-            height: 512,
-            scheduler: SchedulerKind::Ddim,
-            latents: None,
-            policy: Policy::Local,
-            wire: WireDtype::F32,
-            attention_reuse_from: None,
-            #[cfg(feature = "eval-capture")]
-            capture_from_step: None,
-            obfuscation: ObfuscationOptions::default(),
-        }
-    }
-}
-
-/// Traffic of one shard backend.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServerStats {
-    pub server: usize,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub server_flops: u64,
-}
-
-/// The `--stats` JSON of a generation.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunStats {
-    pub wall_seconds: f64,
-    pub steps: usize,
-    pub unet_calls: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub round_trips: u64,
-    pub device_flops: u64,
-    pub server_flops: u64,
-    pub per_server: Vec<ServerStats>,
-}
-
-impl RunStats {
-    pub fn new(a: &Accounting, steps: usize, wall_seconds: f64) -> Self {
-        Self {
-            wall_seconds,
-            steps,
-            unet_calls: a.unet_calls,
-            bytes_up: a.bytes_up(),
-            bytes_down: a.bytes_down(),
-            round_trips: a.round_trips,
-            device_flops: a.device_flops,
-            server_flops: a.server_flops_total(),
-            per_server: (0..a.backends)
-                .map(|i| ServerStats {
-                    server: i,
-                    bytes_up: a.bytes_up_of(i),
-                    bytes_down: a.bytes_down_of(i),
-                    server_flops: a.server_flops[i],
-                })
-                .collect(),
-        }
-    }
-}
-
-/// The result of a generation.
-pub struct Generation {
-    /// RGB [3, H, W] in [0, 1].
-    pub image: Tensor,
-    /// Final latents [1, 4, h, w].
-    pub latents: Tensor,
-    pub accounting: Accounting,
-    /// Every tensor each server received (empty for `local`).
-    pub audit: Audit,
-    /// With `capture_from_step`: each tensor a server received from that step on, with its
-    /// view, in send order.
-    #[cfg(feature = "eval-capture")]
-    pub captured: Vec<(crate::placement::audit::View, Tensor)>,
-    pub stats: RunStats,
-    /// What an `obfuscated` generation sent (None for the other policies).
-    pub obfuscation: Option<ObfuscationReport>,
-}
-
-impl Generation {
-    /// The image as PNG bytes.
-    pub fn png(&self) -> Result<Vec<u8>> {
-        image_to_png(&self.image)
-    }
-}
-
-/// Encodes an RGB [3, H, W] tensor in [0, 1] as PNG.
-pub fn image_to_png(image: &Tensor) -> Result<Vec<u8>> {
-    let (c, h, w) = image.dims3()?;
-    if c != 3 {
-        return Err(Error::InvalidArgument(format!(
-            "image has {c} channels, expected 3"
-        )));
-    }
-    let bytes = (image.permute((1, 2, 0))? * 255.0)?
-        .round()?
-        .clamp(0f32, 255f32)?
-        .to_dtype(DType::U8)?
-        .flatten_all()?
-        .to_vec1::<u8>()?;
-    let buf = image::RgbImage::from_raw(w as u32, h as u32, bytes)
-        .ok_or_else(|| Error::InvalidArgument("image buffer size mismatch".into()))?;
-    let mut out = Vec::new();
-    buf.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-        .map_err(|e| Error::InvalidArgument(format!("PNG encoding: {e}")))?;
-    Ok(out)
 }

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use crate::model::unet::UNet;
 use crate::vocab::error::{Error, Result};
 
 /// The safetensors weights of one component (`unet/`, `vae/`, `text_encoder/`).
@@ -261,4 +262,20 @@ impl SimpleBackend for RecordingBackend {
             .as_ref()
             .is_some_and(|r| r.contains_key(name))
     }
+}
+
+/// Loads exactly the parameters `unet` asks for from `unet/`, checking every shape.
+pub fn load_unet_weights(
+    dir: &Path,
+    unet: &UNet,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let file = WeightFile::open_component(dir, "diffusion_pytorch_model")?;
+    unet.parameters()
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = file.load(&name, &shape, DType::F32, device)?;
+            Ok((name, t))
+        })
+        .collect()
 }

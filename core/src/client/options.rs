@@ -1,0 +1,235 @@
+//! What a generation is asked and what it returns: `GenerateOptions` (with the `obfuscated`
+//! policy's `ObfuscationOptions` and its `DeviceUNet`), `Generation`, `RunStats`, and the PNG
+//! encoding of a result. Every strategy of the client reads and writes these; none of them is
+//! imported back from here.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+
+use crate::model::config::{read_json, UNetConfig};
+use crate::model::scheduler::SchedulerKind;
+use crate::model::unet::UNet;
+use crate::model::weights::load_unet_weights;
+use crate::obfuscation::{Lexicon, Span};
+use crate::placement::accounting::Accounting;
+use crate::placement::audit::Audit;
+use crate::placement::engine::CandleEngine;
+use crate::placement::policy::Policy;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::job::Accelerations;
+use crate::vocab::precision::WireDtype;
+
+/// What to generate and how.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub scheduler: SchedulerKind,
+    pub latents: Option<Tensor>,
+    pub policy: Policy,
+    pub wire: WireDtype,
+    /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
+    /// output of the step before instead of recomputing it (None: always recompute).
+    pub attention_reuse_from: Option<usize>,
+    /// Evaluation only: from this step on, keep every tensor the servers receive
+    /// (`Generation::captured`).
+    #[cfg(feature = "eval-capture")]
+    pub capture_from_step: Option<usize>,
+    /// The `obfuscated` policy's settings (ignored by the other policies).
+    pub obfuscation: ObfuscationOptions,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 50,
+            guidance: 5.0,
+            seed: 1,
+            width: 512,
+            height: 512,
+            scheduler: SchedulerKind::Ddim,
+            latents: None,
+            policy: Policy::Local,
+            wire: WireDtype::F32,
+            attention_reuse_from: None,
+            #[cfg(feature = "eval-capture")]
+            capture_from_step: None,
+            obfuscation: ObfuscationOptions::default(),
+        }
+    }
+}
+
+/// Traffic of one shard backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStats {
+    pub server: usize,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub server_flops: u64,
+}
+
+/// The `--stats` JSON of a generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStats {
+    pub wall_seconds: f64,
+    pub steps: usize,
+    pub unet_calls: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub round_trips: u64,
+    pub device_flops: u64,
+    pub server_flops: u64,
+    pub per_server: Vec<ServerStats>,
+}
+
+impl RunStats {
+    pub fn new(a: &Accounting, steps: usize, wall_seconds: f64) -> Self {
+        Self {
+            wall_seconds,
+            steps,
+            unet_calls: a.unet_calls,
+            bytes_up: a.bytes_up(),
+            bytes_down: a.bytes_down(),
+            round_trips: a.round_trips,
+            device_flops: a.device_flops,
+            server_flops: a.server_flops_total(),
+            per_server: (0..a.backends)
+                .map(|i| ServerStats {
+                    server: i,
+                    bytes_up: a.bytes_up_of(i),
+                    bytes_down: a.bytes_down_of(i),
+                    server_flops: a.server_flops[i],
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The result of a generation.
+pub struct Generation {
+    /// RGB [3, H, W] in [0, 1].
+    pub image: Tensor,
+    /// Final latents [1, 4, h, w].
+    pub latents: Tensor,
+    pub accounting: Accounting,
+    /// Every tensor each server received (empty for `local`).
+    pub audit: Audit,
+    /// With `capture_from_step`: each tensor a server received from that step on, with its
+    /// view, in send order.
+    #[cfg(feature = "eval-capture")]
+    pub captured: Vec<(crate::placement::audit::View, Tensor)>,
+    pub stats: RunStats,
+    /// What an `obfuscated` generation sent (None for the other policies).
+    pub obfuscation: Option<ObfuscationReport>,
+}
+
+impl Generation {
+    /// The image as PNG bytes.
+    pub fn png(&self) -> Result<Vec<u8>> {
+        image_to_png(&self.image)
+    }
+}
+
+/// Encodes an RGB [3, H, W] tensor in [0, 1] as PNG.
+pub fn image_to_png(image: &Tensor) -> Result<Vec<u8>> {
+    let (c, h, w) = image.dims3()?;
+    if c != 3 {
+        return Err(Error::InvalidArgument(format!(
+            "image has {c} channels, expected 3"
+        )));
+    }
+    let bytes = (image.permute((1, 2, 0))? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let buf = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| Error::InvalidArgument("image buffer size mismatch".into()))?;
+    let mut out = Vec::new();
+    buf.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|e| Error::InvalidArgument(format!("PNG encoding: {e}")))?;
+    Ok(out)
+}
+
+/// A device U-Net for the late steps: any diffusers U-Net with the same latent space.
+pub struct DeviceUNet {
+    pub unet: UNet,
+    pub engine: CandleEngine,
+}
+
+impl DeviceUNet {
+    /// Loads `dir/unet` (a diffusers model folder) or `dir` itself when it holds the U-Net's
+    /// `config.json` directly.
+    pub fn load(dir: &std::path::Path, device: &candle_core::Device) -> Result<Self> {
+        let unet_dir = if dir.join("unet").join("config.json").is_file() {
+            dir.join("unet")
+        } else {
+            dir.to_path_buf()
+        };
+        let cfg: UNetConfig = read_json(&unet_dir.join("config.json"))?;
+        cfg.validate()?;
+        let unet = UNet::new(&cfg)?;
+        let weights = load_unet_weights(&unet_dir, &unet, device)?;
+        Ok(Self {
+            unet,
+            engine: CandleEngine::new(weights, device.clone()),
+        })
+    }
+}
+
+/// The phone's settings of an `obfuscated` generation.
+#[derive(Clone, Default)]
+pub struct ObfuscationOptions {
+    /// k: steps run on the server (default: half of T).
+    pub server_steps: Option<usize>,
+    /// Most candidates sent (default 8).
+    pub k_max: Option<usize>,
+    /// The attribute lexicon (default: the built-in one).
+    pub lexicon: Option<Arc<Lexicon>>,
+    /// What the server is asked to accelerate.
+    pub accel: Accelerations,
+    /// The U-Net of the late steps (default: the model's own).
+    pub device_unet: Option<Arc<DeviceUNet>>,
+}
+
+impl std::fmt::Debug for ObfuscationOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObfuscationOptions")
+            .field("server_steps", &self.server_steps)
+            .field("k_max", &self.k_max)
+            .field("custom_lexicon", &self.lexicon.is_some())
+            .field("accel", &self.accel)
+            .field("device_unet", &self.device_unet.is_some())
+            .finish()
+    }
+}
+
+/// Default K_max.
+pub const DEFAULT_K_MAX: usize = 8;
+
+/// What an `obfuscated` generation sent, for its caller (the real index is not in it).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ObfuscationReport {
+    /// The sensitive spans found in the prompt.
+    pub spans: Vec<Span>,
+    /// K: candidate prompts sent (0 when k = 0: nothing leaves the phone).
+    pub candidates: usize,
+    /// Every combination of the detected values (before the K_max cut).
+    pub combinations: usize,
+    /// k: steps the server ran.
+    pub server_steps: usize,
+    /// T − k: steps this device ran.
+    pub device_steps: usize,
+    /// U-Net batch rows the server ran (summed over its steps).
+    pub server_unet_rows: u64,
+}
