@@ -120,65 +120,50 @@ fn u(v: usize) -> u64 {
     v as u64
 }
 
+/// A strip op without a layer name or float parameters, as (kind, layer, operands, integers,
+/// floats).
+fn unnamed<T>(kind: u8, operands: Vec<&Operand<T>>, ints: Vec<u64>) -> ApplyParts<'_, T> {
+    (kind, String::new(), operands, ints, vec![])
+}
+
+/// A strip op that names its layer and has no integer or float parameters.
+fn named<'a, T>(kind: u8, layer: &str, operands: Vec<&'a Operand<T>>) -> ApplyParts<'a, T> {
+    (kind, layer.to_owned(), operands, vec![], vec![])
+}
+
 /// A strip op as (kind, layer, operands, integers, floats).
 pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
     use apply_kind as k;
-    let none = String::new;
     Ok(match op {
         ShardOp::Narrow {
             input,
             dim,
             start,
             len,
-        } => (
-            k::NARROW,
-            none(),
-            vec![input],
-            vec![u(*dim), u(*start), u(*len)],
-            vec![],
-        ),
-        ShardOp::Cat { inputs, dim } => (
-            k::CAT,
-            none(),
-            inputs.iter().collect(),
-            vec![u(*dim)],
-            vec![],
-        ),
+        } => unnamed(k::NARROW, vec![input], vec![u(*dim), u(*start), u(*len)]),
+        ShardOp::Cat { inputs, dim } => unnamed(k::CAT, inputs.iter().collect(), vec![u(*dim)]),
         ShardOp::GroupNormApply {
             layer,
             input,
             moments,
-        } => (
-            k::GROUP_NORM_APPLY,
-            layer.clone(),
-            vec![input, moments],
-            vec![],
-            vec![],
-        ),
-        ShardOp::LayerNorm { layer, input } => {
-            (k::LAYER_NORM, layer.clone(), vec![input], vec![], vec![])
-        }
-        ShardOp::Linear { layer, input } => (k::LINEAR, layer.clone(), vec![input], vec![], vec![]),
-        ShardOp::Silu { input } => (k::SILU, none(), vec![input], vec![], vec![]),
-        ShardOp::Geglu { input, kind } => (
-            k::GEGLU,
-            none(),
-            vec![input],
-            vec![match kind {
+        } => named(k::GROUP_NORM_APPLY, layer, vec![input, moments]),
+        ShardOp::LayerNorm { layer, input } => named(k::LAYER_NORM, layer, vec![input]),
+        ShardOp::Linear { layer, input } => named(k::LINEAR, layer, vec![input]),
+        ShardOp::Silu { input } => unnamed(k::SILU, vec![input], vec![]),
+        ShardOp::Geglu { input, kind } => {
+            let gelu = match kind {
                 GeluKind::Erf => 0,
                 GeluKind::Tanh => 1,
-            }],
-            vec![],
-        ),
-        ShardOp::Add { a, b } => (k::ADD, none(), vec![a, b], vec![], vec![]),
-        ShardOp::Scale { input, factor } => (k::SCALE, none(), vec![input], vec![], vec![*factor]),
-        ShardOp::AddChannelBias { input, bias } => (
-            k::ADD_CHANNEL_BIAS,
-            none(),
-            vec![input, bias],
-            vec![],
-            vec![],
-        ),
+            };
+            unnamed(k::GEGLU, vec![input], vec![gelu])
+        }
+        ShardOp::Add { a, b } => unnamed(k::ADD, vec![a, b], vec![]),
+        ShardOp::Scale { input, factor } => {
+            (k::SCALE, String::new(), vec![input], vec![], vec![*factor])
+        }
+        ShardOp::AddChannelBias { input, bias } => {
+            unnamed(k::ADD_CHANNEL_BIAS, vec![input, bias], vec![])
+        }
         ShardOp::UpsampleRows {
             input,
             src_first,
@@ -187,24 +172,18 @@ pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
             dst_first,
             dst_len,
             dst_w,
-        } => (
-            k::UPSAMPLE_ROWS,
-            none(),
-            vec![input],
-            [src_first, src_h, dst_h, dst_first, dst_len, dst_w]
-                .iter()
-                .map(|v| u(**v))
-                .collect(),
-            vec![],
-        ),
-        ShardOp::ToTokens { input } => (k::TO_TOKENS, none(), vec![input], vec![], vec![]),
-        ShardOp::ToSpatial { input, h, w } => (
-            k::TO_SPATIAL,
-            none(),
-            vec![input],
-            vec![u(*h), u(*w)],
-            vec![],
-        ),
+        } => {
+            let ints = [src_first, src_h, dst_h, dst_first, dst_len, dst_w];
+            unnamed(
+                k::UPSAMPLE_ROWS,
+                vec![input],
+                ints.iter().map(|v| u(**v)).collect(),
+            )
+        }
+        ShardOp::ToTokens { input } => unnamed(k::TO_TOKENS, vec![input], vec![]),
+        ShardOp::ToSpatial { input, h, w } => {
+            unnamed(k::TO_SPATIAL, vec![input], vec![u(*h), u(*w)])
+        }
         ShardOp::TimestepEmbedding {
             timestep,
             batch,
@@ -213,7 +192,7 @@ pub fn apply_parts<T>(op: &ShardOp<T>) -> Result<ApplyParts<'_, T>> {
             shift,
         } => (
             k::TIMESTEP_EMBEDDING,
-            none(),
+            String::new(),
             vec![],
             vec![u(*batch), u(*dim), u64::from(*flip_sin_to_cos)],
             vec![*timestep, *shift],
@@ -234,14 +213,9 @@ fn malformed(kind: u8, what: &str) -> Error {
     Error::Wire(WireError::BadCall(format!("apply kind {kind}: {what}")))
 }
 
-/// The strip op of a decoded `Apply` call (arity and parameter counts checked).
-pub fn apply_from_parts<T>(
-    kind: u8,
-    layer: String,
-    operands: Vec<Operand<T>>,
-    ints: &[u64],
-    floats: &[f64],
-) -> Result<ShardOp<T>> {
+/// Checks that an `Apply` of `kind` carries as many operands, integers and floats as that
+/// kind takes (one or more operands for `Cat`).
+fn check_apply_counts(kind: u8, operands: usize, ints: usize, floats: usize) -> Result<()> {
     use apply_kind as k;
     let (n_ops, n_ints, n_floats) = match kind {
         k::NARROW => (1, 3, 0),
@@ -256,56 +230,89 @@ pub fn apply_from_parts<T>(
         _ => return Err(malformed(kind, "unknown kind")),
     };
     let ops_ok = if n_ops == usize::MAX {
-        !operands.is_empty()
+        operands > 0
     } else {
-        operands.len() == n_ops
+        operands == n_ops
     };
-    if !ops_ok || ints.len() != n_ints || floats.len() != n_floats {
+    if !ops_ok || ints != n_ints || floats != n_floats {
         return Err(malformed(kind, "wrong number of operands or parameters"));
     }
-    let int = |i: usize| -> Result<usize> {
-        usize::try_from(ints[i]).map_err(|_| malformed(kind, "integer out of range"))
-    };
-    let named = |layer: String| -> Result<String> {
+    Ok(())
+}
+
+/// The fields of a decoded `Apply` whose counts match its kind, read one by one into a
+/// `ShardOp`; every accessor names the kind in its error.
+struct ApplyArgs<'a, T> {
+    kind: u8,
+    operands: std::vec::IntoIter<Operand<T>>,
+    ints: &'a [u64],
+}
+
+impl<T> ApplyArgs<'_, T> {
+    fn next(&mut self) -> Result<Operand<T>> {
+        self.operands
+            .next()
+            .ok_or_else(|| malformed(self.kind, "missing operand"))
+    }
+
+    fn int(&self, i: usize) -> Result<usize> {
+        usize::try_from(self.ints[i]).map_err(|_| malformed(self.kind, "integer out of range"))
+    }
+
+    fn layer_name(&self, layer: String) -> Result<String> {
         if layer.is_empty() {
-            Err(malformed(kind, "missing layer name"))
+            Err(malformed(self.kind, "missing layer name"))
         } else {
             Ok(layer)
         }
+    }
+}
+
+/// The strip op of a decoded `Apply` call (arity and parameter counts checked).
+pub fn apply_from_parts<T>(
+    kind: u8,
+    layer: String,
+    operands: Vec<Operand<T>>,
+    ints: &[u64],
+    floats: &[f64],
+) -> Result<ShardOp<T>> {
+    use apply_kind as k;
+    check_apply_counts(kind, operands.len(), ints.len(), floats.len())?;
+    let mut a = ApplyArgs {
+        kind,
+        operands: operands.into_iter(),
+        ints,
     };
-    let mut it = operands.into_iter();
-    let mut next = || it.next().ok_or_else(|| malformed(kind, "missing operand"));
     Ok(match kind {
         k::NARROW => ShardOp::Narrow {
-            input: next()?,
-            dim: int(0)?,
-            start: int(1)?,
-            len: int(2)?,
+            input: a.next()?,
+            dim: a.int(0)?,
+            start: a.int(1)?,
+            len: a.int(2)?,
         },
         k::CAT => {
-            let dim = int(0)?;
-            let mut inputs = Vec::new();
-            while let Ok(o) = next() {
-                inputs.push(o);
+            let dim = a.int(0)?;
+            ShardOp::Cat {
+                inputs: a.operands.collect(),
+                dim,
             }
-            ShardOp::Cat { inputs, dim }
         }
         k::GROUP_NORM_APPLY => ShardOp::GroupNormApply {
-            layer: named(layer)?,
-            input: next()?,
-            moments: next()?,
+            layer: a.layer_name(layer)?,
+            input: a.next()?,
+            moments: a.next()?,
         },
         k::LAYER_NORM => ShardOp::LayerNorm {
-            layer: named(layer)?,
-            input: next()?,
+            layer: a.layer_name(layer)?,
+            input: a.next()?,
         },
         k::LINEAR => ShardOp::Linear {
-            layer: named(layer)?,
-            input: next()?,
+            layer: a.layer_name(layer)?,
+            input: a.next()?,
         },
-        k::SILU => ShardOp::Silu { input: next()? },
+        k::SILU => ShardOp::Silu { input: a.next()? },
         k::GEGLU => ShardOp::Geglu {
-            input: next()?,
+            input: a.next()?,
             kind: match ints[0] {
                 0 => GeluKind::Erf,
                 1 => GeluKind::Tanh,
@@ -313,36 +320,36 @@ pub fn apply_from_parts<T>(
             },
         },
         k::ADD => ShardOp::Add {
-            a: next()?,
-            b: next()?,
+            a: a.next()?,
+            b: a.next()?,
         },
         k::SCALE => {
             if !floats[0].is_finite() {
                 return Err(malformed(kind, "non-finite factor"));
             }
             ShardOp::Scale {
-                input: next()?,
+                input: a.next()?,
                 factor: floats[0],
             }
         }
         k::ADD_CHANNEL_BIAS => ShardOp::AddChannelBias {
-            input: next()?,
-            bias: next()?,
+            input: a.next()?,
+            bias: a.next()?,
         },
         k::UPSAMPLE_ROWS => ShardOp::UpsampleRows {
-            input: next()?,
-            src_first: int(0)?,
-            src_h: int(1)?,
-            dst_h: int(2)?,
-            dst_first: int(3)?,
-            dst_len: int(4)?,
-            dst_w: int(5)?,
+            input: a.next()?,
+            src_first: a.int(0)?,
+            src_h: a.int(1)?,
+            dst_h: a.int(2)?,
+            dst_first: a.int(3)?,
+            dst_len: a.int(4)?,
+            dst_w: a.int(5)?,
         },
-        k::TO_TOKENS => ShardOp::ToTokens { input: next()? },
+        k::TO_TOKENS => ShardOp::ToTokens { input: a.next()? },
         k::TO_SPATIAL => ShardOp::ToSpatial {
-            input: next()?,
-            h: int(0)?,
-            w: int(1)?,
+            input: a.next()?,
+            h: a.int(0)?,
+            w: a.int(1)?,
         },
         _ => {
             if !floats.iter().all(|f| f.is_finite()) || ints[2] > 1 {
@@ -350,8 +357,8 @@ pub fn apply_from_parts<T>(
             }
             ShardOp::TimestepEmbedding {
                 timestep: floats[0],
-                batch: int(0)?,
-                dim: int(1)?,
+                batch: a.int(0)?,
+                dim: a.int(1)?,
                 flip_sin_to_cos: ints[2] == 1,
                 shift: floats[1],
             }

@@ -21,6 +21,14 @@
 //! timestep -1, which DDIM then reads as `alphas_cumprod[-1]`, the *noisiest* entry. Veil keeps
 //! exactly n timesteps. diffusers' quirks that are well defined are kept, e.g. DDIM always
 //! steps back by `num_train_timesteps / n`, even with trailing/linspace spacing.
+//!
+//! This file holds what the samplers share: the config and its validation, the [`Scheduler`]
+//! trait, [`new_scheduler`], the numpy-exact schedule helpers and the f32 tensor arithmetic.
+//! Each sampler lives in its own file (`ddim`, `dpm_solver`, `euler`).
+
+mod ddim;
+mod dpm_solver;
+mod euler;
 
 use std::path::Path;
 
@@ -28,6 +36,10 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Deserializer};
 
 use crate::vocab::error::{Error, Result};
+
+pub use ddim::DdimScheduler;
+pub use dpm_solver::DpmSolverMultistepScheduler;
+pub use euler::EulerDiscreteScheduler;
 
 /// How betas are laid out over the training timesteps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -341,6 +353,14 @@ impl SchedulerConfig {
         }
     }
 
+    /// What every sampler's constructor starts with: rejects options `kind` does not implement
+    /// and step counts outside the training range, then builds `alphas_cumprod`.
+    fn prepare(&self, kind: SchedulerKind, num_inference_steps: usize) -> Result<Vec<f64>> {
+        self.check_supported(kind)?;
+        check_steps(self, num_inference_steps)?;
+        self.alphas_cumprod()
+    }
+
     /// `alphas_cumprod` as diffusers builds it: betas and alphas in f32, the running product
     /// accumulated in f64 (torch's CPU cumprod) and stored in f32. Returned widened to f64.
     pub fn alphas_cumprod(&self) -> Result<Vec<f64>> {
@@ -400,10 +420,16 @@ pub trait Scheduler: Send {
     /// `linspace` timesteps can be fractional, e.g. 499.5).
     fn timesteps(&self) -> &[f64];
     /// Scale for unit-variance starting noise: 1 for DDIM/DPM, the largest sigma for Euler.
-    fn init_noise_sigma(&self) -> f64;
+    /// The default is the variance-preserving samplers' 1.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// What the U-Net sees at `step_index` (Euler divides by sqrt(sigma^2 + 1); others pass
-    /// through).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// through). The default is the variance-preserving samplers' pass-through.
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(self, step_index)?;
+        Ok(sample.clone())
+    }
     /// One denoising step: from the sample at `step_index` to the next one.
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor)
         -> Result<Tensor>;
@@ -518,10 +544,12 @@ fn check_steps(config: &SchedulerConfig, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_index(kind: SchedulerKind, step_index: usize, len: usize) -> Result<()> {
+fn check_index<S: Scheduler + ?Sized>(scheduler: &S, step_index: usize) -> Result<()> {
+    let len = scheduler.len();
     if step_index >= len {
         return Err(Error::InvalidArgument(format!(
-            "{kind}: step_index {step_index} out of range for {len} steps"
+            "{}: step_index {step_index} out of range for {len} steps",
+            scheduler.kind()
         )));
     }
     Ok(())
@@ -550,413 +578,43 @@ fn div_scalar(x: &Tensor, d: f32) -> Result<Tensor> {
     Ok(x.broadcast_div(&d)?)
 }
 
-fn f32_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
+/// Runs one step's math in f32: `update(model_output, sample)` on both upcast, the result cast
+/// back to the sample's dtype (every sampler computes in f32 whatever the caller's dtype).
+fn step_in_f32(
+    model_output: &Tensor,
+    sample: &Tensor,
+    update: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let m = model_output.to_dtype(DType::F32)?;
+    let x = sample.to_dtype(DType::F32)?;
+    Ok(update(&m, &x)?.to_dtype(sample.dtype())?)
 }
 
-/// `sigma = sqrt((1 - a) / a)` per training timestep, rounded to f32 like diffusers' table.
-fn sigma_table(alphas_cumprod: &[f64]) -> Vec<f64> {
-    alphas_cumprod
+/// `signal * original + noise_scale * noise` in f32, cast back to the original's dtype: every
+/// sampler's `add_noise`, which differ only in the two coefficients of the step.
+fn noised(original: &Tensor, noise: &Tensor, signal: f64, noise_scale: f64) -> Result<Tensor> {
+    let x = original.to_dtype(DType::F32)?;
+    let n = noise.to_dtype(DType::F32)?;
+    Ok(lincomb(&[(signal, &x), (noise_scale, &n)])?.to_dtype(original.dtype())?)
+}
+
+/// `leading` spacing on integer timesteps: `i * ratio + steps_offset` for `steps` high to low.
+fn leading(ratio: usize, steps: impl DoubleEndedIterator<Item = usize>, offset: usize) -> Vec<f64> {
+    steps.rev().map(|i| (i * ratio + offset) as f64).collect()
+}
+
+/// Per-step sigmas followed by the final sigma 0, as f32: the training sigmas
+/// `sqrt((1 - a) / a)` (rounded to f32 like diffusers' table) interpolated at the timesteps.
+fn step_sigmas(timesteps: &[f64], alphas_cumprod: &[f64]) -> Vec<f64> {
+    let table: Vec<f64> = alphas_cumprod
         .iter()
         .map(|&a| f32r(((1.0 - a) / a).sqrt()))
-        .collect()
-}
-
-/// Per-step sigmas (interpolated at the timesteps) followed by the final sigma 0, as f32.
-fn step_sigmas(timesteps: &[f64], table: &[f64]) -> Vec<f64> {
+        .collect();
     timesteps
         .iter()
-        .map(|&t| f32r(np_interp_index(t, table)))
+        .map(|&t| f32r(np_interp_index(t, &table)))
         .chain(std::iter::once(0.0))
         .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// diffusers `DDIMScheduler` with eta = 0: deterministic, the setting of the PPIDM paper.
-#[derive(Debug, Clone)]
-pub struct DdimScheduler {
-    alphas_cumprod: Vec<f64>,
-    final_alpha_cumprod: f64,
-    timesteps: Vec<f64>,
-    /// `num_train_timesteps / num_inference_steps`; diffusers steps back by this for every
-    /// spacing, even where the next timestep is not exactly that far (trailing/linspace).
-    stride: i64,
-    prediction_type: PredictionType,
-    clip: Option<f64>,
-}
-
-impl DdimScheduler {
-    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
-        config.check_supported(SchedulerKind::Ddim)?;
-        check_steps(config, num_inference_steps)?;
-        let n_train = config.num_train_timesteps;
-        let n = num_inference_steps;
-        let alphas_cumprod = config.alphas_cumprod()?;
-        let timesteps: Vec<f64> = match config.spacing_for(SchedulerKind::Ddim) {
-            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
-                .into_iter()
-                .rev()
-                .map(f64::round_ties_even)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n_train / n;
-                (0..n)
-                    .rev()
-                    .map(|i| (i * ratio + config.steps_offset) as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => trailing(n_train, n_train, n),
-        };
-        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= n_train as f64) {
-            return Err(Error::InvalidArgument(format!(
-                "ddim: timestep {t} outside the {n_train} training timesteps (steps_offset {} with {n} steps)",
-                config.steps_offset
-            )));
-        }
-        Ok(Self {
-            final_alpha_cumprod: if config.set_alpha_to_one {
-                1.0
-            } else {
-                alphas_cumprod[0]
-            },
-            alphas_cumprod,
-            timesteps,
-            stride: (n_train / n) as i64,
-            prediction_type: config.prediction_type,
-            clip: config.clip_sample.then_some(config.clip_sample_range),
-        })
-    }
-
-    /// (alpha_cumprod at the step's timestep, at the previous timestep).
-    fn alphas(&self, step_index: usize) -> (f64, f64) {
-        let t = self.timesteps[step_index] as i64;
-        let prev = t - self.stride;
-        let a_t = self.alphas_cumprod[t as usize];
-        let a_prev = if prev >= 0 {
-            self.alphas_cumprod[prev as usize]
-        } else {
-            self.final_alpha_cumprod
-        };
-        (a_t, a_prev)
-    }
-}
-
-impl Scheduler for DdimScheduler {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Ddim
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        let dtype = sample.dtype();
-        let (m, x) = f32_pair(model_output, sample)?;
-        let (a_t, a_prev) = self.alphas(step_index);
-        let (sa, sb) = (a_t.sqrt(), (1.0 - a_t).sqrt());
-        let (x0, eps) = match self.prediction_type {
-            PredictionType::Epsilon => (lincomb(&[(1.0 / sa, &x), (-sb / sa, &m)])?, m.clone()),
-            PredictionType::Sample => (m.clone(), lincomb(&[(1.0 / sb, &x), (-sa / sb, &m)])?),
-            PredictionType::VPrediction => (
-                lincomb(&[(sa, &x), (-sb, &m)])?,
-                lincomb(&[(sa, &m), (sb, &x)])?,
-            ),
-        };
-        let x0 = match self.clip {
-            Some(r) => x0.clamp(-r, r)?,
-            None => x0,
-        };
-        let prev = lincomb(&[(a_prev.sqrt(), &x0), ((1.0 - a_prev).sqrt(), &eps)])?;
-        Ok(prev.to_dtype(dtype)?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        let a = self.alphas_cumprod[self.timesteps[step_index] as usize];
-        let (x, n) = f32_pair(original, noise)?;
-        Ok(lincomb(&[(a.sqrt(), &x), ((1.0 - a).sqrt(), &n)])?.to_dtype(original.dtype())?)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// diffusers `DPMSolverMultistepScheduler` with its defaults: dpmsolver++, order 2, midpoint,
-/// final sigma 0 (so the last step is first order), no Karras sigmas.
-#[derive(Debug, Clone)]
-pub struct DpmSolverMultistepScheduler {
-    timesteps: Vec<f64>,
-    /// One per step plus the final 0.
-    sigmas: Vec<f64>,
-    prediction_type: PredictionType,
-    /// The data prediction x0 of the last step taken, with its step index.
-    previous: Option<(usize, Tensor)>,
-}
-
-/// (alpha_t, sigma_t, lambda_t) of the VP process at "sigma" = sigma_t / alpha_t.
-fn vp(sigma: f64) -> (f64, f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let s = sigma * alpha;
-    (alpha, s, alpha.ln() - s.ln())
-}
-
-impl DpmSolverMultistepScheduler {
-    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
-        config.check_supported(SchedulerKind::DpmSolverMultistep)?;
-        check_steps(config, num_inference_steps)?;
-        let n_train = config.num_train_timesteps;
-        let n = num_inference_steps;
-        let alphas_cumprod = config.alphas_cumprod()?;
-        // lambda_min_clipped: drop the training timesteps whose log-SNR lies below it.
-        let clipped = alphas_cumprod
-            .iter()
-            .filter(|&&a| {
-                let lambda = f32r(0.5 * a.ln() - 0.5 * (1.0 - a).ln());
-                lambda < config.lambda_min_clipped
-            })
-            .count();
-        let last = n_train - clipped;
-        let timesteps: Vec<f64> = match config.spacing_for(SchedulerKind::DpmSolverMultistep) {
-            TimestepSpacing::Linspace => np_linspace(0.0, last as f64 - 1.0, n + 1)
-                .into_iter()
-                .skip(1)
-                .rev()
-                .map(f64::round_ties_even)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = last / (n + 1);
-                (1..=n)
-                    .rev()
-                    .map(|i| (i * ratio + config.steps_offset) as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => trailing(last, n_train, n),
-        };
-        if timesteps.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "dpm++2m: lambda_min_clipped {} leaves no timesteps",
-                config.lambda_min_clipped
-            )));
-        }
-        let sigmas = step_sigmas(&timesteps, &sigma_table(&alphas_cumprod));
-        Ok(Self {
-            timesteps,
-            sigmas,
-            prediction_type: config.prediction_type,
-            previous: None,
-        })
-    }
-
-    /// The sigma of each step followed by the final 0.
-    pub fn sigmas(&self) -> &[f64] {
-        &self.sigmas
-    }
-}
-
-impl Scheduler for DpmSolverMultistepScheduler {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::DpmSolverMultistep
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        let dtype = sample.dtype();
-        let (m, x) = f32_pair(model_output, sample)?;
-        let (alpha_s0, sigma_s0, lambda_s0) = vp(self.sigmas[step_index]);
-        // DPM-Solver++ integrates the data prediction x0.
-        let x0 = match self.prediction_type {
-            PredictionType::Epsilon => {
-                lincomb(&[(1.0 / alpha_s0, &x), (-sigma_s0 / alpha_s0, &m)])?
-            }
-            PredictionType::Sample => m.clone(),
-            PredictionType::VPrediction => lincomb(&[(alpha_s0, &x), (-sigma_s0, &m)])?,
-        };
-        let sigma_next = self.sigmas[step_index + 1];
-        let (alpha_t, sigma_t, lambda_t) = vp(sigma_next);
-        // h = inf at the final sigma 0: exp(-h) = 0 and the step lands exactly on x0.
-        let h = lambda_t - lambda_s0;
-        let c = alpha_t * -(-h).exp_m1();
-        let ratio = sigma_t / sigma_s0;
-        let is_last = step_index + 1 == self.timesteps.len();
-        let previous = match self.previous.take() {
-            Some((i, m1)) if i + 1 == step_index && !is_last => Some(m1),
-            _ => None,
-        };
-        let prev = match previous {
-            // First order (DPM-Solver++ 1 = DDIM): the first step, and the last step because the
-            // final sigma is 0 (diffusers' lower_order_final).
-            None => lincomb(&[(ratio, &x), (c, &x0)])?,
-            // Second order, midpoint: D1 = (m0 - m1) / r0 with r0 = h_0 / h.
-            Some(m1) => {
-                let (_, _, lambda_s1) = vp(self.sigmas[step_index - 1]);
-                let r0 = (lambda_s0 - lambda_s1) / h;
-                lincomb(&[
-                    (ratio, &x),
-                    (c * (1.0 + 0.5 / r0), &x0),
-                    (-0.5 * c / r0, &m1),
-                ])?
-            }
-        };
-        self.previous = Some((step_index, x0));
-        Ok(prev.to_dtype(dtype)?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        let (alpha, sigma, _) = vp(self.sigmas[step_index]);
-        let (x, n) = f32_pair(original, noise)?;
-        Ok(lincomb(&[(alpha, &x), (sigma, &n)])?.to_dtype(original.dtype())?)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// diffusers `EulerDiscreteScheduler`: deterministic Euler (no churn), linear sigma
-/// interpolation, no Karras sigmas. Works in the "variance exploding" parametrisation, hence
-/// the input scaling and the large initial noise.
-#[derive(Debug, Clone)]
-pub struct EulerDiscreteScheduler {
-    timesteps: Vec<f64>,
-    /// One per step plus the final 0.
-    sigmas: Vec<f64>,
-    init_noise_sigma: f64,
-    prediction_type: PredictionType,
-}
-
-impl EulerDiscreteScheduler {
-    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
-        config.check_supported(SchedulerKind::EulerDiscrete)?;
-        check_steps(config, num_inference_steps)?;
-        let n_train = config.num_train_timesteps;
-        let n = num_inference_steps;
-        let alphas_cumprod = config.alphas_cumprod()?;
-        let spacing = config.spacing_for(SchedulerKind::EulerDiscrete);
-        // Euler keeps float32 timesteps (linspace ones can be fractional).
-        let timesteps: Vec<f64> = match spacing {
-            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
-                .into_iter()
-                .rev()
-                .map(f32r)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n_train / n;
-                (0..n)
-                    .rev()
-                    .map(|i| f32r((i * ratio) as f64) + f32r(config.steps_offset as f64))
-                    .collect()
-            }
-            TimestepSpacing::Trailing => trailing(n_train, n_train, n),
-        };
-        let sigmas = step_sigmas(&timesteps, &sigma_table(&alphas_cumprod));
-        let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
-        // Leading spacing does not start at the top of the schedule, so diffusers uses the
-        // variance of x_t = x0 + sigma * noise with unit-variance x0.
-        let init_noise_sigma = match spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
-        Ok(Self {
-            timesteps,
-            sigmas,
-            init_noise_sigma,
-            prediction_type: config.prediction_type,
-        })
-    }
-
-    /// The sigma of each step followed by the final 0.
-    pub fn sigmas(&self) -> &[f64] {
-        &self.sigmas
-    }
-}
-
-impl Scheduler for EulerDiscreteScheduler {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::EulerDiscrete
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index] as f32;
-        div_scalar(sample, (sigma * sigma + 1.0).sqrt())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        let dtype = sample.dtype();
-        let (m, x) = f32_pair(model_output, sample)?;
-        let sigma = self.sigmas[step_index];
-        let x0 = match self.prediction_type {
-            PredictionType::Epsilon => lincomb(&[(1.0, &x), (-sigma, &m)])?,
-            PredictionType::Sample => m.clone(),
-            PredictionType::VPrediction => {
-                // c_out * m + c_skip * x, with diffusers' f32 scalars.
-                let s = sigma as f32;
-                let s2 = s * s + 1.0;
-                (m.affine(f64::from(-s / s2.sqrt()), 0.0)? + div_scalar(&x, s2)?)?
-            }
-        };
-        // The ODE derivative (x - x0) / sigma, integrated over d sigma. Kept in diffusers' f32
-        // operation order (true division, f32 dt, x + d * dt): with a huge sigma_max (2e4 for
-        // the cosine schedule) the update cancels catastrophically and any reordering moves
-        // the result by ~1e-3 relative.
-        let dt = f64::from(self.sigmas[step_index + 1] as f32 - sigma as f32);
-        let derivative = div_scalar(&(&x - &x0)?, sigma as f32)?;
-        let prev = (&x + derivative.affine(dt, 0.0)?)?;
-        Ok(prev.to_dtype(dtype)?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(self.kind(), step_index, self.timesteps.len())?;
-        let (x, n) = f32_pair(original, noise)?;
-        Ok(lincomb(&[(1.0, &x), (self.sigmas[step_index], &n)])?.to_dtype(original.dtype())?)
-    }
 }
 
 #[cfg(test)]
