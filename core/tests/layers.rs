@@ -157,6 +157,146 @@ fn each_module_imports_only_lower_layers() {
     }
 }
 
+/// The module path of a source file (`placement/runtime/mod.rs` → `placement::runtime`).
+fn module_path(rel: &Path) -> Vec<String> {
+    let mut parts: Vec<String> = rel
+        .components()
+        .filter_map(|c| c.as_os_str().to_str().map(str::to_string))
+        .collect();
+    if let Some(last) = parts.pop() {
+        let stem = last.trim_end_matches(".rs");
+        if stem != "mod" && stem != "lib" {
+            parts.push(stem.to_string());
+        }
+    }
+    parts
+}
+
+/// The full `crate::` paths a line names (groups expanded one level), and `super::` paths
+/// resolved against `module`.
+fn full_paths(code: &str, module: &[String]) -> Vec<Vec<String>> {
+    let ident = |s: &str| -> Vec<String> {
+        s.split("::")
+            .map(|p| {
+                p.trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+            .take_while(|p| !p.is_empty())
+            .collect()
+    };
+    let mut out = Vec::new();
+    // `super` is the parent module (of `a/b/mod.rs`, which is `a::b`, and of `a/b.rs` alike).
+    let parent = module[..module.len().saturating_sub(1)].to_vec();
+    for (prefix, base) in [("crate::", Vec::new()), ("super::", parent)] {
+        let mut rest = code;
+        while let Some(i) = rest.find(prefix) {
+            let before = rest[..i].chars().next_back();
+            rest = &rest[i + prefix.len()..];
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+                continue;
+            }
+            let (head, group) = match rest.find("::{") {
+                Some(g) if !rest[..g].contains([';', ' ', '(']) => {
+                    let end = rest[g + 3..].find('}').map_or(rest.len(), |e| g + 3 + e);
+                    (&rest[..g], Some(&rest[g + 3..end]))
+                }
+                _ => (rest, None),
+            };
+            let mut p = base.clone();
+            p.extend(ident(head));
+            match group {
+                Some(items) => {
+                    for item in items.split(',') {
+                        let mut q = p.clone();
+                        q.extend(ident(item));
+                        out.push(q);
+                    }
+                }
+                None => out.push(p),
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_import_cycle_between_any_modules() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    source_files(&src, &mut files);
+    let modules: Vec<Vec<String>> = files
+        .iter()
+        .map(|f| module_path(f.strip_prefix(&src).expect("under src")))
+        .collect();
+    // An edge from each file's module to the deepest module a path it names lies in.
+    let mut edges: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for (file, module) in files.iter().zip(&modules) {
+        let text = fs::read_to_string(file).expect("read source");
+        let from = module.join("::");
+        for line in text.lines() {
+            for path in full_paths(code_of(line), module) {
+                let target = (1..=path.len())
+                    .rev()
+                    .map(|n| &path[..n])
+                    .find(|p| modules.iter().any(|m| m.as_slice() == *p));
+                if let Some(t) = target {
+                    let to = t.join("::");
+                    // A child naming its ancestors' items (`use super::*`, a facade's
+                    // re-exports) is how Rust modules nest, not a cycle; every other edge
+                    // between two modules counts.
+                    let ancestor = to.is_empty() || from.starts_with(&format!("{to}::"));
+                    if to != from && !ancestor {
+                        edges.entry(from.clone()).or_default().insert(to);
+                    }
+                }
+            }
+        }
+    }
+    // Depth-first search for a back edge.
+    fn visit(
+        m: &str,
+        edges: &BTreeMap<String, std::collections::BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        state.insert(m.to_string(), 1);
+        stack.push(m.to_string());
+        for n in edges.get(m).into_iter().flatten() {
+            match state.get(n.as_str()).copied().unwrap_or(0) {
+                1 => {
+                    let at = stack.iter().position(|s| s == n).unwrap_or(0);
+                    let mut cycle = stack[at..].to_vec();
+                    cycle.push(n.clone());
+                    return Some(cycle);
+                }
+                0 => {
+                    if let Some(c) = visit(n, edges, state, stack) {
+                        return Some(c);
+                    }
+                }
+                _ => {}
+            }
+        }
+        stack.pop();
+        state.insert(m.to_string(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for m in edges.keys() {
+        if state.get(m.as_str()).copied().unwrap_or(0) == 0 {
+            if let Some(cycle) = visit(m, &edges, &mut state, &mut Vec::new()) {
+                panic!("import cycle: {}", cycle.join(" → "));
+            }
+        }
+    }
+    // The walk saw the imports it guards.
+    assert!(edges
+        .get("client::hybrid")
+        .is_some_and(|t| t.contains("client::pipeline")));
+}
+
 #[test]
 fn the_import_parser_sees_every_form() {
     assert_eq!(crate_refs("use crate::model::unet::UNet;"), ["model"]);
@@ -170,6 +310,26 @@ fn the_import_parser_sees_every_form() {
     );
     assert!(crate_refs("use veil_crate::x;").is_empty());
     assert_eq!(code_of("use a; // crate::sdk"), "use a; ");
+    let m = vec![
+        "placement".to_string(),
+        "runtime".to_string(),
+        "strips".to_string(),
+    ];
+    assert_eq!(
+        full_paths("use super::*;", &m),
+        vec![vec!["placement".to_string(), "runtime".to_string()]]
+    );
+    assert_eq!(
+        full_paths("use crate::client::{pipeline::X, plan};", &m),
+        vec![
+            vec![
+                "client".to_string(),
+                "pipeline".to_string(),
+                "X".to_string()
+            ],
+            vec!["client".to_string(), "plan".to_string()],
+        ]
+    );
 }
 
 #[test]
