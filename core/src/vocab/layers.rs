@@ -3,6 +3,8 @@
 //! tree runs on real tensors, on shapes (for `veil plan`), or on a shard server that holds only
 //! the weights it needs.
 
+use crate::vocab::precision::Pad;
+
 /// A 2-D convolution, `name.weight` [out, in, k, k] and `name.bias` [out].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conv2dSpec {
@@ -49,6 +51,29 @@ impl Conv2dSpec {
     /// Output rows for `rows` input rows.
     pub fn out_len(&self, len: usize) -> usize {
         (len + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1
+    }
+
+    /// The input rows of a `len`-row map that output rows `out` read, clipped to the map, and
+    /// the explicit zero padding that stands for what falls outside it (rows above and below;
+    /// the usual padding left and right). One rule for every row split of a convolution.
+    pub fn input_rows(
+        &self,
+        out: &std::ops::Range<usize>,
+        len: usize,
+    ) -> (std::ops::Range<usize>, Pad) {
+        let p = self.padding;
+        // In padded coordinates: [first, end) may reach past the map on either side.
+        let first = (out.start * self.stride) as isize - p as isize;
+        let end = ((out.end - 1) * self.stride + self.kernel) as isize - p as isize;
+        let lo = first.max(0) as usize;
+        let hi = end.min(len as isize) as usize;
+        let pad = Pad {
+            top: (lo as isize - first) as usize,
+            bottom: (end - hi as isize) as usize,
+            left: p,
+            right: p,
+        };
+        (lo..hi, pad)
     }
 }
 

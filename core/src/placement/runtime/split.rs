@@ -6,7 +6,6 @@ use super::*;
 impl<'a, E: Engine> Runtime<'a, E> {
     /// PPICnv: output rows split; each backend gets its input rows plus halo.
     pub(super) async fn conv_split(&mut self, c: &Conv2dSpec, x: &E::T) -> Result<E::T> {
-        let p = c.padding;
         let d = self.engine.dims(x);
         let h = d[2];
         let out_rows = c.out_len(h);
@@ -17,18 +16,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
             .into_iter()
             .enumerate()
         {
-            // Input rows [first, end) in padded coordinates, clipped to the map; what falls
-            // outside becomes explicit zero padding on the server.
-            let first = (r.start * c.stride) as isize - p as isize;
-            let end = ((r.end - 1) * c.stride + c.kernel) as isize - p as isize;
-            let lo = first.max(0) as usize;
-            let hi = (end.min(h as isize)) as usize;
-            let pad = Pad {
-                top: (lo as isize - first) as usize,
-                bottom: (end - hi as isize) as usize,
-                left: p,
-                right: p,
-            };
+            // What falls outside the map becomes explicit zero padding on the server.
+            let (rows, pad) = c.input_rows(&r, h);
+            let (lo, hi) = (rows.start, rows.end);
             let block = self.wire(&self.engine.narrow(x, 2, lo, hi - lo)?)?;
             let view = self.view(
                 i,

@@ -90,26 +90,8 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let (h, w) = (d[2], d[3]);
         let (ho, wo) = (c.out_len(h), c.out_len(w));
         let out_own = self.strips(ho)?;
-        let p = c.padding;
         // Input rows each server needs for its own output rows, clipped to the map.
-        let need: Vec<(Range<usize>, Pad)> = out_own
-            .iter()
-            .map(|r| {
-                let first = (r.start * c.stride) as isize - p as isize;
-                let end = ((r.end - 1) * c.stride + c.kernel) as isize - p as isize;
-                let lo = first.max(0) as usize;
-                let hi = end.min(h as isize) as usize;
-                (
-                    lo..hi,
-                    Pad {
-                        top: (lo as isize - first) as usize,
-                        bottom: (end - hi as isize) as usize,
-                        left: p,
-                        right: p,
-                    },
-                )
-            })
-            .collect();
+        let need: Vec<(Range<usize>, Pad)> = out_own.iter().map(|r| c.input_rows(r, h)).collect();
         let out_dims = vec![d[0], c.out_channels, ho, wo];
         let (out, oid) = self.new_remote(out_dims.clone(), Layout::Rows(out_own.clone()));
         // The phone holds the input only for the latent: each server then gets exactly its rows.
