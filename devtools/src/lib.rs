@@ -3,5 +3,7 @@
 //!
 //! - `link`: a UDP relay that imposes a mobile link's delay, bandwidth and queue on the QUIC
 //!   traffic between the phone and its shard servers (`veil bench link`, `veil eval`).
+//! - `tap`: a copy of every message a QUIC backend sends, for tests that scan the bytes.
 
 pub mod link;
+pub mod tap;

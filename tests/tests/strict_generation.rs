@@ -15,6 +15,7 @@ use veil_core::placement::{Engine, GnVariant, Policy, ShardBackend, WireDtype};
 use veil_core::transport::{connect_backends, ClientOptions, QuicBackend};
 use veil_core::wire::identity::model_identity;
 use veil_core::wire::Compression;
+use veil_devtools::tap::Tap;
 use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
 use veil_tests::{psnr, tiny_model};
 
@@ -125,9 +126,6 @@ impl Quic {
         let b = connect_backends(&self.cluster.specs[..n], id, &options)
             .await
             .expect("connect");
-        for q in &b {
-            q.start_tap();
-        }
         b
     }
 }
@@ -209,6 +207,7 @@ async fn strict_over_quic_matches_local_and_never_sends_the_prompt() {
     let secrets = secrets(sd);
     for n in [2, 3, 4, 8] {
         let backends = q.connect(n, WireDtype::F32).await;
+        let taps: Vec<Tap> = backends.iter().map(|b| Tap::attach(b)).collect();
         let out = run(sd, &opts(Policy::Strict), &dyns(&backends)).await;
         let in_process = run(sd, &opts(Policy::Strict), &sd.in_process_backends(n)).await;
         let db = psnr(&out.image, &local.image);
@@ -225,7 +224,7 @@ async fn strict_over_quic_matches_local_and_never_sends_the_prompt() {
             "N = {n}: QUIC differs from the in-process strict run"
         );
         for (i, b) in backends.iter().enumerate() {
-            let sent = b.take_tap();
+            let sent = taps[i].take();
             assert!(
                 sent.len() as u64 >= out.audit.bytes(i),
                 "tap holds every request"
@@ -241,6 +240,7 @@ async fn strict_over_quic_matches_local_and_never_sends_the_prompt() {
     }
     // The same scan on ppidm finds the text keys: the check can fail.
     let backends = q.connect(2, WireDtype::F32).await;
+    let tap = Tap::attach(&backends[0]);
     run(
         sd,
         &opts(Policy::Ppidm {
@@ -249,7 +249,7 @@ async fn strict_over_quic_matches_local_and_never_sends_the_prompt() {
         &dyns(&backends),
     )
     .await;
-    let sent = backends[0].take_tap();
+    let sent = tap.take();
     let found: Vec<&str> = secrets
         .iter()
         .filter(|(_, p)| contains(&sent, p))

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-pub use quic::{compression_for, connect_backends, ClientOptions, QuicBackend};
+pub use quic::{compression_for, connect_backends, ClientOptions, QuicBackend, SentObserver};
 pub use servers::{load_server_list, parse_server_list, read_token_file, ServerSpec};
 pub use tls::{Fingerprint, TransportTuning};
 

@@ -183,6 +183,9 @@ pub struct Traffic {
     pub busy_nanos: AtomicU64,
 }
 
+/// Told the encoded bytes of each message a backend sends (`QuicBackend::observe_sent`).
+pub type SentObserver = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// One shard server over QUIC.
 pub struct QuicBackend {
     who: Who,
@@ -191,7 +194,7 @@ pub struct QuicBackend {
     endpoint: Endpoint,
     options: ClientOptions,
     traffic: Traffic,
-    tap: std::sync::Mutex<Option<Vec<u8>>>,
+    sent_observer: std::sync::Mutex<Option<SentObserver>>,
     server_model: ModelId,
 }
 
@@ -269,25 +272,17 @@ impl QuicBackend {
             options: options.clone(),
             traffic: Traffic::default(),
             server_model,
-            tap: std::sync::Mutex::new(None),
+            sent_observer: std::sync::Mutex::new(None),
         })
     }
 
-    /// Starts keeping a copy of every request message's encoded bytes (for audits: what this
-    /// server was actually sent).
-    pub fn start_tap(&self) {
-        if let Ok(mut t) = self.tap.lock() {
-            *t = Some(Vec::new());
+    /// Has `observer` told the encoded bytes of every message this backend sends from now on
+    /// (None: stop). The view audit says what a server was sent from the runtime's side; this
+    /// says it from the wire's (`veil_devtools::tap` keeps a copy for tests).
+    pub fn observe_sent(&self, observer: Option<SentObserver>) {
+        if let Ok(mut o) = self.sent_observer.lock() {
+            *o = observer;
         }
-    }
-
-    /// The bytes recorded since `start_tap` (empty if it was not started).
-    pub fn take_tap(&self) -> Vec<u8> {
-        self.tap
-            .lock()
-            .ok()
-            .and_then(|mut t| t.take())
-            .unwrap_or_default()
     }
 
     /// The strip index of this server.
@@ -398,10 +393,9 @@ impl QuicBackend {
     /// Sends one message and waits for a `Reply` of exactly `wanted` tensors.
     async fn send_for_outputs(&self, msg: &Message, wanted: usize) -> Result<Vec<Tensor>> {
         let bytes = encode(msg, self.options.compression)?;
-        if let Ok(mut t) = self.tap.lock() {
-            if let Some(t) = t.as_mut() {
-                t.extend_from_slice(&bytes);
-            }
+        let observer = self.sent_observer.lock().ok().and_then(|o| o.clone());
+        if let Some(observe) = observer {
+            observe(&bytes);
         }
         self.traffic.requests.fetch_add(1, Ordering::Relaxed);
         let outputs = match self.exchange(&bytes).await? {
