@@ -108,17 +108,6 @@ impl std::fmt::Debug for Veil {
     }
 }
 
-/// Where the phone computes: the GPU through Metal in a build with the `metal` feature (the
-/// iOS framework), when the device has one; the CPU otherwise.
-fn compute_device() -> Device {
-    #[cfg(feature = "metal")]
-    match Device::new_metal(0) {
-        Ok(d) => return d,
-        Err(e) => tracing::warn!(error = %e, "no Metal device; computing on the CPU"),
-    }
-    Device::Cpu
-}
-
 impl Veil {
     /// Validates `config` (nothing is read before it passes), then loads the model. Blocking:
     /// call it off the UI thread.
@@ -129,7 +118,7 @@ impl Veil {
                 message: format!("model folder {} does not exist", config.model_dir.display()),
             });
         }
-        let device = compute_device();
+        let device = Device::Cpu;
         let sd = StableDiffusion::load(&config.model_dir, &device).map_err(VeilError::from_load)?;
         let model_id = model_identity(&sd.unet, sd.unet_engine.weights());
         let veil = Self {
