@@ -66,11 +66,10 @@ impl Conditioning {
         self.accel.rows_at(i, self.k, self.guided.is_some())
     }
 
-    /// The U-Net's input (before the scheduler's scaling) and context at step `i` for the K
-    /// latents [K, C, h, w].
-    fn batch(&self, i: usize, latents: &Tensor) -> Result<(Tensor, &Tensor)> {
-        Ok(match (self.rows(i), &self.guided) {
-            (StepRows::Cond, _) | (_, None) => (latents.clone(), &self.cond),
+    /// The U-Net's input (before the scheduler's scaling) and context for the K latents
+    /// [K, C, h, w] in a step batched as `rows` (`Cond` whenever there is no guidance).
+    fn batch(&self, rows: StepRows, latents: &Tensor) -> Result<(Tensor, &Tensor)> {
+        Ok(match (rows, &self.guided) {
             (StepRows::Full, Some(g)) => (Tensor::cat(&[latents, latents], 0)?, &g.full),
             (StepRows::SharedUncond, Some(g)) => {
                 // Exact: the K latents are identical here, so the first one is all of them.
@@ -81,16 +80,17 @@ impl Conditioning {
                 };
                 (Tensor::cat(&[&row, latents], 0)?, &g.shared)
             }
+            _ => (latents.clone(), &self.cond),
         })
     }
 
-    /// The guided noise prediction [K, C, h, w] from the U-Net's output of step `i`.
-    fn combine(&self, i: usize, out: Tensor) -> Result<Tensor> {
+    /// The guided noise prediction [K, C, h, w] from the U-Net's output of a step batched as
+    /// `rows`.
+    fn combine(&self, rows: StepRows, out: Tensor) -> Result<Tensor> {
         let k = self.k;
         let g = self.guidance;
-        Ok(match self.rows(i) {
+        Ok(match rows {
             StepRows::Cond => out,
-            _ if self.guided.is_none() => out,
             StepRows::Full => {
                 let eu = out.narrow(0, 0, k)?;
                 let ec = out.narrow(0, k, k)?;
@@ -155,11 +155,12 @@ pub async fn denoise<E: Engine<T = Tensor>>(
         if (hooks.cancelled)() {
             return Err(Error::Cancelled);
         }
-        let (x, context) = conditioning.batch(i, &latents)?;
+        let rows = conditioning.rows(i);
+        let (x, context) = conditioning.batch(rows, &latents)?;
         unet_rows += x.dim(0)? as u64;
         let x = scheduler.scale_model_input(&x, i)?;
         let out = unet.forward(rt, &x, t, context).await?;
-        let eps = conditioning.combine(i, out)?;
+        let eps = conditioning.combine(rows, out)?;
         latents = scheduler.step(&eps, i, &latents)?;
         accounting.absorb(rt.take_accounting());
         (hooks.progress)(Progress {

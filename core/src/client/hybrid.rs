@@ -158,7 +158,7 @@ impl StableDiffusion {
         let up = record_texts(
             &mut audit,
             &set.prompts,
-            cfg.then_some(&opts.negative_prompt),
+            cfg.then_some(opts.negative_prompt.as_str()),
         );
         audit.views.push(View {
             server: 0,
@@ -271,7 +271,7 @@ fn check_split(k_steps: usize, total: usize, scheduler: SchedulerKind) -> Result
 
 /// Records every candidate (and the negative prompt, under guidance) as text the server
 /// received; returns their bytes.
-fn record_texts(audit: &mut Audit, prompts: &[String], negative: Option<&String>) -> u64 {
+fn record_texts(audit: &mut Audit, prompts: &[String], negative: Option<&str>) -> u64 {
     let mut up = 0;
     for p in prompts {
         audit.texts.push(TextView {
@@ -295,7 +295,7 @@ fn record_texts(audit: &mut Audit, prompts: &[String], negative: Option<&String>
         audit.texts.push(TextView {
             server: 0,
             call: 0,
-            text: n.clone(),
+            text: n.to_string(),
         });
         up += n.len() as u64;
     }

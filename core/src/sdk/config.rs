@@ -144,7 +144,11 @@ pub(crate) fn parse_policy(name: &str) -> Result<Policy, VeilError> {
             "the SDK does not offer the obfuscated policy yet (expected strict, ppidm or local)",
         )),
         Ok(p) => Ok(p),
-        Err(e) => Err(VeilError::config(e.to_string())),
+        // The SDK offers a subset of the parser's names: say which.
+        Err(_) => Err(VeilError::config(format!(
+            "unknown policy `{}` (expected strict, ppidm or local)",
+            name.trim()
+        ))),
     }
 }
 
