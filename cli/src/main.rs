@@ -19,8 +19,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use veil_core::client::guidance::GuidanceHalves;
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
 use veil_core::client::plan::{plan, PlanInput};
 use veil_core::model::config::{read_json, UNetConfig};
@@ -125,12 +126,34 @@ struct PolicyArgs {
     /// Tensor dtype on the wire: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     wire: String,
+    /// Which servers a guided step's two halves go to (default: the policy's own — apart
+    /// under strict). `together` puts both halves of a strip on one server, which lets it
+    /// test candidate prompts exactly: for measurements only.
+    #[arg(long, value_enum)]
+    guidance_halves: Option<HalvesArg>,
+}
+
+/// `--guidance-halves`.
+#[derive(Clone, Copy, ValueEnum)]
+enum HalvesArg {
+    /// Conditional and unconditional halves on disjoint server groups (the phone runs the
+    /// unconditional half when there are fewer than 4 servers).
+    Apart,
+    /// Both halves of a strip on the same server (research only).
+    Together,
 }
 
 impl PolicyArgs {
     fn policy(&self) -> Result<Policy> {
         let gn: GnVariant = self.gn.parse()?;
         Ok(Policy::parse(&self.policy, gn)?)
+    }
+
+    fn guidance_halves(&self) -> Option<GuidanceHalves> {
+        self.guidance_halves.map(|h| match h {
+            HalvesArg::Apart => GuidanceHalves::Apart,
+            HalvesArg::Together => GuidanceHalves::Together,
+        })
     }
 }
 
@@ -495,6 +518,7 @@ fn generate_options(
         policy,
         wire,
         attention_reuse_from: a.reuse_attention_from,
+        guidance_halves: a.placement.guidance_halves(),
         capture_from_step: None,
         obfuscation: if policy == Policy::Obfuscated {
             a.obfuscation.options(device)?
@@ -770,6 +794,7 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
             policy,
             wire,
             reuse_attention: a.reuse_attention,
+            guidance_halves: a.placement.guidance_halves(),
         },
     )?;
     if a.json {

@@ -142,6 +142,7 @@ async fn plan_equals_measured_traffic() {
             policy,
             wire,
             reuse_attention: false,
+            guidance_halves: None,
         };
         let step = account_step(&sd.unet, &input).expect("plan");
         assert_eq!(run.stats.bytes_up, 2 * step.bytes_up(), "bytes up");
@@ -192,6 +193,7 @@ fn sd15_plan_matches_ppidm_groupnorm_table() {
             },
             wire: WireDtype::F32,
             reuse_attention: false,
+            guidance_halves: None,
         },
     )
     .expect("plan");

@@ -8,10 +8,10 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
+pub use crate::client::guidance::Runners;
 use crate::model::scheduler::Scheduler;
 use crate::model::unet::UNet;
 use crate::placement::accounting::Accounting;
-use crate::placement::runtime::Runtime;
 use crate::vocab::engine::Engine;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::job::{Accelerations, BatchRedundancy, StepRows};
@@ -132,10 +132,11 @@ pub struct LoopReport {
 }
 
 /// Runs steps `steps` of `scheduler` from `latents` [K, C, h, w] (already scaled by the
-/// scheduler's initial sigma), every U-Net call through `rt`.
+/// scheduler's initial sigma), every U-Net call through `rt` (one runtime, or the guidance
+/// halves' two).
 pub async fn denoise<E: Engine<T = Tensor>>(
     unet: &UNet,
-    rt: &mut Runtime<'_, E>,
+    mut rt: Runners<'_, '_, E>,
     scheduler: &mut dyn Scheduler,
     mut latents: Tensor,
     steps: Range<usize>,
@@ -159,7 +160,9 @@ pub async fn denoise<E: Engine<T = Tensor>>(
         let (x, context) = conditioning.batch(rows, &latents)?;
         unet_rows += x.dim(0)? as u64;
         let x = scheduler.scale_model_input(&x, i)?;
-        let out = unet.forward(rt, &x, t, context).await?;
+        let out = rt
+            .forward(unet, &x, t, context, rows, conditioning.k)
+            .await?;
         let eps = conditioning.combine(rows, out)?;
         latents = scheduler.step(&eps, i, &latents)?;
         accounting.absorb(rt.take_accounting());

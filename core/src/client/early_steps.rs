@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::client::denoise::{denoise, Conditioning, LoopHooks, Progress};
+use crate::client::denoise::{denoise, Conditioning, LoopHooks, Progress, Runners};
 use crate::client::pipeline::StableDiffusion;
 use crate::client::plan::{account_step, PlanInput};
 use crate::model::scheduler::new_scheduler;
@@ -72,7 +72,7 @@ impl StableDiffusion {
         let mut progress = |p: Progress<'_>| observe(p.step - 1, p.latents);
         let run = denoise(
             &self.unet,
-            &mut rt,
+            Runners::One(&mut rt),
             sched.as_mut(),
             latents,
             0..job.server_steps,
@@ -123,6 +123,7 @@ pub fn early_steps_flops(
                 policy: Policy::Local,
                 wire: WireDtype::F32,
                 reuse_attention: reuse,
+                guidance_halves: None,
             },
         )
         .map(|a| a.device_flops)

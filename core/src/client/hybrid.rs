@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use crate::client::denoise::{denoise, LoopHooks};
+use crate::client::denoise::{denoise, LoopHooks, Runners};
 pub use crate::client::early_steps::{early_steps_flops, EarlyReport};
 pub use crate::client::options::{
     DeviceUNet, ObfuscationOptions, ObfuscationReport, DEFAULT_K_MAX,
@@ -168,6 +168,8 @@ impl StableDiffusion {
             resolution: Some((h, w)),
             rows: Some(0..h),
             text_indexed: false,
+            // Seeded noise: no prompt, no image.
+            class: crate::placement::audit::DepClass::Raw,
             bytes: noise_bytes,
         });
         let all = server.early_steps(job).await?;
@@ -238,7 +240,7 @@ impl StableDiffusion {
         let total = opts.steps;
         denoise(
             unet,
-            &mut rt,
+            Runners::One(&mut rt),
             scheduler,
             latents,
             k_steps..total,
@@ -287,6 +289,7 @@ fn record_texts(audit: &mut Audit, prompts: &[String], negative: Option<&str>) -
             resolution: None,
             rows: None,
             text_indexed: true,
+            class: crate::placement::audit::DepClass::Text,
             bytes: p.len() as u64,
         });
         up += p.len() as u64;

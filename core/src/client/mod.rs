@@ -5,16 +5,19 @@
 //!   settings and device U-Net) and what it returns (`Generation`, `RunStats`, PNG).
 //! - `pipeline`: `StableDiffusion` (a loaded model) and `generate`, which picks the strategy.
 //! - `denoise`: the one denoise loop every policy runs, over K guided candidates.
+//! - `guidance`: a guided step's two halves on disjoint server groups (`strict`'s default),
+//!   so no server holds both halves of the same rows.
 //! - `hybrid`: the `obfuscated` strategy (ObCLIP): a server runs the first k steps of K
 //!   candidate prompts, the phone finishes the real one with its device U-Net.
 //! - `early_steps`: the server's side of `obfuscated` (K candidates' first k steps).
 //! - `plan`: `veil plan`'s accounting of a policy from shapes alone.
 //!
-//! Within the client the files import one way too: `denoise` and `options` at the bottom, then
+//! Within the client the files import one way too: `guidance`, then `denoise` and `options`, then
 //! `pipeline`, then `early_steps` and `plan`, then `hybrid`.
 
 pub mod denoise;
 pub mod early_steps;
+pub mod guidance;
 pub mod hybrid;
 pub mod options;
 pub mod pipeline;

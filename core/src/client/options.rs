@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
+pub use crate::client::guidance::GuidanceHalves;
 use crate::model::config::{read_json, UNetConfig};
 use crate::model::scheduler::SchedulerKind;
 use crate::model::unet::UNet;
@@ -38,12 +39,28 @@ pub struct GenerateOptions {
     /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
     /// output of the step before instead of recomputing it (None: always recompute).
     pub attention_reuse_from: Option<usize>,
+    /// Which servers a guided step's two halves go to; None: the policy's own choice
+    /// (`GuidanceHalves::default_for`: apart under `strict`).
+    pub guidance_halves: Option<GuidanceHalves>,
     /// Evaluation only: from this step on, keep every tensor the servers receive
     /// (`Generation::captured`).
     #[cfg(feature = "eval-capture")]
     pub capture_from_step: Option<usize>,
     /// The `obfuscated` policy's settings (ignored by the other policies).
     pub obfuscation: ObfuscationOptions,
+}
+
+impl GenerateOptions {
+    /// Whether a guided step's halves run on disjoint server groups in this generation.
+    pub fn halves_apart(&self) -> bool {
+        let halves = self
+            .guidance_halves
+            .unwrap_or(GuidanceHalves::default_for(self.policy));
+        halves == GuidanceHalves::Apart
+            && self.guidance > 1.0
+            && self.policy.placement().offloads()
+            && self.policy != Policy::Obfuscated
+    }
 }
 
 impl Default for GenerateOptions {
@@ -61,6 +78,7 @@ impl Default for GenerateOptions {
             policy: Policy::Local,
             wire: WireDtype::F32,
             attention_reuse_from: None,
+            guidance_halves: None,
             #[cfg(feature = "eval-capture")]
             capture_from_step: None,
             obfuscation: ObfuscationOptions::default(),

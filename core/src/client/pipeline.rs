@@ -11,7 +11,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use crate::client::denoise::Progress;
-use crate::client::denoise::{denoise, Conditioning, LoopHooks};
+use crate::client::denoise::{denoise, Conditioning, LoopHooks, Runners};
+#[cfg(feature = "eval-capture")]
+use crate::client::guidance::merge_captured;
+use crate::client::guidance::{half_groups, merge_audit};
 pub use crate::client::options::{
     image_to_png, GenerateOptions, Generation, RunStats, ServerStats,
 };
@@ -159,42 +162,62 @@ impl StableDiffusion {
         let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
         let latents = (self.initial_noise(opts, h, w)? * scheduler.init_noise_sigma())?;
         let conditioning = self.text_conditioning(opts)?;
-        let rt = Runtime::new(
-            &self.unet_engine,
-            opts.policy.placement(),
-            backends,
-            opts.wire,
-        )?
-        .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64));
-        #[cfg(feature = "eval-capture")]
-        let rt = rt.with_capture(opts.capture_from_step.map(|s| s as u64));
-        let mut rt = rt;
         let total = scheduler.timesteps().len();
-        let report = denoise(
-            &self.unet,
-            &mut rt,
-            scheduler.as_mut(),
-            latents,
-            0..total,
-            &conditioning,
-            LoopHooks {
-                cancelled,
-                progress,
-            },
-        )
-        .await?;
+        let hooks = LoopHooks {
+            cancelled,
+            progress,
+        };
+        let (cond_servers, uncond_servers) = if opts.halves_apart() {
+            half_groups(backends.len())
+        } else {
+            (0..backends.len(), backends.len()..backends.len())
+        };
+        let mut rt = self.runtime(opts, opts.policy, &backends[cond_servers])?;
+        // With too few servers for two groups the phone runs the unconditional half.
+        let uncond_policy = match uncond_servers.is_empty() {
+            true => Policy::Local,
+            false => opts.policy,
+        };
+        let mut uncond_rt = self.runtime(opts, uncond_policy, &backends[uncond_servers.clone()])?;
+        let runners = if opts.halves_apart() {
+            Runners::Apart {
+                cond: &mut rt,
+                uncond: &mut uncond_rt,
+                uncond_offset: uncond_servers.start,
+            }
+        } else {
+            Runners::One(&mut rt)
+        };
+        let sched = scheduler.as_mut();
+        let report = denoise(&self.unet, runners, sched, latents, 0..total, &conditioning, hooks)
+            .await?;
         let image = self.decode(&report.latents)?;
         let stats = RunStats::new(&report.accounting, total, start.elapsed().as_secs_f64());
+        let offset = uncond_servers.start;
         Ok(Generation {
             image,
             latents: report.latents,
             accounting: report.accounting,
-            audit: rt.take_audit(),
+            audit: merge_audit(rt.take_audit(), uncond_rt.take_audit(), offset),
             #[cfg(feature = "eval-capture")]
-            captured: rt.take_captured(),
+            captured: merge_captured(rt.take_captured(), uncond_rt.take_captured(), offset),
             stats,
             obfuscation: None,
         })
+    }
+
+    /// A runtime of `policy` over `backends`, with this generation's settings.
+    fn runtime<'s>(
+        &'s self,
+        opts: &GenerateOptions,
+        policy: Policy,
+        backends: &'s [Arc<dyn ShardBackend<Tensor>>],
+    ) -> Result<Runtime<'s, CandleEngine>> {
+        let rt = Runtime::new(&self.unet_engine, policy.placement(), backends, opts.wire)?
+            .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64));
+        #[cfg(feature = "eval-capture")]
+        let rt = rt.with_capture(opts.capture_from_step.map(|s| s as u64));
+        Ok(rt)
     }
 
     /// The initial noise [1, C, h, w]: the caller's latents (checked), or seeded noise.

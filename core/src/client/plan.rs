@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::client::guidance::{half_groups, merge_accounting, GuidanceHalves};
 use crate::model::unet::UNet;
 use crate::placement::accounting::{Accounting, OpKind};
 use crate::placement::backend::{InProcessBackend, ShardBackend};
@@ -31,6 +32,21 @@ pub struct PlanInput {
     /// Account a step that reuses every transformer block's attention output (the T-GATE
     /// reducer's late steps) instead of an ordinary step.
     pub reuse_attention: bool,
+    /// Which servers a guided step's halves go to (None: the policy's own choice).
+    pub guidance_halves: Option<GuidanceHalves>,
+}
+
+impl PlanInput {
+    /// Whether a guided step's halves run on disjoint server groups (as `GenerateOptions`).
+    pub fn halves_apart(&self) -> bool {
+        let halves = self
+            .guidance_halves
+            .unwrap_or(GuidanceHalves::default_for(self.policy));
+        halves == GuidanceHalves::Apart
+            && self.batch == 2
+            && self.policy.placement().offloads()
+            && self.policy != Policy::Obfuscated
+    }
 }
 
 /// Per-device min / max / total bytes over the layers of one kind, as PPIDM's Tables VIII–X.
@@ -64,30 +80,60 @@ pub struct Plan {
     /// The phone's share of the U-Net FLOPs.
     pub phone_flop_fraction: f64,
     pub reuse_attention: bool,
+    /// The guidance halves on disjoint server groups (`strict`'s default).
+    pub guidance_halves: String,
+    /// Servers running the conditional half (all of them when the halves are together).
+    pub cond_servers: usize,
+    /// Servers running the unconditional half apart (0: the phone runs it, or the halves are
+    /// together).
+    pub uncond_servers: usize,
     /// Rows for the busiest device (backend 0 holds the largest block when splits are uneven).
     pub per_kind_per_device: Vec<KindRow>,
     pub per_server_bytes_up: Vec<u64>,
     pub per_server_bytes_down: Vec<u64>,
 }
 
-/// Runs the shape-only forward and returns the accounting of one step.
+/// Runs the shape-only forward and returns the accounting of one step: with the guidance
+/// halves apart, one call per half on its own group (or the phone), merged as a real run
+/// merges them.
 pub fn account_step(unet: &UNet, input: &PlanInput) -> Result<Accounting> {
-    let engine = ShapeEngine;
     let n = if input.policy.needs_backends() {
         input.servers
     } else {
         0
     };
+    if !input.halves_apart() {
+        return account_group(unet, input, input.policy, n, input.batch);
+    }
+    let (c, u) = half_groups(n);
+    let cond = account_group(unet, input, input.policy, c.len(), 1)?;
+    let uncond_policy = match u.is_empty() {
+        true => Policy::Local,
+        false => input.policy,
+    };
+    let uncond = account_group(unet, input, uncond_policy, u.len(), 1)?;
+    Ok(merge_accounting(cond, uncond, u.start))
+}
+
+/// One U-Net call of `batch` rows under `policy` on `n` shape-only servers.
+fn account_group(
+    unet: &UNet,
+    input: &PlanInput,
+    policy: Policy,
+    n: usize,
+    batch: usize,
+) -> Result<Accounting> {
+    let engine = ShapeEngine;
     let backends: Vec<Arc<dyn ShardBackend<Vec<usize>>>> = (0..n)
         .map(|_| {
             Arc::new(InProcessBackend::new(ShapeEngine, unet.shard_layers()))
                 as Arc<dyn ShardBackend<Vec<usize>>>
         })
         .collect();
-    let mut rt = Runtime::new(&engine, input.policy.placement(), &backends, input.wire)?
+    let mut rt = Runtime::new(&engine, policy.placement(), &backends, input.wire)?
         .with_attention_reuse(input.reuse_attention.then_some(1));
     let sample = vec![
-        input.batch,
+        batch,
         unet.config.in_channels,
         input.latent_height,
         input.latent_width,
@@ -97,7 +143,7 @@ pub fn account_step(unet: &UNet, input: &PlanInput) -> Result<Accounting> {
         .config
         .cross_attention_dim
         .get(0, n_blocks, "cross_attention_dim")?;
-    let context = vec![input.batch, input.context_len, ctx_dim];
+    let context = vec![batch, input.context_len, ctx_dim];
     // Shape-only backends complete immediately, so a trivial executor suffices.
     futures::executor::block_on(unet.forward(&mut rt, &sample, 500.0, &context))?;
     if input.reuse_attention {
@@ -115,7 +161,15 @@ pub fn account_step(unet: &UNet, input: &PlanInput) -> Result<Accounting> {
 pub fn plan(unet: &UNet, input: &PlanInput) -> Result<Plan> {
     let a = account_step(unet, input)?;
     let mut rows: BTreeMap<OpKind, Vec<(u64, u64)>> = BTreeMap::new();
-    for t in &a.transfers {
+    // Backend 0 is in the conditional group; the other group's round trips are not its own.
+    let cond = match input.halves_apart() {
+        true => half_groups(a.backends).0.len(),
+        false => a.backends,
+    };
+    let own = |t: &&crate::placement::accounting::Transfer| {
+        t.up.iter().take(cond).chain(t.down.iter().take(cond)).any(|&b| b > 0)
+    };
+    for t in a.transfers.iter().filter(own) {
         rows.entry(t.kind).or_default().push((
             t.up.first().copied().unwrap_or(0),
             t.down.first().copied().unwrap_or(0),
@@ -154,6 +208,19 @@ pub fn plan(unet: &UNet, input: &PlanInput) -> Result<Plan> {
         offloaded_flop_fraction: server as f64 / total as f64,
         phone_flop_fraction: a.device_flops as f64 / total as f64,
         reuse_attention: input.reuse_attention,
+        guidance_halves: match input.halves_apart() {
+            true => GuidanceHalves::Apart.name(),
+            false => GuidanceHalves::Together.name(),
+        }
+        .to_string(),
+        cond_servers: match input.halves_apart() {
+            true => half_groups(a.backends).0.len(),
+            false => a.backends,
+        },
+        uncond_servers: match input.halves_apart() {
+            true => half_groups(a.backends).1.len(),
+            false => 0,
+        },
         per_kind_per_device,
         per_server_bytes_up: (0..a.backends).map(|i| a.bytes_up_of(i)).collect(),
         per_server_bytes_down: (0..a.backends).map(|i| a.bytes_down_of(i)).collect(),
