@@ -286,7 +286,10 @@ mod tests {
         assert_eq!(m.round_trips, 5);
         assert_eq!(m.unet_calls, 1);
         assert_eq!(m.device_flops, 7);
-        assert_eq!((0..4).map(|i| m.bytes_up_of(i)).collect::<Vec<_>>(), vec![10, 20, 30, 40]);
+        assert_eq!(
+            (0..4).map(|i| m.bytes_up_of(i)).collect::<Vec<_>>(),
+            vec![10, 20, 30, 40]
+        );
         assert_eq!(m.bytes_down(), 10);
     }
 }

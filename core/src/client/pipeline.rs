@@ -189,8 +189,16 @@ impl StableDiffusion {
             Runners::One(&mut rt)
         };
         let sched = scheduler.as_mut();
-        let report = denoise(&self.unet, runners, sched, latents, 0..total, &conditioning, hooks)
-            .await?;
+        let report = denoise(
+            &self.unet,
+            runners,
+            sched,
+            latents,
+            0..total,
+            &conditioning,
+            hooks,
+        )
+        .await?;
         let image = self.decode(&report.latents)?;
         let stats = RunStats::new(&report.accounting, total, start.elapsed().as_secs_f64());
         let offset = uncond_servers.start;

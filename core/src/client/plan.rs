@@ -167,7 +167,10 @@ pub fn plan(unet: &UNet, input: &PlanInput) -> Result<Plan> {
         false => a.backends,
     };
     let own = |t: &&crate::placement::accounting::Transfer| {
-        t.up.iter().take(cond).chain(t.down.iter().take(cond)).any(|&b| b > 0)
+        t.up.iter()
+            .take(cond)
+            .chain(t.down.iter().take(cond))
+            .any(|&b| b > 0)
     };
     for t in a.transfers.iter().filter(own) {
         rows.entry(t.kind).or_default().push((
