@@ -290,7 +290,7 @@ fn strict_generation_writes_the_documented_audit() {
     );
     let j: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&audit).expect("audit")).expect("json");
-    assert_eq!(j["format"], "veil-audit/1");
+    assert_eq!(j["format"], "veil-audit/2");
     assert_eq!(j["policy"], "strict");
     assert_eq!(j["unet_calls"], 2);
     let servers = j["servers"].as_array().expect("servers");

@@ -26,6 +26,7 @@ fn view(layer: &str, kind: ViewKind, res: (usize, usize), rows: std::ops::Range<
         resolution: Some(res),
         rows: Some(rows),
         text_indexed: false,
+        class: veil_core::placement::DepClass::Raw,
         bytes: 0,
     }
 }

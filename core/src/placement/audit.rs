@@ -2,6 +2,8 @@
 //! sent for, what kind of data it is, and which rows of which feature-map resolution it covers.
 //! The runtime records a view at the one place requests leave the phone, from the same ranges it
 //! cuts the tensors with, and checks each view's byte count against the tensor it describes.
+//! Each view also carries its dependency class (`DepClass`): whether the tensor is a function
+//! of the U-Net input's rows near the ones it covers, of the whole map, or of the prompt.
 //! `veil generate --audit` writes the per-server summary documented in docs/AUDIT.md.
 
 use std::collections::BTreeMap;
@@ -35,6 +37,65 @@ pub enum ViewKind {
     Vector,
 }
 
+/// What a tensor depends on, relative to one U-Net call; ordered `Raw < WholeMap < Text`. A
+/// tensor's class is the maximum of the classes of what it was computed from, raised by the op
+/// that computed it:
+/// - the sample (latent) rows and public values (the timestep and its embedding, weights) are
+///   `Raw`; convolutions, up/down-sampling and per-element or per-token ops (SiLU, GEGLU,
+///   linear layers, LayerNorm over channels, residual adds) keep their inputs' class;
+/// - GroupNorm raises to at least `WholeMap`: its moments are statistics of the whole map (or,
+///   under ppidm's `paper` variant, of a row block), and every row normalised with them depends
+///   on rows it does not cover; the moments themselves are `WholeMap` (or `Text`, when the map
+///   was already `Text`);
+/// - self-attention raises to at least `WholeMap` (every output token mixes every token);
+/// - the text states and anything computed from them (text keys and values, cross-attention
+///   outputs, every tensor downstream of a cross-attention) are `Text`.
+///
+/// The latent itself is the reference: at step i > 0 it carries what earlier steps put into it
+/// (the prompt's effect included), which is what the strip-only control measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum DepClass {
+    /// A function of the U-Net input's rows within the local receptive field of the rows it
+    /// covers, and of public values only.
+    Raw,
+    /// Depends on rows beyond the ones it covers (GroupNorm moments, anything normalised with
+    /// them, anything downstream of a self-attention), but not on the prompt.
+    WholeMap,
+    /// Depends on the prompt (text states, text K/V, anything downstream of a cross-attention).
+    Text,
+}
+
+impl DepClass {
+    /// The class of a tensor computed from tensors of classes `classes` (`Raw` for none).
+    pub fn of(classes: impl IntoIterator<Item = DepClass>) -> DepClass {
+        classes.into_iter().max().unwrap_or(DepClass::Raw)
+    }
+
+    /// This class raised to at least `floor` (what an op that mixes rows or reads text adds).
+    pub fn at_least(self, floor: DepClass) -> DepClass {
+        self.max(floor)
+    }
+}
+
+/// Bytes a server received per dependency class (the audit file's `bytes_by_class`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BytesByClass {
+    pub raw: u64,
+    pub whole_map: u64,
+    pub text: u64,
+}
+
+impl BytesByClass {
+    fn add(&mut self, class: DepClass, bytes: u64) {
+        match class {
+            DepClass::Raw => self.raw += bytes,
+            DepClass::WholeMap => self.whole_map += bytes,
+            DepClass::Text => self.text += bytes,
+        }
+    }
+}
+
 /// One tensor one server received.
 #[derive(Debug, Clone, Serialize)]
 pub struct View {
@@ -49,6 +110,8 @@ pub struct View {
     pub rows: Option<Range<usize>>,
     /// Rows index text tokens (token ids, text embeddings, text K/V).
     pub text_indexed: bool,
+    /// What the tensor depends on (see `DepClass`).
+    pub class: DepClass,
     pub bytes: u64,
 }
 
@@ -95,13 +158,20 @@ pub struct ServerView {
     pub strip: BTreeMap<String, [usize; 2]>,
     pub received_rows: BTreeMap<String, Vec<[usize; 2]>>,
     pub text_indexed_bytes: u64,
+    /// Bytes of class `text`: tensors that depend on the prompt.
+    pub text_conditioned_bytes: u64,
     pub bytes: u64,
     /// Bytes per view kind.
     pub bytes_by_kind: BTreeMap<String, u64>,
+    /// Bytes per dependency class.
+    pub bytes_by_class: BytesByClass,
     pub tensors: usize,
     /// The prompts (as text) it received, in send order (`obfuscated` only).
     pub prompts: Vec<String>,
 }
+
+/// The audit file's `format`.
+pub const AUDIT_FORMAT: &str = "veil-audit/2";
 
 /// The audit file.
 #[derive(Debug, Clone, Serialize)]
@@ -163,6 +233,20 @@ impl Audit {
             .sum()
     }
 
+    /// Bytes `server` received per dependency class.
+    pub fn bytes_by_class(&self, server: usize) -> BytesByClass {
+        let mut b = BytesByClass::default();
+        for v in self.views.iter().filter(|v| v.server == server) {
+            b.add(v.class, v.bytes);
+        }
+        b
+    }
+
+    /// Bytes of class `Text` that `server` received: tensors that depend on the prompt.
+    pub fn text_conditioned_bytes(&self, server: usize) -> u64 {
+        self.bytes_by_class(server).text
+    }
+
     pub fn bytes(&self, server: usize) -> u64 {
         self.views
             .iter()
@@ -201,8 +285,10 @@ impl Audit {
                         })
                         .collect(),
                     text_indexed_bytes: self.text_indexed_bytes(i),
+                    text_conditioned_bytes: self.text_conditioned_bytes(i),
                     bytes: self.bytes(i),
                     bytes_by_kind: by_kind,
+                    bytes_by_class: self.bytes_by_class(i),
                     tensors,
                     prompts: self
                         .texts
@@ -214,7 +300,7 @@ impl Audit {
             })
             .collect();
         AuditReport {
-            format: "veil-audit/1",
+            format: AUDIT_FORMAT,
             policy: policy.to_string(),
             unet_calls,
             halo_bound,
@@ -234,5 +320,52 @@ mod tests {
             vec![0..3, 4..9, 12..13]
         );
         assert!(union(vec![3..3, 5..5]).is_empty());
+    }
+
+    fn view(server: usize, kind: ViewKind, class: DepClass, bytes: u64) -> View {
+        View {
+            server,
+            call: 0,
+            layer: "l".into(),
+            kind,
+            resolution: None,
+            rows: None,
+            text_indexed: false,
+            class,
+            bytes,
+        }
+    }
+
+    #[test]
+    fn classes_are_ordered_and_reported_per_server() {
+        use DepClass::{Raw, Text, WholeMap};
+        assert!(Raw < WholeMap && WholeMap < Text);
+        assert_eq!(DepClass::of([]), Raw);
+        assert_eq!(DepClass::of([Raw, Text, WholeMap]), Text);
+        assert_eq!(Raw.at_least(WholeMap), WholeMap);
+        assert_eq!(Text.at_least(WholeMap), Text);
+        let mut a = Audit::new(2);
+        a.views = vec![
+            view(0, ViewKind::Latent, Raw, 10),
+            view(0, ViewKind::Moments, WholeMap, 3),
+            view(0, ViewKind::Strip, Text, 40),
+            view(0, ViewKind::Halo, Text, 2),
+            view(1, ViewKind::Moments, WholeMap, 3),
+        ];
+        let r = a.report("strict", 1, Some(1));
+        let j = serde_json::to_value(&r).unwrap_or_default();
+        assert_eq!(j["format"], "veil-audit/2");
+        let s0 = &j["servers"][0];
+        assert_eq!(
+            s0["bytes_by_class"],
+            serde_json::json!({ "raw": 10, "whole_map": 3, "text": 42 })
+        );
+        assert_eq!(s0["text_conditioned_bytes"], 42);
+        assert_eq!(s0["text_indexed_bytes"], 0);
+        assert_eq!(s0["bytes"], 55);
+        assert_eq!(
+            j["servers"][1]["bytes_by_class"],
+            serde_json::json!({ "raw": 0, "whole_map": 3, "text": 0 })
+        );
     }
 }

@@ -10,7 +10,7 @@ pub mod runtime;
 pub mod value;
 
 pub use accounting::{Accounting, OpKind};
-pub use audit::{Audit, AuditReport, View, ViewKind};
+pub use audit::{Audit, AuditReport, BytesByClass, DepClass, View, ViewKind};
 pub use backend::{InProcessBackend, ShardBackend, ShardExecutor};
 pub use engine::{CandleEngine, Engine, ShapeEngine, WireDtype};
 pub use policy::{GnVariant, Placement, Policy};

@@ -1,11 +1,14 @@
 //! Values the U-Net computes with under a placement: a tensor that lives on the phone, on the
 //! shard servers (as session handles, one strip per server), or on both. The runtime moves a
 //! value only when an op needs it where it is not, and remembers both copies, so a gathered
-//! feature map is not fetched twice and a scattered one is not sent twice.
+//! feature map is not fetched twice and a scattered one is not sent twice. Every value carries
+//! its dependency class (`DepClass`: raw, whole map, or text), fixed when it is made; both
+//! copies have it, so rows relayed from a server's handle are audited with it.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::placement::audit::DepClass;
 use crate::placement::backend::HandleId;
 
 /// How a value held by the servers is laid out over them.
@@ -26,14 +29,22 @@ pub enum Layout {
 pub(crate) struct Remote {
     pub id: HandleId,
     pub layout: Layout,
+    /// What the tensor under the handle depends on (the class of its value).
+    pub class: DepClass,
     release: Arc<Mutex<Vec<HandleId>>>,
 }
 
 impl Remote {
-    pub fn new(id: HandleId, layout: Layout, release: Arc<Mutex<Vec<HandleId>>>) -> Self {
+    pub fn new(
+        id: HandleId,
+        layout: Layout,
+        class: DepClass,
+        release: Arc<Mutex<Vec<HandleId>>>,
+    ) -> Self {
         Self {
             id,
             layout,
+            class,
             release,
         }
     }
@@ -50,6 +61,7 @@ impl Drop for Remote {
 #[derive(Debug)]
 struct Inner<T> {
     dims: Vec<usize>,
+    class: DepClass,
     local: OnceLock<T>,
     remote: OnceLock<Remote>,
 }
@@ -65,22 +77,32 @@ impl<T> Clone for Value<T> {
 }
 
 impl<T> Value<T> {
-    /// A value held by the phone.
+    /// A value held by the phone, of class `Raw` (a function of the sample's own rows and
+    /// public values); `local_classed` for any other.
     pub fn local(dims: Vec<usize>, t: T) -> Self {
+        Self::local_classed(dims, t, DepClass::Raw)
+    }
+
+    /// A value held by the phone that depends on what `class` says.
+    pub fn local_classed(dims: Vec<usize>, t: T, class: DepClass) -> Self {
         let local = OnceLock::new();
         let _ = local.set(t);
         Self(Arc::new(Inner {
             dims,
+            class,
             local,
             remote: OnceLock::new(),
         }))
     }
 
+    /// A value held by the servers; it has the class of its handle.
     pub(crate) fn remote(dims: Vec<usize>, r: Remote) -> Self {
+        let class = r.class;
         let remote = OnceLock::new();
         let _ = remote.set(r);
         Self(Arc::new(Inner {
             dims,
+            class,
             local: OnceLock::new(),
             remote,
         }))
@@ -89,6 +111,11 @@ impl<T> Value<T> {
     /// The logical (whole-map) dimensions.
     pub fn dims(&self) -> &[usize] {
         &self.0.dims
+    }
+
+    /// What the value depends on: raw rows, the whole map, or the text.
+    pub fn class(&self) -> DepClass {
+        self.0.class
     }
 
     /// The phone's copy, if it has one.
@@ -104,7 +131,9 @@ impl<T> Value<T> {
         let _ = self.0.local.set(t);
     }
 
-    pub(crate) fn set_remote(&self, r: Remote) {
+    /// Records the servers' copy; the handle takes the value's class.
+    pub(crate) fn set_remote(&self, mut r: Remote) {
+        r.class = self.0.class;
         let _ = self.0.remote.set(r);
     }
 

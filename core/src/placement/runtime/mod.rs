@@ -24,11 +24,13 @@ use futures::future::try_join_all;
 
 mod split;
 mod strips;
+#[cfg(test)]
+mod tests;
 mod transfer;
 mod unet_ops;
 
 use crate::placement::accounting::{flops, Accounting, OpKind, Transfer};
-use crate::placement::audit::{Audit, View, ViewKind};
+use crate::placement::audit::{Audit, DepClass, View, ViewKind};
 use crate::placement::backend::{
     upsample_source_row, HandleId, Operand, ShardBackend, ShardCall, ShardOp, ShardRequest,
 };
@@ -235,8 +237,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
         self.engine.through_wire(t, self.wire)
     }
 
-    fn lv(&self, t: E::T) -> Val<E> {
-        Value::local(self.engine.dims(&t), t)
+    /// A phone value of tensor `t`, depending on what `class` says.
+    fn lv(&self, t: E::T, class: DepClass) -> Val<E> {
+        Value::local_classed(self.engine.dims(&t), t, class)
     }
 
     fn fresh(&mut self) -> HandleId {
@@ -245,13 +248,20 @@ impl<'a, E: Engine> Runtime<'a, E> {
         h
     }
 
-    fn new_remote(&mut self, dims: Vec<usize>, layout: Layout) -> (Val<E>, HandleId) {
+    /// A new server-side value (its handle is allocated here; the ops filling it are queued by
+    /// the caller) of class `class`.
+    fn new_remote(
+        &mut self,
+        dims: Vec<usize>,
+        layout: Layout,
+        class: DepClass,
+    ) -> (Val<E>, HandleId) {
         let id = self.fresh();
-        let v = Value::remote(dims, Remote::new(id, layout, self.released.clone()));
+        let v = Value::remote(dims, Remote::new(id, layout, class, self.released.clone()));
         (v, id)
     }
 
-    /// A view of an inline tensor sent to `server`.
+    /// A view of an inline tensor sent to `server`; `class` is what the tensor depends on.
     #[allow(clippy::too_many_arguments)]
     fn view(
         &mut self,
@@ -261,6 +271,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
         resolution: Option<(usize, usize)>,
         rows: Option<Range<usize>>,
         text_indexed: bool,
+        class: DepClass,
         t: &E::T,
     ) -> View {
         if let (Some(res), false) = (resolution, self.placement.resident()) {
@@ -280,6 +291,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
             resolution,
             rows,
             text_indexed,
+            class,
             bytes: self.bytes(t),
         };
         #[cfg(feature = "eval-capture")]

@@ -4,8 +4,14 @@
 use super::*;
 
 impl<'a, E: Engine> Runtime<'a, E> {
-    /// PPICnv: output rows split; each backend gets its input rows plus halo.
-    pub(super) async fn conv_split(&mut self, c: &Conv2dSpec, x: &E::T) -> Result<E::T> {
+    /// PPICnv: output rows split; each backend gets its input rows plus halo. `class` is what
+    /// `x` depends on (its blocks are audited with it).
+    pub(super) async fn conv_split(
+        &mut self,
+        c: &Conv2dSpec,
+        x: &E::T,
+        class: DepClass,
+    ) -> Result<E::T> {
         let d = self.engine.dims(x);
         let h = d[2];
         let out_rows = c.out_len(h);
@@ -27,6 +33,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 Some((h, d[3])),
                 Some(lo..hi),
                 false,
+                class,
                 &block,
             );
             let out_dims = [d[0], c.out_channels, r.len(), c.out_len(d[3])];

@@ -31,17 +31,18 @@ impl<'a, E: Engine> Runtime<'a, E> {
     }
 
     /// Applies a per-element (or per-token) op to every server's piece; the output keeps the
-    /// input's layout. `flops_per_out` counts FLOPs per output element.
+    /// input's layout and is of class `class`. `flops_per_out` counts FLOPs per output element.
     pub(super) fn map_remote(
         &mut self,
         x: &Val<E>,
         layer: &str,
         out_dims: Vec<usize>,
         flops_per_out: u64,
+        class: DepClass,
         op: impl Fn(Operand<E::T>) -> ShardOp<E::T>,
     ) -> Result<Val<E>> {
         let (id, layout) = self.remote_of(x, layer)?;
-        let (out, oid) = self.new_remote(out_dims.clone(), layout.clone());
+        let (out, oid) = self.new_remote(out_dims.clone(), layout.clone(), class);
         for i in 0..self.backends.len() {
             let f = flops_per_out * self.piece_elems(&out_dims, &layout, i)?;
             self.emit(i, op(Operand::Handle(id)), Some(oid), f);
@@ -93,7 +94,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
         // Input rows each server needs for its own output rows, clipped to the map.
         let need: Vec<(Range<usize>, Pad)> = out_own.iter().map(|r| c.input_rows(r, h)).collect();
         let out_dims = vec![d[0], c.out_channels, ho, wo];
-        let (out, oid) = self.new_remote(out_dims.clone(), Layout::Rows(out_own.clone()));
+        // A convolution reads a few rows around each output row: it keeps the input's class.
+        let class = x.class();
+        let (out, oid) = self.new_remote(out_dims.clone(), Layout::Rows(out_own.clone()), class);
         // The phone holds the input only for the latent: each server then gets exactly its rows.
         // Otherwise the servers hold it, widened by halo rows where a piece lacks some.
         let held = match x.as_remote() {
@@ -119,6 +122,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
                         Some((h, w)),
                         Some(r.clone()),
                         false,
+                        class,
                         &block,
                     );
                     self.pending_views[i].push(view);
@@ -190,11 +194,23 @@ impl<'a, E: Engine> Runtime<'a, E> {
             })
             .collect::<Result<Vec<_>>>()?;
         let moments = self.wire(&self.engine.merge_group_stats(&stats)?)?;
+        // The halo rows keep the map's class; the moments, statistics of the whole map, and
+        // every row normalised with them are at least `WholeMap`.
         let xv = self.attach_halo(x, &g.name, id, &ext, asks, &outs)?;
         let (xid, layout) = self.remote_of(&xv, &g.name)?;
-        let (out, oid) = self.new_remote(d.clone(), layout.clone());
+        let class = x.class().at_least(DepClass::WholeMap);
+        let (out, oid) = self.new_remote(d.clone(), layout.clone(), class);
         for i in 0..n {
-            let view = self.view(i, &g.name, ViewKind::Moments, None, None, false, &moments);
+            let view = self.view(
+                i,
+                &g.name,
+                ViewKind::Moments,
+                None,
+                None,
+                false,
+                class,
+                &moments,
+            );
             self.pending_views[i].push(view);
             let f = 4 * self.piece_elems(&d, &layout, i)?;
             self.emit(

@@ -164,7 +164,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 Layout::Replicated => (t.clone(), ViewKind::Vector, None, None),
             };
             let piece = self.wire(&piece)?;
-            let view = self.view(i, layer, kind, res, rows, false, &piece);
+            let view = self.view(i, layer, kind, res, rows, false, v.class(), &piece);
             self.pending_views[i].push(view);
             self.emit(
                 i,
@@ -175,7 +175,12 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 0,
             );
         }
-        v.set_remote(Remote::new(id, layout.clone(), self.released.clone()));
+        v.set_remote(Remote::new(
+            id,
+            layout.clone(),
+            v.class(),
+            self.released.clone(),
+        ));
         Ok((id, layout))
     }
 
@@ -278,7 +283,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 new_ext[i] = new_ext[i].start.min(x.rows.start)..new_ext[i].end.max(x.rows.end);
             }
         }
-        let (nv, nid) = self.new_remote(d.clone(), Layout::Rows(new_ext.clone()));
+        // Halo rows are rows of `v`: they, and the widened value, keep its class.
+        let class = v.class();
+        let (nv, nid) = self.new_remote(d.clone(), Layout::Rows(new_ext.clone()), class);
         for (i, mut a) in asks.into_iter().enumerate() {
             if a.is_empty() {
                 self.emit(
@@ -311,7 +318,16 @@ impl<'a, E: Engine> Runtime<'a, E> {
                     .cloned()
                     .ok_or_else(|| internal("missing halo reply"))?;
                 let rows = self.wire(&rows)?;
-                let view = self.view(i, layer, ViewKind::Halo, Some(res), Some(r), false, &rows);
+                let view = self.view(
+                    i,
+                    layer,
+                    ViewKind::Halo,
+                    Some(res),
+                    Some(r),
+                    false,
+                    class,
+                    &rows,
+                );
                 self.pending_views[i].push(view);
                 inputs.push(Operand::Inline(rows));
             }

@@ -1,5 +1,8 @@
 //! The runtime as the U-Net sees it: `UNetOps`, each op placed by the policy's table — on the
 //! phone, split by rows over the servers (`ppidm`), or on resident strips (`strict`).
+//! Each op's output carries the dependency class of its inputs (their maximum), raised by the
+//! op itself: GroupNorm and self-attention to at least `WholeMap`, cross-attention to `Text`
+//! (`DepClass` documents the rule).
 
 use super::*;
 use crate::model::ops::UNetOps;
@@ -8,9 +11,15 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
     type T = E::T;
     type Val = Val<E>;
 
-    /// Wraps a phone tensor as a value.
+    /// Wraps a phone tensor as a value. The U-Net's [B, C, H, W] sample is `Raw`; every other
+    /// tensor it is handed (the [B, T, D] text states, any added conditioning) is `Text`.
     fn input(&self, t: E::T) -> Val<E> {
-        self.lv(t)
+        let class = if self.engine.dims(&t).len() == 4 {
+            DepClass::Raw
+        } else {
+            DepClass::Text
+        };
+        self.lv(t, class)
     }
 
     /// The phone's copy of `v`, gathering it from the strips if needed (one round trip).
@@ -57,7 +66,8 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         shift: f64,
     ) -> Result<Val<E>> {
         if self.placement.time_embedding == LayerPlace::Strips && self.placement.resident() {
-            let (out, oid) = self.new_remote(vec![batch, dim], Layout::Replicated);
+            // The timestep is public: its embedding is `Raw`.
+            let (out, oid) = self.new_remote(vec![batch, dim], Layout::Replicated, DepClass::Raw);
             for i in 0..self.backends.len() {
                 self.emit(
                     i,
@@ -75,11 +85,12 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             return Ok(out);
         }
         let y = self.engine.timestep_embedding(t, batch, dim, flip, shift)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, DepClass::Raw))
     }
 
     /// A convolution: on the phone, PPICnv (one round trip), or on the resident strips.
     async fn conv2d(&mut self, c: &Conv2dSpec, x: &Val<E>) -> Result<Val<E>> {
+        let class = x.class();
         match self.placement.conv {
             ConvPlace::Strips => self.conv_strips(c, x).await,
             ConvPlace::Device => {
@@ -94,18 +105,21 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
                 let y = self.engine.conv2d(c, &x, sym)?;
                 self.acct.device_flops +=
                     flops::conv2d(&self.engine.dims(&y), c.in_channels, c.kernel);
-                Ok(self.lv(y))
+                Ok(self.lv(y, class))
             }
             ConvPlace::SplitRows => {
                 let x = self.local(x).await?;
-                let y = self.conv_split(c, &x).await?;
-                Ok(self.lv(y))
+                let y = self.conv_split(c, &x, class).await?;
+                Ok(self.lv(y, class))
             }
         }
     }
 
-    /// GroupNorm: on the phone, PPIGN, or exact on the strips.
+    /// GroupNorm: on the phone, PPIGN, or exact on the strips. The output is at least
+    /// `WholeMap`: every row is normalised with statistics of rows it does not cover.
     async fn group_norm(&mut self, g: &GroupNormSpec, x: &Val<E>) -> Result<Val<E>> {
+        let in_class = x.class();
+        let class = in_class.at_least(DepClass::WholeMap);
         let variant = match self.placement.group_norm {
             GnPlace::Strips => return self.group_norm_strips(g, x).await,
             GnPlace::Device => {
@@ -115,7 +129,7 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
                 let moments = self.engine.merge_group_stats(&[stats])?;
                 self.acct.device_flops += flops::group_norm_stats(&d) + flops::norm_apply(&d);
                 let y = self.engine.group_norm_apply(g, &x, &moments)?;
-                return Ok(self.lv(y));
+                return Ok(self.lv(y, class));
             }
             GnPlace::SplitRows(v) => v,
         };
@@ -136,6 +150,7 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
                 Some((h, d[3])),
                 Some(r.clone()),
                 false,
+                in_class,
                 &block,
             );
             outgoing.push(Outgoing {
@@ -167,7 +182,7 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
                 self.engine.cat(&outs, 2)?
             }
         };
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn linear(&mut self, l: &LinearSpec, x: &Val<E>) -> Result<Val<E>> {
@@ -178,35 +193,42 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         if self.placement.layer(l.role) == LayerPlace::Strips && self.placement.resident() {
             let per = 2 * l.in_features as u64 + 1;
             let name = l.name.clone();
-            return self.map_remote(x, &l.name, out_dims, per, |input| ShardOp::Linear {
-                layer: name.clone(),
-                input,
+            return self.map_remote(x, &l.name, out_dims, per, x.class(), |input| {
+                ShardOp::Linear {
+                    layer: name.clone(),
+                    input,
+                }
             });
         }
+        let class = x.class();
         let x = self.local(x).await?;
         let y = self.engine.linear(l, &x)?;
         self.acct.device_flops += flops::linear(&self.engine.dims(&y), l.in_features);
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn layer_norm(&mut self, l: &LayerNormSpec, x: &Val<E>) -> Result<Val<E>> {
         if self.placement.layer(l.role) == LayerPlace::Strips && self.placement.resident() {
             let name = l.name.clone();
-            return self.map_remote(x, &l.name, x.dims().to_vec(), 8, |input| {
+            // Over the channels of each token: it keeps the input's class.
+            return self.map_remote(x, &l.name, x.dims().to_vec(), 8, x.class(), |input| {
                 ShardOp::LayerNorm {
                     layer: name.clone(),
                     input,
                 }
             });
         }
+        let class = x.class();
         let x = self.local(x).await?;
         let d = self.engine.dims(&x);
         self.acct.device_flops += flops::group_norm_stats(&d) + flops::norm_apply(&d);
         let y = self.engine.layer_norm(l, &x)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     /// The attention core (PPIAtt when split: Q rows split, K and V whole to every backend).
+    /// Self-attention mixes every token (output at least `WholeMap`); keys that are not the
+    /// map's tokens are text, so a cross-attention's keys, values and output are `Text`.
     async fn attention(
         &mut self,
         layer: &str,
@@ -215,6 +237,14 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         v: &Val<E>,
         heads: usize,
     ) -> Result<Val<E>> {
+        let cross = k.dims().get(1) != q.dims().get(1);
+        let text_floor = if cross { DepClass::Text } else { DepClass::Raw };
+        let (qc, kc, vc) = (
+            q.class(),
+            k.class().at_least(text_floor),
+            v.class().at_least(text_floor),
+        );
+        let class = DepClass::of([qc, kc, vc]).at_least(DepClass::WholeMap);
         let q = self.local(q).await?;
         let k = self.local(k).await?;
         let v = self.local(v).await?;
@@ -225,7 +255,7 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             let o = self
                 .engine
                 .attention(&q, &k, &v, heads, self.attention_chunk)?;
-            return Ok(self.lv(o));
+            return Ok(self.lv(o, class));
         }
         self.rows_check(layer, qd[1])?;
         let (k, v) = (self.wire(&k)?, self.wire(&v)?);
@@ -242,8 +272,8 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             let qb = self.wire(&self.engine.narrow(&q, 1, r.start, r.len())?)?;
             sflops.push(flops::attention(&[qd[0], r.len(), qd[2]], tk, heads));
             let q_rows = map.map(|(_, w)| r.start / w..r.end.div_ceil(w));
-            let mut views = vec![self.view(i, layer, ViewKind::Query, map, q_rows, false, &qb)];
-            for t in [&k, &v] {
+            let mut views = vec![self.view(i, layer, ViewKind::Query, map, q_rows, false, qc, &qb)];
+            for (t, c) in [(&k, kc), (&v, vc)] {
                 views.push(if self_attn {
                     self.view(
                         i,
@@ -252,10 +282,11 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
                         map,
                         map.map(|(h, _)| 0..h),
                         false,
+                        c,
                         t,
                     )
                 } else {
-                    self.view(i, layer, ViewKind::TextKeyValue, None, None, true, t)
+                    self.view(i, layer, ViewKind::TextKeyValue, None, None, true, c, t)
                 });
             }
             outgoing.push(Outgoing {
@@ -273,19 +304,20 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
                 .await?,
         )?;
         let o = self.engine.cat(&parts, 1)?;
-        Ok(self.lv(o))
+        Ok(self.lv(o, class))
     }
 
     async fn silu(&mut self, x: &Val<E>) -> Result<Val<E>> {
         if self.on_servers(&[x]) {
-            return self.map_remote(x, "silu", x.dims().to_vec(), 4, |input| ShardOp::Silu {
-                input,
+            return self.map_remote(x, "silu", x.dims().to_vec(), 4, x.class(), |input| {
+                ShardOp::Silu { input }
             });
         }
+        let class = x.class();
         let x = self.local(x).await?;
         self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 4);
         let y = self.engine.silu(&x)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn geglu(&mut self, x: &Val<E>, kind: GeluKind) -> Result<Val<E>> {
@@ -294,32 +326,37 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             if let Some(l) = d.last_mut() {
                 *l /= 2;
             }
-            return self.map_remote(x, "geglu", d, 8, |input| ShardOp::Geglu { input, kind });
+            return self.map_remote(x, "geglu", d, 8, x.class(), |input| ShardOp::Geglu {
+                input,
+                kind,
+            });
         }
+        let class = x.class();
         let x = self.local(x).await?;
         self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 4);
         let y = self.engine.geglu(&x, kind)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn scale(&mut self, x: &Val<E>, f: f64) -> Result<Val<E>> {
         if self.on_servers(&[x]) {
-            return self.map_remote(x, "scale", x.dims().to_vec(), 1, |input| ShardOp::Scale {
-                input,
-                factor: f,
+            return self.map_remote(x, "scale", x.dims().to_vec(), 1, x.class(), |input| {
+                ShardOp::Scale { input, factor: f }
             });
         }
+        let class = x.class();
         let x = self.local(x).await?;
         self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 1);
         let y = self.engine.scale(&x, f)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn add(&mut self, a: &Val<E>, b: &Val<E>) -> Result<Val<E>> {
+        let class = DepClass::of([a.class(), b.class()]);
         if self.on_servers(&[a, b]) {
             let (layout, ops) = self.align2(a, b, "add")?;
             let d = a.dims().to_vec();
-            let (out, oid) = self.new_remote(d.clone(), layout.clone());
+            let (out, oid) = self.new_remote(d.clone(), layout.clone(), class);
             for (i, (oa, ob)) in ops.into_iter().enumerate() {
                 let f = self.piece_elems(&d, &layout, i)?;
                 self.emit(i, ShardOp::Add { a: oa, b: ob }, Some(oid), f);
@@ -330,32 +367,36 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         let b = self.local(b).await?;
         self.acct.device_flops += flops::elementwise(&self.engine.dims(&a), 1);
         let y = self.engine.add(&a, &b)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn add_channel_bias(&mut self, x: &Val<E>, e: &Val<E>) -> Result<Val<E>> {
+        let class = DepClass::of([x.class(), e.class()]);
         if self.on_servers(&[x, e]) {
             let (ie, _) = self.remote_of(e, "channel bias")?;
             let d = x.dims().to_vec();
-            return self.map_remote(x, "channel bias", d, 1, |input| ShardOp::AddChannelBias {
-                input,
-                bias: Operand::Handle(ie),
+            return self.map_remote(x, "channel bias", d, 1, class, |input| {
+                ShardOp::AddChannelBias {
+                    input,
+                    bias: Operand::Handle(ie),
+                }
             });
         }
         let x = self.local(x).await?;
         let e = self.local(e).await?;
         self.acct.device_flops += flops::elementwise(&self.engine.dims(&x), 1);
         let y = self.engine.add_channel_bias(&x, &e)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn cat(&mut self, xs: &[Val<E>], dim: usize) -> Result<Val<E>> {
         let refs: Vec<&Val<E>> = xs.iter().collect();
+        let class = DepClass::of(xs.iter().map(|x| x.class()));
         if self.on_servers(&refs) && dim == 1 && xs.len() == 2 && xs[0].dims().len() == 4 {
             let (layout, ops) = self.align2(&xs[0], &xs[1], "cat")?;
             let mut d = xs[0].dims().to_vec();
             d[1] += xs[1].dims()[1];
-            let (out, oid) = self.new_remote(d, layout);
+            let (out, oid) = self.new_remote(d, layout, class);
             for (i, (oa, ob)) in ops.into_iter().enumerate() {
                 self.emit(
                     i,
@@ -374,7 +415,7 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             ts.push(self.local(x).await?);
         }
         let y = self.engine.cat(&ts, dim)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn upsample_nearest(&mut self, x: &Val<E>, h: usize, w: usize) -> Result<Val<E>> {
@@ -391,7 +432,8 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
                 .collect();
             let (xv, id, ext) = self.ensure_rows(x, "upsample", &need).await?;
             let out_dims = vec![d[0], d[1], h, w];
-            let (out, oid) = self.new_remote(out_dims.clone(), Layout::Rows(own.clone()));
+            let (out, oid) =
+                self.new_remote(out_dims.clone(), Layout::Rows(own.clone()), x.class());
             for i in 0..self.backends.len() {
                 self.emit(
                     i,
@@ -411,9 +453,10 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             drop(xv);
             return Ok(out);
         }
+        let class = x.class();
         let x = self.local(x).await?;
         let y = self.engine.upsample_nearest(&x, h, w)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn to_tokens(&mut self, x: &Val<E>) -> Result<Val<E>> {
@@ -431,6 +474,7 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             let (out, oid) = self.new_remote(
                 vec![d[0], d[2] * d[3], d[1]],
                 Layout::Tokens { h: d[2], w: d[3] },
+                x.class(),
             );
             for i in 0..self.backends.len() {
                 let input = self.rows_operand(i, id, &ext[i], &own[i], row)?;
@@ -438,9 +482,10 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             }
             return Ok(out);
         }
+        let class = x.class();
         let x = self.local(x).await?;
         let y = self.engine.to_tokens(&x)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     async fn to_spatial(&mut self, x: &Val<E>, h: usize, w: usize) -> Result<Val<E>> {
@@ -451,7 +496,8 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             }
             let d = x.dims().to_vec();
             let own = self.strips(h)?;
-            let (out, oid) = self.new_remote(vec![d[0], d[2], h, w], Layout::Rows(own.clone()));
+            let (out, oid) =
+                self.new_remote(vec![d[0], d[2], h, w], Layout::Rows(own.clone()), x.class());
             for (i, r) in own.iter().enumerate() {
                 self.emit(
                     i,
@@ -466,9 +512,10 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             }
             return Ok(out);
         }
+        let class = x.class();
         let x = self.local(x).await?;
         let y = self.engine.to_spatial(&x, h, w)?;
-        Ok(self.lv(y))
+        Ok(self.lv(y, class))
     }
 
     /// The cached attention delta of transformer block `block`, when this call reuses it.
@@ -492,11 +539,12 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
             Some(r) if r.from_call == self.call_index() + 1 => r.from_call,
             _ => return Ok(()),
         };
+        let class = DepClass::of([before.class(), after.class()]);
         let b = self.local(before).await?;
         let a = self.local(after).await?;
         let delta = self.engine.add(&a, &self.engine.scale(&b, -1.0)?)?;
         self.acct.device_flops += flops::elementwise(&self.engine.dims(&a), 2);
-        let v = self.lv(delta);
+        let v = self.lv(delta, class);
         if let Some(r) = self.reuse.as_mut().filter(|r| r.from_call == gate) {
             r.deltas.insert(block.to_string(), v);
         }
