@@ -4,21 +4,23 @@
 //! of them cannot tell which one is real.
 //!
 //! - `Lexicon`: categories → values → phrases, from the built-in TOML or user TOML/JSON files.
+//!   A category may declare where its values are plausible: slot rules (`[[category.slot]]`,
+//!   "a colour followed by `background` is one of black, white, gray") and `distinct = true`
+//!   (two slots of the category in one prompt never name the same value).
 //! - `Lexicon::detect`: the spans, case- and plural-insensitive, with numeric ages
 //!   ("18-year-old", "aged 70", "in her 40s") mapped onto the age values' ranges.
-//! - `candidates`: every combination of the detected slots' values, formatted identically; above
-//!   `k_max`, the block of a partition of the combinations that holds the real one, where the
-//!   partition depends only on the prompt with its sensitive spans masked; order shuffled with a
-//!   CSPRNG. The real index stays in `CandidateSet` on the device.
+//! - `candidates` / `candidates_with_key`: the plausible combinations of the detected slots'
+//!   values, formatted identically; above `k_max`, exactly `k_max` of them chosen by the
+//!   partition of `partition.rs` (its docs say why the real one stays hidden among them);
+//!   order shuffled with a CSPRNG. The real index stays in `CandidateSet` on the device.
 
-use std::collections::BTreeSet;
-
-use rand::seq::SliceRandom;
-use rand::{CryptoRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::vocab::error::{Error, Result};
+
+mod partition;
+
+pub use partition::{candidates, candidates_with_key, CandidateSet, ObfuscationKey};
 
 const BUILTIN: &str = include_str!("lexicon.toml");
 
@@ -48,6 +50,55 @@ pub struct Category {
     pub name: String,
     #[serde(rename = "value", alias = "values", default)]
     pub values: Vec<LexValue>,
+    /// Where the values are plausible: the first rule whose context matches a span decides the
+    /// values its slot ranges over; without rules every slot ranges over every value.
+    #[serde(rename = "slot", alias = "slots", default)]
+    pub slots: Vec<SlotRule>,
+    /// Two slots of this category in one prompt never name the same value (two objects of one
+    /// picture, an object and its background): candidates keep them distinct too.
+    #[serde(default)]
+    pub distinct: bool,
+}
+
+/// The plausible values of a slot in a context: a span of the category is this slot (this
+/// role) when one of `followed_by` is among the `within` words after it, or one of
+/// `preceded_by` among the `within` words before it; a rule with neither is the category's
+/// default. Candidates for the slot range over `values` only, so each is a value a real user
+/// could have written there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SlotRule {
+    pub role: String,
+    #[serde(default)]
+    pub followed_by: Vec<String>,
+    #[serde(default)]
+    pub preceded_by: Vec<String>,
+    #[serde(default = "default_within")]
+    pub within: usize,
+    /// Canonical values of the category.
+    pub values: Vec<String>,
+}
+
+fn default_within() -> usize {
+    2
+}
+
+impl SlotRule {
+    fn is_default(&self) -> bool {
+        self.followed_by.is_empty() && self.preceded_by.is_empty()
+    }
+
+    /// Whether the rule's context words surround `span` in `ws` (the prompt's words).
+    fn matches(&self, ws: &[Word], span: &Span) -> bool {
+        let after = ws.iter().filter(|w| w.start >= span.end).take(self.within);
+        let before: Vec<&Word> = ws.iter().filter(|w| w.end <= span.start).collect();
+        let before = before.iter().rev().take(self.within);
+        let hit = |w: &Word, list: &[String]| {
+            list.iter()
+                .any(|want| matches_word(&w.lower, &want.to_lowercase()).is_some())
+        };
+        after.into_iter().any(|w| hit(w, &self.followed_by))
+            || before.into_iter().any(|w| hit(w, &self.preceded_by))
+    }
 }
 
 /// Categories of sensitive attributes and how to find them.
@@ -189,6 +240,24 @@ impl Lexicon {
                     )));
                 }
             }
+            for r in &c.slots {
+                if r.values.is_empty() {
+                    return Err(Error::InvalidArgument(format!(
+                        "lexicon: slot `{}` of `{}` has no values",
+                        r.role, c.name
+                    )));
+                }
+                if let Some(v) = r
+                    .values
+                    .iter()
+                    .find(|v| !c.values.iter().any(|x| &x.canonical == *v))
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "lexicon: slot `{}` of `{}` names `{v}`, not a canonical value of it",
+                        r.role, c.name
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -203,7 +272,11 @@ impl Lexicon {
         }
         for c in other.categories {
             match self.categories.iter_mut().find(|m| m.name == c.name) {
-                Some(mine) => mine.values.extend(c.values),
+                Some(mine) => {
+                    mine.values.extend(c.values);
+                    mine.slots.extend(c.slots);
+                    mine.distinct |= c.distinct;
+                }
                 None => self.categories.push(c),
             }
         }
@@ -220,6 +293,42 @@ impl Lexicon {
             }
         }
         out
+    }
+
+    /// The slot rule that decides `span`'s plausible values in `prompt`: the first rule of its
+    /// category whose context words surround it, else the category's default rule; None when
+    /// the category has neither (its slots range over all its values).
+    pub fn rule_for(&self, prompt: &str, span: &Span) -> Option<&SlotRule> {
+        let rules = || {
+            self.categories
+                .iter()
+                .filter(|c| c.name == span.category)
+                .flat_map(|c| &c.slots)
+        };
+        let ws = words(prompt);
+        rules()
+            .find(|r| !r.is_default() && r.matches(&ws, span))
+            .or_else(|| rules().find(|r| r.is_default()))
+    }
+
+    /// The values `span` may take in `prompt` (its rule's, else its category's), in lexicon
+    /// order, and the rule's role ("" without a rule).
+    pub fn plausible_values(&self, prompt: &str, span: &Span) -> (String, Vec<String>) {
+        match self.rule_for(prompt, span) {
+            Some(r) => {
+                let all = self.values_of(&span.category);
+                let vals = all.into_iter().filter(|v| r.values.contains(v)).collect();
+                (r.role.clone(), vals)
+            }
+            None => (String::new(), self.values_of(&span.category)),
+        }
+    }
+
+    /// Whether slots of `category` in one prompt must name distinct values.
+    pub fn is_distinct(&self, category: &str) -> bool {
+        self.categories
+            .iter()
+            .any(|c| c.name == category && c.distinct)
     }
 
     fn plural_of(&self, category: &str, canonical: &str) -> Option<String> {
@@ -372,23 +481,6 @@ impl Lexicon {
     }
 }
 
-/// The candidate prompts of one request, in the order they are sent.
-#[derive(Debug, Clone)]
-pub struct CandidateSet {
-    pub prompts: Vec<String>,
-    /// Index of the real prompt in `prompts`: stays on the device.
-    real: usize,
-    /// All combinations of the detected slots' values (before the `k_max` cut).
-    pub combinations: usize,
-}
-
-impl CandidateSet {
-    /// The real prompt's index (the device keeps its own latent with it).
-    pub fn real_index(&self) -> usize {
-        self.real
-    }
-}
-
 /// The article ("a"/"an") right before byte `start`, if any: its byte range and whether it is
 /// capitalised. It agrees with the attribute that follows, so it belongs to the slot, not the
 /// template ("an old man" must not tell the server the age starts with a vowel).
@@ -450,7 +542,9 @@ pub fn masked(prompt: &str, spans: &[Span]) -> String {
     out
 }
 
-fn render(prompt: &str, spans: &[Span], choice: &[String], lex: &Lexicon) -> String {
+/// `prompt` with each span's value replaced by `choice` (canonical text, in span order): the
+/// span's number and first-letter case kept, an article right before it agreeing with it.
+pub fn render(prompt: &str, spans: &[Span], choice: &[String], lex: &Lexicon) -> String {
     let mut out = String::new();
     let mut at = 0;
     for (s, v) in spans.iter().zip(choice) {
@@ -486,95 +580,6 @@ fn render(prompt: &str, spans: &[Span], choice: &[String], lex: &Lexicon) -> Str
     }
     out.push_str(&prompt[at..]);
     out
-}
-
-/// Builds the candidate set of `prompt` with its detected `spans`. At most `k_max` candidates
-/// (≥ 1); `rng` (a CSPRNG) only shuffles the order.
-pub fn candidates<R: Rng + CryptoRng>(
-    prompt: &str,
-    spans: &[Span],
-    lex: &Lexicon,
-    k_max: usize,
-    rng: &mut R,
-) -> Result<CandidateSet> {
-    if k_max == 0 {
-        return Err(Error::InvalidArgument("k_max must be at least 1".into()));
-    }
-    // Each span is a slot ranging over its category's values.
-    let slots: Vec<Vec<String>> = spans.iter().map(|s| lex.values_of(&s.category)).collect();
-    let real: Vec<usize> = spans
-        .iter()
-        .zip(&slots)
-        .map(|(s, vals)| {
-            vals.iter().position(|v| v == &s.value).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "value `{}` not in category `{}`",
-                    s.value, s.category
-                ))
-            })
-        })
-        .collect::<Result<_>>()?;
-    let total = slots
-        .iter()
-        .try_fold(1usize, |acc, s| acc.checked_mul(s.len().max(1)))
-        .ok_or_else(|| Error::InvalidArgument("too many attribute combinations".into()))?;
-    // Mixed-radix index of a combination (first slot most significant).
-    let index_of = |combo: &[usize]| {
-        combo
-            .iter()
-            .zip(&slots)
-            .fold(0usize, |acc, (&c, s)| acc * s.len() + c)
-    };
-    let combo_of = |mut idx: usize| -> Vec<String> {
-        let mut c = vec![String::new(); slots.len()];
-        for (k, s) in slots.iter().enumerate().rev() {
-            c[k] = s[idx % s.len()].clone();
-            idx /= s.len();
-        }
-        c
-    };
-    let real_idx = index_of(&real);
-    let chosen: Vec<usize> = if total <= k_max {
-        (0..total).collect()
-    } else {
-        // A permutation of all combinations seeded by the masked prompt, cut into blocks of
-        // k_max (the last block wraps around); send the block holding the real combination.
-        // Prompts of one template with values in one block send the same set, and repeating
-        // a request sends the same set again, so nothing narrows by intersection.
-        let seed: [u8; 32] = Sha256::digest(masked(prompt, spans).as_bytes()).into();
-        let mut perm: Vec<usize> = (0..total).collect();
-        perm.shuffle(&mut rand::rngs::StdRng::from_seed(seed));
-        let pos = perm.iter().position(|&c| c == real_idx).unwrap_or(0);
-        let blocks = total.div_ceil(k_max);
-        let block = (pos / k_max).min(blocks - 1);
-        let start = if block == blocks - 1 {
-            total - k_max
-        } else {
-            block * k_max
-        };
-        perm[start..start + k_max].to_vec()
-    };
-    let mut order: Vec<usize> = chosen.clone();
-    order.shuffle(rng);
-    let prompts: Vec<String> = order
-        .iter()
-        .map(|&c| render(prompt, spans, &combo_of(c), lex))
-        .collect();
-    let real = order
-        .iter()
-        .position(|&c| c == real_idx)
-        .ok_or_else(|| Error::InvalidArgument("real combination missing from its block".into()))?;
-    let unique: BTreeSet<&String> = prompts.iter().collect();
-    if unique.len() != prompts.len() {
-        return Err(Error::InvalidArgument(
-            "two candidates render identically (a lexicon value repeats)".into(),
-        ));
-    }
-    Ok(CandidateSet {
-        prompts,
-        real,
-        combinations: total,
-    })
 }
 
 #[cfg(test)]
