@@ -55,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             scheduler: "ddim".into(),
             negative_prompt: String::new(),
         },
+        obfuscation_key_file: None,
     })?;
     let loaded = peak_rss_kib();
     let rt = tokio::runtime::Builder::new_current_thread().build()?;

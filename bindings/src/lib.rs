@@ -87,6 +87,13 @@ pub struct VeilConfig {
     pub connect_timeout_seconds: f64,
     #[uniffi(default)]
     pub defaults: GenerationDefaults,
+    /// The user's obfuscation key file (`None`: none): created with a fresh random key (mode
+    /// 0600) when missing, read at every later start; put it in app-private storage that
+    /// survives updates (Android `filesDir`, iOS Application Support), one per user. A file
+    /// that is not a key fails with `InvalidConfig` and is never replaced. See
+    /// `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
+    #[uniffi(default)]
+    pub obfuscation_key_file: Option<String>,
 }
 
 /// Per-call overrides; `None` takes the client's default (a `None` seed is drawn at random).
@@ -287,6 +294,7 @@ impl From<VeilConfig> for sdk::VeilConfig {
                 scheduler: d.scheduler,
                 negative_prompt: d.negative_prompt,
             },
+            obfuscation_key_file: c.obfuscation_key_file.map(Into::into),
         }
     }
 }

@@ -54,6 +54,7 @@ fn config(servers: Vec<ServerConfig>, steps: u32) -> VeilConfig {
             scheduler: "ddim".into(),
             negative_prompt: String::new(),
         },
+        obfuscation_key_file: None,
     }
 }
 
@@ -292,6 +293,27 @@ async fn errors_map_to_their_variants() {
     bad[1].fingerprint = "sha256:1234".into();
     assert!(matches!(config_err(VeilClient::new(config(bad, 3))),
         VeilError::InvalidConfig { detail } if detail.starts_with("server 1:")));
+    // A key file that is not a key: a config error, the file left as it was; a missing one is
+    // created (mode 0600) before the model loads.
+    let key = std::env::temp_dir().join(format!("veil-ffi-key-{}", std::process::id()));
+    std::fs::write(&key, "veil-obfuscation-key-v1\nabcd\n").unwrap();
+    let mut cfg = config(good.clone(), 3);
+    cfg.obfuscation_key_file = Some(key.to_string_lossy().into_owned());
+    assert!(matches!(config_err(VeilClient::new(cfg.clone())),
+        VeilError::InvalidConfig { detail } if detail.starts_with("obfuscation_key_file:")
+            && detail.contains("4 hex digits")));
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        b"veil-obfuscation-key-v1\nabcd\n"
+    );
+    std::fs::remove_file(&key).unwrap();
+    cfg.model_dir = "/nonexistent/veil-model".into();
+    assert!(matches!(
+        config_err(VeilClient::new(cfg)),
+        VeilError::ModelLoad { .. }
+    ));
+    assert!(key.is_file(), "the key file is created on first use");
+    std::fs::remove_file(&key).unwrap();
 
     // Model errors: a missing folder, and a folder whose U-Net weights are gone.
     let mut cfg = config(good.clone(), 3);

@@ -308,6 +308,7 @@ impl<'a> Generator<'a> {
                 lexicon: Some(self.b.lex.clone()),
                 accel,
                 device_unet: self.b.device_unet.clone(),
+                ..Default::default()
             },
             ..Default::default()
         };

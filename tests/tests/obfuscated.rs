@@ -1,6 +1,7 @@
 //! The `obfuscated` policy (ObCLIP) on the committed tiny model: what the server receives does
 //! not depend on which candidate is real, the switch point's ends equal the single-party
-//! generations, exact batch redundancy equals none, and the early steps travel over QUIC.
+//! generations, exact batch redundancy equals none, the user's key file picks the same
+//! candidates at every start, and the early steps travel over QUIC.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +12,9 @@ use veil_core::client::hybrid::{
 };
 use veil_core::client::pipeline::{seeded_normal, GenerateOptions, Generation, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
-use veil_core::obfuscation::Lexicon;
+use veil_core::obfuscation::{Lexicon, ObfuscationKey};
 use veil_core::placement::{Policy, ShardBackend, ViewKind, WireDtype};
+use veil_core::sdk::load_or_create_obfuscation_key;
 use veil_core::transport::{connect_backends, ClientOptions};
 use veil_core::wire::codec::{decode, encode};
 use veil_core::wire::identity::model_identity;
@@ -111,6 +113,43 @@ async fn repeated_requests_of_one_template_send_the_same_multiset() {
     for _ in 0..3 {
         assert_eq!(run(&sd, &o).await.audit.prompt_multiset(0), want);
     }
+}
+
+#[tokio::test]
+async fn the_users_key_file_sends_the_same_set_after_a_restart_and_another_key_another() {
+    let sd = load();
+    // 30 combinations, 4 sent: which 4 is the key's choice.
+    let prompt = "a portrait of a young asian woman";
+    let with = |key: ObfuscationKey| {
+        let mut o = opts(prompt, 2, Some(1));
+        o.obfuscation.k_max = Some(4);
+        o.obfuscation.key = Some(Arc::new(key));
+        o
+    };
+    let dir = std::env::temp_dir().join(format!("veil-obf-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("user.key");
+    // The first start creates the file, the next reads it back: the same set is sent.
+    let created = load_or_create_obfuscation_key(&path).expect("create");
+    let first = run(&sd, &with(created)).await.audit.prompt_multiset(0);
+    let reread = load_or_create_obfuscation_key(&path).expect("read");
+    assert_eq!(
+        run(&sd, &with(reread)).await.audit.prompt_multiset(0),
+        first
+    );
+    assert_eq!(first.len(), 5, "4 candidates and the negative prompt");
+    // Two other users' keys choose two different sets of the same prompt.
+    let a = run(&sd, &with(ObfuscationKey::from_bytes([1; 32]))).await;
+    let b = run(&sd, &with(ObfuscationKey::from_bytes([2; 32]))).await;
+    assert_ne!(a.audit.prompt_multiset(0), b.audit.prompt_multiset(0));
+    for g in [&a, &b] {
+        assert!(g
+            .audit
+            .prompt_multiset(0)
+            .iter()
+            .any(|p| p == "a portrait of a young Asian woman"));
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ pub use crate::client::options::{
 use crate::client::options::{GenerateOptions, Generation, RunStats};
 use crate::client::pipeline::{Progress, StableDiffusion};
 use crate::model::scheduler::{new_scheduler, Scheduler, SchedulerKind};
-use crate::obfuscation::{CandidateSet, Lexicon};
+use crate::obfuscation::{candidates_with_key, CandidateSet, Lexicon, ObfuscationKey};
 use crate::placement::accounting::{Accounting, OpKind, Transfer};
 use crate::placement::audit::{Audit, TextView, View, ViewKind};
 use crate::placement::policy::Policy;
@@ -65,8 +65,12 @@ impl StableDiffusion {
         };
         let spans = lex.detect(&opts.prompt);
         let k_max = o.k_max.unwrap_or(DEFAULT_K_MAX);
-        let set =
-            crate::obfuscation::candidates(&opts.prompt, &spans, lex, k_max, &mut rand::rng())?;
+        // The user's key, else this process's (weaker: `ObfuscationOptions::key`).
+        let key = o
+            .key
+            .as_deref()
+            .unwrap_or_else(|| ObfuscationKey::process());
+        let set = candidates_with_key(&opts.prompt, &spans, lex, k_max, key, &mut rand::rng())?;
         let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, total)?;
         let mut latents = (&noise * scheduler.init_noise_sigma())?;
         let mut exchange = EarlyExchange {

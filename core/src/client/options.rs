@@ -13,7 +13,7 @@ use crate::model::config::{read_json, UNetConfig};
 use crate::model::scheduler::SchedulerKind;
 use crate::model::unet::UNet;
 use crate::model::weights::load_unet_weights;
-use crate::obfuscation::{Lexicon, Span};
+use crate::obfuscation::{Lexicon, ObfuscationKey, Span};
 use crate::placement::accounting::Accounting;
 use crate::placement::audit::Audit;
 use crate::placement::engine::CandleEngine;
@@ -218,6 +218,14 @@ pub struct ObfuscationOptions {
     pub accel: Accelerations,
     /// The U-Net of the late steps (default: the model's own).
     pub device_unet: Option<Arc<DeviceUNet>>,
+    /// The user's persistent key, which picks the K candidates sent when there are more
+    /// plausible combinations than K (`crate::obfuscation`, `partition.rs`): keep one per user
+    /// for as long as a server may link their requests (`sdk::load_or_create_obfuscation_key`
+    /// keeps it in a file). `None`: this process's key (`ObfuscationKey::process`), which is
+    /// weaker — a new one at every start, so a server that links a user's requests across
+    /// restarts can intersect the sets sent under two keys and narrow an attribute the user
+    /// keeps across prompts (their own gender).
+    pub key: Option<Arc<ObfuscationKey>>,
 }
 
 impl std::fmt::Debug for ObfuscationOptions {
@@ -228,6 +236,10 @@ impl std::fmt::Debug for ObfuscationOptions {
             .field("custom_lexicon", &self.lexicon.is_some())
             .field("accel", &self.accel)
             .field("device_unet", &self.device_unet.is_some())
+            .field(
+                "key",
+                &self.key.as_ref().map_or("per-process", |_| "user's"),
+            )
             .finish()
     }
 }

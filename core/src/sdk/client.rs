@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use crate::client::options::ObfuscationOptions;
 use crate::client::pipeline::{image_to_png, GenerateOptions, StableDiffusion};
+use crate::obfuscation::ObfuscationKey;
 use crate::placement::backend::ShardBackend;
 use crate::transport::{compression_for, connect_backends, ClientOptions, QuicBackend};
 use crate::wire::identity::model_identity;
@@ -16,6 +18,7 @@ use crate::wire::ModelId;
 
 use super::config::{check_generation, parse_scheduler, GenerationOptions, Validated, VeilConfig};
 use super::error::VeilError;
+use super::key::load_or_create_obfuscation_key;
 
 /// Told after every denoising step, from the thread running the generation (not the caller's
 /// thread); keep it quick and thread-safe.
@@ -96,6 +99,9 @@ struct Inner {
     sd: StableDiffusion,
     model_id: ModelId,
     config: Validated,
+    /// The user's obfuscation key, read from (or created at) `obfuscation_key_file`; `None`:
+    /// the per-process key.
+    obfuscation_key: Option<Arc<ObfuscationKey>>,
 }
 
 impl std::fmt::Debug for Veil {
@@ -109,10 +115,14 @@ impl std::fmt::Debug for Veil {
 }
 
 impl Veil {
-    /// Validates `config` (nothing is read before it passes), then loads the model. Blocking:
-    /// call it off the UI thread.
+    /// Validates `config` (nothing is read before it passes), reads or creates the obfuscation
+    /// key file if one is named, then loads the model. Blocking: call it off the UI thread.
     pub fn new(config: VeilConfig) -> Result<Self, VeilError> {
         let config = config.validate()?;
+        let obfuscation_key = match &config.obfuscation_key_file {
+            Some(path) => Some(Arc::new(load_or_create_obfuscation_key(path)?)),
+            None => None,
+        };
         if !config.model_dir.is_dir() {
             return Err(VeilError::ModelLoad {
                 message: format!("model folder {} does not exist", config.model_dir.display()),
@@ -126,6 +136,7 @@ impl Veil {
                 sd,
                 model_id,
                 config,
+                obfuscation_key,
             }),
         };
         // A default size the model cannot take is a config error, not a first-generate error.
@@ -211,7 +222,11 @@ impl Inner {
             policy: self.config.policy,
             wire: self.config.wire,
             attention_reuse_from: o.reuse_attention_from.map(|s| s as usize),
-            // The SDK runs the split policies only: no obfuscation settings.
+            // The SDK runs the split policies only: no obfuscation settings but the user's key.
+            obfuscation: ObfuscationOptions {
+                key: self.obfuscation_key.clone(),
+                ..Default::default()
+            },
             ..Default::default()
         })
     }

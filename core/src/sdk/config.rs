@@ -93,6 +93,19 @@ pub struct VeilConfig {
     /// Longest the QUIC + Veil handshake with a server may take.
     pub connect_timeout_seconds: f64,
     pub defaults: GenerationDefaults,
+    /// Where this user's obfuscation key lives (`None`: no key file). `Veil::new` creates the
+    /// file with a fresh key from the OS-seeded CSPRNG when nothing is there (mode 0600 on
+    /// unix; the folder must exist) and reads it at every later start; a file it cannot read
+    /// as a key (another format, a short key) fails with `InvalidConfig` and is never
+    /// replaced. Keep one file per user, in app-private storage that survives updates (Android
+    /// `Context.getFilesDir()`, iOS Application Support): the `obfuscated` policy picks the K
+    /// candidates a request sends with this key, so that a server linking a user's requests
+    /// cannot narrow an attribute the user keeps across prompts (their own gender) by
+    /// intersecting them — a guarantee that lasts as long as the key. Without a file each
+    /// process draws its own key, and a server that sees requests from two app launches can
+    /// intersect them. (The SDK does not offer the `obfuscated` policy yet; the key is read,
+    /// checked and handed to every generation now, so an app can ship its key file before.)
+    pub obfuscation_key_file: Option<PathBuf>,
 }
 
 impl VeilConfig {
@@ -107,6 +120,7 @@ impl VeilConfig {
             request_timeout_seconds: 120.0,
             connect_timeout_seconds: 10.0,
             defaults: GenerationDefaults::default(),
+            obfuscation_key_file: None,
         }
     }
 }
@@ -123,6 +137,7 @@ pub(crate) struct Validated {
     pub connect_timeout: Duration,
     pub defaults: GenerationDefaults,
     pub scheduler: SchedulerKind,
+    pub obfuscation_key_file: Option<PathBuf>,
 }
 
 /// The zstd levels the codec accepts.
@@ -208,6 +223,15 @@ impl VeilConfig {
         let d = &self.defaults;
         check_generation(d.steps, d.guidance)?;
         let scheduler = parse_scheduler(&d.scheduler)?;
+        if self
+            .obfuscation_key_file
+            .as_ref()
+            .is_some_and(|p| p.file_name().is_none())
+        {
+            return Err(VeilError::config(
+                "obfuscation_key_file must name a file, not a folder",
+            ));
+        }
         Ok(Validated {
             model_dir: self.model_dir.clone(),
             servers,
@@ -218,6 +242,7 @@ impl VeilConfig {
             connect_timeout: seconds("connect_timeout_seconds", self.connect_timeout_seconds)?,
             defaults: d.clone(),
             scheduler,
+            obfuscation_key_file: self.obfuscation_key_file.clone(),
         })
     }
 }
@@ -314,6 +339,34 @@ mod tests {
         let mut c = VeilConfig::new("m", vec![server()]);
         c.request_timeout_seconds = 0.0;
         assert!(message(c.validate().unwrap_err()).contains("request_timeout_seconds"));
+    }
+
+    #[test]
+    fn the_key_file_is_checked_before_the_model_loads() {
+        let mut c = VeilConfig::new("/nonexistent/veil-model", vec![server()]);
+        c.obfuscation_key_file = Some("..".into());
+        assert!(message(c.validate().unwrap_err()).contains("obfuscation_key_file"));
+        let path = std::env::temp_dir().join(format!("veil-sdk-key-{}", std::process::id()));
+        std::fs::write(&path, "not a key").unwrap();
+        c.obfuscation_key_file = Some(path.clone());
+        let m = message(crate::sdk::Veil::new(c.clone()).unwrap_err());
+        assert!(
+            m.starts_with("obfuscation_key_file:") && m.contains("first line"),
+            "{m}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a key");
+        // A missing file is created, then the model folder is found missing.
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            crate::sdk::Veil::new(c).unwrap_err(),
+            VeilError::ModelLoad { .. }
+        ));
+        let key = crate::sdk::read_obfuscation_key(&path).unwrap();
+        assert_eq!(
+            crate::sdk::load_or_create_obfuscation_key(&path).unwrap(),
+            key
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -188,6 +188,13 @@ impl From<TransportError> for VeilError {
     }
 }
 
+impl From<super::key::KeyFileError> for VeilError {
+    /// A key file that cannot be read or created is a configuration error naming the field.
+    fn from(e: super::key::KeyFileError) -> Self {
+        VeilError::config(format!("obfuscation_key_file: {e}"))
+    }
+}
+
 impl From<Error> for VeilError {
     fn from(e: Error) -> Self {
         match e {

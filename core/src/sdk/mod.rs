@@ -3,6 +3,8 @@
 //! - `config`: `VeilConfig` (model folder, shard servers, policy, wire, defaults) and its
 //!   up-front validation.
 //! - `error`: `VeilError`, the small public error every internal failure maps to.
+//! - `key`: the device's persistent obfuscation key in a file (`obfuscation_key_file`),
+//!   created with a fresh CSPRNG key on first use.
 //! - `client`: `Veil` — loads the model once, then `generate(prompt, options, progress, cancel)`
 //!   any number of times, concurrently if wanted; `CancelHandle`, `ProgressListener`,
 //!   `GeneratedImage`.
@@ -10,9 +12,11 @@
 mod client;
 mod config;
 mod error;
+mod key;
 
 pub use client::{
     CancelHandle, GeneratedImage, GenerationStats, ProgressListener, ServerTraffic, Veil,
 };
 pub use config::{GenerationDefaults, GenerationOptions, ServerConfig, VeilConfig};
 pub use error::VeilError;
+pub use key::{load_or_create_obfuscation_key, read_obfuscation_key, KeyFileError};

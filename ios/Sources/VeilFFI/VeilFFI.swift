@@ -1622,6 +1622,14 @@ public struct VeilConfig: Equatable, Hashable {
     public var requestTimeoutSeconds: Double
     public var connectTimeoutSeconds: Double
     public var defaults: GenerationDefaults
+    /**
+     * The user's obfuscation key file (`None`: none): created with a fresh random key (mode
+     * 0600) when missing, read at every later start; put it in app-private storage that
+     * survives updates (Android `filesDir`, iOS Application Support), one per user. A file
+     * that is not a key fails with `InvalidConfig` and is never replaced. See
+     * `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
+     */
+    public var obfuscationKeyFile: String?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1640,7 +1648,14 @@ public struct VeilConfig: Equatable, Hashable {
          */wire: String = "f32", 
         /**
          * Byte-split zstd level on the wire, 0 = off.
-         */zstdLevel: Int32 = 0, requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults = GenerationDefaults()) {
+         */zstdLevel: Int32 = 0, requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults = GenerationDefaults(), 
+        /**
+         * The user's obfuscation key file (`None`: none): created with a fresh random key (mode
+         * 0600) when missing, read at every later start; put it in app-private storage that
+         * survives updates (Android `filesDir`, iOS Application Support), one per user. A file
+         * that is not a key fails with `InvalidConfig` and is never replaced. See
+         * `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
+         */obfuscationKeyFile: String? = nil) {
         self.modelDir = modelDir
         self.servers = servers
         self.policy = policy
@@ -1649,6 +1664,7 @@ public struct VeilConfig: Equatable, Hashable {
         self.requestTimeoutSeconds = requestTimeoutSeconds
         self.connectTimeoutSeconds = connectTimeoutSeconds
         self.defaults = defaults
+        self.obfuscationKeyFile = obfuscationKeyFile
     }
 
     
@@ -1674,7 +1690,8 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
                 zstdLevel: FfiConverterInt32.read(from: &buf), 
                 requestTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
                 connectTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
-                defaults: FfiConverterTypeGenerationDefaults.read(from: &buf)
+                defaults: FfiConverterTypeGenerationDefaults.read(from: &buf), 
+                obfuscationKeyFile: FfiConverterOptionString.read(from: &buf)
         )
     }
 
@@ -1687,6 +1704,7 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
         FfiConverterDouble.write(value.requestTimeoutSeconds, into: &buf)
         FfiConverterDouble.write(value.connectTimeoutSeconds, into: &buf)
         FfiConverterTypeGenerationDefaults.write(value.defaults, into: &buf)
+        FfiConverterOptionString.write(value.obfuscationKeyFile, into: &buf)
     }
 }
 

@@ -2640,6 +2640,15 @@ data class VeilConfig (
     var `connectTimeoutSeconds`: kotlin.Double = 10.0 
     , 
     var `defaults`: GenerationDefaults = GenerationDefaults() 
+    , 
+    /**
+     * The user's obfuscation key file (`None`: none): created with a fresh random key (mode
+     * 0600) when missing, read at every later start; put it in app-private storage that
+     * survives updates (Android `filesDir`, iOS Application Support), one per user. A file
+     * that is not a key fails with `InvalidConfig` and is never replaced. See
+     * `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
+     */
+    var `obfuscationKeyFile`: kotlin.String? = null 
     
 ){
     
@@ -2664,6 +2673,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterTypeGenerationDefaults.read(buf),
+            FfiConverterOptionalString.read(buf),
         )
     }
 
@@ -2675,7 +2685,8 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterInt.allocationSize(value.`zstdLevel`) +
             FfiConverterDouble.allocationSize(value.`requestTimeoutSeconds`) +
             FfiConverterDouble.allocationSize(value.`connectTimeoutSeconds`) +
-            FfiConverterTypeGenerationDefaults.allocationSize(value.`defaults`)
+            FfiConverterTypeGenerationDefaults.allocationSize(value.`defaults`) +
+            FfiConverterOptionalString.allocationSize(value.`obfuscationKeyFile`)
     )
 
     override fun write(value: VeilConfig, buf: ByteBuffer) {
@@ -2687,6 +2698,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterDouble.write(value.`requestTimeoutSeconds`, buf)
             FfiConverterDouble.write(value.`connectTimeoutSeconds`, buf)
             FfiConverterTypeGenerationDefaults.write(value.`defaults`, buf)
+            FfiConverterOptionalString.write(value.`obfuscationKeyFile`, buf)
     }
 }
 
