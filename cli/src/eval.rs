@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
 use veil_core::placement::{GnVariant, Policy};
-use veil_eval::attack::{self, AttackConfig, AttackReport, Fidelity};
+use veil_eval::attack;
 use veil_eval::metrics::{psnr, ssim, Picture};
 use veil_eval::{score, Dataset};
 
@@ -50,20 +50,24 @@ pub struct EvalArgs {
     /// Step counts of the fidelity table.
     #[arg(long, value_delimiter = ',', default_value = "30,50,70")]
     pub fidelity_steps: Vec<usize>,
-    /// Generations each attacker trains its probes on.
-    #[arg(long, default_value_t = 48)]
+    /// Single U-Net calls each `strict` attacker (and every strip-only control) trains on.
+    #[arg(long, default_value_t = 5000)]
     pub attack_train: usize,
-    /// Generations attacked.
-    #[arg(long, default_value_t = 8)]
+    /// Held-out pictures attacked.
+    #[arg(long, default_value_t = 100)]
     pub attack_test: usize,
-    #[arg(long, default_value_t = 10)]
-    pub attack_steps: usize,
-    /// Extra captions in the prompt-recovery pool.
-    #[arg(long, default_value_t = 200)]
-    pub attack_pool: usize,
+    /// Pictures per batched U-Net call of the attacker's data.
+    #[arg(long, default_value_t = 100)]
+    pub attack_batch: usize,
+    /// Training captions added to the test captions in the CFG-difference dictionary.
+    #[arg(long, default_value_t = 1000)]
+    pub attack_dictionary: usize,
     /// Steps timed through the emulated 5g link (0 skips the link section).
     #[arg(long, default_value_t = 3)]
     pub link_steps: usize,
+    /// Denoising steps of the `obfuscated` attacker's generations (the server runs half).
+    #[arg(long, default_value_t = 10)]
+    pub obfuscated_steps: usize,
     /// Generations attacked under `obfuscated` (0 skips that attacker).
     #[arg(long, default_value_t = 16)]
     pub obfuscated_prompts: usize,
@@ -76,6 +80,10 @@ pub struct EvalArgs {
     /// A small, fast configuration (tests and CI): few prompts, small attack sets.
     #[arg(long)]
     pub quick: bool,
+    /// Regenerate only these sections of an existing report, in place (comma-separated;
+    /// default: the whole report).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub sections: Vec<Section>,
 }
 
 impl EvalArgs {
@@ -86,12 +94,13 @@ impl EvalArgs {
         self.fidelity_prompts = 1;
         self.fidelity_servers = vec![2];
         self.fidelity_steps = vec![4];
-        self.attack_train = self.attack_train.min(6);
-        self.attack_test = self.attack_test.min(2);
-        self.attack_steps = self.attack_steps.min(3);
-        self.attack_pool = self.attack_pool.min(10);
+        self.attack_train = self.attack_train.min(60);
+        self.attack_test = self.attack_test.min(6);
+        self.attack_batch = self.attack_batch.min(30);
+        self.attack_dictionary = self.attack_dictionary.min(30);
         self.link_steps = self.link_steps.min(2);
         self.obfuscated_prompts = self.obfuscated_prompts.min(2);
+        self.obfuscated_steps = self.obfuscated_steps.min(3);
     }
 }
 
@@ -198,20 +207,6 @@ fn pct(n: usize, d: usize) -> String {
     }
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
-    match v {
-        Some(x) if x.is_finite() => format!("{x:.digits$}"),
-        _ => "—".into(),
-    }
-}
-
-fn fid(f: &Fidelity) -> (String, String) {
-    (
-        format!("{:.2} / {:.3}", f.psnr, f.ssim),
-        format!("{} / {}", opt(f.psnr_outside, 2), opt(f.ssim_outside, 3)),
-    )
-}
-
 /// Adherence counts: (colour, shape, position, size, scored).
 #[derive(Default, Clone, Copy)]
 struct Counts([usize; 5]);
@@ -238,7 +233,7 @@ impl Counts {
     }
 }
 
-fn rel(path: &Path, from: &Path) -> String {
+pub(crate) fn rel(path: &Path, from: &Path) -> String {
     // Figures are linked relative to the report's folder when they live under it.
     let base = from.parent().unwrap_or(Path::new(""));
     path.strip_prefix(base)
@@ -272,6 +267,80 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         .with_context(|| format!("creating {}", a.figures.display()))?;
     let data = Dataset::new(a.seed, side);
     let held: Vec<String> = (0..a.prompts as u64).map(|i| data.held_out(i).1).collect();
+    let want = |s: Section| a.sections.is_empty() || a.sections.contains(&s);
+    let mut parts: Vec<(Section, String)> = Vec::new();
+    for s in Section::ALL.into_iter().filter(|&s| want(s)) {
+        let mut md = String::new();
+        match s {
+            Section::Training => training_section(&mut md, &a.model)?,
+            Section::Adherence => adherence_section(&mut md, &a, &runner, &data, &held, side / f)?,
+            Section::Fidelity => fidelity_section(&mut md, &a, &runner, &held, side / f)?,
+            Section::Link if a.link_steps > 0 => link_section(&mut md, &a, &held[0])?,
+            Section::Attacks => crate::eval_attacks::attack_section(&mut md, &a, &sd)?,
+            Section::Obfuscated if a.obfuscated_prompts > 0 => {
+                obfuscated_attack_section(&mut md, &a, &sd, side)?
+            }
+            Section::Link | Section::Obfuscated => {}
+        }
+        parts.push((s, md));
+    }
+    let report = if a.sections.is_empty() {
+        whole_report(&a, side, &parts, started.elapsed().as_secs_f64())?
+    } else {
+        let old = std::fs::read_to_string(&a.out)
+            .with_context(|| format!("reading {} to replace its sections", a.out.display()))?;
+        splice(&old, &parts)?
+    };
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, report).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} and figures in {} ({:.0} s)",
+        a.out.display(),
+        a.figures.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A section of the report; `--sections` regenerates some of them in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Section {
+    Training,
+    Adherence,
+    Fidelity,
+    Link,
+    Attacks,
+    Obfuscated,
+}
+
+impl Section {
+    const ALL: [Section; 6] = [
+        Section::Training,
+        Section::Adherence,
+        Section::Fidelity,
+        Section::Link,
+        Section::Attacks,
+        Section::Obfuscated,
+    ];
+
+    fn markers(self) -> (String, String) {
+        let name = format!("{self:?}").to_lowercase();
+        (
+            format!("<!-- veil-eval:{name} -->"),
+            format!("<!-- /veil-eval:{name} -->"),
+        )
+    }
+}
+
+/// The whole report: the header, every section between its markers, the total time.
+fn whole_report(
+    a: &EvalArgs,
+    side: usize,
+    parts: &[(Section, String)],
+    seconds: f64,
+) -> Result<String> {
     let mut md = String::new();
     writeln!(
         md,
@@ -280,49 +349,42 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     writeln!(
         md,
         "Written by `veil eval{}` (model `{}`, {side}×{side} pictures, guidance {}, DDIM). \
-         Every number below is measured by that command; nothing is typed in by hand. \
-         Held-out captions come from the dataset's held-out split (seed {}): none of them \
-         was a training caption.\n",
+         Every number below is measured by that command; nothing is typed in by hand. A section \
+         can be regenerated alone (`--sections NAME`), which says so. Held-out captions come \
+         from the dataset's held-out split (seed {}): none of them was a training caption.\n",
         if a.quick { " --quick" } else { "" },
         a.model.display(),
         a.guidance,
         a.seed
     )?;
-    training_section(&mut md, &a.model)?;
-
-    // --- utility: adherence --------------------------------------------------------------
-    adherence_section(&mut md, &a, &runner, &data, &held, side / f)?;
-
-    // --- fidelity --------------------------------------------------------------------------
-    fidelity_section(&mut md, &a, &runner, &held, side / f)?;
-
-    // --- traffic and time on the link ------------------------------------------------------
-    if a.link_steps > 0 {
-        link_section(&mut md, &a, &held[0])?;
+    for (s, body) in parts {
+        let (open, close) = s.markers();
+        writeln!(md, "{open}\n{body}{close}\n")?;
     }
-
-    // --- attacks ---------------------------------------------------------------------------
-    attack_section(&mut md, &a, &sd, side)?;
-
     writeln!(
         md,
-        "---\nTotal time of this `veil eval`: {:.0} s on {} CPU threads.",
-        started.elapsed().as_secs_f64(),
+        "---\nTotal time of this `veil eval`: {seconds:.0} s on {} CPU threads.",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     )?;
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+    Ok(md)
+}
+
+/// `old` with each of `parts` replaced between its markers.
+fn splice(old: &str, parts: &[(Section, String)]) -> Result<String> {
+    let mut md = old.to_string();
+    for (s, body) in parts {
+        let (open, close) = s.markers();
+        let (Some(i), Some(j)) = (md.find(&open), md.find(&close)) else {
+            bail!("the report has no {open} … {close} section to replace: run the whole `veil eval` once");
+        };
+        if j < i {
+            bail!("the report's {open} section is malformed");
+        }
+        md.replace_range(i + open.len()..j, &format!("\n{body}"));
     }
-    std::fs::write(&a.out, md).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
-        "wrote {} and figures in {} ({:.0} s)",
-        a.out.display(),
-        a.figures.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(md)
 }
 
 /// What the adherence runs found: scores of `local`, `ppidm` and `strict`, how often the
@@ -750,204 +812,6 @@ fn link_section(md: &mut String, a: &EvalArgs, prompt: &str) -> Result<()> {
     Ok(())
 }
 
-fn attack_section(
-    md: &mut String,
-    a: &EvalArgs,
-    sd: &std::sync::Arc<StableDiffusion>,
-    side: usize,
-) -> Result<()> {
-    let reports = run_attacks(a, sd, side)?;
-    write_attack_intro(md, &reports[0].1)?;
-    let example_rows = write_attack_table(md, &reports)?;
-    write_attack_summary(md, &reports)?;
-    let path = a.figures.join("attacks.png");
-    grid(&example_rows)
-        .save(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(
-        md,
-        "\n![attack reconstructions]({})\n\nOne row per setting above (same order), first attacked \
-         prompt: the true picture, then for each server its strip decode, K/V inversion (grey: \
-         nothing to invert) and linear probe.\n",
-        rel(&path, &a.out)
-    )?;
-    if a.obfuscated_prompts > 0 {
-        obfuscated_attack_section(md, a, sd, side)?;
-    }
-    Ok(())
-}
-
-/// Runs the attack suite on every setting of the section: all on one server, then `ppidm`
-/// and `strict` with 2 and 4 servers.
-fn run_attacks(
-    a: &EvalArgs,
-    sd: &std::sync::Arc<StableDiffusion>,
-    side: usize,
-) -> Result<Vec<(&'static str, AttackReport)>> {
-    let configs = [
-        (
-            "everything on one server",
-            Policy::Ppidm {
-                gn: GnVariant::Exact,
-            },
-            1,
-        ),
-        (
-            "ppidm",
-            Policy::Ppidm {
-                gn: GnVariant::Exact,
-            },
-            2,
-        ),
-        (
-            "ppidm",
-            Policy::Ppidm {
-                gn: GnVariant::Exact,
-            },
-            4,
-        ),
-        ("strict", Policy::Strict, 2),
-        ("strict", Policy::Strict, 4),
-    ];
-    let mut reports: Vec<(&str, AttackReport)> = Vec::new();
-    for (name, policy, servers) in configs {
-        let cfg = AttackConfig {
-            policy,
-            servers,
-            train: a.attack_train,
-            test: a.attack_test,
-            steps: a.attack_steps,
-            guidance: a.guidance,
-            side,
-            seed: a.seed,
-            pool_extra: a.attack_pool,
-        };
-        let b = bar(
-            cfg.train + cfg.test,
-            &format!("attacks: {name} N={servers}"),
-        );
-        let r = attack::run(sd, &cfg, &mut |done, _| b.set_position(done as u64))?;
-        b.finish_and_clear();
-        reports.push((name, r));
-    }
-    Ok(reports)
-}
-
-/// The attacker model, the four attacks and the fully-on-device baseline (from the first
-/// report; every setting shares them).
-fn write_attack_intro(md: &mut String, first: &AttackReport) -> Result<()> {
-    writeln!(md, "## Attacks: what each server can reconstruct\n")?;
-    writeln!(
-        md,
-        "A white-box attacker per server knows the public weights, the scheduler and the code, \
-         and every tensor its server received at the last denoising step (captured where the \
-         view audit records it). It trains its probes on {} generations of training captions \
-         and attacks {} generations of held-out captions ({} steps each). Scores: PSNR (dB) / \
-         SSIM of the reconstruction against the true final picture, over the whole picture and \
-         over the rows outside the server's own strip (`—` where its strip is everything).\n",
-        first.train, first.test, first.steps
-    )?;
-    writeln!(md, "- **strip decode**: the U-Net input rows it received (≈ the final latent at the last step) in the mean latent of the training generations, VAE-decoded.")?;
-    writeln!(md, "- **K/V inversion**: least squares for `LN(h)` from `K = LN(h)·W_kᵀ`, `V = LN(h)·W_vᵀ` (the residual column: 0 means the features are exactly determined), then a per-position ridge probe from the features of the self-attention nearest the output to the final latent.")?;
-    writeln!(md, "- **linear probe**: ridge regression (dual form, strength by leave-one-out) from the whole flattened view to the final latent.")?;
-    writeln!(md, "- **prompt recovery**: nearest caption, by the cross-attention keys it would produce, in a pool of {} captions (the attacked ones among them); `—` where no text-indexed tensor arrived (the attacker can only guess: 1/{}).\n", first.prompt_pool, first.prompt_pool)?;
-    writeln!(
-        md,
-        "Baseline **fully on device** (the attacker sees nothing; its best guess is the mean \
-         picture of the training generations): {} dB / {:.3}.\n",
-        opt(Some(first.device_baseline.psnr), 2),
-        first.device_baseline.ssim
-    )?;
-    Ok(())
-}
-
-/// One table row per setting and server; returns the example grid's rows (one per setting).
-fn write_attack_table(
-    md: &mut String,
-    reports: &[(&str, AttackReport)],
-) -> Result<Vec<Vec<Option<Picture>>>> {
-    writeln!(md, "| setting | N | server | strip (latent rows) | rows seen | strip decode: all | outside strip | K/V inversion: all | outside strip | K/V residual | linear probe: all | outside strip | prompt recovered |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-    let mut example_rows: Vec<Vec<Option<Picture>>> = Vec::new();
-    for (name, r) in reports {
-        for s in &r.per_server {
-            let (sd_all, sd_out) = fid(&s.strip_decode);
-            let (kv_all, kv_out) = s
-                .kv_inversion
-                .as_ref()
-                .map(fid)
-                .unwrap_or(("—".into(), "—".into()));
-            let (lp_all, lp_out) = fid(&s.linear_probe);
-            writeln!(
-                md,
-                "| {name} | {} | {} | {}–{} | {} | {sd_all} | {sd_out} | {kv_all} | {kv_out} | {} | {lp_all} | {lp_out} | {} |",
-                r.servers,
-                s.server,
-                s.strip[0],
-                s.strip[1],
-                s.latent_rows_seen,
-                s.kv_residual.map(|v| format!("{v:.1e}")).unwrap_or_else(|| "—".into()),
-                s.prompt_recovery.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_else(|| "—".into()),
-            )?;
-        }
-        // Example row per report: truth, then each server's best-looking attack (strip
-        // decode, K/V, probe) for the first attacked generation.
-        if let Some(truth) = r.truths.first() {
-            let mut row = vec![Some(truth.clone())];
-            for per in &r.examples {
-                if let Some(ex) = per.first() {
-                    row.extend(ex[1..].iter().cloned());
-                }
-            }
-            example_rows.push(row);
-        }
-    }
-    Ok(example_rows)
-}
-
-/// Per setting: the best PSNR any of its servers reaches over all attacks, and whether some
-/// server recovers the prompt.
-fn write_attack_summary(md: &mut String, reports: &[(&str, AttackReport)]) -> Result<()> {
-    let first = &reports[0].1;
-    writeln!(md, "\nSummary: the best any single server of a setting reaches, over all its attacks (PSNR dB, whole picture / outside its strip), against the fully-on-device baseline of {:.2} dB.\n", first.device_baseline.psnr)?;
-    writeln!(md, "| setting | N | best PSNR, whole picture | best PSNR, outside own strip | prompt recovered by some server |")?;
-    writeln!(md, "|---|---|---|---|---|")?;
-    for (name, r) in reports {
-        let mut all = f64::NEG_INFINITY;
-        let mut outside: Option<f64> = None;
-        for s in &r.per_server {
-            for f in [
-                Some(&s.strip_decode),
-                s.kv_inversion.as_ref(),
-                Some(&s.linear_probe),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                all = all.max(f.psnr);
-                if let Some(o) = f.psnr_outside {
-                    outside = Some(outside.map_or(o, |b: f64| b.max(o)));
-                }
-            }
-        }
-        let prompt = r
-            .per_server
-            .iter()
-            .filter_map(|s| s.prompt_recovery)
-            .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))));
-        writeln!(
-            md,
-            "| {name} | {} | {all:.2} | {} | {} |",
-            r.servers,
-            opt(outside, 2),
-            prompt
-                .map(|v| format!("{:.0}%", v * 100.0))
-                .unwrap_or_else(|| "no (nothing text-derived arrives)".into())
-        )?;
-    }
-    Ok(())
-}
-
 /// The attacker of an `obfuscated` server: which candidate is real, and how close the pictures
 /// it can finish itself come to the true one.
 fn obfuscated_attack_section(
@@ -960,7 +824,7 @@ fn obfuscated_attack_section(
         veil_core::obfuscation::Lexicon::from_file(&a.lexicon)
             .with_context(|| format!("reading lexicon {}", a.lexicon.display()))?,
     );
-    let steps = a.attack_steps.max(2);
+    let steps = a.obfuscated_steps.max(2);
     let k = steps / 2;
     let k_max = 8;
     let b = bar(a.obfuscated_prompts, "attacks: obfuscated");

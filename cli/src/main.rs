@@ -11,6 +11,7 @@
 
 mod bench;
 mod eval;
+mod eval_attacks;
 mod link_bench;
 mod obf_bench;
 
@@ -78,6 +79,9 @@ struct ObfuscateArgs {
     /// Most candidates sent (K_max).
     #[arg(long, default_value_t = 8)]
     k_max: usize,
+    /// The user's key file (as `veil generate --key-file`); default: a key for this run only.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
     /// Print one JSON object: {"spans": [{category, text, start, end}…], "candidates": […]}.
     #[arg(long)]
     json: bool,
@@ -245,6 +249,23 @@ struct ObfuscationArgs {
     /// attention output (T-GATE).
     #[arg(long)]
     attention_gate: Option<usize>,
+    /// obfuscated: the user's key file (created with a fresh key, mode 0600, if missing): the
+    /// same key sends the same K candidates for a prompt at every run. Default: a key for this
+    /// run only, weaker (a server may intersect the sets of two runs).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+/// The key of `--key-file` (read, or created if missing); None without one, with a note.
+fn obfuscation_key(
+    path: Option<&PathBuf>,
+) -> Result<Option<Arc<veil_core::obfuscation::ObfuscationKey>>> {
+    let Some(path) = path else {
+        eprintln!("note: no --key-file: candidates are chosen with a key for this run only");
+        return Ok(None);
+    };
+    let key = veil_core::sdk::load_or_create_obfuscation_key(path)?;
+    Ok(Some(Arc::new(key)))
 }
 
 impl ObfuscationArgs {
@@ -284,6 +305,7 @@ impl ObfuscationArgs {
                 attention_gate: self.attention_gate,
             },
             device_unet,
+            key: obfuscation_key(self.key_file.as_ref())?,
         })
     }
 }
@@ -334,7 +356,7 @@ fn main() -> Result<()> {
 }
 
 fn obfuscate_cmd(a: ObfuscateArgs) -> Result<()> {
-    use veil_core::obfuscation::{candidates, Lexicon};
+    use veil_core::obfuscation::{candidates_with_key, Lexicon, ObfuscationKey};
     let mut lex = if a.no_builtin {
         Lexicon::default()
     } else {
@@ -344,7 +366,9 @@ fn obfuscate_cmd(a: ObfuscateArgs) -> Result<()> {
         lex.extend(Lexicon::from_file(path)?);
     }
     let spans = lex.detect(&a.prompt);
-    let set = candidates(&a.prompt, &spans, &lex, a.k_max, &mut rand::rng())?;
+    let key = obfuscation_key(a.key_file.as_ref())?;
+    let key = key.as_deref().unwrap_or_else(|| ObfuscationKey::process());
+    let set = candidates_with_key(&a.prompt, &spans, &lex, a.k_max, key, &mut rand::rng())?;
     if a.json {
         let spans: Vec<serde_json::Value> = spans
             .iter()

@@ -343,9 +343,10 @@ fn eval_quick_writes_every_section_and_its_grids() {
         "## Fidelity against `local`",
         "| strict | 2 | 100.00 / 1.0000 |",
         "### FLOPs and traffic per step",
-        "## Attacks: what each server can reconstruct",
-        "| everything on one server | 1 | 0 |",
-        "| strict | 4 | 3 |",
+        "## Attacks: what each server learns",
+        "| ppidm | 1 | 0 | both halves |",
+        "| strict | 4 | 3 | unconditional half |",
+        "| strict | 4 | 0 | both halves |",
         "### The `obfuscated` server",
         "| guess the real candidate: the first one sent |",
     ] {
@@ -353,10 +354,43 @@ fn eval_quick_writes_every_section_and_its_grids() {
     }
     // The link section was skipped on request.
     assert!(!text.contains("5g link"));
-    for png in ["heldout_grid.png", "attacks.png"] {
-        let img = image::open(figures.join(png)).expect(png);
-        assert!(img.width() > 64 && img.height() > 64);
-    }
+    let img = image::open(figures.join("heldout_grid.png")).expect("heldout_grid.png");
+    assert!(img.width() > 64 && img.height() > 64);
+    let attacks: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(figures.join("attacks.json")).expect("attacks.json"),
+    )
+    .expect("attacks.json is JSON");
+    assert_eq!(attacks["test_pictures"], 6);
+    assert!(attacks["settings"]
+        .as_array()
+        .is_some_and(|s| s.len() == 18));
+    // One section regenerated in place: the others are kept byte for byte.
+    let before = text
+        .split("<!-- veil-eval:attacks -->")
+        .next()
+        .map(str::to_string);
+    let st = veil()
+        .args([
+            "eval",
+            "--quick",
+            "--model",
+            "models/tiny-random",
+            "--sections",
+            "obfuscated",
+        ])
+        .arg("--out")
+        .arg(&md)
+        .arg("--figures")
+        .arg(&figures)
+        .status()
+        .expect("run veil eval --sections");
+    assert!(st.success());
+    let again = std::fs::read_to_string(&md).expect("EVAL.md");
+    assert_eq!(
+        again.split("<!-- veil-eval:attacks -->").next(),
+        before.as_deref()
+    );
+    assert!(again.contains("### The `obfuscated` server"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -407,4 +441,100 @@ fn obfuscate_json_lists_spans_and_candidates() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["candidates"].as_array().map(|a| a.len()), Some(2));
     let _ = std::fs::remove_file(lex);
+}
+
+/// `veil obfuscate --json` with a key file: the candidates as a sorted list.
+fn candidate_set(prompt: &str, key: &std::path::Path) -> Vec<String> {
+    let out = veil()
+        .args(["obfuscate", prompt, "--json", "--k-max", "4", "--key-file"])
+        .arg(key)
+        .output()
+        .expect("run veil obfuscate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let mut c: Vec<String> = v["candidates"]
+        .as_array()
+        .expect("candidates")
+        .iter()
+        .map(|c| c.as_str().expect("string").to_string())
+        .collect();
+    c.sort();
+    c
+}
+
+#[test]
+fn a_key_file_keeps_the_candidate_set_across_runs() {
+    // 2 genders × 3 ages × 5 ethnicities = 30 combinations, 4 sent.
+    let prompt = "a portrait of a young asian woman";
+    let key = tmp("user.key");
+    let _ = std::fs::remove_file(&key);
+    // The first run creates the key file (0600), the second reads it: the same four.
+    let first = candidate_set(prompt, &key);
+    assert_eq!(first.len(), 4);
+    assert!(first.contains(&"a portrait of a young Asian woman".to_string()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key)
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert_eq!(candidate_set(prompt, &key), first);
+    // Two other users' keys send other sets for the same prompt.
+    let (a, b) = (tmp("a.key"), tmp("b.key"));
+    for (path, byte) in [(&a, "01"), (&b, "02")] {
+        let text = format!("veil-obfuscation-key-v1\n{}\n", byte.repeat(32));
+        std::fs::write(path, text).expect("write key");
+    }
+    let (set_a, set_b) = (candidate_set(prompt, &a), candidate_set(prompt, &b));
+    assert_eq!(set_a, candidate_set(prompt, &a));
+    assert_ne!(set_a, set_b, "two keys chose the same set");
+    // `generate --key-file` sends the set `obfuscate --key-file` prints.
+    let audit = tmp("key-audit.json");
+    let o = veil()
+        .args(["generate", prompt, "--policy", "obfuscated", "--steps", "2"])
+        .args(["--k-max", "4", "--out"])
+        .arg(tmp("key.png"))
+        .arg("--audit")
+        .arg(&audit)
+        .arg("--key-file")
+        .arg(&a)
+        .output()
+        .expect("run veil generate");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&audit).expect("audit")).expect("json");
+    let mut sent: Vec<String> = v["servers"][0]["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .filter_map(|p| p.as_str().filter(|p| !p.is_empty()).map(String::from))
+        .collect();
+    sent.sort();
+    assert_eq!(sent, set_a);
+    // A file that is not a key is refused and left as it was.
+    std::fs::write(&a, "veil-obfuscation-key-v1\nabcd\n").expect("write");
+    let out = veil()
+        .args(["obfuscate", prompt, "--key-file"])
+        .arg(&a)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("4 hex digits"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&a).expect("read"),
+        "veil-obfuscation-key-v1\nabcd\n"
+    );
+    for p in [key, a, b, audit, tmp("key.png")] {
+        let _ = std::fs::remove_file(p);
+    }
 }

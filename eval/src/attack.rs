@@ -735,7 +735,8 @@ impl Attacker<'_> {
 
 // ---- the `obfuscated` policy's attacker ----------------------------------------------------
 
-/// What the attacker on an `obfuscated` server achieves.
+/// What the attacker on an `obfuscated` server achieves: `obf_prior::ObfuscatedRow` (from
+/// `obf_prior::obfuscated_row`) and the older columns beside it.
 #[derive(Debug, Clone)]
 pub struct ObfuscatedReport {
     pub prompts: usize,
@@ -745,18 +746,21 @@ pub struct ObfuscatedReport {
     pub chance: f64,
     /// Accuracy of guessing the first candidate in send order.
     pub guess_first: f64,
-    /// Accuracy of guessing the candidate whose attribute values are most frequent in the
-    /// dataset's training captions (the best prior-only guess).
+    /// Accuracy of the slot-aware prior attacker (`obf_prior::SlotPrior`): the candidate whose
+    /// slot values the training captions make most likely (`ObfuscatedRow::prior_accuracy`).
     pub guess_prior: f64,
     /// The server can finish every candidate itself: PSNR (dB) of a uniform pick among those
     /// K pictures against the true final picture, averaged over the picks and the prompts…
     pub pick_psnr: f64,
     /// … and of the best of the K (an oracle that knew which one to pick).
     pub best_psnr: f64,
+    /// Everything the run measured (the prior's picked picture, its per-slot accuracy).
+    pub row: crate::obf_prior::ObfuscatedRow,
 }
 
 /// Attacks `prompts` `obfuscated` generations of held-out captions (T `steps`, the server
-/// running `server_steps`, at most `k_max` candidates from `lex`).
+/// running `server_steps`, at most `k_max` candidates from `lex`), finishing all K pictures,
+/// with the prior estimated from `obf_prior::DEFAULT_PRIOR_SAMPLES` training captions.
 #[allow(clippy::too_many_arguments)]
 pub fn obfuscated_attack(
     sd: &std::sync::Arc<StableDiffusion>,
@@ -770,109 +774,29 @@ pub fn obfuscated_attack(
     seed: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ObfuscatedReport> {
-    use veil_core::client::hybrid::{EarlySteps, ObfuscationOptions};
-    let data = Dataset::new(seed, side);
-    // The attacker's prior: how often each attribute phrase appears in training captions.
-    let mut freq: BTreeMap<String, f64> = BTreeMap::new();
-    for i in 0..2000 {
-        for s in lex.detect(&data.sample(i).1) {
-            *freq.entry(s.value.to_ascii_lowercase()).or_default() += 1.0;
-        }
-    }
-    let prior = |p: &str| -> f64 {
-        lex.detect(p)
-            .iter()
-            .map(|s| {
-                freq.get(&s.value.to_ascii_lowercase())
-                    .copied()
-                    .unwrap_or(0.5)
-                    .ln()
-            })
-            .sum()
+    use crate::obf_prior::{run_attack, ObfuscatedAttack, DEFAULT_PRIOR_SAMPLES};
+    let cfg = ObfuscatedAttack {
+        prompts,
+        steps,
+        server_steps,
+        k_max,
+        guidance,
+        side,
+        seed,
+        prior_samples: DEFAULT_PRIOR_SAMPLES,
+        finish_all: true,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| AttackError::Setup(format!("async runtime: {e}")))?;
-    let server = sd.in_process_full_server();
-    let (mut ks, mut chance, mut first, mut by_prior, mut pick, mut best) =
-        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-    for i in 0..prompts {
-        let caption = data.held_out(i as u64).1;
-        let opts = GenerateOptions {
-            prompt: caption.clone(),
-            steps,
-            guidance,
-            seed: 1 + i as u64,
-            width: side,
-            height: side,
-            policy: Policy::Obfuscated,
-            obfuscation: ObfuscationOptions {
-                server_steps: Some(server_steps),
-                k_max: Some(k_max),
-                lexicon: Some(lex.clone()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let g = rt.block_on(sd.generate(&opts, std::slice::from_ref(&server), &mut |_| {}))?;
-        let truth = picture_of(&g.image)?;
-        // The server's view, in send order (the negative prompt comes last).
-        let cands: Vec<String> = g
-            .audit
-            .texts
-            .iter()
-            .take(g.obfuscation.as_ref().map_or(0, |o| o.candidates))
-            .map(|t| t.text.clone())
-            .collect();
-        let k = cands.len().max(1);
-        // The candidate that is the caption itself (its values written canonically).
-        let real = cands.iter().position(|c| c.eq_ignore_ascii_case(&caption));
-        ks += k as f64;
-        chance += 1.0 / k as f64;
-        first += f64::from(u8::from(real == Some(0)));
-        let top = cands
-            .iter()
-            .enumerate()
-            .max_by(|a, b| prior(a.1).total_cmp(&prior(b.1)))
-            .map(|(j, _)| j);
-        by_prior += f64::from(u8::from(real.is_some() && top == real));
-        // The server finishes all K itself, from the same noise.
-        let (h, w) = sd.latent_size(side, side)?;
-        let noise = veil_core::client::pipeline::seeded_normal(
-            1 + i as u64,
-            &[1, sd.unet.config.in_channels, h, w],
-            &sd.device,
-        )?;
-        let job = EarlySteps {
-            candidates: cands.clone(),
-            negative_prompt: String::new(),
-            noise,
-            steps,
-            server_steps: steps,
-            guidance,
-            scheduler: opts.scheduler,
-            accel: Default::default(),
-        };
-        let finals = sd.early_steps(&job, &mut |_, _| {})?.latents;
-        let mut scores = Vec::with_capacity(k);
-        for j in 0..cands.len() {
-            let p = picture_of(&sd.decode(&finals.narrow(0, j, 1)?)?)?;
-            // None: identical pictures (infinite PSNR), counted as 100 dB.
-            scores.push(psnr(&p, &truth, None)?.unwrap_or(100.0));
-        }
-        let finite: Vec<f64> = scores.iter().map(|s| s.min(100.0)).collect();
-        pick += finite.iter().sum::<f64>() / finite.len().max(1) as f64;
-        best += finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        progress(i + 1, prompts);
-    }
+    let tally = run_attack(sd, &lex, &cfg, progress)?;
+    let row = tally.row(&cfg);
     let n = prompts.max(1) as f64;
     Ok(ObfuscatedReport {
         prompts,
-        mean_k: ks / n,
-        chance: chance / n,
-        guess_first: first / n,
-        guess_prior: by_prior / n,
-        pick_psnr: pick / n,
-        best_psnr: best / n,
+        mean_k: row.k_mean,
+        chance: row.chance,
+        guess_first: tally.first / n,
+        guess_prior: row.prior_accuracy,
+        pick_psnr: tally.uniform / n,
+        best_psnr: row.best_of_k_psnr.unwrap_or(0.0),
+        row,
     })
 }

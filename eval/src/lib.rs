@@ -11,8 +11,12 @@
 
 pub mod attack;
 pub mod dataset;
+pub mod invert_latent;
+pub mod invert_text;
 pub mod linalg;
 pub mod metrics;
+pub mod obf_prior;
+pub mod privacy;
 pub mod score;
 
 pub use dataset::{Background, Colour, Dataset, Object, Position, Scene, Shape, Size};

@@ -60,6 +60,15 @@ async fn halves_apart_keep_the_image_and_split_the_servers() {
         strips,
         vec![Some([0, 8]), Some([8, 16]), Some([0, 8]), Some([8, 16])]
     );
+    assert_eq!(
+        apart.audit.halves,
+        vec![
+            "conditional",
+            "conditional",
+            "unconditional",
+            "unconditional"
+        ]
+    );
     for i in 0..4 {
         assert!(apart.audit.bytes(i) > 0, "server {i} idle");
         assert_eq!(apart.audit.text_indexed_bytes(i), 0);
@@ -79,6 +88,7 @@ async fn halves_apart_keep_the_image_and_split_the_servers() {
         strips,
         vec![Some([0, 4]), Some([4, 8]), Some([8, 12]), Some([12, 16])]
     );
+    assert_eq!(together.audit.halves, vec!["both"; 4]);
     // Concurrent halves: a step waits for no more round trips than with the halves together.
     assert!(apart.stats.round_trips <= together.stats.round_trips);
     // The same server work, less the per-element work on halo rows of fewer strip boundaries;
@@ -101,6 +111,7 @@ async fn halves_apart_keep_the_image_and_split_the_servers() {
         (0..2).map(|i| strip_16(&two, i)).collect::<Vec<_>>(),
         vec![Some([0, 8]), Some([8, 16])]
     );
+    assert_eq!(two.audit.halves, vec!["conditional"; 2]);
     let two_together = run(
         &sd,
         &opts(Policy::Strict, Some(GuidanceHalves::Together)),

@@ -205,9 +205,11 @@ pub fn merge_audit(cond: Audit, uncond: Audit, uncond_offset: usize) -> Audit {
     let mut m = Audit::new(n);
     for (i, s) in cond.strips.into_iter().enumerate() {
         m.strips[i] = s;
+        m.halves[i] = "conditional";
     }
     for (j, s) in uncond.strips.into_iter().enumerate() {
         m.strips[uncond_offset + j] = s;
+        m.halves[uncond_offset + j] = "unconditional";
     }
     m.views = cond.views;
     m.views.extend(uncond.views.into_iter().map(|mut v| {

@@ -206,7 +206,10 @@ impl StableDiffusion {
             image,
             latents: report.latents,
             accounting: report.accounting,
-            audit: merge_audit(rt.take_audit(), uncond_rt.take_audit(), offset),
+            audit: match opts.halves_apart() {
+                true => merge_audit(rt.take_audit(), uncond_rt.take_audit(), offset),
+                false => rt.take_audit(),
+            },
             #[cfg(feature = "eval-capture")]
             captured: merge_captured(rt.take_captured(), uncond_rt.take_captured(), offset),
             stats,

@@ -131,6 +131,9 @@ pub struct Audit {
     pub texts: Vec<TextView>,
     /// Server → resolution → its own rows there.
     pub strips: Vec<BTreeMap<(usize, usize), Range<usize>>>,
+    /// Server → which classifier-free-guidance half it ran (`both` unless the halves were
+    /// apart: `conditional` or `unconditional`).
+    pub halves: Vec<&'static str>,
 }
 
 /// `"<H>x<W>"`, the resolution key of the audit file.
@@ -166,6 +169,8 @@ pub struct ServerView {
     /// Bytes per dependency class.
     pub bytes_by_class: BytesByClass,
     pub tensors: usize,
+    /// The guidance half it ran: both, conditional or unconditional.
+    pub guidance_half: &'static str,
     /// The prompts (as text) it received, in send order (`obfuscated` only).
     pub prompts: Vec<String>,
 }
@@ -191,6 +196,7 @@ impl Audit {
             views: Vec::new(),
             texts: Vec::new(),
             strips: vec![BTreeMap::new(); servers],
+            halves: vec!["both"; servers],
         }
     }
 
@@ -270,6 +276,7 @@ impl Audit {
                 }
                 ServerView {
                     server: i,
+                    guidance_half: self.halves.get(i).copied().unwrap_or("both"),
                     strip: self.strips[i]
                         .iter()
                         .map(|(res, r)| (res_key(*res), [r.start, r.end]))

@@ -101,6 +101,20 @@ pub struct Runtime<'a, E: Engine> {
     capture_from: Option<u64>,
     #[cfg(feature = "eval-capture")]
     captured: Vec<(View, E::T)>,
+    #[cfg(feature = "eval-capture")]
+    captured_replies: Vec<CapturedReply<E::T>>,
+}
+
+/// A tensor a server returned (evaluation only): what it computed is part of what it knows.
+#[cfg(feature = "eval-capture")]
+#[derive(Debug, Clone)]
+pub struct CapturedReply<T> {
+    pub server: usize,
+    pub call: u64,
+    /// The round trip's kind and label.
+    pub kind: OpKind,
+    pub layer: String,
+    pub tensor: T,
 }
 
 fn prod(d: &[usize]) -> u64 {
@@ -154,6 +168,8 @@ impl<'a, E: Engine> Runtime<'a, E> {
             capture_from: None,
             #[cfg(feature = "eval-capture")]
             captured: Vec::new(),
+            #[cfg(feature = "eval-capture")]
+            captured_replies: Vec::new(),
         })
     }
 
@@ -169,6 +185,12 @@ impl<'a, E: Engine> Runtime<'a, E> {
     #[cfg(feature = "eval-capture")]
     pub fn take_captured(&mut self) -> Vec<(View, E::T)> {
         std::mem::take(&mut self.captured)
+    }
+
+    /// The captured replies so far (every tensor a server returned), in arrival order.
+    #[cfg(feature = "eval-capture")]
+    pub fn take_captured_replies(&mut self) -> Vec<CapturedReply<E::T>> {
+        std::mem::take(&mut self.captured_replies)
     }
 
     pub fn with_attention_chunk(mut self, chunk: usize) -> Self {
@@ -374,6 +396,23 @@ impl<'a, E: Engine> Runtime<'a, E> {
             down,
         });
         self.acct.round_trips += 1;
+        #[cfg(feature = "eval-capture")]
+        if self
+            .capture_from
+            .is_some_and(|from| self.call_index() >= from)
+        {
+            let call = self.call_index();
+            for (server, o) in outs.iter().enumerate() {
+                self.captured_replies
+                    .extend(o.iter().map(|t| CapturedReply {
+                        server,
+                        call,
+                        kind,
+                        layer: layer.to_string(),
+                        tensor: t.clone(),
+                    }));
+            }
+        }
         Ok(outs)
     }
 
