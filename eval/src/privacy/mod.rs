@@ -181,6 +181,7 @@ pub fn run(
         gate: gate(&rows),
         mean_picture_psnr: mean_psnr,
         settings: rows,
+        obfuscated: None,
     })
 }
 

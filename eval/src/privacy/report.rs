@@ -19,6 +19,16 @@ pub struct AttacksFile {
     /// reconstruction against themselves (the truth is the VAE decode of the clean latent).
     pub mean_picture_psnr: Option<f64>,
     pub settings: Vec<SettingRow>,
+    /// The `obfuscated` server (filled by the caller, which holds the lexicon): the slot-aware
+    /// prior over many requests without pictures, and with every candidate finished.
+    pub obfuscated: Option<ObfuscatedRows>,
+}
+
+/// The `obfuscated` policy's attacker.
+#[derive(Debug, Clone, Serialize)]
+pub struct ObfuscatedRows {
+    pub prior: crate::obf_prior::ObfuscatedRow,
+    pub finished: Option<crate::obf_prior::ObfuscatedRow>,
 }
 
 /// The N = 1 gate: what the attack families reach when one server sees everything.
