@@ -9,11 +9,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
 use veil_core::placement::{GnVariant, Policy};
-use veil_eval::attack;
 use veil_eval::metrics::{psnr, ssim, Picture};
 use veil_eval::{score, Dataset};
 
@@ -242,6 +241,9 @@ pub(crate) fn rel(path: &Path, from: &Path) -> String {
         .to_string()
 }
 
+pub use crate::eval_report::Section;
+use crate::eval_report::{splice, whole_report};
+
 pub fn run(mut a: EvalArgs) -> Result<()> {
     if a.quick {
         a.shrink();
@@ -278,7 +280,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
             Section::Link if a.link_steps > 0 => link_section(&mut md, &a, &held[0])?,
             Section::Attacks => crate::eval_attacks::attack_section(&mut md, &a, &sd)?,
             Section::Obfuscated if a.obfuscated_prompts > 0 => {
-                obfuscated_attack_section(&mut md, &a, &sd, side)?
+                crate::eval_attacks::obfuscated_attack_section(&mut md, &a, &sd, side)?
             }
             Section::Link | Section::Obfuscated => {}
         }
@@ -302,89 +304,6 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// A section of the report; `--sections` regenerates some of them in place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Section {
-    Training,
-    Adherence,
-    Fidelity,
-    Link,
-    Attacks,
-    Obfuscated,
-}
-
-impl Section {
-    const ALL: [Section; 6] = [
-        Section::Training,
-        Section::Adherence,
-        Section::Fidelity,
-        Section::Link,
-        Section::Attacks,
-        Section::Obfuscated,
-    ];
-
-    fn markers(self) -> (String, String) {
-        let name = format!("{self:?}").to_lowercase();
-        (
-            format!("<!-- veil-eval:{name} -->"),
-            format!("<!-- /veil-eval:{name} -->"),
-        )
-    }
-}
-
-/// The whole report: the header, every section between its markers, the total time.
-fn whole_report(
-    a: &EvalArgs,
-    side: usize,
-    parts: &[(Section, String)],
-    seconds: f64,
-) -> Result<String> {
-    let mut md = String::new();
-    writeln!(
-        md,
-        "# Evaluation: the tiny shapes model under every placement policy\n"
-    )?;
-    writeln!(
-        md,
-        "Written by `veil eval{}` (model `{}`, {side}×{side} pictures, guidance {}, DDIM). \
-         Every number below is measured by that command; nothing is typed in by hand. A section \
-         can be regenerated alone (`--sections NAME`), which says so. Held-out captions come \
-         from the dataset's held-out split (seed {}): none of them was a training caption.\n",
-        if a.quick { " --quick" } else { "" },
-        a.model.display(),
-        a.guidance,
-        a.seed
-    )?;
-    for (s, body) in parts {
-        let (open, close) = s.markers();
-        writeln!(md, "{open}\n{body}{close}\n")?;
-    }
-    writeln!(
-        md,
-        "---\nTotal time of this `veil eval`: {seconds:.0} s on {} CPU threads.",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    )?;
-    Ok(md)
-}
-
-/// `old` with each of `parts` replaced between its markers.
-fn splice(old: &str, parts: &[(Section, String)]) -> Result<String> {
-    let mut md = old.to_string();
-    for (s, body) in parts {
-        let (open, close) = s.markers();
-        let (Some(i), Some(j)) = (md.find(&open), md.find(&close)) else {
-            bail!("the report has no {open} … {close} section to replace: run the whole `veil eval` once");
-        };
-        if j < i {
-            bail!("the report's {open} section is malformed");
-        }
-        md.replace_range(i + open.len()..j, &format!("\n{body}"));
-    }
-    Ok(md)
 }
 
 /// What the adherence runs found: scores of `local`, `ppidm` and `strict`, how often the
@@ -809,77 +728,5 @@ fn link_section(md: &mut String, a: &EvalArgs, prompt: &str) -> Result<()> {
     }
     b.finish_and_clear();
     md.push('\n');
-    Ok(())
-}
-
-/// The attacker of an `obfuscated` server: which candidate is real, and how close the pictures
-/// it can finish itself come to the true one.
-fn obfuscated_attack_section(
-    md: &mut String,
-    a: &EvalArgs,
-    sd: &std::sync::Arc<StableDiffusion>,
-    side: usize,
-) -> Result<()> {
-    let lex = std::sync::Arc::new(
-        veil_core::obfuscation::Lexicon::from_file(&a.lexicon)
-            .with_context(|| format!("reading lexicon {}", a.lexicon.display()))?,
-    );
-    let steps = a.obfuscated_steps.max(2);
-    let k = steps / 2;
-    let k_max = 8;
-    let b = bar(a.obfuscated_prompts, "attacks: obfuscated");
-    let r = attack::obfuscated_attack(
-        sd,
-        lex,
-        a.obfuscated_prompts,
-        steps,
-        k,
-        k_max,
-        a.guidance,
-        side,
-        a.seed,
-        &mut |done, _| b.set_position(done as u64),
-    )?;
-    b.finish_and_clear();
-    writeln!(
-        md,
-        "### The `obfuscated` server
-"
-    )?;
-    writeln!(
-        md,
-        "The sensitive category is the shapes' colours (`{}`): each request sends up to {k_max}          candidate captions that differ only in their colour words, and the server runs the first          {k} of {steps} steps for all of them. Its view is the candidate texts in send order and          the shared noise (tests assert that this view does not depend on which candidate is          real). {} held-out captions attacked; mean K = {:.1}.\n",
-        a.lexicon.display(),
-        r.prompts,
-        r.mean_k
-    )?;
-    writeln!(md, "| attack | result | chance / baseline |")?;
-    writeln!(md, "|---|---|---|")?;
-    writeln!(
-        md,
-        "| guess the real candidate: the first one sent | {:.0}% | {:.0}% (1/K) |",
-        100.0 * r.guess_first,
-        100.0 * r.chance
-    )?;
-    writeln!(
-        md,
-        "| guess the real candidate: the most frequent colours in the training captions | {:.0}% | {:.0}% (1/K) |",
-        100.0 * r.guess_prior,
-        100.0 * r.chance
-    )?;
-    writeln!(
-        md,
-        "| finish all K itself, pick one uniformly: PSNR to the true picture | {:.2} dB | fully on device (mean picture), above |",
-        r.pick_psnr
-    )?;
-    writeln!(
-        md,
-        "| finish all K itself, the best of the K (an oracle pick) | {:.2} dB | — |\n",
-        r.best_psnr
-    )?;
-    writeln!(
-        md,
-        "What this says: the server learns the prompt's template and the set of K values, not          which value is real — its guesses stay near 1/K. But it holds the whole model, so one          of the K pictures it can finish is (nearly: the phone's late steps use its own U-Net)          the user's picture; obfuscation hides the attribute, not the rest of the image.\n"
-    )?;
     Ok(())
 }
