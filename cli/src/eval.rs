@@ -61,6 +61,11 @@ pub struct EvalArgs {
     /// Training captions added to the test captions in the CFG-difference dictionary.
     #[arg(long, default_value_t = 1000)]
     pub attack_dictionary: usize,
+    /// Settings attacked, as POLICY:N (policy ppidm, strict, or strict-together for strict with
+    /// the guidance halves together), comma-separated (default: ppidm and strict at N = 1, 2
+    /// and 4, and strict-together at N = 4).
+    #[arg(long, value_delimiter = ',')]
+    pub attack_settings: Vec<String>,
     /// Steps timed through the emulated 5g link (0 skips the link section).
     #[arg(long, default_value_t = 3)]
     pub link_steps: usize,

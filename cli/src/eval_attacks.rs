@@ -5,9 +5,12 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
+use veil_core::client::guidance::GuidanceHalves;
 use veil_core::client::pipeline::StableDiffusion;
+use veil_core::placement::Policy;
 use veil_eval::attack;
 use veil_eval::obf_prior::{obfuscated_row, ObfuscatedAttack, DEFAULT_PRIOR_SAMPLES};
+use veil_eval::privacy::calls::Setting;
 use veil_eval::privacy::report::{AttacksFile, ObfuscatedRows, SettingRow};
 use veil_eval::privacy::{run, PrivacyConfig};
 
@@ -29,13 +32,44 @@ fn margin(a: Option<f64>, b: Option<f64>, scale: f64, unit: &str) -> String {
 }
 
 /// The configuration `EvalArgs` asks for.
-fn config(a: &EvalArgs) -> PrivacyConfig {
+fn config(a: &EvalArgs) -> Result<PrivacyConfig> {
     let mut c = PrivacyConfig::full();
     c.train = a.attack_train;
     c.test = a.attack_test;
     c.batch = a.attack_batch;
     c.dictionary_extra = a.attack_dictionary;
-    c
+    if !a.attack_settings.is_empty() {
+        c.settings = a
+            .attack_settings
+            .iter()
+            .map(|s| setting(s))
+            .collect::<Result<_>>()?;
+    }
+    Ok(c)
+}
+
+/// One `--attack-settings` entry: POLICY:N.
+fn setting(s: &str) -> Result<Setting> {
+    let (policy, n) = s
+        .split_once(':')
+        .with_context(|| format!("attack setting `{s}` is not POLICY:N"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .with_context(|| format!("attack setting `{s}`: N is not a number"))?;
+    let (name, halves) = match policy.trim() {
+        "strict-together" => ("strict", Some(GuidanceHalves::Together)),
+        p => (p, None),
+    };
+    let policy = Policy::parse(name, Default::default())?;
+    if !matches!(policy, Policy::Strict | Policy::Ppidm { .. }) || n == 0 {
+        anyhow::bail!("attack setting `{s}`: the attacks run on ppidm or strict with N ≥ 1");
+    }
+    let mut setting = Setting::new(policy, n);
+    if let Some(h) = halves {
+        setting.halves = h;
+    }
+    Ok(setting)
 }
 
 /// Runs the attacks and writes the section and attacks.json.
@@ -44,7 +78,7 @@ pub fn attack_section(
     a: &EvalArgs,
     sd: &std::sync::Arc<StableDiffusion>,
 ) -> Result<()> {
-    let cfg = config(a);
+    let cfg = config(a)?;
     let mut current: Option<(String, indicatif::ProgressBar)> = None;
     let file = run(sd.as_ref(), &a.model, &cfg, &mut |stage, done, total| {
         let fresh = current.as_ref().is_none_or(|(s, _)| s != stage);

@@ -52,13 +52,57 @@ fn row_means(tokens: &[f32], channels: usize, w: usize) -> Vec<f32> {
     out
 }
 
+/// Which parts of the view a learned attack reads (the ablation of what carries the leak).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewParts {
+    /// Own rows, moments and scattered streams.
+    All,
+    /// Own rows and the GroupNorm moments.
+    RowsMoments,
+    /// Own rows and the scattered streams.
+    RowsStreams,
+}
+
+impl ViewParts {
+    pub const ALL: [ViewParts; 3] = [
+        ViewParts::All,
+        ViewParts::RowsMoments,
+        ViewParts::RowsStreams,
+    ];
+
+    /// The family names of the decoder and the probe reading these parts.
+    pub fn families(self) -> (&'static str, &'static str) {
+        match self {
+            ViewParts::All => ("view decoder", "view probe"),
+            ViewParts::RowsMoments => {
+                ("view decoder: rows + moments", "view probe: rows + moments")
+            }
+            ViewParts::RowsStreams => {
+                ("view decoder: rows + streams", "view probe: rows + streams")
+            }
+        }
+    }
+}
+
 /// The view features of a `strict` server's sight of `item`.
 pub fn view_features(item: &Item, sight: &ServerSight) -> Vec<f32> {
+    view_parts(item, sight, ViewParts::All)
+}
+
+/// The features of `parts` of a `strict` server's sight of `item`.
+pub fn view_parts(item: &Item, sight: &ServerSight, parts: ViewParts) -> Vec<f32> {
     let mut f = rows_features(item, &held_rows(&sight.strip, item.latent.1));
-    for m in sight.all(ViewKind::Moments).take(MOMENT_LAYERS) {
+    let moments = parts != ViewParts::RowsStreams;
+    for m in sight
+        .all(ViewKind::Moments)
+        .take(MOMENT_LAYERS * usize::from(moments))
+    {
         for half in [&m.uncond, &m.cond].into_iter().flatten() {
             f.extend_from_slice(half);
         }
+    }
+    if parts == ViewParts::RowsMoments {
+        return f;
     }
     for s in sight
         .all(ViewKind::Strip)

@@ -12,7 +12,7 @@ use crate::metrics::Picture;
 
 use super::calls::{decode, observe_all, Item, SeenRows, ServerSight, Setting};
 use super::cross::FIRST_BLOCK;
-use super::features::{held_rows, rows_features, slot_scene, view_features};
+use super::features::{held_rows, rows_features, slot_scene, view_parts, ViewParts};
 use super::metrics::{
     attributes_right, known_pixel_rows, objects_outside, outside_object_error, pooled_psnr,
     slots_right,
@@ -63,6 +63,9 @@ impl Tally {
     }
 }
 
+/// One learned attack's predictions of the test pictures: (parts read, latents, slot scores).
+type ViewPredictions = (ViewParts, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Keeps what the attacks of the test pictures read (the rest of a sight is large).
 fn keep_for_test(mut s: ServerSight) -> ServerSight {
     s.seen.retain(|v| match v.view.kind {
@@ -76,20 +79,24 @@ fn keep_for_test(mut s: ServerSight) -> ServerSight {
 }
 
 /// Fits `strict`'s whole-view decoder and prompt probe (one map) per server on the training
-/// calls.
+/// calls, for each choice of view parts (`ViewParts::ALL`).
 fn fit_view_models(
     shared: &Shared<'_>,
     setting: &Setting,
     batch: usize,
     progress: &mut dyn FnMut(&str, usize, usize),
-) -> Result<Vec<Linear>> {
+) -> Result<Vec<Vec<(ViewParts, Linear)>>> {
     let n = setting.servers;
     let train = &shared.train;
-    let mut feats: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(train.len()); n];
+    let parts = ViewParts::ALL;
+    let mut feats: Vec<Vec<Vec<Vec<f32>>>> =
+        vec![vec![Vec::with_capacity(train.len()); parts.len()]; n];
     let label = format!("{}: attacker's training calls", setting.label());
     observe_all(shared.sd, setting, train, batch, &mut |i, sights| {
         for (k, sight) in sights.iter().enumerate() {
-            feats[k].push(view_features(&train[i], sight));
+            for (j, p) in parts.iter().enumerate() {
+                feats[k][j].push(view_parts(&train[i], sight, *p));
+            }
         }
         if (i + 1) % batch == 0 || i + 1 == train.len() {
             progress(&label, i + 1, train.len());
@@ -97,7 +104,15 @@ fn fit_view_models(
         Ok(())
     })?;
     let y: Vec<Vec<f32>> = train.iter().map(super::targets).collect();
-    feats.iter().map(|f| Linear::fit(f, &y)).collect()
+    feats
+        .iter()
+        .map(|per| {
+            per.iter()
+                .zip(parts)
+                .map(|(f, p)| Ok((p, Linear::fit(f, &y)?)))
+                .collect()
+        })
+        .collect()
 }
 
 /// Every server's row of one setting.
@@ -145,7 +160,7 @@ fn attack_server(
     setting: &Setting,
     s: usize,
     sights: &[Vec<ServerSight>],
-    view_models: Option<&Linear>,
+    view_models: Option<&Vec<(ViewParts, Linear)>>,
 ) -> Result<SettingRow> {
     let (lc, lh, lw) = shared.test.first().map_or((4, 16, 16), |i| i.latent);
     let per_row = shared
@@ -177,18 +192,16 @@ fn attack_server(
     let mut image: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut prompt: BTreeMap<&str, Tally> = BTreeMap::new();
     let col = column(shared, sights, s);
-    let view: Option<(Vec<_>, Vec<_>)> = match view_models {
-        Some(m) => {
-            let f: Vec<Vec<f32>> = col.iter().map(|(i, x)| view_features(i, x)).collect();
-            Some(
-                m.predict(&f)?
-                    .iter()
-                    .map(|p| split_targets(p, lc * lh * lw))
-                    .unzip(),
-            )
-        }
-        None => None,
-    };
+    let mut views: Vec<ViewPredictions> = Vec::new();
+    for (parts, m) in view_models.into_iter().flatten() {
+        let f: Vec<Vec<f32>> = col.iter().map(|(i, x)| view_parts(i, x, *parts)).collect();
+        let (x0, slots) = m
+            .predict(&f)?
+            .iter()
+            .map(|p| split_targets(p, lc * lh * lw))
+            .unzip();
+        views.push((*parts, x0, slots));
+    }
     for (k, (item, sight)) in col.iter().enumerate() {
         let pic = decode(shared.sd, &ctrl_x0[k])?;
         image
@@ -209,15 +222,16 @@ fn attack_server(
             .entry("mean picture")
             .or_default()
             .picture(item, &shared.mean_picture, &known, side);
-        if let Some((x0, slots)) = &view {
+        for (parts, x0, slots) in &views {
+            let (decoder, probe) = parts.families();
             let pic = decode(shared.sd, &x0[k])?;
             image
-                .entry("view decoder")
+                .entry(decoder)
                 .or_default()
                 .picture(item, &pic, &known, side);
             let guess = slot_scene(&slots[k]);
             prompt
-                .entry("view probe")
+                .entry(probe)
                 .or_default()
                 .prompt(item, guess.as_ref(), false);
         }
