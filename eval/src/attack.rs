@@ -137,14 +137,21 @@ pub fn key_values(seen: &[Seen]) -> Vec<KeyValues<'_>> {
     out
 }
 
-fn weight(sd: &StableDiffusion, name: &str) -> Result<nalgebra::DMatrix<f64>> {
-    let t = sd
+/// A public U-Net weight (the attacker holds the model), in f32.
+pub fn public_tensor(sd: &StableDiffusion, name: &str) -> Result<Tensor> {
+    Ok(sd
         .unet_engine
         .weights()
         .get(name)
-        .ok_or_else(|| AttackError::Setup(format!("public weight {name} not found")))?;
+        .ok_or_else(|| AttackError::Setup(format!("public weight {name} not found")))?
+        .to_dtype(DType::F32)?)
+}
+
+/// A public 2-D weight as f64, `[rows, cols]` as stored (diffusers: `[out, in]`).
+pub fn public_weight(sd: &StableDiffusion, name: &str) -> Result<nalgebra::DMatrix<f64>> {
+    let t = public_tensor(sd, name)?;
     let (o, i) = t.dims2()?;
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
     Ok(nalgebra::DMatrix::from_fn(o, i, |r, c| v[r * i + c] as f64))
 }
 
@@ -154,11 +161,11 @@ pub fn invert_key_values(
     sd: &StableDiffusion,
     kv: &KeyValues<'_>,
 ) -> Result<(Vec<f32>, usize, f64)> {
-    let wk = weight(sd, &format!("{}.to_k.weight", kv.layer))?;
+    let wk = public_weight(sd, &format!("{}.to_k.weight", kv.layer))?;
     let (dk, c) = wk.shape();
     let mut blocks = vec![(wk, kv.k)];
     if let Some(v) = kv.v {
-        blocks.push((weight(sd, &format!("{}.to_v.weight", kv.layer))?, v));
+        blocks.push((public_weight(sd, &format!("{}.to_v.weight", kv.layer))?, v));
     }
     let tokens = kv.resolution.0 * kv.resolution.1;
     let m = dk * blocks.len();

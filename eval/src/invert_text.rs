@@ -18,29 +18,17 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use nalgebra::DMatrix;
 use veil_core::client::pipeline::StableDiffusion;
 
-use crate::attack::{AttackError, Result};
+use crate::attack::{public_weight, AttackError, Result};
 use crate::linalg::solve_rows;
 
 /// Candidates per text-encoder call. The whole vocabulary of a small model (the tiny shapes
 /// model: 814 tokens) is one call per position; SD's 49,408 tokens are split so a batch of
 /// 77-token sequences stays within memory.
 const CANDIDATES_PER_CALL: usize = 8192;
-
-/// A public weight as f64, `[rows, cols]` as stored (diffusers: `[out, in]`).
-fn public_weight(sd: &StableDiffusion, name: &str) -> Result<DMatrix<f64>> {
-    let t = sd
-        .unet_engine
-        .weights()
-        .get(name)
-        .ok_or_else(|| AttackError::Setup(format!("public weight {name} not found")))?;
-    let (o, i) = t.dims2()?;
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(DMatrix::from_fn(o, i, |r, c| v[r * i + c] as f64))
-}
 
 /// Solves `S · [W_kᵀ W_vᵀ] = [K V]` for the text states `S` of one prompt.
 ///

@@ -73,6 +73,17 @@ impl FromStr for GuidanceHalves {
     }
 }
 
+/// Whether a step of `policy` with guidance (`guided`) runs its halves apart, given the
+/// caller's choice (None: the policy's own). Only placements that offload a U-Net call split it;
+/// `obfuscated` runs each call whole on one party.
+pub fn halves_apart(policy: Policy, choice: Option<GuidanceHalves>, guided: bool) -> bool {
+    let halves = choice.unwrap_or(GuidanceHalves::default_for(policy));
+    halves == GuidanceHalves::Apart
+        && guided
+        && policy.placement().offloads()
+        && policy != Policy::Obfuscated
+}
+
 /// Fewest servers per half when the halves are apart: one server holding a whole half could
 /// compute that half's self-attention itself.
 pub const MIN_SERVERS_PER_HALF: usize = 2;

@@ -53,13 +53,11 @@ pub struct GenerateOptions {
 impl GenerateOptions {
     /// Whether a guided step's halves run on disjoint server groups in this generation.
     pub fn halves_apart(&self) -> bool {
-        let halves = self
-            .guidance_halves
-            .unwrap_or(GuidanceHalves::default_for(self.policy));
-        halves == GuidanceHalves::Apart
-            && self.guidance > 1.0
-            && self.policy.placement().offloads()
-            && self.policy != Policy::Obfuscated
+        crate::client::guidance::halves_apart(
+            self.policy,
+            self.guidance_halves,
+            self.guidance > 1.0,
+        )
     }
 }
 

@@ -39,13 +39,7 @@ pub struct PlanInput {
 impl PlanInput {
     /// Whether a guided step's halves run on disjoint server groups (as `GenerateOptions`).
     pub fn halves_apart(&self) -> bool {
-        let halves = self
-            .guidance_halves
-            .unwrap_or(GuidanceHalves::default_for(self.policy));
-        halves == GuidanceHalves::Apart
-            && self.batch == 2
-            && self.policy.placement().offloads()
-            && self.policy != Policy::Obfuscated
+        crate::client::guidance::halves_apart(self.policy, self.guidance_halves, self.batch == 2)
     }
 }
 

@@ -11,22 +11,13 @@
 //! the tokens it holds (exact when it holds the whole map, N = 1) — and score the dictionary
 //! with that estimate.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use veil_core::client::pipeline::StableDiffusion;
 
-use crate::attack::{AttackError, Result};
+use crate::attack::{public_tensor, AttackError, Result};
 
 /// The first transformer block of the tiny model (level 0).
 pub const FIRST_BLOCK: &str = "down_blocks.0.attentions.0.transformer_blocks.0";
-
-fn w(sd: &StableDiffusion, name: &str) -> Result<Tensor> {
-    Ok(sd
-        .unet_engine
-        .weights()
-        .get(name)
-        .ok_or_else(|| AttackError::Setup(format!("public weight {name} not found")))?
-        .to_dtype(DType::F32)?)
-}
 
 /// One attention layer's public weights.
 struct AttnWeights {
@@ -41,11 +32,11 @@ struct AttnWeights {
 impl AttnWeights {
     fn load(sd: &StableDiffusion, name: &str, heads: usize) -> Result<Self> {
         Ok(Self {
-            q: w(sd, &format!("{name}.to_q.weight"))?,
-            k: w(sd, &format!("{name}.to_k.weight"))?,
-            v: w(sd, &format!("{name}.to_v.weight"))?,
-            out_w: w(sd, &format!("{name}.to_out.0.weight"))?,
-            out_b: w(sd, &format!("{name}.to_out.0.bias"))?,
+            q: public_tensor(sd, &format!("{name}.to_q.weight"))?,
+            k: public_tensor(sd, &format!("{name}.to_k.weight"))?,
+            v: public_tensor(sd, &format!("{name}.to_v.weight"))?,
+            out_w: public_tensor(sd, &format!("{name}.to_out.0.weight"))?,
+            out_b: public_tensor(sd, &format!("{name}.to_out.0.bias"))?,
             heads,
         })
     }
@@ -98,8 +89,8 @@ struct Norm {
 impl Norm {
     fn load(sd: &StableDiffusion, name: &str) -> Result<Self> {
         Ok(Self {
-            w: w(sd, &format!("{name}.weight"))?,
-            b: w(sd, &format!("{name}.bias"))?,
+            w: public_tensor(sd, &format!("{name}.weight"))?,
+            b: public_tensor(sd, &format!("{name}.bias"))?,
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -18,7 +18,7 @@ use veil_core::client::pipeline::StableDiffusion;
 use veil_core::placement::runtime::Runtime;
 use veil_core::placement::{Policy, ViewKind, WireDtype};
 
-use crate::attack::{AttackError, Result};
+use crate::attack::{public_tensor, AttackError, Result};
 use crate::invert_latent::invert_latent;
 use crate::invert_text::{invert_prompt, text_states_from_kv};
 use crate::linalg::solve_rows;
@@ -39,15 +39,6 @@ pub struct PpidmGuess {
     pub caption: Option<String>,
 }
 
-fn weight(sd: &StableDiffusion, name: &str) -> Result<Tensor> {
-    Ok(sd
-        .unet_engine
-        .weights()
-        .get(name)
-        .ok_or_else(|| AttackError::Setup(format!("public weight {name} not found")))?
-        .to_dtype(DType::F32)?)
-}
-
 fn matrix(t: &Tensor) -> Result<DMatrix<f64>> {
     let (r, c) = t.dims2()?;
     let v = t.flatten_all()?.to_vec1::<f32>()?;
@@ -65,8 +56,14 @@ fn first_features(sd: &StableDiffusion, sight: &ServerSight) -> Result<Option<Te
     let [k, v] = kv.as_slice() else {
         return Ok(None);
     };
-    let wk = matrix(&weight(sd, &format!("{FIRST_BLOCK}.attn1.to_k.weight"))?)?;
-    let wv = matrix(&weight(sd, &format!("{FIRST_BLOCK}.attn1.to_v.weight"))?)?;
+    let wk = matrix(&public_tensor(
+        sd,
+        &format!("{FIRST_BLOCK}.attn1.to_k.weight"),
+    )?)?;
+    let wv = matrix(&public_tensor(
+        sd,
+        &format!("{FIRST_BLOCK}.attn1.to_v.weight"),
+    )?)?;
     let (dk, c) = wk.shape();
     let tokens = k.len() / dk;
     let a = DMatrix::from_fn(c, 2 * dk, |r, o| match o < dk {
@@ -187,8 +184,8 @@ fn finish(
 /// (one group per channel): mean(conv_in(x))_c ≈ Σ_k (Σ kernel W_ck) mean(x)_k + b_c, borders
 /// ignored; least squares over the output channels.
 pub fn latent_means_from_conv_in(sd: &StableDiffusion, stats: &[f32]) -> Result<Option<Vec<f32>>> {
-    let wt = weight(sd, "conv_in.weight")?;
-    let bias = weight(sd, "conv_in.bias")?.to_vec1::<f32>()?;
+    let wt = public_tensor(sd, "conv_in.weight")?;
+    let bias = public_tensor(sd, "conv_in.bias")?.to_vec1::<f32>()?;
     let (o, i, _, _) = wt.dims4()?;
     if stats.len() != 2 * o {
         return Ok(None);
