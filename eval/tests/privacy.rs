@@ -81,12 +81,12 @@ fn attacks_beat_their_control_where_a_server_sees_more_than_its_strip() {
             ("strict", "apart") => {
                 // One half per server: the same test, with the shared stream estimated from the
                 // server's own tokens, does no better than the strip-only control.
-                if let (Some(cfg), Some(ctrl)) = (family(r, "cfg difference"), words.1) {
-                    assert!(
-                        cfg <= ctrl + 0.1,
-                        "apart: cfg difference {cfg} vs control {ctrl}"
-                    );
-                }
+                let cfg = family(r, "cfg difference").expect("cfg difference ran");
+                let ctrl = words.1.expect("control ran");
+                assert!(
+                    cfg <= ctrl + 0.1,
+                    "apart: cfg difference {cfg} vs control {ctrl}"
+                );
                 // No exact test: an exact one names the caption every time (as together does).
                 // The estimate still names some captions exactly (measured 0 and 3 of 8 here;
                 // README and docs/AUDIT.md state the full run's figure).
