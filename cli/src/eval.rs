@@ -66,13 +66,26 @@ pub struct EvalArgs {
     /// and 4, and strict-together at N = 4).
     #[arg(long, value_delimiter = ',')]
     pub attack_settings: Vec<String>,
+    /// Whole generations the attacker trains on, per setting of the whole-generation section.
+    #[arg(long, default_value_t = 500)]
+    pub generation_train: usize,
+    /// Held-out whole generations attacked, per setting.
+    #[arg(long, default_value_t = 100)]
+    pub generation_test: usize,
+    /// Denoising steps of those generations (every step is captured).
+    #[arg(long, default_value_t = 20)]
+    pub generation_steps: usize,
+    /// Settings of the whole-generation section, as POLICY:N (default: strict at N = 1, 2, 4).
+    #[arg(long, value_delimiter = ',')]
+    pub generation_settings: Vec<String>,
     /// Steps timed through the emulated 5g link (0 skips the link section).
     #[arg(long, default_value_t = 3)]
     pub link_steps: usize,
     /// Denoising steps of the `obfuscated` attacker's generations (the server runs half).
     #[arg(long, default_value_t = 10)]
     pub obfuscated_steps: usize,
-    /// Generations attacked under `obfuscated` (0 skips that attacker).
+    /// Requests attacked under `obfuscated` with every candidate's picture finished (0 skips
+    /// them; the slot-aware prior over many requests always runs).
     #[arg(long, default_value_t = 16)]
     pub obfuscated_prompts: usize,
     /// The sensitive category of the `obfuscated` attacks (the shapes' colours).
@@ -102,6 +115,9 @@ impl EvalArgs {
         self.attack_test = self.attack_test.min(6);
         self.attack_batch = self.attack_batch.min(30);
         self.attack_dictionary = self.attack_dictionary.min(30);
+        self.generation_train = self.generation_train.min(24);
+        self.generation_test = self.generation_test.min(4);
+        self.generation_steps = self.generation_steps.min(3);
         self.link_steps = self.link_steps.min(2);
         self.obfuscated_prompts = self.obfuscated_prompts.min(2);
         self.obfuscated_steps = self.obfuscated_steps.min(3);
@@ -284,10 +300,8 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
             Section::Fidelity => fidelity_section(&mut md, &a, &runner, &held, side / f)?,
             Section::Link if a.link_steps > 0 => link_section(&mut md, &a, &held[0])?,
             Section::Attacks => crate::eval_attacks::attack_section(&mut md, &a, &sd)?,
-            Section::Obfuscated if a.obfuscated_prompts > 0 => {
-                crate::eval_attacks::obfuscated_attack_section(&mut md, &a, &sd, side)?
-            }
-            Section::Link | Section::Obfuscated => {}
+            Section::Generations => crate::eval_generations::generations_section(&mut md, &a, &sd)?,
+            Section::Link => {}
         }
         parts.push((s, md));
     }

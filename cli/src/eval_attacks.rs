@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use veil_core::client::guidance::GuidanceHalves;
 use veil_core::client::pipeline::StableDiffusion;
 use veil_core::placement::Policy;
-use veil_eval::attack;
 use veil_eval::obf_prior::{obfuscated_row, ObfuscatedAttack, DEFAULT_PRIOR_SAMPLES};
 use veil_eval::privacy::calls::Setting;
 use veil_eval::privacy::report::{AttacksFile, ObfuscatedRows, SettingRow};
@@ -49,7 +48,7 @@ fn config(a: &EvalArgs) -> Result<PrivacyConfig> {
 }
 
 /// One `--attack-settings` entry: POLICY:N.
-fn setting(s: &str) -> Result<Setting> {
+pub fn setting(s: &str) -> Result<Setting> {
     let (policy, n) = s
         .split_once(':')
         .with_context(|| format!("attack setting `{s}` is not POLICY:N"))?;
@@ -313,77 +312,5 @@ fn write_summary(md: &mut String, rows: &[SettingRow]) -> Result<()> {
         )?;
     }
     writeln!(md)?;
-    Ok(())
-}
-
-/// The attacker of an `obfuscated` server: which candidate is real, and how close the pictures
-/// it can finish itself come to the true one.
-pub fn obfuscated_attack_section(
-    md: &mut String,
-    a: &EvalArgs,
-    sd: &std::sync::Arc<StableDiffusion>,
-    side: usize,
-) -> Result<()> {
-    let lex = std::sync::Arc::new(
-        veil_core::obfuscation::Lexicon::from_file(&a.lexicon)
-            .with_context(|| format!("reading lexicon {}", a.lexicon.display()))?,
-    );
-    let steps = a.obfuscated_steps.max(2);
-    let k = steps / 2;
-    let k_max = 8;
-    let b = bar(a.obfuscated_prompts, "attacks: obfuscated");
-    let r = attack::obfuscated_attack(
-        sd,
-        lex,
-        a.obfuscated_prompts,
-        steps,
-        k,
-        k_max,
-        a.guidance,
-        side,
-        a.seed,
-        &mut |done, _| b.set_position(done as u64),
-    )?;
-    b.finish_and_clear();
-    writeln!(
-        md,
-        "### The `obfuscated` server
-"
-    )?;
-    writeln!(
-        md,
-        "The sensitive category is the shapes' colours (`{}`): each request sends up to {k_max}          candidate captions that differ only in their colour words, and the server runs the first          {k} of {steps} steps for all of them. Its view is the candidate texts in send order and          the shared noise (tests assert that this view does not depend on which candidate is          real). {} held-out captions attacked; mean K = {:.1}.\n",
-        a.lexicon.display(),
-        r.prompts,
-        r.mean_k
-    )?;
-    writeln!(md, "| attack | result | chance / baseline |")?;
-    writeln!(md, "|---|---|---|")?;
-    writeln!(
-        md,
-        "| guess the real candidate: the first one sent | {:.0}% | {:.0}% (1/K) |",
-        100.0 * r.guess_first,
-        100.0 * r.chance
-    )?;
-    writeln!(
-        md,
-        "| guess the real candidate: the most frequent colours in the training captions | {:.0}% | {:.0}% (1/K) |",
-        100.0 * r.guess_prior,
-        100.0 * r.chance
-    )?;
-    writeln!(
-        md,
-        "| finish all K itself, pick one uniformly: PSNR to the true picture | {:.2} dB | fully on device (mean picture), above |",
-        r.pick_psnr
-    )?;
-    writeln!(
-        md,
-        "| finish all K itself, the best of the K (an oracle pick) | {:.2} dB | — |\n",
-        r.best_psnr
-    )?;
-    writeln!(
-        md,
-        "What this says: the server learns the prompt's template and the set of K values, not          which value is real — its guesses stay near 1/K. But it holds the whole model, so one          of the K pictures it can finish is (nearly: the phone's late steps use its own U-Net)          the user's picture; obfuscation hides the attribute, not the rest of the image.\n"
-    )?;
     Ok(())
 }

@@ -16,7 +16,7 @@ pub enum Section {
     Fidelity,
     Link,
     Attacks,
-    Obfuscated,
+    Generations,
 }
 
 impl Section {
@@ -26,7 +26,7 @@ impl Section {
         Section::Fidelity,
         Section::Link,
         Section::Attacks,
-        Section::Obfuscated,
+        Section::Generations,
     ];
 
     fn markers(self) -> (String, String) {

@@ -12,6 +12,7 @@
 mod bench;
 mod eval;
 mod eval_attacks;
+mod eval_generations;
 mod eval_report;
 mod link_bench;
 mod obf_bench;

@@ -347,8 +347,10 @@ fn eval_quick_writes_every_section_and_its_grids() {
         "| ppidm | 1 | 0 | both halves |",
         "| strict | 4 | 3 | unconditional half |",
         "| strict | 4 | 0 | both halves |",
-        "### The `obfuscated` server",
-        "| guess the real candidate: the first one sent |",
+        "**`obfuscated`** (one server runs the first steps of K candidate captions",
+        "Finishing every candidate itself (2 requests)",
+        "## Attacks on whole generations",
+        "| strict | 2 | 1 | conditional half |",
     ] {
         assert!(text.contains(section), "missing `{section}` in:\n{text}");
     }
@@ -364,11 +366,26 @@ fn eval_quick_writes_every_section_and_its_grids() {
     assert!(attacks["settings"]
         .as_array()
         .is_some_and(|s| s.len() == 18));
-    // One section regenerated in place: the others are kept byte for byte.
-    let before = text
-        .split("<!-- veil-eval:attacks -->")
-        .next()
-        .map(str::to_string);
+    let gens: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(figures.join("attacks_generations.json"))
+            .expect("attacks_generations.json"),
+    )
+    .expect("attacks_generations.json is JSON");
+    assert_eq!(gens["training_generations"], 24);
+    // strict at N = 1, 2 and 4: one row per server.
+    assert!(gens["settings"].as_array().is_some_and(|s| s.len() == 7));
+    // One section regenerated in place: the others are kept byte for byte. The training
+    // section is made stale first, so the rerun has to write it back.
+    let (open, close) = (
+        "<!-- veil-eval:training -->",
+        "<!-- /veil-eval:training -->",
+    );
+    let (Some(i), Some(j)) = (text.find(open), text.find(close)) else {
+        panic!("no training section in:\n{text}");
+    };
+    let mut stale = text.clone();
+    stale.replace_range(i + open.len()..j, "\nstale\n");
+    std::fs::write(&md, &stale).expect("write a stale EVAL.md");
     let st = veil()
         .args([
             "eval",
@@ -376,7 +393,7 @@ fn eval_quick_writes_every_section_and_its_grids() {
             "--model",
             "models/tiny-random",
             "--sections",
-            "obfuscated",
+            "training",
         ])
         .arg("--out")
         .arg(&md)
@@ -386,11 +403,7 @@ fn eval_quick_writes_every_section_and_its_grids() {
         .expect("run veil eval --sections");
     assert!(st.success());
     let again = std::fs::read_to_string(&md).expect("EVAL.md");
-    assert_eq!(
-        again.split("<!-- veil-eval:attacks -->").next(),
-        before.as_deref()
-    );
-    assert!(again.contains("### The `obfuscated` server"));
+    assert_eq!(again, text);
     let _ = std::fs::remove_dir_all(dir);
 }
 

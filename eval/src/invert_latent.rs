@@ -1,7 +1,7 @@
 //! Optimisation-based inversion of the U-Net input from what a `ppidm` server receives.
 //!
 //! Under `ppidm` every server receives the self-attention keys and values of every transformer
-//! block for every position of the map; `attack::invert_key_values` solves them back to the
+//! block for every position of the map; `attacker::invert_key_values` solves them back to the
 //! block's self-attention input `F = LN1(tokens)` exactly. The first transformer block's `F` is
 //! a function of the U-Net input `x_t` and the timestep alone (no text has entered yet):
 //!
@@ -37,7 +37,7 @@ use candle_core::{DType, Tensor, Var};
 use veil_core::client::pipeline::{seeded_normal, StableDiffusion};
 use veil_core::placement::policy::partition;
 
-use crate::attack::{AttackError, Result};
+use crate::attacker::{AttackError, Result};
 
 fn setup(msg: impl Into<String>) -> AttackError {
     AttackError::Setup(msg.into())
@@ -488,7 +488,7 @@ impl Schedule {
 }
 
 /// Recovers `x_t` [4, H, W] from the first transformer block's features `features`
-/// [H·W, C] (one batch row, e.g. from `attack::invert_key_values`): Adam on
+/// [H·W, C] (one batch row, e.g. from `attacker::invert_key_values`): Adam on
 /// `‖first_block_features(x) − F‖² / ‖F‖²` over the rows outside `known_rows`, which are
 /// fixed to `known` [4, rows, W]; the other rows start from `init` [4, H, W] (zeros do).
 /// `iterations` is the budget per start (the learning rate decays over it); an attempt stops

@@ -22,7 +22,7 @@ use candle_core::Tensor;
 use nalgebra::DMatrix;
 use veil_core::client::pipeline::StableDiffusion;
 
-use crate::attack::{public_weight, AttackError, Result};
+use crate::attacker::{public_weight, AttackError, Result};
 use crate::linalg::solve_rows;
 
 /// Candidates per text-encoder call. The whole vocabulary of a small model (the tiny shapes

@@ -6,10 +6,16 @@
 //! - `score`: the prompt-adherence scorer — recovers colour, shape, position and size of the
 //!   objects from the pixels alone and compares them with what the caption asked for.
 //! - `metrics`: PSNR and SSIM, over all rows or a subset of rows.
-//! - `linalg`: least squares and ridge regression, the attacker's tools.
-//! - `attack`: the white-box attack suite against what each shard server received.
+//! - `linalg`: least squares, the attacker's K/V inversion.
+//! - `attacker`: the white-box attacker's shared primitives (its error type, the public weights
+//!   it reads, the K/V least-squares inversion).
+//! - `privacy`: the attack suite — a white-box attacker per shard server against the strip-only
+//!   control and the one-server ceiling.
+//! - `invert_latent`, `invert_text`: the latent and the prompt inverted through the public
+//!   weights from the keys and values a `ppidm` server receives.
+//! - `obf_prior`: the slot-aware prior attacker of an `obfuscated` server.
 
-pub mod attack;
+pub mod attacker;
 pub mod dataset;
 pub mod invert_latent;
 pub mod invert_text;

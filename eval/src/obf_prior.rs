@@ -27,7 +27,7 @@ use veil_core::model::scheduler::SchedulerKind;
 use veil_core::obfuscation::{candidates_with_key, Lexicon, ObfuscationKey};
 use veil_core::placement::{Policy, ShardBackend};
 
-use crate::attack::{AttackError, Result as AttackResult};
+use crate::attacker::{AttackError, Result as AttackResult};
 use crate::dataset::Dataset;
 use crate::metrics::{psnr, Picture};
 
@@ -251,10 +251,9 @@ pub struct ObfuscatedRow {
     pub real_sent: f64,
 }
 
-/// The sums over requests behind an `ObfuscatedRow`, and the two baselines the older report
-/// (`attack::ObfuscatedReport`) shows.
+/// The sums over requests behind an `ObfuscatedRow`.
 #[derive(Debug, Default)]
-pub(crate) struct Tally {
+struct Tally {
     k: f64,
     chance: f64,
     hits: f64,
@@ -264,14 +263,10 @@ pub(crate) struct Tally {
     slots: f64,
     picked: f64,
     best: f64,
-    /// A guess of the first candidate sent.
-    pub(crate) first: f64,
-    /// A uniform pick among the K finished pictures: its expected PSNR.
-    pub(crate) uniform: f64,
 }
 
 impl Tally {
-    pub(crate) fn row(&self, cfg: &ObfuscatedAttack) -> ObfuscatedRow {
+    fn row(&self, cfg: &ObfuscatedAttack) -> ObfuscatedRow {
         let n = cfg.prompts.max(1) as f64;
         let psnr = |s: f64| cfg.finish_all.then_some(s / n);
         ObfuscatedRow {
@@ -296,7 +291,6 @@ impl Tally {
         self.k += k;
         self.chance += 1.0 / k;
         self.hits += f64::from(u8::from(real == Some(guess)));
-        self.first += f64::from(u8::from(real == Some(0)));
         self.sent += f64::from(u8::from(real.is_some()));
         let values =
             |text: &str| -> Vec<String> { lex.detect(text).into_iter().map(|s| s.value).collect() };
@@ -323,8 +317,8 @@ pub fn obfuscated_row(
     Ok(run_attack(sd, lex, cfg, progress)?.row(cfg))
 }
 
-/// The attack's loop; the tally keeps what `attack::obfuscated_attack` also reports.
-pub(crate) fn run_attack(
+/// The attack's loop: the sums over its requests.
+fn run_attack(
     sd: &Arc<StableDiffusion>,
     lex: &Arc<Lexicon>,
     cfg: &ObfuscatedAttack,
@@ -369,7 +363,6 @@ pub(crate) fn run_attack(
             let scores = request.finish_all(sd, &candidates, cfg, &truth)?;
             tally.picked += scores.get(guess).copied().unwrap_or(0.0);
             tally.best += scores.iter().copied().fold(0.0, f64::max);
-            tally.uniform += scores.iter().sum::<f64>() / scores.len().max(1) as f64;
         }
         progress(i + 1, cfg.prompts);
     }

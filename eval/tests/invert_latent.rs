@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use veil_core::client::pipeline::{seeded_normal, StableDiffusion};
 use veil_core::placement::{GnVariant, Policy, Runtime, WireDtype};
-use veil_eval::attack::{invert_key_values, key_values, latent_rows, Seen};
+use veil_eval::attacker::{invert_key_values, key_values, latent_rows, Seen};
 use veil_eval::invert_latent::{
     first_block_features, invert_latent, invert_latent_with, FirstBlock, Inversion, Schedule,
 };

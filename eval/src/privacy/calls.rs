@@ -17,7 +17,7 @@ use veil_core::placement::runtime::Runtime;
 use veil_core::placement::{OpKind, Policy, ShardBackend, View, ViewKind, WireDtype};
 use veil_core::vocab::job::StepRows;
 
-use crate::attack::{AttackError, Result};
+use crate::attacker::{AttackError, Result};
 use crate::dataset::{Dataset, Scene};
 use crate::metrics::Picture;
 
@@ -294,8 +294,34 @@ pub async fn observe(
         let replies = rt.take_captured_replies();
         (rt.take_captured(), replies, rt.take_audit().strips)
     };
-    let mut out = vec![vec![ServerSight::default(); backends.len()]; b];
-    for (s, m) in strips.iter().enumerate() {
+    let captured: Vec<&(View, Tensor)> = captured.iter().collect();
+    let replies: Vec<&CapturedReply<Tensor>> = replies.iter().collect();
+    let seen = Seen {
+        captured: &captured,
+        replies: &replies,
+        strips: &strips,
+    };
+    sights(setting, &seen, backends.len(), b, (c, h, w))
+}
+
+/// What the servers were sent and returned in one U-Net call, and their strips.
+pub struct Seen<'a> {
+    pub captured: &'a [&'a (View, Tensor)],
+    pub replies: &'a [&'a CapturedReply<Tensor>],
+    /// Each server's strip per resolution (the audit's `strips`).
+    pub strips: &'a [std::collections::BTreeMap<(usize, usize), Range<usize>>],
+}
+
+/// Per picture (of `b` in the call), per server (of `n`), what that server saw of it.
+pub fn sights(
+    setting: &Setting,
+    seen: &Seen<'_>,
+    n: usize,
+    b: usize,
+    (c, h, w): (usize, usize, usize),
+) -> Result<Vec<Vec<ServerSight>>> {
+    let mut out = vec![vec![ServerSight::default(); n]; b];
+    for (s, m) in seen.strips.iter().enumerate() {
         let strip = m.get(&(h, w)).cloned().unwrap_or(0..h);
         for per_item in out.iter_mut() {
             if let Some(sight) = per_item.get_mut(s) {
@@ -304,10 +330,10 @@ pub async fn observe(
             }
         }
     }
-    for (view, tensor) in &captured {
+    for (view, tensor) in seen.captured {
         split_rows(setting, view, tensor, b, &mut out)?;
     }
-    for r in &replies {
+    for r in seen.replies {
         split_returned(setting, r, b, &mut out)?;
     }
     Ok(out)

@@ -14,7 +14,7 @@
 use candle_core::{Device, Tensor, D};
 use veil_core::client::pipeline::StableDiffusion;
 
-use crate::attack::{public_tensor, AttackError, Result};
+use crate::attacker::{public_tensor, AttackError, Result};
 
 /// The first transformer block of the tiny model (level 0).
 pub const FIRST_BLOCK: &str = "down_blocks.0.attentions.0.transformer_blocks.0";

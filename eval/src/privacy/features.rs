@@ -92,6 +92,30 @@ pub fn view_features(item: &Item, sight: &ServerSight) -> Vec<f32> {
 /// The features of `parts` of a `strict` server's sight of `item`.
 pub fn view_parts(item: &Item, sight: &ServerSight, parts: ViewParts) -> Vec<f32> {
     let mut f = rows_features(item, &held_rows(&sight.strip, item.latent.1));
+    f.extend(view_extras(sight, parts));
+    f
+}
+
+/// The latent rows a server received at `conv_in` in one call (its strip and halo rows,
+/// channel-major): the strip-only control's features of one step of a whole generation.
+pub fn sight_rows(sight: &ServerSight) -> Vec<f32> {
+    let (c, h, w) = sight.latent;
+    let (lat, _) = sight.latent_rows();
+    let rows = held_rows(&sight.strip, h);
+    let mut out = Vec::with_capacity(c * rows.len() * w);
+    for ch in 0..c {
+        for r in rows.clone() {
+            let s = (ch * h + r) * w;
+            out.extend_from_slice(lat.get(s..s + w).unwrap_or(&[]));
+        }
+    }
+    out
+}
+
+/// The parts of a view besides the server's own rows: the first layers' GroupNorm moments
+/// and the row means of the first scattered streams, as `parts` selects.
+pub fn view_extras(sight: &ServerSight, parts: ViewParts) -> Vec<f32> {
+    let mut f = Vec::new();
     let moments = parts != ViewParts::RowsStreams;
     for m in sight
         .all(ViewKind::Moments)

@@ -21,6 +21,7 @@
 pub mod calls;
 pub mod cross;
 pub mod features;
+pub mod generations;
 pub mod metrics;
 pub mod ppidm;
 pub mod report;
@@ -34,7 +35,7 @@ use std::path::Path;
 use veil_core::client::pipeline::StableDiffusion;
 use veil_core::placement::Policy;
 
-use crate::attack::Result;
+use crate::attacker::Result;
 use crate::dataset::Dataset;
 use crate::invert_text::Vocabulary;
 use crate::metrics::Picture;
@@ -117,7 +118,7 @@ impl Shared<'_> {
         }
         self.controls
             .get(rows)
-            .ok_or_else(|| crate::attack::AttackError::Setup("control not fitted".into()))
+            .ok_or_else(|| crate::attacker::AttackError::Setup("control not fitted".into()))
     }
 }
 
@@ -139,7 +140,7 @@ pub fn run(
     progress("attacker data", cfg.train + cfg.test, cfg.train + cfg.test);
     let truths: Vec<Picture> = train.iter().map(|i| i.truth.clone()).collect();
     let mean_picture = crate::metrics::mean_picture(&truths)
-        .ok_or_else(|| crate::attack::AttackError::Setup("no training pictures".into()))?;
+        .ok_or_else(|| crate::attacker::AttackError::Setup("no training pictures".into()))?;
     let mut dictionary: Vec<String> = test.iter().map(|i| i.caption.clone()).collect();
     for it in &train {
         if dictionary.len() >= cfg.test + cfg.dictionary_extra {

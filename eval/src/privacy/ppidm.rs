@@ -18,7 +18,7 @@ use veil_core::client::pipeline::StableDiffusion;
 use veil_core::placement::runtime::Runtime;
 use veil_core::placement::{Policy, ViewKind, WireDtype};
 
-use crate::attack::{public_tensor, AttackError, Result};
+use crate::attacker::{public_tensor, AttackError, Result};
 use crate::invert_latent::invert_latent;
 use crate::invert_text::{invert_prompt, text_states_from_kv};
 use crate::linalg::solve_rows;

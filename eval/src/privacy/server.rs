@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use veil_core::placement::{Policy, ViewKind};
 
-use crate::attack::Result;
+use crate::attacker::Result;
 use crate::dataset::Scene;
 use crate::metrics::Picture;
 
