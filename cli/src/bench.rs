@@ -433,6 +433,9 @@ impl Engine for Profiled {
             || self.inner.through_wire(x, dtype),
         )
     }
+    fn all_finite(&self, x: &Tensor) -> veil_core::Result<bool> {
+        self.inner.all_finite(x)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -831,8 +831,21 @@ fn requests_and_replies_convert_both_ways() {
     let reply = ShardReply {
         outputs: vec![x.clone(), field(&[1, 2, 3], 4)],
     };
-    let outs = reply_to_wire(&reply, WireDtype::F16).unwrap();
-    assert!(outs.iter().all(|t| t.dtype == WireDtype::F16));
+    let asked = ShardRequest {
+        calls: vec![
+            ShardCall::reply(ShardOp::Identity {
+                input: Operand::Inline(x.clone()),
+            }),
+            ShardCall::reply(ShardOp::GroupNormStats {
+                layer: "norm".into(),
+                input: Operand::Inline(x.clone()),
+            }),
+        ],
+    };
+    let outs = reply_to_wire(&reply, &asked, WireDtype::F16).unwrap();
+    // GroupNorm statistics travel in f32 whatever the wire dtype.
+    assert_eq!(outs[0].dtype, WireDtype::F16);
+    assert_eq!(outs[1].dtype, WireDtype::F32);
     let back = reply_from_wire(outs, &dev).unwrap();
     assert_eq!(back.outputs.len(), 2);
     assert_eq!(back.outputs[1].dims(), &[1, 2, 3]);

@@ -17,6 +17,8 @@
 //! idle_timeout_secs = 60
 //! handshake_timeout_secs = 10
 //! max_session_bytes = 8589934592   # resident strips per session (strict)
+//! max_op_bytes = 4294967296         # one op's output and working memory, checked before it runs
+//! memory_budget_bytes = 17179869184 # all sessions' running ops and kept tensors together
 //! ```
 //!
 //! Relative paths in the file are resolved against the file's folder.
@@ -60,6 +62,8 @@ pub struct FileLimits {
     pub idle_timeout_secs: Option<f64>,
     pub handshake_timeout_secs: Option<f64>,
     pub max_session_bytes: Option<u64>,
+    pub max_op_bytes: Option<u64>,
+    pub memory_budget_bytes: Option<u64>,
 }
 
 impl FileConfig {
@@ -183,12 +187,16 @@ impl Config {
                 None => d.handshake_timeout,
             },
             max_session_bytes: fl.max_session_bytes.unwrap_or(d.max_session_bytes),
+            max_op_bytes: fl.max_op_bytes.unwrap_or(d.max_op_bytes),
+            memory_budget_bytes: fl.memory_budget_bytes.unwrap_or(d.memory_budget_bytes),
         };
         if limits.max_sessions == 0
             || limits.max_concurrent_streams == 0
             || limits.max_message_bytes == 0
             || limits.max_tensor_bytes == 0
             || limits.max_session_bytes == 0
+            || limits.max_op_bytes == 0
+            || limits.memory_budget_bytes == 0
         {
             return Err(ServerError::Config("limits must be positive".into()));
         }

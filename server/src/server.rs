@@ -11,6 +11,7 @@ use quinn::{Connection, Endpoint, ReadToEndError, RecvStream, SendStream, VarInt
 use subtle::{Choice, ConstantTimeEq};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use veil_core::placement::admission::MemoryBudget;
 use veil_core::placement::backend::ShardExecutor;
 use veil_core::placement::engine::CandleEngine;
 use veil_core::placement::engine::WireDtype;
@@ -35,6 +36,9 @@ const MAX_ERROR_MESSAGE: usize = 1024;
 /// How long the server waits for an error answer to be acknowledged before closing.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
 
+/// Default process-wide memory budget.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 16 << 30;
+
 /// Resource limits of a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
@@ -52,6 +56,10 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// Bytes (as f32) one session may keep resident under tensor handles (strict's strips).
     pub max_session_bytes: u64,
+    /// One op's admitted peak memory (output and working buffers), checked before it runs.
+    pub max_op_bytes: u64,
+    /// Bytes all sessions together may hold: every running op's peak and every kept tensor.
+    pub memory_budget_bytes: u64,
 }
 
 impl Default for ServerLimits {
@@ -65,6 +73,8 @@ impl Default for ServerLimits {
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             max_session_bytes: veil_core::placement::backend::DEFAULT_MAX_HANDLE_BYTES,
+            max_op_bytes: veil_core::placement::backend::DEFAULT_MAX_OP_BYTES,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
         }
     }
 }
@@ -165,6 +175,8 @@ struct Ctx {
     sessions: Arc<Semaphore>,
     stats: Arc<ServerStats>,
     active: AtomicUsize,
+    /// Memory all sessions draw from (`ServerLimits::memory_budget_bytes`).
+    budget: Arc<MemoryBudget>,
 }
 
 /// A running shard server.
@@ -230,6 +242,7 @@ impl ShardServer {
             tokens: options.tokens,
             limits: options.limits,
             sessions: Arc::new(Semaphore::new(options.limits.max_sessions)),
+            budget: MemoryBudget::new(options.limits.memory_budget_bytes),
             stats: stats.clone(),
             active: AtomicUsize::new(0),
         });
@@ -401,7 +414,12 @@ async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
     let executor = Arc::new(
         ctx.model
             .executor()
-            .with_max_handle_bytes(ctx.limits.max_session_bytes),
+            .with_max_handle_bytes(ctx.limits.max_session_bytes)
+            .with_limits(
+                ctx.limits.max_op_bytes,
+                ctx.limits.max_tensor_bytes as u64,
+                ctx.budget.clone(),
+            ),
     );
     loop {
         match conn.accept_bi().await {
@@ -566,7 +584,7 @@ async fn serve_stream(
             Work::Shard(calls) => {
                 let request = calls_from_wire(calls, &device)?;
                 let reply = executor.execute(&request)?;
-                reply_to_wire(&reply, reply_dtype)?
+                reply_to_wire(&reply, &request, reply_dtype)?
             }
             Work::EarlySteps(job) => {
                 let job = early_steps_from_wire(job, &device)?;

@@ -110,7 +110,14 @@ async fn f16_wire_costs_half_the_bytes_and_little_fidelity() {
     o.wire = WireDtype::F16;
     let f16 = sd.generate(&o, &backends, &mut |_| {}).await.expect("f16");
     assert_eq!(f16.stats.bytes_up * 2, f32.stats.bytes_up);
-    assert_eq!(f16.stats.bytes_down * 2, f32.stats.bytes_down);
+    // Down: half, except the GroupNorm statistics, which come back in f32 under either wire
+    // (their sums of squares overflow f16): 2·f16 − f32 is exactly their bytes, a sliver.
+    let stats = f16.stats.bytes_down * 2 - f32.stats.bytes_down;
+    assert!(
+        stats > 0 && stats * 100 < f32.stats.bytes_down,
+        "{stats} B of statistics in {} B down",
+        f32.stats.bytes_down
+    );
     let db = psnr(&f16.image, &local.image);
     println!("ppidm exact, f16 wire: PSNR vs local = {db:.1} dB");
     assert!(db > 30.0 && db < 200.0, "{db}");

@@ -129,14 +129,33 @@ impl<'a, E: Engine<T = Tensor>> Runners<'_, 'a, E> {
             (Runners::Apart { cond, .. }, StepRows::Cond) => {
                 unet.forward(&mut **cond, x, t, context).await
             }
-            (Runners::Apart { cond, uncond, .. }, StepRows::Full) => {
+            (
+                Runners::Apart {
+                    cond,
+                    uncond,
+                    uncond_offset,
+                },
+                StepRows::Full,
+            ) => {
                 let (xu, xc) = (x.narrow(0, 0, k)?, x.narrow(0, k, k)?);
                 let (cu, cc) = (context.narrow(0, 0, k)?, context.narrow(0, k, k)?);
-                let (eu, ec) = futures::future::try_join(
-                    unet.forward(&mut **uncond, &xu, t, &cu),
-                    unet.forward(&mut **cond, &xc, t, &cc),
-                )
-                .await?;
+                let offset = *uncond_offset;
+                // The unconditional runtime numbers its servers from 0: name them as the
+                // caller does.
+                let uncond = async move {
+                    unet.forward(&mut **uncond, &xu, t, &cu)
+                        .await
+                        .map_err(|e| match e {
+                            Error::Backend { backend, message } => Error::Backend {
+                                backend: backend + offset,
+                                message,
+                            },
+                            other => other,
+                        })
+                };
+                let (eu, ec) =
+                    futures::future::try_join(uncond, unet.forward(&mut **cond, &xc, t, &cc))
+                        .await?;
                 Ok(Tensor::cat(&[&eu, &ec], 0)?)
             }
             (Runners::Apart { .. }, StepRows::SharedUncond) => Err(Error::InvalidArgument(

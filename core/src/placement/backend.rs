@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
+use crate::placement::admission::{admit, f32_bytes, MemoryBudget, Reservation};
 use crate::vocab::engine::Engine;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::job::{EarlySteps, EarlyStepsRunner};
@@ -18,24 +19,35 @@ pub use crate::vocab::ops::{
 };
 
 /// What a shard server does with a request, over any engine. Holds the layer table (which
-/// layers this server may run, with their hyper-parameters) and the session's handles.
+/// layers this server may run, with their hyper-parameters) and the session's handles. Every
+/// op is admitted (`admission::admit`) from its operands' shapes before it runs: its output and
+/// working memory are bounded by `max_op_bytes` and reserved from the process-wide budget.
 pub struct ShardExecutor<E: Engine> {
     engine: E,
     layers: HashMap<String, ShardLayer>,
-    handles: Mutex<HashMap<HandleId, E::T>>,
+    handles: Mutex<HashMap<HandleId, Held<E::T>>>,
     max_handles: usize,
     max_handle_bytes: u64,
+    max_op_bytes: u64,
+    max_reply_bytes: u64,
+    budget: Arc<MemoryBudget>,
     attention_chunk: usize,
     /// Runs `EarlySteps` where this server holds the whole model.
     denoiser: Option<Arc<dyn EarlyStepsRunner<E::T>>>,
 }
 
+/// A tensor kept under a handle, with its bytes held from the budget.
+struct Held<T> {
+    tensor: T,
+    bytes: u64,
+    _reservation: Reservation,
+}
+
 /// Default cap on the f32 bytes a session may keep under handles.
 pub const DEFAULT_MAX_HANDLE_BYTES: u64 = 8 << 30;
-
-fn held_bytes<E: Engine>(engine: &E, t: &E::T) -> u64 {
-    engine.dims(t).iter().map(|&d| d as u64).product::<u64>() * 4
-}
+/// Default cap on one op's admitted peak (SD1.5's 4,096-token self-attention over a CFG batch
+/// in one query chunk needs about 2.2 GB).
+pub const DEFAULT_MAX_OP_BYTES: u64 = 4 << 30;
 
 fn bad(msg: String) -> Error {
     Error::InvalidArgument(msg)
@@ -49,6 +61,9 @@ impl<E: Engine> ShardExecutor<E> {
             handles: Mutex::new(HashMap::new()),
             max_handles: 4096,
             max_handle_bytes: DEFAULT_MAX_HANDLE_BYTES,
+            max_op_bytes: DEFAULT_MAX_OP_BYTES,
+            max_reply_bytes: u64::MAX,
+            budget: MemoryBudget::new(u64::MAX),
             attention_chunk: 4096,
             denoiser: None,
         }
@@ -66,6 +81,20 @@ impl<E: Engine> ShardExecutor<E> {
         self
     }
 
+    /// Caps one op's admitted peak memory and one replied tensor's bytes (as f32), and draws
+    /// every op's peak and every kept tensor from `budget` (shared by the process's sessions).
+    pub fn with_limits(
+        mut self,
+        max_op_bytes: u64,
+        max_reply_bytes: u64,
+        budget: Arc<MemoryBudget>,
+    ) -> Self {
+        self.max_op_bytes = max_op_bytes;
+        self.max_reply_bytes = max_reply_bytes;
+        self.budget = budget;
+        self
+    }
+
     /// Runs the `obfuscated` policy's early steps where this executor holds a runner for them;
     /// refuses on a shard-only server.
     pub fn early_steps(&self, job: &EarlySteps<E::T>) -> Result<E::T> {
@@ -79,7 +108,7 @@ impl<E: Engine> ShardExecutor<E> {
     pub fn held_bytes(&self) -> u64 {
         self.handles
             .lock()
-            .map(|h| h.values().map(|t| held_bytes(&self.engine, t)).sum())
+            .map(|h| h.values().map(|t| t.bytes).sum())
             .unwrap_or(0)
     }
 
@@ -91,9 +120,13 @@ impl<E: Engine> ShardExecutor<E> {
                 .lock()
                 .map_err(|_| Error::Internal("handle table poisoned".into()))?
                 .get(h)
-                .cloned()
+                .map(|held| held.tensor.clone())
                 .ok_or_else(|| Error::InvalidArgument(format!("unknown tensor handle {h}"))),
         }
+    }
+
+    fn operand_dims(&self, o: &Operand<E::T>) -> Result<Vec<usize>> {
+        self.operand(o).map(|t| self.engine.dims(&t))
     }
 
     fn layer(&self, name: &str) -> Result<&ShardLayer> {
@@ -102,8 +135,37 @@ impl<E: Engine> ShardExecutor<E> {
             .ok_or_else(|| Error::InvalidArgument(format!("this shard holds no layer `{name}`")))
     }
 
-    /// Runs one call's op.
-    pub fn run(&self, op: &ShardOp<E::T>) -> Result<Option<E::T>> {
+    /// Admits `op` (shapes checked, peak bounded and reserved), then runs it. `reply`: its
+    /// result goes back over the wire, so it must also fit a reply.
+    fn run_admitted(&self, op: &ShardOp<E::T>, reply: bool) -> Result<Option<E::T>> {
+        let Some(a) = admit(
+            op,
+            &self.layers,
+            &|o| self.operand_dims(o),
+            self.attention_chunk,
+        )?
+        else {
+            return self.run(op);
+        };
+        if a.peak_bytes > self.max_op_bytes {
+            return Err(bad(format!(
+                "refused before running: the op would need {} bytes, over the limit of {}",
+                a.peak_bytes, self.max_op_bytes
+            )));
+        }
+        if reply && f32_bytes(&a.out)? > self.max_reply_bytes {
+            return Err(bad(format!(
+                "refused before running: a reply of {:?} is over the limit of {} bytes",
+                a.out, self.max_reply_bytes
+            )));
+        }
+        let _working = self.budget.reserve(a.peak_bytes, "the op")?;
+        self.run(op)
+    }
+
+    /// Runs one call's op. Its shapes must have been admitted (`admission::admit`): this only
+    /// dispatches.
+    fn run(&self, op: &ShardOp<E::T>) -> Result<Option<E::T>> {
         Ok(Some(match op {
             ShardOp::Conv2d { .. }
             | ShardOp::GroupNormStats { .. }
@@ -130,35 +192,14 @@ impl<E: Engine> ShardExecutor<E> {
                 return Ok(None);
             }
             ShardOp::Silu { input } => self.engine.silu(&self.operand(input)?)?,
-            ShardOp::Geglu { input, kind } => {
-                let x = self.operand(input)?;
-                if self.engine.dims(&x).last().is_none_or(|l| l % 2 != 0) {
-                    return Err(bad("GEGLU needs an even last dimension".into()));
-                }
-                self.engine.geglu(&x, *kind)?
-            }
-            ShardOp::Add { a, b } => {
-                let (a, b) = (self.operand(a)?, self.operand(b)?);
-                if self.engine.dims(&a) != self.engine.dims(&b) {
-                    return Err(bad(format!(
-                        "add of {:?} and {:?}",
-                        self.engine.dims(&a),
-                        self.engine.dims(&b)
-                    )));
-                }
-                self.engine.add(&a, &b)?
-            }
+            ShardOp::Geglu { input, kind } => self.engine.geglu(&self.operand(input)?, *kind)?,
+            ShardOp::Add { a, b } => self.engine.add(&self.operand(a)?, &self.operand(b)?)?,
             ShardOp::Scale { input, factor } => {
                 self.engine.scale(&self.operand(input)?, *factor)?
             }
-            ShardOp::AddChannelBias { input, bias } => {
-                let (x, e) = (self.operand(input)?, self.operand(bias)?);
-                let (xd, ed) = (self.engine.dims(&x), self.engine.dims(&e));
-                if xd.len() != 4 || ed != [xd[0], xd[1]] {
-                    return Err(bad(format!("channel bias {ed:?} on {xd:?}")));
-                }
-                self.engine.add_channel_bias(&x, &e)?
-            }
+            ShardOp::AddChannelBias { input, bias } => self
+                .engine
+                .add_channel_bias(&self.operand(input)?, &self.operand(bias)?)?,
             ShardOp::TimestepEmbedding {
                 timestep,
                 batch,
@@ -166,80 +207,52 @@ impl<E: Engine> ShardExecutor<E> {
                 flip_sin_to_cos,
                 shift,
             } => {
-                if *batch == 0 || *batch > 4096 || *dim == 0 || *dim > (1 << 16) {
-                    return Err(bad(format!("timestep embedding {batch}x{dim}")));
-                }
                 self.engine
                     .timestep_embedding(*timestep, *batch, *dim, *flip_sin_to_cos, *shift)?
             }
         }))
     }
 
-    /// The ops that name a layer this server holds: the layer must exist, be of the op's kind,
-    /// and fit the operand's shape.
+    /// The ops that name a layer this server holds (kind and shapes admitted already).
     fn run_layer_op(&self, op: &ShardOp<E::T>) -> Result<E::T> {
+        let kind = |l: &str| bad(format!("`{l}` is not the layer kind the op needs"));
         Ok(match op {
             ShardOp::Conv2d { layer, input, pad } => match self.layer(layer)? {
                 ShardLayer::Conv2d(c) => self.engine.conv2d(c, &self.operand(input)?, *pad)?,
-                _ => {
-                    return Err(Error::InvalidArgument(format!(
-                        "`{layer}` is not a convolution"
-                    )))
-                }
+                _ => return Err(kind(layer)),
             },
             ShardOp::GroupNormStats { layer, input } => match self.layer(layer)? {
                 ShardLayer::GroupNorm(g) => {
                     self.engine.group_norm_stats(g, &self.operand(input)?)?
                 }
-                _ => {
-                    return Err(Error::InvalidArgument(format!(
-                        "`{layer}` is not a GroupNorm"
-                    )))
-                }
+                _ => return Err(kind(layer)),
             },
             ShardOp::GroupNormApply {
                 layer,
                 input,
                 moments,
             } => match self.layer(layer)? {
-                ShardLayer::GroupNorm(g) => {
-                    let x = self.operand(input)?;
-                    let m = self.operand(moments)?;
-                    let (xd, md) = (self.engine.dims(&x), self.engine.dims(&m));
-                    if xd.len() != 4 || xd[1] != g.channels || md != [xd[0], g.groups, 2] {
-                        return Err(bad(format!(
-                            "`{layer}` cannot normalise {xd:?} with moments {md:?}"
-                        )));
-                    }
-                    self.engine.group_norm_apply(g, &x, &m)?
-                }
-                _ => return Err(bad(format!("`{layer}` is not a GroupNorm"))),
+                ShardLayer::GroupNorm(g) => self.engine.group_norm_apply(
+                    g,
+                    &self.operand(input)?,
+                    &self.operand(moments)?,
+                )?,
+                _ => return Err(kind(layer)),
             },
             ShardOp::LayerNorm { layer, input } => match self.layer(layer)? {
-                ShardLayer::LayerNorm(l) => {
-                    let x = self.operand(input)?;
-                    if self.engine.dims(&x).last() != Some(&l.dim) {
-                        return Err(bad(format!("`{layer}` on {:?}", self.engine.dims(&x))));
-                    }
-                    self.engine.layer_norm(l, &x)?
-                }
-                _ => return Err(bad(format!("`{layer}` is not a LayerNorm"))),
+                ShardLayer::LayerNorm(l) => self.engine.layer_norm(l, &self.operand(input)?)?,
+                _ => return Err(kind(layer)),
             },
             ShardOp::Linear { layer, input } => match self.layer(layer)? {
-                ShardLayer::Linear(l) => {
-                    let x = self.operand(input)?;
-                    if self.engine.dims(&x).last() != Some(&l.in_features) {
-                        return Err(bad(format!("`{layer}` on {:?}", self.engine.dims(&x))));
-                    }
-                    self.engine.linear(l, &x)?
-                }
-                _ => return Err(bad(format!("`{layer}` is not a linear layer"))),
+                ShardLayer::Linear(l) => self.engine.linear(l, &self.operand(input)?)?,
+                _ => return Err(kind(layer)),
             },
             _ => return Err(Error::Internal("not a layer op".into())),
         })
     }
 
-    /// The ops that move rows and tokens around: every index is checked against the operand.
+    /// The ops that move rows and tokens around (shapes admitted already; the up-sampling's
+    /// source rows are checked against the strip it holds).
     fn run_shape_op(&self, op: &ShardOp<E::T>) -> Result<E::T> {
         Ok(match op {
             ShardOp::Narrow {
@@ -247,23 +260,14 @@ impl<E: Engine> ShardExecutor<E> {
                 dim,
                 start,
                 len,
-            } => {
-                let x = self.operand(input)?;
-                let d = self.engine.dims(&x);
-                let size = d
-                    .get(*dim)
-                    .ok_or_else(|| bad(format!("narrow on dim {dim} of {d:?}")))?;
-                if start.checked_add(*len).is_none_or(|e| e > *size) || *len == 0 {
-                    return Err(bad(format!("narrow {start}+{len} of dim {dim} of {d:?}")));
-                }
-                self.engine.narrow(&x, *dim, *start, *len)?
-            }
+            } => self
+                .engine
+                .narrow(&self.operand(input)?, *dim, *start, *len)?,
             ShardOp::Cat { inputs, dim } => {
                 let xs = inputs
                     .iter()
                     .map(|o| self.operand(o))
                     .collect::<Result<Vec<_>>>()?;
-                self.check_cat(&xs, *dim)?;
                 self.engine.cat(&xs, *dim)?
             }
             ShardOp::UpsampleRows {
@@ -276,23 +280,12 @@ impl<E: Engine> ShardExecutor<E> {
                 dst_w,
             } => {
                 let x = self.operand(input)?;
-                let d = self.engine.dims(&x);
-                if d.len() != 4
-                    || *dst_len == 0
-                    || *dst_w == 0
-                    || dst_first.checked_add(*dst_len).is_none_or(|e| e > *dst_h)
-                    || *dst_h > (1 << 16)
-                    || *dst_w > (1 << 16)
-                {
-                    return Err(bad(format!(
-                        "up-sampling {d:?} to rows {dst_first}+{dst_len} of {dst_h}"
-                    )));
-                }
+                let held = self.engine.dims(&x).get(2).copied().unwrap_or(0);
                 let rows = (*dst_first..dst_first + dst_len)
                     .map(|r| {
                         upsample_source_row(r, *src_h, *dst_h)
                             .checked_sub(*src_first)
-                            .filter(|&i| i < d[2])
+                            .filter(|&i| i < held)
                             .ok_or_else(|| {
                                 bad(format!(
                                     "up-sampled row {r} needs a source row this strip does not hold"
@@ -302,77 +295,21 @@ impl<E: Engine> ShardExecutor<E> {
                     .collect::<Result<Vec<_>>>()?;
                 self.engine.upsample_rows(&x, &rows, *dst_w)?
             }
-            ShardOp::ToTokens { input } => {
-                let x = self.operand(input)?;
-                if self.engine.dims(&x).len() != 4 {
-                    return Err(bad("to_tokens needs [B, C, H, W]".into()));
-                }
-                self.engine.to_tokens(&x)?
-            }
+            ShardOp::ToTokens { input } => self.engine.to_tokens(&self.operand(input)?)?,
             ShardOp::ToSpatial { input, h, w } => {
-                let x = self.operand(input)?;
-                let d = self.engine.dims(&x);
-                if d.len() != 3 || h.checked_mul(*w) != Some(d[1]) {
-                    return Err(bad(format!("to_spatial {h}x{w} of {d:?}")));
-                }
-                self.engine.to_spatial(&x, *h, *w)?
+                self.engine.to_spatial(&self.operand(input)?, *h, *w)?
             }
             _ => return Err(Error::Internal("not a shape op".into())),
         })
-    }
-
-    fn check_cat(&self, xs: &[E::T], dim: usize) -> Result<()> {
-        let first = xs
-            .first()
-            .map(|x| self.engine.dims(x))
-            .ok_or_else(|| bad("empty concatenation".into()))?;
-        if dim >= first.len() {
-            return Err(bad(format!("cat on dim {dim} of {first:?}")));
-        }
-        for x in xs {
-            let d = self.engine.dims(x);
-            let same = d.len() == first.len()
-                && d.iter()
-                    .zip(&first)
-                    .enumerate()
-                    .all(|(i, (a, b))| i == dim || a == b);
-            if !same {
-                return Err(bad(format!("cat of {first:?} and {d:?} on dim {dim}")));
-            }
-        }
-        Ok(())
     }
 
     /// Executes a whole request.
     pub fn execute(&self, request: &ShardRequest<E::T>) -> Result<ShardReply<E::T>> {
         let mut outputs = Vec::new();
         for call in &request.calls {
-            let out = self.run(&call.op)?;
+            let out = self.run_admitted(&call.op, call.reply)?;
             if let (Some(h), Some(t)) = (call.keep_as, out.as_ref()) {
-                let mut table = self
-                    .handles
-                    .lock()
-                    .map_err(|_| Error::Internal("handle table poisoned".into()))?;
-                if table.len() >= self.max_handles && !table.contains_key(&h) {
-                    return Err(Error::InvalidArgument(format!(
-                        "session holds {} tensors, the limit",
-                        self.max_handles
-                    )));
-                }
-                let held: u64 = table
-                    .iter()
-                    .filter(|(k, _)| **k != h)
-                    .map(|(_, v)| held_bytes(&self.engine, v))
-                    .sum();
-                let add = held_bytes(&self.engine, t);
-                if held + add > self.max_handle_bytes {
-                    return Err(Error::InvalidArgument(format!(
-                        "session would hold {} bytes under handles, over its limit of {}",
-                        held + add,
-                        self.max_handle_bytes
-                    )));
-                }
-                table.insert(h, t.clone());
+                self.keep(h, t)?;
             }
             if call.reply {
                 outputs.push(out.ok_or_else(|| {
@@ -381,6 +318,45 @@ impl<E: Engine> ShardExecutor<E> {
             }
         }
         Ok(ShardReply { outputs })
+    }
+
+    /// Keeps `t` under handle `h`, within the session's caps and the process budget.
+    fn keep(&self, h: HandleId, t: &E::T) -> Result<()> {
+        let mut table = self
+            .handles
+            .lock()
+            .map_err(|_| Error::Internal("handle table poisoned".into()))?;
+        if table.len() >= self.max_handles && !table.contains_key(&h) {
+            return Err(Error::InvalidArgument(format!(
+                "session holds {} tensors, the limit",
+                self.max_handles
+            )));
+        }
+        let held: u64 = table
+            .iter()
+            .filter(|(k, _)| **k != h)
+            .map(|(_, v)| v.bytes)
+            .sum();
+        let add = f32_bytes(&self.engine.dims(t))?;
+        if held.saturating_add(add) > self.max_handle_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "session would hold {} bytes under handles, over its limit of {}",
+                held.saturating_add(add),
+                self.max_handle_bytes
+            )));
+        }
+        // The old tensor under `h` (if any) gives its bytes back before the new one takes them.
+        table.remove(&h);
+        let reservation = self.budget.reserve(add, "a kept tensor")?;
+        table.insert(
+            h,
+            Held {
+                tensor: t.clone(),
+                bytes: add,
+                _reservation: reservation,
+            },
+        );
+        Ok(())
     }
 
     pub fn held_handles(&self) -> usize {

@@ -285,6 +285,15 @@ impl Engine for CandleEngine {
             WireDtype::Bf16 => x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
         })
     }
+
+    fn all_finite(&self, x: &Tensor) -> Result<bool> {
+        // 0·x is 0 for a finite x and NaN for NaN or ±∞, so the sum is finite exactly when
+        // every element is.
+        let s = (x.to_dtype(DType::F32)? * 0.0)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        Ok(s.is_finite())
+    }
 }
 
 /// Shapes only: the same ops, no arithmetic, no weights. Used by `veil plan`.
@@ -407,5 +416,8 @@ impl Engine for ShapeEngine {
     }
     fn through_wire(&self, x: &Vec<usize>, _: WireDtype) -> Result<Vec<usize>> {
         Ok(x.clone())
+    }
+    fn all_finite(&self, _: &Vec<usize>) -> Result<bool> {
+        Ok(true)
     }
 }

@@ -2,6 +2,7 @@
 //! shape-only), shard backends (where server-side work executes) and accounting.
 
 pub mod accounting;
+pub mod admission;
 pub mod audit;
 pub mod backend;
 pub mod engine;

@@ -63,4 +63,6 @@ pub trait Engine: Send + Sync {
     ) -> Result<Self::T>;
     /// The value after a trip over the wire in `dtype` (rounding included).
     fn through_wire(&self, x: &Self::T, dtype: WireDtype) -> Result<Self::T>;
+    /// Whether every element is finite (a reply with NaN or ∞ is refused).
+    fn all_finite(&self, x: &Self::T) -> Result<bool>;
 }

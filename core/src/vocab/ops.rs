@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::job::EarlySteps;
 use crate::vocab::layers::GeluKind;
-use crate::vocab::precision::Pad;
+use crate::vocab::precision::{Pad, WireDtype};
 
 /// A session-scoped tensor id chosen by the client.
 pub type HandleId = u64;
@@ -136,6 +136,16 @@ pub fn upsample_source_row(dst_row: usize, src_h: usize, dst_h: usize) -> usize 
 }
 
 impl<T> ShardOp<T> {
+    /// The dtype this op's result travels back in under wire dtype `wire`. GroupNorm statistics
+    /// always travel in f32: their sums of squared deviations overflow f16 (largest 65,504) on
+    /// ordinary activations — an honest f16 reply held ∞ — and the moments must stay exact.
+    pub fn reply_dtype(&self, wire: WireDtype) -> WireDtype {
+        match self {
+            ShardOp::GroupNormStats { .. } => WireDtype::F32,
+            _ => wire,
+        }
+    }
+
     /// Inline operands, i.e. what this op carries over the wire.
     pub fn inline_operands(&self) -> Vec<&T> {
         let operands: Vec<&Operand<T>> = match self {

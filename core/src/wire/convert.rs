@@ -529,11 +529,21 @@ pub fn calls_from_wire(calls: Vec<WireCall>, device: &Device) -> Result<ShardReq
 }
 
 /// A reply's outputs for the wire in `dtype`.
-pub fn reply_to_wire(reply: &ShardReply<Tensor>, dtype: WireDtype) -> Result<Vec<WireTensor>> {
+pub fn reply_to_wire(
+    reply: &ShardReply<Tensor>,
+    request: &ShardRequest<Tensor>,
+    dtype: WireDtype,
+) -> Result<Vec<WireTensor>> {
+    let dtypes = request
+        .calls
+        .iter()
+        .filter(|c| c.reply)
+        .map(|c| c.op.reply_dtype(dtype));
     reply
         .outputs
         .iter()
-        .map(|t| WireTensor::from_tensor(t, dtype))
+        .zip(dtypes)
+        .map(|(t, d)| WireTensor::from_tensor(t, d))
         .collect()
 }
 

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::try_join_all;
 
+mod replies;
 mod split;
 mod strips;
 #[cfg(test)]
@@ -40,7 +41,9 @@ use crate::placement::policy::{
 };
 use crate::placement::value::{Layout, Remote, Value};
 use crate::vocab::error::{Error, Result};
-use crate::vocab::layers::{Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec};
+use crate::vocab::layers::{
+    Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, ShardLayer,
+};
 
 /// Default number of query rows per attention chunk (bounds the [heads, rows, keys] scores).
 pub const DEFAULT_ATTENTION_CHUNK: usize = 1024;
@@ -95,6 +98,9 @@ pub struct Runtime<'a, E: Engine> {
     /// (H, W) of the feature map whose tokens the transformer is working on.
     token_map: Option<(usize, usize)>,
     reuse: Option<AttentionReuse<E::T>>,
+    /// What each server's replies must look like (`with_reply_check`); without it only their
+    /// count and finiteness are checked.
+    replies: Option<replies::ReplyCheck>,
     /// From this U-Net call on, keep every tensor a server receives next to its view (the
     /// evaluation's attacks read what a server saw; off in normal runs).
     #[cfg(feature = "eval-capture")]
@@ -164,6 +170,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
             released: Arc::new(Mutex::new(Vec::new())),
             token_map: None,
             reuse: None,
+            replies: None,
             #[cfg(feature = "eval-capture")]
             capture_from: None,
             #[cfg(feature = "eval-capture")]
@@ -191,6 +198,13 @@ impl<'a, E: Engine> Runtime<'a, E> {
     #[cfg(feature = "eval-capture")]
     pub fn take_captured_replies(&mut self) -> Vec<CapturedReply<E::T>> {
         std::mem::take(&mut self.captured_replies)
+    }
+
+    /// Checks every reply's shape against what its request implies, given the layers the
+    /// servers run (`UNet::shard_layers`): a server answering anything else is an error.
+    pub fn with_reply_check(mut self, layers: HashMap<String, ShardLayer>) -> Self {
+        self.replies = Some(replies::ReplyCheck::new(layers, self.backends.len()));
+        self
     }
 
     pub fn with_attention_chunk(mut self, chunk: usize) -> Self {
@@ -352,8 +366,24 @@ impl<'a, E: Engine> Runtime<'a, E> {
             }
         }
         let mut requests = Vec::with_capacity(outgoing.len());
-        for o in outgoing {
+        let mut expected = Vec::with_capacity(outgoing.len());
+        // Per server, the dtype each replied tensor travels in (GroupNorm statistics in f32).
+        let mut asked: Vec<Vec<WireDtype>> = Vec::with_capacity(outgoing.len());
+        for (i, o) in outgoing.into_iter().enumerate() {
             self.audit.views.extend(o.views);
+            let wire = self.wire;
+            asked.push(
+                o.calls
+                    .iter()
+                    .filter(|c| c.reply)
+                    .map(|c| c.op.reply_dtype(wire))
+                    .collect(),
+            );
+            let engine = self.engine;
+            expected.push(match self.replies.as_mut() {
+                Some(r) => Some(r.expect(i, &o.calls, &|t| engine.dims(t))?),
+                None => None,
+            });
             requests.push(ShardRequest { calls: o.calls });
         }
         let futures = requests
@@ -377,12 +407,23 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let replies = try_join_all(futures).await?;
         let mut down = Vec::with_capacity(replies.len());
         let mut outs = Vec::with_capacity(replies.len());
-        for r in replies {
-            down.push(r.outputs.iter().map(|t| self.bytes(t)).sum());
+        for (i, r) in replies.into_iter().enumerate() {
+            let want = expected.get(i).and_then(Option::as_deref);
+            let dtypes = asked.get(i).map_or(&[][..], Vec::as_slice);
+            replies::ReplyCheck::check(self.engine, i, want, &r.outputs, dtypes.len())?;
+            let dims = |t: &E::T| prod(&self.engine.dims(t));
+            down.push(
+                r.outputs
+                    .iter()
+                    .zip(dtypes)
+                    .map(|(t, d)| dims(t) * d.size() as u64)
+                    .sum(),
+            );
             outs.push(
                 r.outputs
                     .iter()
-                    .map(|t| self.engine.through_wire(t, self.wire))
+                    .zip(dtypes)
+                    .map(|(t, d)| self.engine.through_wire(t, *d))
                     .collect::<Result<Vec<_>>>()?,
             );
         }
