@@ -443,3 +443,28 @@ async fn obfuscated_over_quic_matches_in_process() {
     }
     cluster.shutdown().await;
 }
+
+/// A job is priced from its shapes before the server runs anything: K = 64 candidates over
+/// T = k = 1000 steps of a 256×256 latent is refused with a typed error, at once.
+#[test]
+fn an_overpriced_early_steps_job_is_refused_before_running() {
+    let sd = StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("load");
+    let job = EarlySteps {
+        candidates: (0..64).map(|i| format!("a red circle {i}")).collect(),
+        negative_prompt: String::new(),
+        noise: seeded_normal(4, &[1, sd.unet.config.in_channels, 256, 256], &sd.device)
+            .expect("noise"),
+        steps: 1000,
+        server_steps: 1000,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Ddim,
+        accel: Accelerations::default(),
+    };
+    let started = std::time::Instant::now();
+    match sd.early_steps(&job, &mut |_, _| {}) {
+        Err(veil_core::Error::InvalidArgument(m)) => assert!(m.contains("refused"), "{m}"),
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("the job ran"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

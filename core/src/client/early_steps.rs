@@ -13,8 +13,11 @@ use crate::model::unet::UNet;
 use crate::placement::accounting::Accounting;
 use crate::placement::policy::Policy;
 use crate::placement::runtime::Runtime;
+use crate::placement::runtime::DEFAULT_ATTENTION_CHUNK;
 use crate::vocab::error::{Error, Result};
-use crate::vocab::job::{Accelerations, EarlySteps, EarlyStepsRunner};
+use crate::vocab::job::{
+    Accelerations, EarlySteps, EarlyStepsRunner, EARLY_STEPS_ATTENTION_BYTES, MAX_EARLY_STEPS_FLOPS,
+};
 use crate::vocab::precision::WireDtype;
 
 /// What a run of early steps cost the server.
@@ -46,6 +49,7 @@ impl StableDiffusion {
                 self.unet.config.in_channels
             )));
         }
+        let chunk = self.admit_early_steps(job, (h, w))?;
         let noise = job.noise.to_dtype(DType::F32)?;
         let mut sched = new_scheduler(job.scheduler, &self.scheduler_config, job.steps)?;
         let latents = (noise * sched.init_noise_sigma())?.repeat((k, 1, 1, 1))?;
@@ -68,7 +72,8 @@ impl StableDiffusion {
             &[],
             WireDtype::F32,
         )?
-        .with_attention_reuse(gate.map(|g| g as u64));
+        .with_attention_reuse(gate.map(|g| g as u64))
+        .with_attention_chunk(chunk);
         let mut progress = |p: Progress<'_>| observe(p.step - 1, p.latents);
         let run = denoise(
             &self.unet,
@@ -90,6 +95,51 @@ impl StableDiffusion {
             accounting: report.accounting,
             unet_rows: report.unet_rows,
         })
+    }
+}
+
+impl StableDiffusion {
+    /// Prices a job from shapes before anything runs: refuses one over `MAX_EARLY_STEPS_FLOPS`,
+    /// and returns the attention query chunk that keeps a chunk's scores within
+    /// `EARLY_STEPS_ATTENTION_BYTES` for the job's batch (refusing where one query row cannot).
+    fn admit_early_steps(&self, job: &EarlySteps<Tensor>, (h, w): (usize, usize)) -> Result<usize> {
+        let k = job.candidates.len();
+        let cfg = job.guidance > 1.0;
+        let refuse = |m: String| Error::InvalidArgument(format!("early steps refused: {m}"));
+        let flops = early_steps_flops(
+            &self.unet,
+            (h, w),
+            self.tokenizer.max_len(),
+            k,
+            job.server_steps,
+            cfg,
+            &job.accel,
+        )?;
+        if flops > MAX_EARLY_STEPS_FLOPS {
+            return Err(refuse(format!(
+                "{flops} FLOPs, over the limit of {MAX_EARLY_STEPS_FLOPS}"
+            )));
+        }
+        let c = &self.unet.config;
+        let heads = (0..c.block_out_channels.len())
+            .filter_map(|i| c.heads(i).ok())
+            .max()
+            .unwrap_or(1) as u64;
+        // Rows × heads × keys × (scores + probabilities) for one query row, at the finest map.
+        let tokens = (h as u64).saturating_mul(w as u64);
+        let rows = 2 * k as u64;
+        let per_query = rows
+            .saturating_mul(heads)
+            .saturating_mul(tokens)
+            .saturating_mul(8);
+        let chunk = EARLY_STEPS_ATTENTION_BYTES / per_query.max(1);
+        if chunk == 0 {
+            return Err(refuse(format!(
+                "one attention query of a {rows}-row batch over {tokens} tokens needs \
+                 {per_query} bytes, over {EARLY_STEPS_ATTENTION_BYTES}"
+            )));
+        }
+        Ok(chunk.min(DEFAULT_ATTENTION_CHUNK as u64) as usize)
     }
 }
 

@@ -51,6 +51,12 @@ pub const MAX_CANDIDATES: usize = 64;
 pub const MAX_PROMPT_BYTES: usize = 4096;
 /// Most denoising steps a job may name.
 pub const MAX_STEPS: usize = 1000;
+/// Most U-Net FLOPs one job may ask of a server (priced from shapes before it runs: about a
+/// 20-step SD1.5 512 px guided batch of 32 candidates; K = 64, T = k = 1000 asks ~10¹⁷).
+pub const MAX_EARLY_STEPS_FLOPS: u64 = 1_000_000_000_000_000;
+/// Most bytes one attention query chunk of a job's batch may hold (scores and probabilities):
+/// the server narrows its query chunks to fit, and refuses a batch that cannot.
+pub const EARLY_STEPS_ATTENTION_BYTES: u64 = 1 << 30;
 
 /// How the server shares the unconditional (CFG) branch across the K candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
