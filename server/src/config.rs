@@ -19,6 +19,7 @@
 //! max_session_bytes = 8589934592   # resident strips per session (strict)
 //! max_op_bytes = 4294967296         # one op's output and working memory, checked before it runs
 //! memory_budget_bytes = 17179869184 # all sessions' running ops and kept tensors together
+//! max_pending_hellos = 64           # connections owing their Hello; the oldest is closed beyond
 //! ```
 //!
 //! Relative paths in the file are resolved against the file's folder.
@@ -64,6 +65,7 @@ pub struct FileLimits {
     pub max_session_bytes: Option<u64>,
     pub max_op_bytes: Option<u64>,
     pub memory_budget_bytes: Option<u64>,
+    pub max_pending_hellos: Option<usize>,
 }
 
 impl FileConfig {
@@ -189,6 +191,7 @@ impl Config {
             max_session_bytes: fl.max_session_bytes.unwrap_or(d.max_session_bytes),
             max_op_bytes: fl.max_op_bytes.unwrap_or(d.max_op_bytes),
             memory_budget_bytes: fl.memory_budget_bytes.unwrap_or(d.memory_budget_bytes),
+            max_pending_hellos: fl.max_pending_hellos.unwrap_or(d.max_pending_hellos),
         };
         if limits.max_sessions == 0
             || limits.max_concurrent_streams == 0
@@ -197,6 +200,7 @@ impl Config {
             || limits.max_session_bytes == 0
             || limits.max_op_bytes == 0
             || limits.memory_budget_bytes == 0
+            || limits.max_pending_hellos == 0
         {
             return Err(ServerError::Config("limits must be positive".into()));
         }

@@ -31,6 +31,11 @@ use crate::ServerError;
 
 /// Largest handshake message read.
 const MAX_HELLO_BYTES: usize = 64 << 10;
+/// Flow-control window of a connection before its Welcome (a Hello and some framing).
+const PRE_AUTH_WINDOW: u32 = 2 * MAX_HELLO_BYTES as u32;
+/// The connection window after the Welcome: tens of MiB keep bulk tensor streams from stalling
+/// (the per-stream window, set for every connection, is `TransportTuning`'s 16 MiB).
+const SESSION_CONNECTION_WINDOW: u32 = 64 << 20;
 /// Longest error message sent (the codec's string limit is 64 KiB).
 const MAX_ERROR_MESSAGE: usize = 1024;
 /// How long the server waits for an error answer to be acknowledged before closing.
@@ -60,6 +65,9 @@ pub struct ServerLimits {
     pub max_op_bytes: u64,
     /// Bytes all sessions together may hold: every running op's peak and every kept tensor.
     pub memory_budget_bytes: u64,
+    /// Connections past the QUIC handshake still owing their Hello; beyond this the oldest is
+    /// closed, so silent peers cannot lock honest clients out.
+    pub max_pending_hellos: usize,
 }
 
 impl Default for ServerLimits {
@@ -75,6 +83,7 @@ impl Default for ServerLimits {
             max_session_bytes: veil_core::placement::backend::DEFAULT_MAX_HANDLE_BYTES,
             max_op_bytes: veil_core::placement::backend::DEFAULT_MAX_OP_BYTES,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
+            max_pending_hellos: 64,
         }
     }
 }
@@ -177,6 +186,50 @@ struct Ctx {
     active: AtomicUsize,
     /// Memory all sessions draw from (`ServerLimits::memory_budget_bytes`).
     budget: Arc<MemoryBudget>,
+    pending: PendingHellos,
+}
+
+/// Connections past the QUIC handshake that have not been welcomed yet, oldest first. Over the
+/// cap the oldest is closed: a peer that never sends its Hello holds a slot only until newer
+/// connections need it, and an honest client says Hello within a round trip.
+struct PendingHellos {
+    cap: usize,
+    next: AtomicU64,
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, Connection)>>,
+}
+
+impl PendingHellos {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            next: AtomicU64::new(0),
+            queue: Default::default(),
+        }
+    }
+
+    /// Registers `conn`, closing the oldest pending ones over the cap; returns its ticket.
+    fn admit(&self, conn: &Connection) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted: Vec<Connection> = match self.queue.lock() {
+            Ok(mut q) => {
+                q.push_back((id, conn.clone()));
+                let over = q.len().saturating_sub(self.cap);
+                q.drain(..over).map(|(_, c)| c).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for c in evicted {
+            tracing::debug!(remote = %c.remote_address(), "evicted: no Hello while others wait");
+            c.close(VarInt::from_u32(close_code::TIMEOUT), b"no hello");
+        }
+        id
+    }
+
+    fn done(&self, id: u64) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.retain(|(i, _)| *i != id);
+        }
+    }
 }
 
 /// A running shard server.
@@ -218,11 +271,14 @@ impl ShardServer {
             ));
         }
         let fingerprint = options.identity.fingerprint();
+        // Before its Welcome a connection gets one stream and a connection window just big
+        // enough for a Hello: an unauthenticated peer cannot make the server buffer more.
+        // `handshake` raises both after the Welcome.
         let tuning = TransportTuning {
             idle_timeout: l.idle_timeout,
             keep_alive: None,
-            // One stream beyond the request limit so a handshake never waits for credit.
-            max_incoming_streams: l.max_concurrent_streams.saturating_add(1),
+            max_incoming_streams: 1,
+            connection_window: PRE_AUTH_WINDOW,
             ..TransportTuning::default()
         };
         let config = server_config(options.identity.cert, options.identity.key, &tuning)
@@ -243,6 +299,7 @@ impl ShardServer {
             limits: options.limits,
             sessions: Arc::new(Semaphore::new(options.limits.max_sessions)),
             budget: MemoryBudget::new(options.limits.memory_budget_bytes),
+            pending: PendingHellos::new(options.limits.max_pending_hellos),
             stats: stats.clone(),
             active: AtomicUsize::new(0),
         });
@@ -322,9 +379,19 @@ async fn accept_loop(endpoint: Endpoint, ctx: Arc<Ctx>, mut stop: watch::Receive
                 None => break,
             },
         };
-        // Bound half-open work: far more pending connections than sessions are refused at the
-        // QUIC level.
-        if ctx.active.load(Ordering::Relaxed) >= ctx.limits.max_sessions.saturating_mul(2) {
+        // An address that has not proven it receives at it gets a stateless retry first, so
+        // spoofed sources cost the server no connection state.
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        // Bound the work in flight: sessions, connections owing a Hello (the oldest evicted,
+        // `PendingHellos`) and QUIC handshakes under way.
+        let cap = ctx
+            .limits
+            .max_sessions
+            .saturating_add(ctx.limits.max_pending_hellos.saturating_mul(2));
+        if ctx.active.load(Ordering::Relaxed) >= cap {
             tracing::warn!(remote = %incoming.remote_address(), "refusing: too many connections");
             incoming.refuse();
             continue;
@@ -407,7 +474,10 @@ fn token_ok(tokens: &[String], given: &str) -> bool {
 
 async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
     let remote = conn.remote_address();
-    let Some(_permit) = handshake(&conn, ctx).await else {
+    let ticket = ctx.pending.admit(&conn);
+    let permit = handshake(&conn, ctx).await;
+    ctx.pending.done(ticket);
+    let Some(_permit) = permit else {
         return;
     };
     tracing::info!(%remote, "session opened");
@@ -551,6 +621,13 @@ async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::Own
         model_id: ctx.model.id(),
     };
     answer(&mut send, &welcome, Compression::None).await?;
+    // Authenticated: the session's stream credit (one beyond the request limit, so the
+    // client's next stream never waits) and windows.
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(
+        ctx.limits.max_concurrent_streams.saturating_add(1),
+    ));
+    conn.set_receive_window(VarInt::from_u32(SESSION_CONNECTION_WINDOW));
+    conn.set_send_window(u64::from(SESSION_CONNECTION_WINDOW));
     bump(&ctx.stats.sessions);
     Some(permit)
 }

@@ -673,3 +673,54 @@ async fn eight_concurrent_clients_on_one_server_all_get_correct_images() {
     assert_eq!(st.sessions, 8, "{st:?}");
     cluster.shutdown().await;
 }
+
+/// 128 peers that finish the QUIC handshake and never say Hello (the old server counted them
+/// against twice its session limit and refused everyone else until they timed out) do not lock
+/// an honest client out: it gets its Welcome within a second, and its session works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_do_not_lock_out_an_honest_client() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        max_sessions: 4,
+        max_pending_hellos: 16,
+        handshake_timeout: Duration::from_secs(30),
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let spec = &cluster.specs[0];
+    let mut silent = Vec::new();
+    for _ in 0..128 {
+        let c = connect_quic(
+            0,
+            &spec.address,
+            spec.fingerprint,
+            &TransportTuning::default(),
+        )
+        .await
+        .expect("a silent peer's QUIC handshake");
+        silent.push(c);
+    }
+    let t = Instant::now();
+    let (_endpoint, conn) = tokio::time::timeout(Duration::from_secs(1), raw_session(spec, id))
+        .await
+        .expect("Welcome within a second beside 128 silent peers");
+    println!("Welcome after {:?} beside 128 silent peers", t.elapsed());
+    // The session works: a convolution request is answered.
+    let input = Operand::Inline(
+        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
+    );
+    match exchange(&conn, &conv_request("conv_in", input)).await {
+        Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
+        other => panic!("expected a Reply, got {other:?}"),
+    }
+    // At most `max_pending_hellos` silent peers are still open: the rest were closed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let open = silent
+        .iter()
+        .filter(|(_, c)| c.close_reason().is_none())
+        .count();
+    assert!(open <= 16, "{open} silent peers still open");
+    drop(silent);
+    cluster.shutdown().await;
+}
