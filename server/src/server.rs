@@ -68,6 +68,10 @@ pub struct ServerLimits {
     /// Connections past the QUIC handshake still owing their Hello; beyond this the oldest is
     /// closed, so silent peers cannot lock honest clients out.
     pub max_pending_hellos: usize,
+    /// Requests computing at once across all sessions (0: one per CPU core), and how many more
+    /// may wait for a turn; beyond that a request is answered `Busy` at once.
+    pub max_concurrent_work: usize,
+    pub max_queued_work: usize,
 }
 
 impl Default for ServerLimits {
@@ -84,6 +88,8 @@ impl Default for ServerLimits {
             max_op_bytes: veil_core::placement::backend::DEFAULT_MAX_OP_BYTES,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             max_pending_hellos: 64,
+            max_concurrent_work: 0,
+            max_queued_work: 64,
         }
     }
 }
@@ -187,6 +193,9 @@ struct Ctx {
     /// Memory all sessions draw from (`ServerLimits::memory_budget_bytes`).
     budget: Arc<MemoryBudget>,
     pending: PendingHellos,
+    /// Turns to compute (`max_concurrent_work`) and the requests waiting for one.
+    compute: Arc<Semaphore>,
+    queued: AtomicUsize,
 }
 
 /// Connections past the QUIC handshake that have not been welcomed yet, oldest first. Over the
@@ -300,6 +309,11 @@ impl ShardServer {
             sessions: Arc::new(Semaphore::new(options.limits.max_sessions)),
             budget: MemoryBudget::new(options.limits.memory_budget_bytes),
             pending: PendingHellos::new(options.limits.max_pending_hellos),
+            compute: Arc::new(Semaphore::new(match options.limits.max_concurrent_work {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            })),
+            queued: AtomicUsize::new(0),
             stats: stats.clone(),
             active: AtomicUsize::new(0),
         });
@@ -653,14 +667,36 @@ async fn serve_stream(
         return;
     };
     bump(&ctx.stats.requests);
+    let compression = clamp_reply_compression(compression);
+    // A bounded queue for the compute turns: a request beyond it is answered Busy at once
+    // instead of piling up behind the others.
+    if ctx.queued.fetch_add(1, Ordering::AcqRel) >= ctx.limits.max_queued_work {
+        ctx.queued.fetch_sub(1, Ordering::AcqRel);
+        bump(&ctx.stats.refused);
+        let msg = error_msg(ErrorCode::Busy, "the server's compute queue is full");
+        send_answer(send, msg, compression, ctx).await;
+        return;
+    }
+    let turn = ctx.compute.clone().acquire_owned().await;
+    ctx.queued.fetch_sub(1, Ordering::AcqRel);
+    let Ok(_turn) = turn else {
+        return;
+    };
+    // Work of a connection that closed while it waited is dropped, and a running request
+    // stops between calls once its connection is gone.
+    if conn.close_reason().is_some() {
+        return;
+    }
     let device = ctx.model.device().clone();
+    let watched = conn.clone();
     // Compute off the async workers: convolutions take long, and a panic in candle on some
     // unforeseen shape becomes an Internal error instead of taking the server down.
     let work = tokio::task::spawn_blocking(move || {
         let outputs = match work {
             Work::Shard(calls) => {
                 let request = calls_from_wire(calls, &device)?;
-                let reply = executor.execute(&request)?;
+                let gone = || watched.close_reason().is_some();
+                let reply = executor.execute_until(&request, &gone)?;
                 reply_to_wire(&reply, &request, reply_dtype)?
             }
             Work::EarlySteps(job) => {
@@ -755,6 +791,18 @@ async fn read_work(
             refuse(conn, send, msg, close_code::MALFORMED, b"malformed").await;
             None
         }
+    }
+}
+
+/// Most zstd level a client may ask its replies to be compressed at: higher levels cost the
+/// server far more CPU for a few percent of bytes.
+const MAX_REPLY_ZSTD_LEVEL: i32 = 9;
+
+fn clamp_reply_compression(c: Compression) -> Compression {
+    match c {
+        Compression::Zstd(l) => Compression::Zstd(l.min(MAX_REPLY_ZSTD_LEVEL)),
+        Compression::ZstdByteSplit(l) => Compression::ZstdByteSplit(l.min(MAX_REPLY_ZSTD_LEVEL)),
+        Compression::None => Compression::None,
     }
 }
 

@@ -724,3 +724,79 @@ async fn silent_peers_do_not_lock_out_an_honest_client() {
     drop(silent);
     cluster.shutdown().await;
 }
+
+/// Compute turns are shared by all sessions and their queue is bounded: with one turn and one
+/// waiting place, the third of three heavy requests sent at once is answered `Busy` at once,
+/// and the session still works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_compute_queue_answers_busy() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        max_message_bytes: 64 << 20,
+        max_tensor_bytes: 64 << 20,
+        max_concurrent_work: 1,
+        max_queued_work: 1,
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let (_endpoint, conn) = raw_session(&cluster.specs[0], id).await;
+    // A 1024 × 1024 convolution kept under a handle (about 2.4 GFLOP, no reply tensor).
+    let heavy = {
+        let x =
+            Tensor::zeros((1, 4, 1024, 1024), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let req = ShardRequest {
+            calls: vec![ShardCall {
+                op: ShardOp::Conv2d {
+                    layer: "conv_in".into(),
+                    input: Operand::Inline(x),
+                    pad: Pad {
+                        top: 1,
+                        bottom: 1,
+                        left: 1,
+                        right: 1,
+                    },
+                },
+                keep_as: Some(1),
+                reply: false,
+            }],
+        };
+        let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
+        encode(
+            &Message::Request {
+                calls,
+                reply_dtype: WireDtype::F32,
+                compression: Compression::None,
+            },
+            Compression::None,
+        )
+        .expect("encode")
+    };
+    let answers = futures::future::join_all((0..3).map(|_| exchange(&conn, &heavy))).await;
+    let busy = answers
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Some(Message::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                })
+            )
+        })
+        .count();
+    let done = answers
+        .iter()
+        .filter(|a| matches!(a, Some(Message::Reply { .. })))
+        .count();
+    println!("three heavy requests at once: {done} done, {busy} busy");
+    assert!(busy >= 1 && done >= 1, "{answers:?}");
+    let input = Operand::Inline(
+        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
+    );
+    match exchange(&conn, &conv_request("conv_in", input)).await {
+        Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
+        other => panic!("expected a Reply, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}

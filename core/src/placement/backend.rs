@@ -305,8 +305,21 @@ impl<E: Engine> ShardExecutor<E> {
 
     /// Executes a whole request.
     pub fn execute(&self, request: &ShardRequest<E::T>) -> Result<ShardReply<E::T>> {
+        self.execute_until(request, &|| false)
+    }
+
+    /// Executes a whole request, asking `cancelled` before every call: once it answers true the
+    /// request stops there with `Error::Cancelled` (its connection is gone: nobody waits).
+    pub fn execute_until(
+        &self,
+        request: &ShardRequest<E::T>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<ShardReply<E::T>> {
         let mut outputs = Vec::new();
         for call in &request.calls {
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
             let out = self.run_admitted(&call.op, call.reply)?;
             if let (Some(h), Some(t)) = (call.keep_as, out.as_ref()) {
                 self.keep(h, t)?;
