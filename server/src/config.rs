@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! listen = "0.0.0.0:4433"
+//! # metrics_listen = "127.0.0.1:9464" # Prometheus /metrics and /healthz over HTTP (private!)
 //! model = "/models/sd15"            # diffusers folder; only unet/ is read
 //! data_dir = "/var/lib/veil-server" # keeps cert.pem / key.pem (created on first start)
 //! # cert = "cert.pem"               # a given certificate and key instead
@@ -41,6 +42,8 @@ use crate::ServerError;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    /// HTTP address of the Prometheus metrics and the health check (off when absent).
+    pub metrics_listen: Option<String>,
     pub model: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub cert: Option<PathBuf>,
@@ -104,6 +107,7 @@ impl FileConfig {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub model: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub cert: Option<PathBuf>,
@@ -122,6 +126,7 @@ pub struct Overrides {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub model: PathBuf,
     pub data_dir: PathBuf,
     pub cert: Option<PathBuf>,
@@ -154,6 +159,12 @@ impl Config {
         let listen: SocketAddr = listen_s.parse().map_err(|e| {
             ServerError::Config(format!("listen address `{listen_s}` (ip:port): {e}"))
         })?;
+        let metrics_listen = match o.metrics_listen.or(f.metrics_listen) {
+            Some(m) => Some(m.parse().map_err(|e| {
+                ServerError::Config(format!("metrics address `{m}` (ip:port): {e}"))
+            })?),
+            None => None,
+        };
         let model = o.model.or(f.model).ok_or_else(|| {
             ServerError::Config("no model folder (--model DIR or `model` in the config)".into())
         })?;
@@ -212,6 +223,7 @@ impl Config {
         }
         Ok(Self {
             listen,
+            metrics_listen,
             model,
             data_dir: o
                 .data_dir

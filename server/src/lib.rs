@@ -10,8 +10,11 @@
 //! - `spawn_local` starts N servers on loopback with fresh certificates and tokens.
 
 pub mod config;
+pub mod limits;
+mod metrics;
 pub mod model;
 pub mod server;
+pub mod stats;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -88,6 +91,7 @@ pub fn spawn_local(
                 tokens: vec![token.clone()],
                 limits,
                 identity: TlsIdentity::generate()?,
+                metrics_listen: None,
             },
             model.clone(),
         )?;

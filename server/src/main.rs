@@ -83,6 +83,10 @@ struct ServeArgs {
     /// obfuscated policy's early steps as well as the shard ops.
     #[arg(long)]
     full_model: bool,
+    /// Serve Prometheus metrics (`/metrics`) and a health check (`/healthz`) over HTTP here,
+    /// e.g. 127.0.0.1:9464 (keep it off the public network).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     #[arg(long)]
     max_message_bytes: Option<usize>,
     #[arg(long)]
@@ -152,6 +156,7 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
         file,
         Overrides {
             listen: a.listen,
+            metrics_listen: a.metrics_listen,
             model: a.model,
             data_dir: a.data_dir,
             cert: a.cert,
@@ -197,6 +202,7 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
                 tokens: cfg.tokens,
                 limits: cfg.limits,
                 identity,
+                metrics_listen: cfg.metrics_listen,
             },
             Arc::new(model),
         )?;

@@ -3,7 +3,7 @@
 //! with its own tensor handles; a malformed message closes that connection only.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,12 @@ use veil_core::wire::{
     PROTOCOL_VERSION,
 };
 
+use crate::limits::PendingHellos;
+pub use crate::limits::{ServerLimits, DEFAULT_MEMORY_BUDGET_BYTES};
 use crate::model::ShardModel;
+use crate::stats::bump;
+use crate::stats::{prometheus, Gauges};
+pub use crate::stats::{ServerStats, StatsSnapshot};
 use crate::tls::TlsIdentity;
 use crate::ServerError;
 
@@ -41,70 +46,6 @@ const MAX_ERROR_MESSAGE: usize = 1024;
 /// How long the server waits for an error answer to be acknowledged before closing.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
 
-/// Default process-wide memory budget.
-pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 16 << 30;
-
-/// Resource limits of a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerLimits {
-    /// Largest request message (compressed payloads included).
-    pub max_message_bytes: usize,
-    /// Largest decoded tensor.
-    pub max_tensor_bytes: usize,
-    /// Concurrent sessions (connections past the handshake); more are answered `Busy`.
-    pub max_sessions: usize,
-    /// Concurrent request streams per connection (QUIC stream credit).
-    pub max_concurrent_streams: u32,
-    /// A connection without any packet for this long is closed.
-    pub idle_timeout: Duration,
-    /// The Hello must arrive within this after the QUIC handshake.
-    pub handshake_timeout: Duration,
-    /// Bytes (as f32) one session may keep resident under tensor handles (strict's strips).
-    pub max_session_bytes: u64,
-    /// One op's admitted peak memory (output and working buffers), checked before it runs.
-    pub max_op_bytes: u64,
-    /// Bytes all sessions together may hold: every running op's peak and every kept tensor.
-    pub memory_budget_bytes: u64,
-    /// Connections past the QUIC handshake still owing their Hello; beyond this the oldest is
-    /// closed, so silent peers cannot lock honest clients out.
-    pub max_pending_hellos: usize,
-    /// Requests computing at once across all sessions (0: one per CPU core), and how many more
-    /// may wait for a turn; beyond that a request is answered `Busy` at once.
-    pub max_concurrent_work: usize,
-    pub max_queued_work: usize,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        let wire = Limits::default();
-        Self {
-            max_message_bytes: wire.max_message_bytes,
-            max_tensor_bytes: wire.max_tensor_bytes,
-            max_sessions: 64,
-            max_concurrent_streams: 4,
-            idle_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(10),
-            max_session_bytes: veil_core::placement::backend::DEFAULT_MAX_HANDLE_BYTES,
-            max_op_bytes: veil_core::placement::backend::DEFAULT_MAX_OP_BYTES,
-            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
-            max_pending_hellos: 64,
-            max_concurrent_work: 0,
-            max_queued_work: 64,
-        }
-    }
-}
-
-impl ServerLimits {
-    /// The decoder limits for requests.
-    pub fn wire(&self) -> Limits {
-        Limits {
-            max_message_bytes: self.max_message_bytes,
-            max_tensor_bytes: self.max_tensor_bytes,
-            ..Limits::default()
-        }
-    }
-}
-
 /// Everything a server needs besides its model.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -113,73 +54,8 @@ pub struct ServerOptions {
     pub tokens: Vec<String>,
     pub limits: ServerLimits,
     pub identity: TlsIdentity,
-}
-
-/// Counters of what a server saw (for logs and tests).
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    /// QUIC connections whose TLS handshake completed.
-    pub connections: AtomicU64,
-    /// Connection attempts that failed before completing TLS (e.g. a client that rejected the
-    /// certificate).
-    pub tls_failures: AtomicU64,
-    /// Hello messages received.
-    pub hellos: AtomicU64,
-    /// Handshakes answered with Welcome.
-    pub sessions: AtomicU64,
-    /// Handshakes refused (token, model, version, busy, wrong message).
-    pub refused: AtomicU64,
-    /// Request messages decoded (after a Welcome).
-    pub requests: AtomicU64,
-    /// Requests answered with a reply.
-    pub replies: AtomicU64,
-    /// Messages that did not decode or broke a limit.
-    pub malformed: AtomicU64,
-    /// Decoded requests the executor refused (unknown layer or handle, shapes).
-    pub bad_requests: AtomicU64,
-    /// Bytes of request streams read.
-    pub bytes_in: AtomicU64,
-    /// Bytes of replies written.
-    pub bytes_out: AtomicU64,
-}
-
-/// A plain copy of `ServerStats`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub connections: u64,
-    pub tls_failures: u64,
-    pub hellos: u64,
-    pub sessions: u64,
-    pub refused: u64,
-    pub requests: u64,
-    pub replies: u64,
-    pub malformed: u64,
-    pub bad_requests: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-impl ServerStats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StatsSnapshot {
-            connections: g(&self.connections),
-            tls_failures: g(&self.tls_failures),
-            hellos: g(&self.hellos),
-            sessions: g(&self.sessions),
-            refused: g(&self.refused),
-            requests: g(&self.requests),
-            replies: g(&self.replies),
-            malformed: g(&self.malformed),
-            bad_requests: g(&self.bad_requests),
-            bytes_in: g(&self.bytes_in),
-            bytes_out: g(&self.bytes_out),
-        }
-    }
-}
-
-fn bump(a: &AtomicU64) {
-    a.fetch_add(1, Ordering::Relaxed);
+    /// Where to serve the Prometheus metrics and the health check over HTTP (none: off).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Shared by every connection task.
@@ -198,49 +74,6 @@ struct Ctx {
     queued: AtomicUsize,
 }
 
-/// Connections past the QUIC handshake that have not been welcomed yet, oldest first. Over the
-/// cap the oldest is closed: a peer that never sends its Hello holds a slot only until newer
-/// connections need it, and an honest client says Hello within a round trip.
-struct PendingHellos {
-    cap: usize,
-    next: AtomicU64,
-    queue: std::sync::Mutex<std::collections::VecDeque<(u64, Connection)>>,
-}
-
-impl PendingHellos {
-    fn new(cap: usize) -> Self {
-        Self {
-            cap: cap.max(1),
-            next: AtomicU64::new(0),
-            queue: Default::default(),
-        }
-    }
-
-    /// Registers `conn`, closing the oldest pending ones over the cap; returns its ticket.
-    fn admit(&self, conn: &Connection) -> u64 {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let evicted: Vec<Connection> = match self.queue.lock() {
-            Ok(mut q) => {
-                q.push_back((id, conn.clone()));
-                let over = q.len().saturating_sub(self.cap);
-                q.drain(..over).map(|(_, c)| c).collect()
-            }
-            Err(_) => Vec::new(),
-        };
-        for c in evicted {
-            tracing::debug!(remote = %c.remote_address(), "evicted: no Hello while others wait");
-            c.close(VarInt::from_u32(close_code::TIMEOUT), b"no hello");
-        }
-        id
-    }
-
-    fn done(&self, id: u64) {
-        if let Ok(mut q) = self.queue.lock() {
-            q.retain(|(i, _)| *i != id);
-        }
-    }
-}
-
 /// A running shard server.
 pub struct ShardServer {
     endpoint: Endpoint,
@@ -250,6 +83,7 @@ pub struct ShardServer {
     stats: Arc<ServerStats>,
     stop: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for ShardServer {
@@ -318,6 +152,10 @@ impl ShardServer {
             active: AtomicUsize::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
+        let metrics_addr = match options.metrics_listen {
+            Some(at) => Some(spawn_metrics(at, ctx.clone(), stop_rx.clone())?),
+            None => None,
+        };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx, stop_rx));
         tracing::info!(%addr, %fingerprint, model = %hex::encode(model_id), "serving");
         Ok(Self {
@@ -328,7 +166,13 @@ impl ShardServer {
             stats,
             stop,
             accept: Some(accept),
+            metrics_addr,
         })
+    }
+
+    /// Where the metrics endpoint listens, if it was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound address (the actual port when the config asked for port 0).
@@ -382,6 +226,36 @@ impl Drop for ShardServer {
         self.endpoint
             .close(VarInt::from_u32(close_code::SHUTDOWN), b"server dropped");
     }
+}
+
+/// Binds the metrics endpoint at `at` and serves the server's counters and gauges there.
+fn spawn_metrics(
+    at: SocketAddr,
+    ctx: Arc<Ctx>,
+    stop: watch::Receiver<bool>,
+) -> Result<SocketAddr, ServerError> {
+    let bind = |e: std::io::Error| ServerError::Bind {
+        addr: at,
+        source: e,
+    };
+    let std_listener = std::net::TcpListener::bind(at).map_err(bind)?;
+    std_listener.set_nonblocking(true).map_err(bind)?;
+    let bound = std_listener.local_addr().map_err(bind)?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).map_err(bind)?;
+    let render = Arc::new(move || {
+        let gauges = Gauges {
+            sessions_active: (ctx.limits.max_sessions - ctx.sessions.available_permits()) as u64,
+            connections_active: ctx.active.load(Ordering::Relaxed) as u64,
+            pending_hellos: ctx.pending.len() as u64,
+            queued_work: ctx.queued.load(Ordering::Relaxed) as u64,
+            budget_used_bytes: ctx.budget.used(),
+            budget_limit_bytes: ctx.budget.limit(),
+        };
+        prometheus(&ctx.stats, &gauges)
+    });
+    tokio::spawn(crate::metrics::serve(listener, render, stop));
+    tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    Ok(bound)
 }
 
 async fn accept_loop(endpoint: Endpoint, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
@@ -597,6 +471,7 @@ async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::Own
     }
     if !token_ok(&ctx.tokens, &token) {
         refused(&ctx.stats);
+        bump(&ctx.stats.auth_failures);
         tracing::warn!(%remote, "refused: wrong tenant token");
         let msg = error_msg(ErrorCode::AuthFailed, "tenant token not accepted");
         refuse(conn, send, msg, close_code::REFUSED, b"auth").await;
@@ -672,7 +547,7 @@ async fn serve_stream(
     // instead of piling up behind the others.
     if ctx.queued.fetch_add(1, Ordering::AcqRel) >= ctx.limits.max_queued_work {
         ctx.queued.fetch_sub(1, Ordering::AcqRel);
-        bump(&ctx.stats.refused);
+        bump(&ctx.stats.busy);
         let msg = error_msg(ErrorCode::Busy, "the server's compute queue is full");
         send_answer(send, msg, compression, ctx).await;
         return;
@@ -689,6 +564,7 @@ async fn serve_stream(
     }
     let device = ctx.model.device().clone();
     let watched = conn.clone();
+    let started = std::time::Instant::now();
     // Compute off the async workers: convolutions take long, and a panic in candle on some
     // unforeseen shape becomes an Internal error instead of taking the server down.
     let work = tokio::task::spawn_blocking(move || {
@@ -708,6 +584,7 @@ async fn serve_stream(
         Ok::<_, veil_core::Error>(Message::Reply { outputs })
     })
     .await;
+    ctx.stats.latency.observe(started.elapsed());
     let msg = match work {
         Ok(Ok(m)) => {
             bump(&ctx.stats.replies);

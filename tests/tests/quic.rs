@@ -12,21 +12,21 @@ use candle_core::{Device, Tensor};
 use quinn::VarInt;
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
-use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
-use veil_core::placement::engine::Pad;
+use veil_core::placement::backend::Operand;
 use veil_core::placement::{GnVariant, Policy, ShardBackend, WireDtype};
 use veil_core::transport::quic::{close_code, connect_quic};
 use veil_core::transport::{
     connect_all, load_server_list, ClientOptions, Fingerprint, ServerSpec, TransportError,
     TransportTuning,
 };
-use veil_core::wire::codec::{decode, encode};
-use veil_core::wire::convert::request_to_wire;
 use veil_core::wire::identity::{model_identity, shard_parameters};
-use veil_core::wire::{Compression, ErrorCode, Limits, Message, ModelId, PROTOCOL_VERSION};
+use veil_core::wire::{Compression, ErrorCode, Message, ModelId};
 use veil_core::Error;
 use veil_server::{spawn_local, ServerLimits, ShardModel};
 use veil_tests::{psnr, random_weights, tiny_model};
+
+mod common;
+use common::{conv_request, exchange, raw_session};
 
 const PROMPT: &str = "a small red circle at the top left on a white background";
 
@@ -428,66 +428,6 @@ async fn a_server_killed_mid_generation_fails_within_the_timeout() {
     healthy.shutdown().await;
 }
 
-/// A raw session: pinned QUIC connection plus a hand-made Hello.
-async fn raw_session(spec: &ServerSpec, id: ModelId) -> (quinn::Endpoint, quinn::Connection) {
-    let (endpoint, conn) = connect_quic(
-        0,
-        &spec.address,
-        spec.fingerprint,
-        &TransportTuning::default(),
-    )
-    .await
-    .expect("quic");
-    let hello = Message::Hello {
-        version: PROTOCOL_VERSION,
-        token: spec.token.clone(),
-        model_id: id,
-    };
-    match exchange(&conn, &encode(&hello, Compression::None).expect("hello")).await {
-        Some(Message::Welcome { .. }) => {}
-        other => panic!("expected Welcome, got {other:?}"),
-    }
-    (endpoint, conn)
-}
-
-/// Sends raw bytes on a new stream; the decoded answer, or None when the stream/connection
-/// died without one.
-async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Option<Message> {
-    let (mut send, mut recv) = conn.open_bi().await.ok()?;
-    send.write_all(bytes).await.ok()?;
-    send.finish().ok()?;
-    let buf = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(64 << 20))
-        .await
-        .ok()?
-        .ok()?;
-    decode(&buf, &Limits::default()).ok()
-}
-
-fn conv_request(layer: &str, input: Operand<Tensor>) -> Vec<u8> {
-    let req = ShardRequest {
-        calls: vec![ShardCall::reply(ShardOp::Conv2d {
-            layer: layer.into(),
-            input,
-            pad: Pad {
-                top: 1,
-                bottom: 1,
-                left: 1,
-                right: 1,
-            },
-        })],
-    };
-    let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
-    encode(
-        &Message::Request {
-            calls,
-            reply_dtype: WireDtype::F32,
-            compression: Compression::None,
-        },
-        Compression::None,
-    )
-    .expect("encode")
-}
-
 async fn expect_error(conn: &quinn::Connection, bytes: &[u8], want: ErrorCode, case: &str) {
     match exchange(conn, bytes).await {
         Some(Message::Error { code, message }) => {
@@ -671,132 +611,5 @@ async fn eight_concurrent_clients_on_one_server_all_get_correct_images() {
     }
     let st = cluster.servers[0].stats();
     assert_eq!(st.sessions, 8, "{st:?}");
-    cluster.shutdown().await;
-}
-
-/// 128 peers that finish the QUIC handshake and never say Hello (the old server counted them
-/// against twice its session limit and refused everyone else until they timed out) do not lock
-/// an honest client out: it gets its Welcome within a second, and its session works.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_peers_do_not_lock_out_an_honest_client() {
-    let sd = load();
-    let id = model_id(&sd);
-    let l = ServerLimits {
-        max_sessions: 4,
-        max_pending_hellos: 16,
-        handshake_timeout: Duration::from_secs(30),
-        ..limits()
-    };
-    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
-    let spec = &cluster.specs[0];
-    let mut silent = Vec::new();
-    for _ in 0..128 {
-        let c = connect_quic(
-            0,
-            &spec.address,
-            spec.fingerprint,
-            &TransportTuning::default(),
-        )
-        .await
-        .expect("a silent peer's QUIC handshake");
-        silent.push(c);
-    }
-    let t = Instant::now();
-    let (_endpoint, conn) = tokio::time::timeout(Duration::from_secs(1), raw_session(spec, id))
-        .await
-        .expect("Welcome within a second beside 128 silent peers");
-    println!("Welcome after {:?} beside 128 silent peers", t.elapsed());
-    // The session works: a convolution request is answered.
-    let input = Operand::Inline(
-        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
-    );
-    match exchange(&conn, &conv_request("conv_in", input)).await {
-        Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
-        other => panic!("expected a Reply, got {other:?}"),
-    }
-    // At most `max_pending_hellos` silent peers are still open: the rest were closed.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let open = silent
-        .iter()
-        .filter(|(_, c)| c.close_reason().is_none())
-        .count();
-    assert!(open <= 16, "{open} silent peers still open");
-    drop(silent);
-    cluster.shutdown().await;
-}
-
-/// Compute turns are shared by all sessions and their queue is bounded: with one turn and one
-/// waiting place, the third of three heavy requests sent at once is answered `Busy` at once,
-/// and the session still works afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_compute_queue_answers_busy() {
-    let sd = load();
-    let id = model_id(&sd);
-    let l = ServerLimits {
-        max_message_bytes: 64 << 20,
-        max_tensor_bytes: 64 << 20,
-        max_concurrent_work: 1,
-        max_queued_work: 1,
-        ..limits()
-    };
-    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
-    let (_endpoint, conn) = raw_session(&cluster.specs[0], id).await;
-    // A 1024 × 1024 convolution kept under a handle (about 2.4 GFLOP, no reply tensor).
-    let heavy = {
-        let x =
-            Tensor::zeros((1, 4, 1024, 1024), candle_core::DType::F32, &Device::Cpu).expect("x");
-        let req = ShardRequest {
-            calls: vec![ShardCall {
-                op: ShardOp::Conv2d {
-                    layer: "conv_in".into(),
-                    input: Operand::Inline(x),
-                    pad: Pad {
-                        top: 1,
-                        bottom: 1,
-                        left: 1,
-                        right: 1,
-                    },
-                },
-                keep_as: Some(1),
-                reply: false,
-            }],
-        };
-        let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
-        encode(
-            &Message::Request {
-                calls,
-                reply_dtype: WireDtype::F32,
-                compression: Compression::None,
-            },
-            Compression::None,
-        )
-        .expect("encode")
-    };
-    let answers = futures::future::join_all((0..3).map(|_| exchange(&conn, &heavy))).await;
-    let busy = answers
-        .iter()
-        .filter(|a| {
-            matches!(
-                a,
-                Some(Message::Error {
-                    code: ErrorCode::Busy,
-                    ..
-                })
-            )
-        })
-        .count();
-    let done = answers
-        .iter()
-        .filter(|a| matches!(a, Some(Message::Reply { .. })))
-        .count();
-    println!("three heavy requests at once: {done} done, {busy} busy");
-    assert!(busy >= 1 && done >= 1, "{answers:?}");
-    let input = Operand::Inline(
-        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
-    );
-    match exchange(&conn, &conv_request("conv_in", input)).await {
-        Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
-        other => panic!("expected a Reply, got {other:?}"),
-    }
     cluster.shutdown().await;
 }

@@ -1,0 +1,73 @@
+//! Helpers of the QUIC test files: a raw session (a pinned connection and a hand-made Hello),
+//! one raw exchange, a convolution request.
+
+use std::time::Duration;
+
+use candle_core::Tensor;
+use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
+use veil_core::placement::engine::{Pad, WireDtype};
+use veil_core::transport::quic::connect_quic;
+use veil_core::transport::{ServerSpec, TransportTuning};
+use veil_core::wire::codec::{decode, encode};
+use veil_core::wire::convert::request_to_wire;
+use veil_core::wire::{Compression, Limits, Message, ModelId, PROTOCOL_VERSION};
+
+/// A raw session: pinned QUIC connection plus a hand-made Hello.
+pub async fn raw_session(spec: &ServerSpec, id: ModelId) -> (quinn::Endpoint, quinn::Connection) {
+    let (endpoint, conn) = connect_quic(
+        0,
+        &spec.address,
+        spec.fingerprint,
+        &TransportTuning::default(),
+    )
+    .await
+    .expect("quic");
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        token: spec.token.clone(),
+        model_id: id,
+    };
+    match exchange(&conn, &encode(&hello, Compression::None).expect("hello")).await {
+        Some(Message::Welcome { .. }) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    (endpoint, conn)
+}
+
+/// Sends raw bytes on a new stream; the decoded answer, or None when the stream/connection
+/// died without one.
+pub async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Option<Message> {
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    send.write_all(bytes).await.ok()?;
+    send.finish().ok()?;
+    let buf = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(64 << 20))
+        .await
+        .ok()?
+        .ok()?;
+    decode(&buf, &Limits::default()).ok()
+}
+
+pub fn conv_request(layer: &str, input: Operand<Tensor>) -> Vec<u8> {
+    let req = ShardRequest {
+        calls: vec![ShardCall::reply(ShardOp::Conv2d {
+            layer: layer.into(),
+            input,
+            pad: Pad {
+                top: 1,
+                bottom: 1,
+                left: 1,
+                right: 1,
+            },
+        })],
+    };
+    let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
+    encode(
+        &Message::Request {
+            calls,
+            reply_dtype: WireDtype::F32,
+            compression: Compression::None,
+        },
+        Compression::None,
+    )
+    .expect("encode")
+}

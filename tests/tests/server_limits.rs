@@ -1,0 +1,281 @@
+//! A tenant's `veil-server` under pressure, on loopback: silent peers that never say Hello do
+//! not lock honest clients out; a full compute queue answers `Busy` and the session lives on;
+//! the metrics endpoint's counters move with the traffic and its health check answers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use veil_core::client::pipeline::StableDiffusion;
+use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
+use veil_core::placement::engine::{Pad, WireDtype};
+use veil_core::transport::quic::connect_quic;
+use veil_core::transport::TransportTuning;
+use veil_core::wire::codec::encode;
+use veil_core::wire::convert::request_to_wire;
+use veil_core::wire::identity::model_identity;
+use veil_core::wire::{Compression, ErrorCode, Message, ModelId};
+use veil_server::{spawn_local, ServerLimits, ShardModel};
+use veil_tests::tiny_model;
+
+mod common;
+use common::{conv_request, exchange, raw_session};
+
+fn load() -> StableDiffusion {
+    StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("load tiny model")
+}
+
+fn model_id(sd: &StableDiffusion) -> ModelId {
+    model_identity(&sd.unet, sd.unet_engine.weights())
+}
+
+fn shard_model(sd: &StableDiffusion) -> Arc<ShardModel> {
+    Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine))
+}
+
+fn limits() -> ServerLimits {
+    ServerLimits {
+        max_message_bytes: 4 << 20,
+        max_tensor_bytes: 4 << 20,
+        idle_timeout: Duration::from_secs(10),
+        ..ServerLimits::default()
+    }
+}
+
+/// 128 peers that finish the QUIC handshake and never say Hello (the old server counted them
+/// against twice its session limit and refused everyone else until they timed out) do not lock
+/// an honest client out: it gets its Welcome within a second, and its session works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_do_not_lock_out_an_honest_client() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        max_sessions: 4,
+        max_pending_hellos: 16,
+        handshake_timeout: Duration::from_secs(30),
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let spec = &cluster.specs[0];
+    let mut silent = Vec::new();
+    for _ in 0..128 {
+        let c = connect_quic(
+            0,
+            &spec.address,
+            spec.fingerprint,
+            &TransportTuning::default(),
+        )
+        .await
+        .expect("a silent peer's QUIC handshake");
+        silent.push(c);
+    }
+    let t = Instant::now();
+    let (_endpoint, conn) = tokio::time::timeout(Duration::from_secs(1), raw_session(spec, id))
+        .await
+        .expect("Welcome within a second beside 128 silent peers");
+    println!("Welcome after {:?} beside 128 silent peers", t.elapsed());
+    // The session works: a convolution request is answered.
+    let input = Operand::Inline(
+        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
+    );
+    match exchange(&conn, &conv_request("conv_in", input)).await {
+        Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
+        other => panic!("expected a Reply, got {other:?}"),
+    }
+    // At most `max_pending_hellos` silent peers are still open: the rest were closed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let open = silent
+        .iter()
+        .filter(|(_, c)| c.close_reason().is_none())
+        .count();
+    assert!(open <= 16, "{open} silent peers still open");
+    drop(silent);
+    cluster.shutdown().await;
+}
+
+/// Compute turns are shared by all sessions and their queue is bounded: with one turn and one
+/// waiting place, the third of three heavy requests sent at once is answered `Busy` at once,
+/// and the session still works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_compute_queue_answers_busy() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        max_message_bytes: 64 << 20,
+        max_tensor_bytes: 64 << 20,
+        max_concurrent_work: 1,
+        max_queued_work: 1,
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let (_endpoint, conn) = raw_session(&cluster.specs[0], id).await;
+    // A 1024 × 1024 convolution kept under a handle (about 2.4 GFLOP, no reply tensor).
+    let heavy = {
+        let x =
+            Tensor::zeros((1, 4, 1024, 1024), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let req = ShardRequest {
+            calls: vec![ShardCall {
+                op: ShardOp::Conv2d {
+                    layer: "conv_in".into(),
+                    input: Operand::Inline(x),
+                    pad: Pad {
+                        top: 1,
+                        bottom: 1,
+                        left: 1,
+                        right: 1,
+                    },
+                },
+                keep_as: Some(1),
+                reply: false,
+            }],
+        };
+        let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
+        encode(
+            &Message::Request {
+                calls,
+                reply_dtype: WireDtype::F32,
+                compression: Compression::None,
+            },
+            Compression::None,
+        )
+        .expect("encode")
+    };
+    let answers = futures::future::join_all((0..3).map(|_| exchange(&conn, &heavy))).await;
+    let busy = answers
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Some(Message::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                })
+            )
+        })
+        .count();
+    let done = answers
+        .iter()
+        .filter(|a| matches!(a, Some(Message::Reply { .. })))
+        .count();
+    println!("three heavy requests at once: {done} done, {busy} busy");
+    assert!(busy >= 1 && done >= 1, "{answers:?}");
+    let input = Operand::Inline(
+        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
+    );
+    match exchange(&conn, &conv_request("conv_in", input)).await {
+        Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
+        other => panic!("expected a Reply, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
+/// `GET path` on the metrics endpoint: (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut all = String::new();
+    s.read_to_string(&mut all).await.expect("read");
+    let (head, body) = all.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of a metric line `name value` in a Prometheus text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_counts_sessions_requests_and_refusals() {
+    let sd = load();
+    let id = model_id(&sd);
+    let token = veil_server::random_token();
+    let server = veil_server::ShardServer::start(
+        veil_server::ServerOptions {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            tokens: vec![token.clone()],
+            limits: limits(),
+            identity: veil_server::TlsIdentity::generate().expect("identity"),
+            metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        },
+        shard_model(&sd),
+    )
+    .expect("server");
+    let at = server.metrics_addr().expect("a metrics address");
+    let spec = veil_core::transport::ServerSpec {
+        address: server.local_addr().to_string(),
+        fingerprint: server.fingerprint(),
+        token,
+    };
+    assert_eq!(
+        http_get(at, "/healthz").await,
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
+    assert!(http_get(at, "/nothing").await.0.contains("404"));
+    let (status, before) = http_get(at, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(metric(&before, "veil_requests_total"), 0);
+    assert_eq!(metric(&before, "veil_sessions_active"), 0);
+
+    let (_endpoint, conn) = raw_session(&spec, id).await;
+    let input = Operand::Inline(
+        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
+    );
+    assert!(matches!(
+        exchange(&conn, &conv_request("conv_in", input)).await,
+        Some(Message::Reply { .. })
+    ));
+    // A request admission refuses (a 3×3 kernel over a 1×1 input without padding).
+    let tiny = Operand::Inline(
+        Tensor::zeros((1, 4, 1, 1), candle_core::DType::F32, &Device::Cpu).expect("x"),
+    );
+    let bad = {
+        let req = ShardRequest {
+            calls: vec![ShardCall::reply(ShardOp::Conv2d {
+                layer: "conv_in".into(),
+                input: tiny,
+                pad: Pad {
+                    top: 0,
+                    bottom: 0,
+                    left: 0,
+                    right: 0,
+                },
+            })],
+        };
+        let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
+        encode(
+            &Message::Request {
+                calls,
+                reply_dtype: WireDtype::F32,
+                compression: Compression::None,
+            },
+            Compression::None,
+        )
+        .expect("encode")
+    };
+    assert!(matches!(
+        exchange(&conn, &bad).await,
+        Some(Message::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        })
+    ));
+    let (_, after) = http_get(at, "/metrics").await;
+    println!("{after}");
+    assert_eq!(metric(&after, "veil_sessions_active"), 1);
+    assert_eq!(metric(&after, "veil_sessions_total"), 1);
+    assert_eq!(metric(&after, "veil_requests_total"), 2);
+    assert_eq!(metric(&after, "veil_replies_total"), 1);
+    assert_eq!(metric(&after, "veil_bad_requests_total"), 1);
+    assert_eq!(metric(&after, "veil_request_seconds_count"), 2);
+    assert!(metric(&after, "veil_bytes_in_total") > metric(&before, "veil_bytes_in_total"));
+    assert_eq!(metric(&after, "veil_memory_budget_used_bytes"), 0);
+    server.shutdown(Duration::from_secs(2)).await;
+}
