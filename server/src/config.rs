@@ -138,6 +138,29 @@ pub struct Config {
     pub limits: ServerLimits,
 }
 
+/// Shortest tenant token accepted: a token is the only secret between a tenant and the world.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// Logs a warning when a secret file (tokens, the TLS key) is readable by its group or others.
+pub fn warn_if_shared(path: &Path, what: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            let mode = m.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "the {what} is accessible to its group or others; chmod 600 it"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
+}
+
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 /// Default data directory (relative to the working directory).
@@ -170,8 +193,18 @@ impl Config {
         })?;
         let mut tokens = Vec::new();
         match o.token_file.or(f.token_file) {
-            Some(tf) => tokens.extend(veil_core::transport::read_token_file(&tf)?),
+            Some(tf) => {
+                warn_if_shared(&tf, "token file");
+                tokens.extend(veil_core::transport::read_token_file(&tf)?)
+            }
             None => tokens.extend(f.tokens.unwrap_or_default()),
+        }
+        if let Some(short) = tokens.iter().find(|t| t.chars().count() < MIN_TOKEN_CHARS) {
+            return Err(ServerError::Config(format!(
+                "a tenant token of {} characters: at least {MIN_TOKEN_CHARS} are needed (e.g. \
+                 `openssl rand -hex 32`)",
+                short.chars().count()
+            )));
         }
         if tokens.is_empty() {
             return Err(ServerError::Config(
@@ -280,7 +313,7 @@ mod tests {
     fn flags_override_the_file() {
         let dir = std::env::temp_dir().join(format!("veil-server-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("tokens.txt"), "# tenants\nt1\n\nt2\n").expect("tokens");
+        std::fs::write(dir.join("tokens.txt"), "# tenants\nt1-0123456789abcdef0123456789abcdef\n\nt2-0123456789abcdef0123456789abcdef\n").expect("tokens");
         let path = dir.join("server.toml");
         std::fs::write(
             &path,
@@ -300,20 +333,32 @@ mod tests {
         .expect("resolve");
         assert_eq!(c.listen, "127.0.0.1:0".parse::<SocketAddr>().expect("addr"));
         assert_eq!(c.model, dir.join("m"));
-        assert_eq!(c.tokens, vec!["t1".to_string(), "t2".to_string()]);
+        assert_eq!(
+            c.tokens,
+            vec![
+                "t1-0123456789abcdef0123456789abcdef".to_string(),
+                "t2-0123456789abcdef0123456789abcdef".to_string()
+            ]
+        );
         assert_eq!(c.limits.max_sessions, 3);
         assert_eq!(c.limits.max_concurrent_streams, 9);
         assert_eq!(c.limits.idle_timeout, Duration::from_millis(2500));
         assert_eq!(c.device, "cpu");
 
-        let inline: FileConfig =
-            toml::from_str("model = \"m\"\ntokens = [\"a\"]\n").expect("inline tokens");
+        let long = "a".repeat(MIN_TOKEN_CHARS);
+        let inline: FileConfig = toml::from_str(&format!("model = \"m\"\ntokens = [\"{long}\"]\n"))
+            .expect("inline tokens");
         assert_eq!(
             Config::resolve(Some(inline), Overrides::default())
                 .expect("resolve")
                 .tokens,
-            vec!["a".to_string()]
+            vec![long.clone()]
         );
+        // A token shorter than 32 characters is refused.
+        let short: FileConfig =
+            toml::from_str("model = \"m\"\ntokens = [\"tenant-a\"]\n").expect("short token");
+        let e = Config::resolve(Some(short), Overrides::default());
+        assert!(matches!(e, Err(ServerError::Config(m)) if m.contains("8 characters")));
         let none: FileConfig = toml::from_str("model = \"m\"\n").expect("no tokens");
         assert!(Config::resolve(Some(none), Overrides::default()).is_err());
         assert!(toml::from_str::<FileConfig>("modle = \"m\"\n").is_err());

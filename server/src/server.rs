@@ -103,8 +103,11 @@ impl ShardServer {
                 "no tenant tokens configured (token_file or tokens)".into(),
             ));
         }
-        if options.tokens.iter().any(|t| t.is_empty()) {
-            return Err(ServerError::Config("empty tenant token".into()));
+        let min = crate::config::MIN_TOKEN_CHARS;
+        if options.tokens.iter().any(|t| t.chars().count() < min) {
+            return Err(ServerError::Config(format!(
+                "a tenant token shorter than {min} characters"
+            )));
         }
         let l = &options.limits;
         if l.max_sessions == 0 || l.max_concurrent_streams == 0 || l.max_message_bytes == 0 {

@@ -120,7 +120,10 @@ impl TlsIdentity {
         data_dir: &Path,
     ) -> Result<Self, ServerError> {
         match (cert, key) {
-            (Some(c), Some(k)) => Self::load(c, k),
+            (Some(c), Some(k)) => {
+                crate::config::warn_if_shared(k, "TLS private key");
+                Self::load(c, k)
+            }
             (None, None) => Self::load_or_create(data_dir),
             _ => Err(ServerError::Config(
                 "give both a certificate and a key, or neither".into(),

@@ -64,7 +64,7 @@ fn fingerprint_subcommand_is_stable() {
 async fn serves_a_client_and_stops_on_sigterm() {
     let dir = temp_dir("serve");
     let expected_line = fingerprint_line(&dir);
-    std::fs::write(dir.join("tokens.txt"), "# tenants\ntenant-a\ntenant-b\n").expect("tokens");
+    std::fs::write(dir.join("tokens.txt"), "# tenants\ntenant-a-0123456789abcdef0123456789abcdef\ntenant-b-0123456789abcdef0123456789abcdef\n").expect("tokens");
     let mut child = Command::new(BIN)
         .arg("--model")
         .arg(tiny_model())
@@ -126,7 +126,7 @@ async fn serves_a_client_and_stops_on_sigterm() {
     let spec = ServerSpec {
         address: addr.expect("address"),
         fingerprint: fp,
-        token: "tenant-b".into(),
+        token: "tenant-b-0123456789abcdef0123456789abcdef".into(),
     };
     let backends = connect_all(&[spec], id, &ClientOptions::default())
         .await
