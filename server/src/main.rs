@@ -9,14 +9,17 @@
 //! ```
 //!
 //! At start it prints `fingerprint sha256:<hex>` on its own line (stdout); clients pin it in
-//! `servers.toml`. Logs go to stderr (`RUST_LOG` filters; default `info`).
+//! `servers.toml`. Logs go to stderr (`RUST_LOG` filters; default `info`), as text or as one
+//! JSON object per line (`--log-format json`). Every flag can also be given as an environment
+//! variable `VEIL_SERVER_<FLAG>` (e.g. `VEIL_SERVER_TOKEN_FILE`); a flag wins over the
+//! variable, both over the TOML file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use veil_server::config::{parse_device, Config, FileConfig, Overrides, DEFAULT_DATA_DIR};
 use veil_server::{ServerError, ServerOptions, ShardModel, ShardServer, TlsIdentity};
 
@@ -28,10 +31,19 @@ use veil_server::{ServerError, ServerOptions, ShardModel, ShardServer, TlsIdenti
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line, for log collectors).
+    #[arg(long, global = true, env = "VEIL_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -56,60 +68,63 @@ struct FingerprintArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// TOML config file (flags override it).
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_CONFIG")]
     config: Option<PathBuf>,
     /// Listen address, ip:port (default 0.0.0.0:4433).
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_LISTEN")]
     listen: Option<String>,
     /// Diffusers-layout model folder (only unet/ is read, unless --full-model).
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_MODEL")]
     model: Option<PathBuf>,
     /// Keeps the self-signed certificate and key (created on first start).
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// A given certificate (PEM or DER) …
-    #[arg(long, requires = "key")]
+    #[arg(long, env = "VEIL_SERVER_CERT", requires = "key")]
     cert: Option<PathBuf>,
     /// … and its private key.
-    #[arg(long, requires = "cert")]
+    #[arg(long, env = "VEIL_SERVER_KEY", requires = "cert")]
     key: Option<PathBuf>,
     /// Tenant tokens, one per line.
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// cpu, or cuda:N (builds with the `cuda` feature).
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_DEVICE")]
     device: Option<String>,
     /// Load the whole model (text encoder, tokenizer, U-Net, scheduler) and serve the
     /// obfuscated policy's early steps as well as the shard ops.
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_FULL_MODEL")]
     full_model: bool,
     /// Serve Prometheus metrics (`/metrics`) and a health check (`/healthz`) over HTTP here,
     /// e.g. 127.0.0.1:9464 (keep it off the public network).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "VEIL_SERVER_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_MAX_TENSOR_BYTES")]
     max_tensor_bytes: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_MAX_SESSIONS")]
     max_sessions: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_MAX_CONCURRENT_STREAMS")]
     max_concurrent_streams: Option<u32>,
     /// Seconds without any packet before a connection is dropped.
-    #[arg(long)]
+    #[arg(long, env = "VEIL_SERVER_IDLE_TIMEOUT")]
     idle_timeout: Option<f64>,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let result = match cli.command {
         Some(Command::Fingerprint(a)) => fingerprint(a),
         None => serve(cli.serve),

@@ -192,3 +192,53 @@ async fn serves_a_client_and_stops_on_sigterm() {
 fn hex_of(id: &[u8; 32]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Configured from environment variables alone (`VEIL_SERVER_*`), with JSON logs: it starts,
+/// prints its two stdout lines, and every stderr line is a JSON object; a short token in the
+/// token file is refused with a clear error.
+#[test]
+fn environment_configuration_and_json_logs() {
+    let dir = temp_dir("env");
+    let tokens = dir.join("tokens.txt");
+    std::fs::write(&tokens, "tenant-env-0123456789abcdef0123456789abcdef\n").expect("tokens");
+    let mut child = Command::new(BIN)
+        .env("VEIL_SERVER_MODEL", tiny_model())
+        .env("VEIL_SERVER_TOKEN_FILE", &tokens)
+        .env("VEIL_SERVER_DATA_DIR", &dir)
+        .env("VEIL_SERVER_LISTEN", "127.0.0.1:0")
+        .env("VEIL_SERVER_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start veil-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let first = lines.next().expect("fingerprint line");
+    assert!(is_fingerprint_line(&first), "{first}");
+    let second = lines.next().expect("listening line");
+    assert!(second.starts_with("listening 127.0.0.1:"), "{second}");
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("stderr");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let logs: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!logs.is_empty(), "no log lines");
+    for l in logs {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.get("level").is_some(), "{l}");
+    }
+
+    std::fs::write(&tokens, "tenant-a\n").expect("short token");
+    let out = Command::new(BIN)
+        .env("VEIL_SERVER_MODEL", tiny_model())
+        .env("VEIL_SERVER_TOKEN_FILE", &tokens)
+        .env("VEIL_SERVER_DATA_DIR", &dir)
+        .env("VEIL_SERVER_LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
