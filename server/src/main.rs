@@ -110,6 +110,10 @@ struct ServeArgs {
     /// Seconds without any packet before a connection is dropped.
     #[arg(long, env = "VEIL_SERVER_IDLE_TIMEOUT")]
     idle_timeout: Option<f64>,
+    /// On SIGTERM or Ctrl-C: seconds the open sessions may go on (new ones are refused)
+    /// before the server closes them.
+    #[arg(long, env = "VEIL_SERVER_DRAIN_SECONDS", default_value_t = 30.0)]
+    drain_seconds: f64,
 }
 
 fn main() -> ExitCode {
@@ -166,6 +170,9 @@ fn fingerprint(a: FingerprintArgs) -> Result<(), ServerError> {
 }
 
 fn serve(a: ServeArgs) -> Result<(), ServerError> {
+    let drain = veil_core::vocab::positive_seconds(a.drain_seconds)
+        .or((a.drain_seconds == 0.0).then_some(Duration::ZERO))
+        .ok_or_else(|| ServerError::Config("--drain-seconds must be 0 or more".into()))?;
     let file = a.config.as_deref().map(FileConfig::read).transpose()?;
     let cfg = Config::resolve(
         file,
@@ -230,6 +237,7 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
             "listening"
         );
         shutdown_signal().await;
+        server.drain(drain).await;
         tracing::info!("shutting down");
         server.shutdown(Duration::from_secs(5)).await;
         Ok(())

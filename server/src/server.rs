@@ -72,6 +72,8 @@ struct Ctx {
     /// Turns to compute (`max_concurrent_work`) and the requests waiting for one.
     compute: Arc<Semaphore>,
     queued: AtomicUsize,
+    /// Set by `drain`: new Hellos are refused, open sessions may finish.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// A running shard server.
@@ -84,6 +86,7 @@ pub struct ShardServer {
     stop: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
+    ctx: Arc<Ctx>,
 }
 
 impl std::fmt::Debug for ShardServer {
@@ -151,6 +154,7 @@ impl ShardServer {
                 n => n,
             })),
             queued: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
             stats: stats.clone(),
             active: AtomicUsize::new(0),
         });
@@ -159,7 +163,7 @@ impl ShardServer {
             Some(at) => Some(spawn_metrics(at, ctx.clone(), stop_rx.clone())?),
             None => None,
         };
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx, stop_rx));
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx.clone(), stop_rx));
         tracing::info!(%addr, %fingerprint, model = %hex::encode(model_id), "serving");
         Ok(Self {
             endpoint,
@@ -170,6 +174,7 @@ impl ShardServer {
             stop,
             accept: Some(accept),
             metrics_addr,
+            ctx,
         })
     }
 
@@ -193,6 +198,30 @@ impl ShardServer {
         self.stats.snapshot()
     }
 
+    /// Sessions open now.
+    pub fn active_sessions(&self) -> usize {
+        self.ctx
+            .limits
+            .max_sessions
+            .saturating_sub(self.ctx.sessions.available_permits())
+    }
+
+    /// Graceful drain (SIGTERM): from now on every Hello is refused with `Busy` ("server
+    /// draining") while the open sessions go on; returns once none is left or `deadline` has
+    /// passed (then `shutdown` closes the rest with the reason "server draining").
+    pub async fn drain(&self, deadline: Duration) {
+        self.ctx.draining.store(true, Ordering::Release);
+        tracing::info!(sessions = self.active_sessions(), "draining");
+        let until = tokio::time::Instant::now() + deadline;
+        while self.active_sessions() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.active_sessions();
+        if left > 0 {
+            tracing::warn!(sessions = left, "drain deadline passed; closing them");
+        }
+    }
+
     /// Stops accepting, closes every connection (clients see "server shutting down") and
     /// waits until the close frames went out (at most `grace`).
     pub async fn shutdown(mut self, grace: Duration) {
@@ -200,10 +229,12 @@ impl ShardServer {
         if let Some(a) = self.accept.take() {
             let _ = a.await;
         }
-        self.endpoint.close(
-            VarInt::from_u32(close_code::SHUTDOWN),
-            b"server shutting down",
-        );
+        let reason: &[u8] = match self.ctx.draining.load(Ordering::Acquire) {
+            true => b"server draining",
+            false => b"server shutting down",
+        };
+        self.endpoint
+            .close(VarInt::from_u32(close_code::SHUTDOWN), reason);
         if tokio::time::timeout(grace, self.endpoint.wait_idle())
             .await
             .is_err()
@@ -492,6 +523,15 @@ async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::Own
             ),
         );
         refuse(conn, send, msg, close_code::REFUSED, b"model").await;
+        return None;
+    }
+    if ctx.draining.load(Ordering::Acquire) {
+        refused(&ctx.stats);
+        let msg = error_msg(
+            ErrorCode::Busy,
+            "server draining: try another replica or later",
+        );
+        refuse(conn, send, msg, close_code::REFUSED, b"draining").await;
         return None;
     }
     let Ok(permit) = ctx.sessions.clone().try_acquire_owned() else {

@@ -279,3 +279,78 @@ async fn the_metrics_endpoint_counts_sessions_requests_and_refusals() {
     assert_eq!(metric(&after, "veil_memory_budget_used_bytes"), 0);
     server.shutdown(Duration::from_secs(2)).await;
 }
+
+/// SIGTERM's drain: new sessions are refused (`Busy`, "draining") while an open one keeps
+/// working; the drain ends when the last session closes; a session still open at the deadline
+/// is closed with the reason "server draining".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_refuses_new_sessions_and_lets_open_ones_finish() {
+    let sd = load();
+    let id = model_id(&sd);
+    let cluster = spawn_local(1, shard_model(&sd), limits()).expect("server");
+    let spec = cluster.specs[0].clone();
+    let small = || {
+        Operand::Inline(
+            Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
+        )
+    };
+    let server = &cluster.servers[0];
+
+    // An open session, then a drain that ends once it closes.
+    let (endpoint, conn) = raw_session(&spec, id).await;
+    let drained = async {
+        let t = Instant::now();
+        server.drain(Duration::from_secs(20)).await;
+        t.elapsed()
+    };
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A new client is refused…
+        let (_e, fresh) = connect_quic(
+            0,
+            &spec.address,
+            spec.fingerprint,
+            &TransportTuning::default(),
+        )
+        .await
+        .expect("quic");
+        let hello = Message::Hello {
+            version: veil_core::wire::PROTOCOL_VERSION,
+            token: spec.token.clone(),
+            model_id: id,
+        };
+        match exchange(&fresh, &encode(&hello, Compression::None).expect("hello")).await {
+            Some(Message::Error {
+                code: ErrorCode::Busy,
+                message,
+            }) => {
+                assert!(message.contains("draining"), "{message}")
+            }
+            other => panic!("expected Busy (draining), got {other:?}"),
+        }
+        // …the open session still works…
+        assert!(matches!(
+            exchange(&conn, &conv_request("conv_in", small())).await,
+            Some(Message::Reply { .. })
+        ));
+        // …and closes.
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        drop(endpoint);
+    };
+    let (took, ()) = tokio::join!(drained, meanwhile);
+    assert!(took < Duration::from_secs(10), "the drain took {took:?}");
+    assert_eq!(server.active_sessions(), 0);
+    cluster.shutdown().await;
+
+    // A session still open at the deadline is closed with the reason "server draining".
+    let cluster = spawn_local(1, shard_model(&sd), limits()).expect("server");
+    let (_endpoint, conn) = raw_session(&cluster.specs[0], id).await;
+    cluster.servers[0].drain(Duration::from_millis(300)).await;
+    cluster.shutdown().await;
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(String::from_utf8_lossy(&c.reason), "server draining")
+        }
+        other => panic!("closed otherwise: {other:?}"),
+    }
+}
