@@ -365,6 +365,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The sample under server/deploy/ stays a valid config (unknown keys are refused).
+    #[test]
+    fn the_deploy_sample_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/server.toml");
+        let f = FileConfig::read(&path).expect("server/deploy/server.toml");
+        assert_eq!(f.limits.max_pending_hellos, Some(64));
+        assert_eq!(f.metrics_listen.as_deref(), Some("127.0.0.1:9464"));
+    }
+
     #[test]
     fn devices_parse() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
