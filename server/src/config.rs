@@ -21,6 +21,7 @@
 //! max_op_bytes = 4294967296         # one op's output and working memory, checked before it runs
 //! memory_budget_bytes = 17179869184 # all sessions' running ops and kept tensors together
 //! max_pending_hellos = 64           # connections owing their Hello; the oldest is closed beyond
+//! max_sessions_per_token = 16      # one tenant token's sessions at once
 //! max_concurrent_work = 0           # requests computing at once (0: one per CPU core)
 //! max_queued_work = 64              # requests waiting for a turn; more are answered Busy
 //! ```
@@ -71,6 +72,7 @@ pub struct FileLimits {
     pub max_op_bytes: Option<u64>,
     pub memory_budget_bytes: Option<u64>,
     pub max_pending_hellos: Option<usize>,
+    pub max_sessions_per_token: Option<usize>,
     pub max_concurrent_work: Option<usize>,
     pub max_queued_work: Option<usize>,
 }
@@ -240,6 +242,9 @@ impl Config {
             max_op_bytes: fl.max_op_bytes.unwrap_or(d.max_op_bytes),
             memory_budget_bytes: fl.memory_budget_bytes.unwrap_or(d.memory_budget_bytes),
             max_pending_hellos: fl.max_pending_hellos.unwrap_or(d.max_pending_hellos),
+            max_sessions_per_token: fl
+                .max_sessions_per_token
+                .unwrap_or(d.max_sessions_per_token),
             max_concurrent_work: fl.max_concurrent_work.unwrap_or(d.max_concurrent_work),
             max_queued_work: fl.max_queued_work.unwrap_or(d.max_queued_work),
         };
@@ -251,6 +256,7 @@ impl Config {
             || limits.max_op_bytes == 0
             || limits.memory_budget_bytes == 0
             || limits.max_pending_hellos == 0
+            || limits.max_sessions_per_token == 0
         {
             return Err(ServerError::Config("limits must be positive".into()));
         }

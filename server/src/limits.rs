@@ -35,6 +35,8 @@ pub struct ServerLimits {
     /// Connections past the QUIC handshake still owing their Hello; beyond this the oldest is
     /// closed, so silent peers cannot lock honest clients out.
     pub max_pending_hellos: usize,
+    /// Sessions one tenant token may hold at once (a leaked or greedy token cannot take all).
+    pub max_sessions_per_token: usize,
     /// Requests computing at once across all sessions (0: one per CPU core), and how many more
     /// may wait for a turn; beyond that a request is answered `Busy` at once.
     pub max_concurrent_work: usize,
@@ -55,6 +57,7 @@ impl Default for ServerLimits {
             max_op_bytes: veil_core::placement::backend::DEFAULT_MAX_OP_BYTES,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             max_pending_hellos: 64,
+            max_sessions_per_token: 16,
             max_concurrent_work: 0,
             max_queued_work: 64,
         }

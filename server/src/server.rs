@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint, ReadToEndError, RecvStream, SendStream, VarInt};
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use veil_core::placement::admission::MemoryBudget;
@@ -74,6 +74,8 @@ struct Ctx {
     queued: AtomicUsize,
     /// Set by `drain`: new Hellos are refused, open sessions may finish.
     draining: std::sync::atomic::AtomicBool,
+    /// Open sessions per tenant token (by its index in `tokens`).
+    per_token: std::sync::Mutex<std::collections::HashMap<usize, usize>>,
 }
 
 /// A running shard server.
@@ -155,6 +157,7 @@ impl ShardServer {
             })),
             queued: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            per_token: Default::default(),
             stats: stats.clone(),
             active: AtomicUsize::new(0),
         });
@@ -386,12 +389,33 @@ async fn refuse(conn: &Connection, mut send: SendStream, msg: Message, code: u32
     conn.close(VarInt::from_u32(code), why);
 }
 
-fn token_ok(tokens: &[String], given: &str) -> bool {
-    let mut ok = Choice::from(0u8);
-    for t in tokens {
-        ok |= t.as_bytes().ct_eq(given.as_bytes());
+/// Which configured token `given` is, comparing against every one in constant time (no early
+/// exit on a match or a mismatch).
+fn token_index(tokens: &[String], given: &str) -> Option<usize> {
+    let mut found = 0u64;
+    let mut any = Choice::from(0u8);
+    for (i, t) in tokens.iter().enumerate() {
+        let hit = t.as_bytes().ct_eq(given.as_bytes());
+        found = u64::conditional_select(&found, &(i as u64), hit);
+        any |= hit;
     }
-    ok.into()
+    bool::from(any).then_some(found as usize)
+}
+
+/// A session counted against its tenant token's cap until dropped.
+struct TokenSession {
+    ctx: Arc<Ctx>,
+    token: usize,
+}
+
+impl Drop for TokenSession {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.ctx.per_token.lock() {
+            if let Some(n) = m.get_mut(&self.token) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
 }
 
 async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
@@ -432,7 +456,10 @@ async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
 }
 
 /// Runs the handshake; on success returns the session permit (held for the session's life).
-async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+async fn handshake(
+    conn: &Connection,
+    ctx: &Arc<Ctx>,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, TokenSession)> {
     let remote = conn.remote_address();
     let first = tokio::time::timeout(ctx.limits.handshake_timeout, async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
@@ -503,14 +530,14 @@ async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::Own
         refuse(conn, send, msg, close_code::REFUSED, b"version").await;
         return None;
     }
-    if !token_ok(&ctx.tokens, &token) {
+    let Some(token_id) = token_index(&ctx.tokens, &token) else {
         refused(&ctx.stats);
         bump(&ctx.stats.auth_failures);
         tracing::warn!(%remote, "refused: wrong tenant token");
         let msg = error_msg(ErrorCode::AuthFailed, "tenant token not accepted");
         refuse(conn, send, msg, close_code::REFUSED, b"auth").await;
         return None;
-    }
+    };
     if model_id != ctx.model.id() {
         refused(&ctx.stats);
         tracing::warn!(%remote, expected = %hex::encode(model_id), "refused: model mismatch");
@@ -534,6 +561,19 @@ async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::Own
         refuse(conn, send, msg, close_code::REFUSED, b"draining").await;
         return None;
     }
+    let Some(tenant) = token_session(ctx, token_id) else {
+        refused(&ctx.stats);
+        tracing::warn!(%remote, "refused: the token is at its session limit");
+        let msg = error_msg(
+            ErrorCode::Busy,
+            format!(
+                "this tenant token is at its limit of {} sessions",
+                ctx.limits.max_sessions_per_token
+            ),
+        );
+        refuse(conn, send, msg, close_code::REFUSED, b"busy").await;
+        return None;
+    };
     let Ok(permit) = ctx.sessions.clone().try_acquire_owned() else {
         refused(&ctx.stats);
         tracing::warn!(%remote, "refused: at the session limit");
@@ -561,7 +601,21 @@ async fn handshake(conn: &Connection, ctx: &Arc<Ctx>) -> Option<tokio::sync::Own
     conn.set_receive_window(VarInt::from_u32(SESSION_CONNECTION_WINDOW));
     conn.set_send_window(u64::from(SESSION_CONNECTION_WINDOW));
     bump(&ctx.stats.sessions);
-    Some(permit)
+    Some((permit, tenant))
+}
+
+/// Counts a session against token `token`'s cap, or None at the cap.
+fn token_session(ctx: &Arc<Ctx>, token: usize) -> Option<TokenSession> {
+    let mut m = ctx.per_token.lock().ok()?;
+    let n = m.entry(token).or_insert(0);
+    if *n >= ctx.limits.max_sessions_per_token {
+        return None;
+    }
+    *n += 1;
+    Some(TokenSession {
+        ctx: ctx.clone(),
+        token,
+    })
 }
 
 /// What one request stream asks for.
@@ -756,12 +810,12 @@ mod tests {
     #[test]
     fn tokens_compare_whole() {
         let tokens = vec!["alpha".to_string(), "beta-token".to_string()];
-        assert!(token_ok(&tokens, "alpha"));
-        assert!(token_ok(&tokens, "beta-token"));
+        assert_eq!(token_index(&tokens, "alpha"), Some(0));
+        assert_eq!(token_index(&tokens, "beta-token"), Some(1));
         for bad in ["", "alph", "alphaa", "beta", "ALPHA"] {
-            assert!(!token_ok(&tokens, bad), "{bad}");
+            assert_eq!(token_index(&tokens, bad), None, "{bad}");
         }
-        assert!(!token_ok(&[], "alpha"));
+        assert_eq!(token_index(&[], "alpha"), None);
     }
 
     #[test]

@@ -354,3 +354,63 @@ async fn draining_refuses_new_sessions_and_lets_open_ones_finish() {
         other => panic!("closed otherwise: {other:?}"),
     }
 }
+
+/// One tenant token holds at most `max_sessions_per_token` sessions; a closed one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_holds_at_most_its_session_cap() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        max_sessions_per_token: 2,
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let spec = cluster.specs[0].clone();
+    let a = raw_session(&spec, id).await;
+    let _b = raw_session(&spec, id).await;
+    let hello = encode(
+        &Message::Hello {
+            version: veil_core::wire::PROTOCOL_VERSION,
+            token: spec.token.clone(),
+            model_id: id,
+        },
+        Compression::None,
+    )
+    .expect("hello");
+    let third = || async {
+        let (e, c) = connect_quic(
+            0,
+            &spec.address,
+            spec.fingerprint,
+            &TransportTuning::default(),
+        )
+        .await
+        .expect("quic");
+        (e, exchange(&c, &hello).await)
+    };
+    match third().await.1 {
+        Some(Message::Error {
+            code: ErrorCode::Busy,
+            message,
+        }) => {
+            assert!(message.contains("token"), "{message}")
+        }
+        other => panic!("expected Busy for a third session, got {other:?}"),
+    }
+    a.1.close(quinn::VarInt::from_u32(0), b"done");
+    drop(a);
+    // The server sees the close within a moment; then a new session fits.
+    let t = Instant::now();
+    loop {
+        let (_e, answer) = third().await;
+        if matches!(answer, Some(Message::Welcome { .. })) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no place freed: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.shutdown().await;
+}
