@@ -134,6 +134,8 @@ pub struct Config {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub tokens: Vec<String>,
+    /// Where the tokens came from, re-read on SIGHUP (None: inline in the config file).
+    pub token_file: Option<PathBuf>,
     pub device: String,
     /// Serve the `obfuscated` policy too (loads the whole model).
     pub full_model: bool,
@@ -194,10 +196,11 @@ impl Config {
             ServerError::Config("no model folder (--model DIR or `model` in the config)".into())
         })?;
         let mut tokens = Vec::new();
-        match o.token_file.or(f.token_file) {
+        let token_file = o.token_file.or(f.token_file);
+        match &token_file {
             Some(tf) => {
-                warn_if_shared(&tf, "token file");
-                tokens.extend(veil_core::transport::read_token_file(&tf)?)
+                warn_if_shared(tf, "token file");
+                tokens.extend(veil_core::transport::read_token_file(tf)?)
             }
             None => tokens.extend(f.tokens.unwrap_or_default()),
         }
@@ -272,6 +275,7 @@ impl Config {
             key: o.key.or(f.key),
             full_model: o.full_model.or(f.full_model).unwrap_or(false),
             tokens,
+            token_file,
             device: o.device.or(f.device).unwrap_or_else(|| "cpu".to_string()),
             limits,
         })

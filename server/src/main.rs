@@ -236,12 +236,56 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
             max_sessions = cfg.limits.max_sessions,
             "listening"
         );
-        shutdown_signal().await;
+        let token_file = cfg.token_file.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown_signal() => break,
+                _ = reload_signal() => reload_tokens(&server, token_file.as_deref()),
+            }
+        }
         server.drain(drain).await;
         tracing::info!("shutting down");
         server.shutdown(Duration::from_secs(5)).await;
         Ok(())
     })
+}
+
+/// SIGHUP (never on other platforms).
+async fn reload_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                hup.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await
+}
+
+/// Re-reads the token file and swaps the accepted tokens; a bad file keeps the old ones.
+fn reload_tokens(server: &ShardServer, file: Option<&std::path::Path>) {
+    let Some(file) = file else {
+        tracing::warn!("SIGHUP: the tokens are inline in the config; restart to change them");
+        return;
+    };
+    veil_server::config::warn_if_shared(file, "token file");
+    let result = veil_core::transport::read_token_file(file)
+        .map_err(ServerError::from)
+        .and_then(|t| {
+            let n = t.len();
+            server.set_tokens(t).map(|()| n)
+        });
+    match result {
+        Ok(n) => tracing::info!(tokens = n, file = %file.display(), "tenant tokens reloaded"),
+        Err(e) => tracing::error!("tenant tokens not reloaded, the old ones stay: {e}"),
+    }
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.

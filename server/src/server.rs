@@ -61,7 +61,8 @@ pub struct ServerOptions {
 /// Shared by every connection task.
 struct Ctx {
     model: Arc<ShardModel>,
-    tokens: Vec<String>,
+    /// Accepted tenant tokens (replaced on reload, `ShardServer::set_tokens`).
+    tokens: std::sync::RwLock<Vec<String>>,
     limits: ServerLimits,
     sessions: Arc<Semaphore>,
     stats: Arc<ServerStats>,
@@ -75,7 +76,7 @@ struct Ctx {
     /// Set by `drain`: new Hellos are refused, open sessions may finish.
     draining: std::sync::atomic::AtomicBool,
     /// Open sessions per tenant token (by its index in `tokens`).
-    per_token: std::sync::Mutex<std::collections::HashMap<usize, usize>>,
+    per_token: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// A running shard server.
@@ -146,7 +147,7 @@ impl ShardServer {
         let model_id = model.id();
         let ctx = Arc::new(Ctx {
             model,
-            tokens: options.tokens,
+            tokens: std::sync::RwLock::new(options.tokens),
             limits: options.limits,
             sessions: Arc::new(Semaphore::new(options.limits.max_sessions)),
             budget: MemoryBudget::new(options.limits.memory_budget_bytes),
@@ -199,6 +200,24 @@ impl ShardServer {
     }
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// Replaces the accepted tenant tokens (SIGHUP): new Hellos are checked against these;
+    /// open sessions keep going. Refuses an empty list or a token shorter than 32 characters.
+    pub fn set_tokens(&self, tokens: Vec<String>) -> Result<(), ServerError> {
+        let min = crate::config::MIN_TOKEN_CHARS;
+        if tokens.is_empty() || tokens.iter().any(|t| t.chars().count() < min) {
+            return Err(ServerError::Config(format!(
+                "tokens not replaced: give at least one, each of {min} characters or more"
+            )));
+        }
+        let mut held = self
+            .ctx
+            .tokens
+            .write()
+            .map_err(|_| ServerError::Config("the token table is poisoned".into()))?;
+        *held = tokens;
+        Ok(())
     }
 
     /// Sessions open now.
@@ -405,7 +424,7 @@ fn token_index(tokens: &[String], given: &str) -> Option<usize> {
 /// A session counted against its tenant token's cap until dropped.
 struct TokenSession {
     ctx: Arc<Ctx>,
-    token: usize,
+    token: String,
 }
 
 impl Drop for TokenSession {
@@ -530,14 +549,19 @@ async fn handshake(
         refuse(conn, send, msg, close_code::REFUSED, b"version").await;
         return None;
     }
-    let Some(token_id) = token_index(&ctx.tokens, &token) else {
+    let known = ctx
+        .tokens
+        .read()
+        .map(|t| token_index(&t, &token).is_some())
+        .unwrap_or(false);
+    if !known {
         refused(&ctx.stats);
         bump(&ctx.stats.auth_failures);
         tracing::warn!(%remote, "refused: wrong tenant token");
         let msg = error_msg(ErrorCode::AuthFailed, "tenant token not accepted");
         refuse(conn, send, msg, close_code::REFUSED, b"auth").await;
         return None;
-    };
+    }
     if model_id != ctx.model.id() {
         refused(&ctx.stats);
         tracing::warn!(%remote, expected = %hex::encode(model_id), "refused: model mismatch");
@@ -561,7 +585,7 @@ async fn handshake(
         refuse(conn, send, msg, close_code::REFUSED, b"draining").await;
         return None;
     }
-    let Some(tenant) = token_session(ctx, token_id) else {
+    let Some(tenant) = token_session(ctx, token) else {
         refused(&ctx.stats);
         tracing::warn!(%remote, "refused: the token is at its session limit");
         let msg = error_msg(
@@ -605,9 +629,9 @@ async fn handshake(
 }
 
 /// Counts a session against token `token`'s cap, or None at the cap.
-fn token_session(ctx: &Arc<Ctx>, token: usize) -> Option<TokenSession> {
+fn token_session(ctx: &Arc<Ctx>, token: String) -> Option<TokenSession> {
     let mut m = ctx.per_token.lock().ok()?;
-    let n = m.entry(token).or_insert(0);
+    let n = m.entry(token.clone()).or_insert(0);
     if *n >= ctx.limits.max_sessions_per_token {
         return None;
     }

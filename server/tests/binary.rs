@@ -242,3 +242,85 @@ fn environment_configuration_and_json_logs() {
     assert!(err.contains("at least 32"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGHUP re-reads the token file: the new token is accepted, the old one refused, and a token
+/// file that became invalid (too short a token) keeps the tokens in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_tenant_tokens() {
+    let dir = temp_dir("hup");
+    let tokens = dir.join("tokens.txt");
+    let (old, new) = (
+        "tenant-old-0123456789abcdef0123456789abcdef",
+        "tenant-new-0123456789abcdef0123456789abcdef",
+    );
+    std::fs::write(&tokens, format!("{old}\n")).expect("tokens");
+    let mut child = Command::new(BIN)
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--token-file")
+        .arg(&tokens)
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0", "--drain-seconds", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start veil-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let fp = lines
+        .next()
+        .and_then(|l| l.strip_prefix("fingerprint ").map(str::to_string))
+        .expect("fingerprint line")
+        .parse()
+        .expect("fingerprint");
+    let address = lines
+        .next()
+        .and_then(|l| l.strip_prefix("listening ").map(str::to_string))
+        .expect("listening line");
+    let paths = ModelPaths::new(tiny_model()).expect("paths");
+    let unet = UNet::new(&paths.unet_config().expect("config")).expect("unet");
+    let weights = load_unet_weights(&paths.component("unet"), &unet, &Device::Cpu).expect("w");
+    let id = model_identity(&unet, &weights);
+    let with = |token: &str| ServerSpec {
+        address: address.clone(),
+        fingerprint: fp,
+        token: token.to_string(),
+    };
+    let connects = |token: &'static str| {
+        let spec = with(token);
+        async move {
+            connect_all(&[spec], id, &ClientOptions::default())
+                .await
+                .is_ok()
+        }
+    };
+    assert!(connects(old).await);
+    assert!(!connects(new).await);
+    let hup = |pid: u32| {
+        let st = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(st.success());
+    };
+    std::fs::write(&tokens, format!("{new}\n")).expect("new tokens");
+    hup(child.id());
+    let t = std::time::Instant::now();
+    while !connects(new).await {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the new token was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!connects(old).await, "the old token still works");
+    // A file with a short token is refused; the tokens in force stay.
+    std::fs::write(&tokens, "short\n").expect("bad tokens");
+    hup(child.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(connects(new).await);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
