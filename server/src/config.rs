@@ -22,6 +22,8 @@
 //! memory_budget_bytes = 17179869184 # all sessions' running ops and kept tensors together
 //! max_pending_hellos = 64           # connections owing their Hello; the oldest is closed beyond
 //! max_sessions_per_token = 16      # one tenant token's sessions at once
+//! request_grace_secs = 10           # a request stream may take this long …
+//! min_request_rate = 65536          # … plus a second per this many bytes (slower: closed)
 //! max_concurrent_work = 0           # requests computing at once (0: one per CPU core)
 //! max_queued_work = 64              # requests waiting for a turn; more are answered Busy
 //! ```
@@ -73,6 +75,8 @@ pub struct FileLimits {
     pub memory_budget_bytes: Option<u64>,
     pub max_pending_hellos: Option<usize>,
     pub max_sessions_per_token: Option<usize>,
+    pub request_grace_secs: Option<f64>,
+    pub min_request_rate: Option<u64>,
     pub max_concurrent_work: Option<usize>,
     pub max_queued_work: Option<usize>,
 }
@@ -248,6 +252,11 @@ impl Config {
             max_sessions_per_token: fl
                 .max_sessions_per_token
                 .unwrap_or(d.max_sessions_per_token),
+            request_grace: match fl.request_grace_secs {
+                Some(s) => secs("request_grace_secs", s)?,
+                None => d.request_grace,
+            },
+            min_request_rate: fl.min_request_rate.unwrap_or(d.min_request_rate),
             max_concurrent_work: fl.max_concurrent_work.unwrap_or(d.max_concurrent_work),
             max_queued_work: fl.max_queued_work.unwrap_or(d.max_queued_work),
         };
@@ -260,6 +269,7 @@ impl Config {
             || limits.memory_budget_bytes == 0
             || limits.max_pending_hellos == 0
             || limits.max_sessions_per_token == 0
+            || limits.min_request_rate == 0
         {
             return Err(ServerError::Config("limits must be positive".into()));
         }

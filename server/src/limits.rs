@@ -35,6 +35,10 @@ pub struct ServerLimits {
     /// Connections past the QUIC handshake still owing their Hello; beyond this the oldest is
     /// closed, so silent peers cannot lock honest clients out.
     pub max_pending_hellos: usize,
+    /// A request stream must arrive within `request_grace` plus one second per
+    /// `min_request_rate` bytes; slower is closed as a slow peer.
+    pub request_grace: Duration,
+    pub min_request_rate: u64,
     /// Sessions one tenant token may hold at once (a leaked or greedy token cannot take all).
     pub max_sessions_per_token: usize,
     /// Requests computing at once across all sessions (0: one per CPU core), and how many more
@@ -58,6 +62,8 @@ impl Default for ServerLimits {
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             max_pending_hellos: 64,
             max_sessions_per_token: 16,
+            request_grace: Duration::from_secs(10),
+            min_request_rate: 64 << 10,
             max_concurrent_work: 0,
             max_queued_work: 64,
         }

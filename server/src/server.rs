@@ -728,6 +728,35 @@ async fn serve_stream(
     send_answer(send, msg, compression, ctx).await;
 }
 
+enum Paced {
+    Read(ReadToEndError),
+    /// The stream fell behind its deadline, having sent this many bytes.
+    TooSlow(usize),
+}
+
+/// Reads a whole stream of at most `max` bytes, as long as it keeps pace: by any moment
+/// `request_grace` plus one second per `min_request_rate` bytes received so far must not have
+/// passed (a peer trickling bytes cannot hold a stream, and its buffers, open forever).
+async fn read_paced(recv: &mut RecvStream, max: usize, l: &ServerLimits) -> Result<Vec<u8>, Paced> {
+    let start = tokio::time::Instant::now();
+    let mut buf = Vec::new();
+    loop {
+        let allowance =
+            Duration::from_secs_f64(buf.len() as f64 / l.min_request_rate.max(1) as f64);
+        let deadline = start + l.request_grace + allowance;
+        let chunk = match tokio::time::timeout_at(deadline, recv.read_chunk(64 << 10, true)).await {
+            Err(_) => return Err(Paced::TooSlow(buf.len())),
+            Ok(Err(e)) => return Err(Paced::Read(ReadToEndError::Read(e))),
+            Ok(Ok(None)) => return Ok(buf),
+            Ok(Ok(Some(c))) => c,
+        };
+        if buf.len() + chunk.bytes.len() > max {
+            return Err(Paced::Read(ReadToEndError::TooLong));
+        }
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
 /// Reads and decodes one request stream; on anything but a `Request` or an `EarlySteps`, answers
 /// with an error, closes the connection and returns None.
 async fn read_work(
@@ -738,9 +767,23 @@ async fn read_work(
 ) -> Option<(Work, WireDtype, Compression, SendStream)> {
     let remote = conn.remote_address();
     let limits = ctx.limits.wire();
-    let buf = match recv.read_to_end(limits.max_message_bytes).await {
+    let buf = match read_paced(recv, limits.max_message_bytes, &ctx.limits).await {
         Ok(b) => b,
-        Err(ReadToEndError::TooLong) => {
+        Err(Paced::TooSlow(got)) => {
+            bump(&ctx.stats.malformed);
+            tracing::warn!(%remote, got, "closing: request arriving too slowly");
+            let msg = error_msg(
+                ErrorCode::Malformed,
+                format!(
+                    "request too slow: {got} bytes within the deadline (at least {} bytes/s after a \
+                     {:?} grace)",
+                    ctx.limits.min_request_rate, ctx.limits.request_grace
+                ),
+            );
+            refuse(conn, send, msg, close_code::MALFORMED, b"too slow").await;
+            return None;
+        }
+        Err(Paced::Read(ReadToEndError::TooLong)) => {
             bump(&ctx.stats.malformed);
             tracing::warn!(%remote, "closing: request over {} bytes", limits.max_message_bytes);
             let msg = error_msg(
@@ -750,7 +793,7 @@ async fn read_work(
             refuse(conn, send, msg, close_code::MALFORMED, b"message too large").await;
             return None;
         }
-        Err(e) => {
+        Err(Paced::Read(e)) => {
             tracing::debug!(%remote, "request stream failed: {e}");
             return None;
         }

@@ -414,3 +414,37 @@ async fn a_token_holds_at_most_its_session_cap() {
     }
     cluster.shutdown().await;
 }
+
+/// A request that trickles in (10 bytes, then nothing) is answered `Malformed` ("too slow")
+/// once it falls behind `request_grace` + bytes / `min_request_rate`, not held open forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_request_is_cut_off() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        request_grace: Duration::from_millis(500),
+        min_request_rate: 1024,
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let (_endpoint, conn) = raw_session(&cluster.specs[0], id).await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(b"VEIL slow").await.expect("a few bytes");
+    let t = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16))
+        .await
+        .expect("an answer within 5 s")
+        .expect("the answer");
+    let msg = veil_core::wire::codec::decode(&answer, &veil_core::wire::Limits::default());
+    match msg {
+        Ok(Message::Error {
+            code: ErrorCode::Malformed,
+            message,
+        }) => {
+            assert!(message.contains("too slow"), "{message}")
+        }
+        other => panic!("expected Malformed (too slow), got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    cluster.shutdown().await;
+}
