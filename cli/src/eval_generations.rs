@@ -9,21 +9,7 @@ use veil_core::client::pipeline::StableDiffusion;
 use veil_eval::privacy::generations::{run, GenerationsConfig, GenerationsFile};
 
 use crate::eval::{bar, rel, EvalArgs};
-
-fn db(v: Option<f64>) -> String {
-    v.map_or("—".into(), |v| format!("{v:.2}"))
-}
-
-fn pct(v: Option<f64>) -> String {
-    v.map_or("—".into(), |v| format!("{:.1}%", 100.0 * v))
-}
-
-fn margin(a: Option<f64>, b: Option<f64>, scale: f64, unit: &str) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) => format!("{:+.1}{unit}", scale * (a - b)),
-        _ => "—".into(),
-    }
-}
+use crate::eval_attacks::{db, margin, pct};
 
 fn config(a: &EvalArgs) -> Result<GenerationsConfig> {
     let mut c = GenerationsConfig::full();
