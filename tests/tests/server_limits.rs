@@ -5,21 +5,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use veil_core::client::pipeline::StableDiffusion;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
-use veil_core::placement::engine::{Pad, WireDtype};
+use veil_core::placement::engine::Pad;
 use veil_core::transport::quic::connect_quic;
 use veil_core::transport::TransportTuning;
-use veil_core::wire::codec::encode;
-use veil_core::wire::convert::request_to_wire;
 use veil_core::wire::identity::model_identity;
-use veil_core::wire::{Compression, ErrorCode, Message, ModelId};
+use veil_core::wire::{ErrorCode, Message, ModelId};
 use veil_server::{spawn_local, ServerLimits, ShardModel};
 use veil_tests::tiny_model;
 
 mod common;
-use common::{conv_request, exchange, raw_session};
+use common::{conv_request, exchange, hello_bytes, raw_session, request_bytes, zeros};
 
 fn load() -> StableDiffusion {
     StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("load tiny model")
@@ -75,9 +73,7 @@ async fn silent_peers_do_not_lock_out_an_honest_client() {
         .expect("Welcome within a second beside 128 silent peers");
     println!("Welcome after {:?} beside 128 silent peers", t.elapsed());
     // The session works: a convolution request is answered.
-    let input = Operand::Inline(
-        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
-    );
+    let input = Operand::Inline(zeros(&[1, 4, 4, 4]));
     match exchange(&conn, &conv_request("conv_in", input)).await {
         Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
         other => panic!("expected a Reply, got {other:?}"),
@@ -111,8 +107,7 @@ async fn a_full_compute_queue_answers_busy() {
     let (_endpoint, conn) = raw_session(&cluster.specs[0], id).await;
     // A 1024 × 1024 convolution kept under a handle (about 2.4 GFLOP, no reply tensor).
     let heavy = {
-        let x =
-            Tensor::zeros((1, 4, 1024, 1024), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let x = zeros(&[1, 4, 1024, 1024]);
         let req = ShardRequest {
             calls: vec![ShardCall {
                 op: ShardOp::Conv2d {
@@ -129,16 +124,7 @@ async fn a_full_compute_queue_answers_busy() {
                 reply: false,
             }],
         };
-        let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
-        encode(
-            &Message::Request {
-                calls,
-                reply_dtype: WireDtype::F32,
-                compression: Compression::None,
-            },
-            Compression::None,
-        )
-        .expect("encode")
+        request_bytes(&req)
     };
     let answers = futures::future::join_all((0..3).map(|_| exchange(&conn, &heavy))).await;
     let busy = answers
@@ -159,9 +145,7 @@ async fn a_full_compute_queue_answers_busy() {
         .count();
     println!("three heavy requests at once: {done} done, {busy} busy");
     assert!(busy >= 1 && done >= 1, "{answers:?}");
-    let input = Operand::Inline(
-        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
-    );
+    let input = Operand::Inline(zeros(&[1, 4, 4, 4]));
     match exchange(&conn, &conv_request("conv_in", input)).await {
         Some(Message::Reply { outputs }) => assert_eq!(outputs.len(), 1),
         other => panic!("expected a Reply, got {other:?}"),
@@ -225,17 +209,13 @@ async fn the_metrics_endpoint_counts_sessions_requests_and_refusals() {
     assert_eq!(metric(&before, "veil_sessions_active"), 0);
 
     let (_endpoint, conn) = raw_session(&spec, id).await;
-    let input = Operand::Inline(
-        Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
-    );
+    let input = Operand::Inline(zeros(&[1, 4, 4, 4]));
     assert!(matches!(
         exchange(&conn, &conv_request("conv_in", input)).await,
         Some(Message::Reply { .. })
     ));
     // A request admission refuses (a 3×3 kernel over a 1×1 input without padding).
-    let tiny = Operand::Inline(
-        Tensor::zeros((1, 4, 1, 1), candle_core::DType::F32, &Device::Cpu).expect("x"),
-    );
+    let tiny = Operand::Inline(zeros(&[1, 4, 1, 1]));
     let bad = {
         let req = ShardRequest {
             calls: vec![ShardCall::reply(ShardOp::Conv2d {
@@ -249,16 +229,7 @@ async fn the_metrics_endpoint_counts_sessions_requests_and_refusals() {
                 },
             })],
         };
-        let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
-        encode(
-            &Message::Request {
-                calls,
-                reply_dtype: WireDtype::F32,
-                compression: Compression::None,
-            },
-            Compression::None,
-        )
-        .expect("encode")
+        request_bytes(&req)
     };
     assert!(matches!(
         exchange(&conn, &bad).await,
@@ -289,11 +260,7 @@ async fn draining_refuses_new_sessions_and_lets_open_ones_finish() {
     let id = model_id(&sd);
     let cluster = spawn_local(1, shard_model(&sd), limits()).expect("server");
     let spec = cluster.specs[0].clone();
-    let small = || {
-        Operand::Inline(
-            Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).expect("x"),
-        )
-    };
+    let small = || Operand::Inline(zeros(&[1, 4, 4, 4]));
     let server = &cluster.servers[0];
 
     // An open session, then a drain that ends once it closes.
@@ -314,12 +281,7 @@ async fn draining_refuses_new_sessions_and_lets_open_ones_finish() {
         )
         .await
         .expect("quic");
-        let hello = Message::Hello {
-            version: veil_core::wire::PROTOCOL_VERSION,
-            token: spec.token.clone(),
-            model_id: id,
-        };
-        match exchange(&fresh, &encode(&hello, Compression::None).expect("hello")).await {
+        match exchange(&fresh, &hello_bytes(&spec, id)).await {
             Some(Message::Error {
                 code: ErrorCode::Busy,
                 message,
@@ -368,15 +330,7 @@ async fn a_token_holds_at_most_its_session_cap() {
     let spec = cluster.specs[0].clone();
     let a = raw_session(&spec, id).await;
     let _b = raw_session(&spec, id).await;
-    let hello = encode(
-        &Message::Hello {
-            version: veil_core::wire::PROTOCOL_VERSION,
-            token: spec.token.clone(),
-            model_id: id,
-        },
-        Compression::None,
-    )
-    .expect("hello");
+    let hello = hello_bytes(&spec, id);
     let third = || async {
         let (e, c) = connect_quic(
             0,

@@ -1,6 +1,9 @@
 //! Helpers of the QUIC test files: a raw session (a pinned connection and a hand-made Hello),
 //! one raw exchange, a convolution request.
 
+// Each test file that includes this module uses a subset of it.
+#![allow(dead_code)]
+
 use std::time::Duration;
 
 use candle_core::Tensor;
@@ -22,12 +25,7 @@ pub async fn raw_session(spec: &ServerSpec, id: ModelId) -> (quinn::Endpoint, qu
     )
     .await
     .expect("quic");
-    let hello = Message::Hello {
-        version: PROTOCOL_VERSION,
-        token: spec.token.clone(),
-        model_id: id,
-    };
-    match exchange(&conn, &encode(&hello, Compression::None).expect("hello")).await {
+    match exchange(&conn, &hello_bytes(spec, id)).await {
         Some(Message::Welcome { .. }) => {}
         other => panic!("expected Welcome, got {other:?}"),
     }
@@ -48,7 +46,7 @@ pub async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Option<Message>
 }
 
 pub fn conv_request(layer: &str, input: Operand<Tensor>) -> Vec<u8> {
-    let req = ShardRequest {
+    request_bytes(&ShardRequest {
         calls: vec![ShardCall::reply(ShardOp::Conv2d {
             layer: layer.into(),
             input,
@@ -59,8 +57,22 @@ pub fn conv_request(layer: &str, input: Operand<Tensor>) -> Vec<u8> {
                 right: 1,
             },
         })],
+    })
+}
+
+/// The encoded Hello of `spec`'s token for model `id`.
+pub fn hello_bytes(spec: &ServerSpec, id: ModelId) -> Vec<u8> {
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        token: spec.token.clone(),
+        model_id: id,
     };
-    let calls = request_to_wire(&req, WireDtype::F32).expect("to wire");
+    encode(&hello, Compression::None).expect("hello")
+}
+
+/// An encoded Request of `req` (f32 both ways, no compression).
+pub fn request_bytes(req: &ShardRequest<Tensor>) -> Vec<u8> {
+    let calls = request_to_wire(req, WireDtype::F32).expect("to wire");
     encode(
         &Message::Request {
             calls,
@@ -70,4 +82,9 @@ pub fn conv_request(layer: &str, input: Operand<Tensor>) -> Vec<u8> {
         Compression::None,
     )
     .expect("encode")
+}
+
+/// An f32 tensor of zeros on the CPU.
+pub fn zeros(dims: &[usize]) -> Tensor {
+    Tensor::zeros(dims, candle_core::DType::F32, &candle_core::Device::Cpu).expect("zeros")
 }
