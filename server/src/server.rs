@@ -577,38 +577,24 @@ async fn handshake(
         return None;
     }
     if ctx.draining.load(Ordering::Acquire) {
-        refused(&ctx.stats);
-        let msg = error_msg(
-            ErrorCode::Busy,
-            "server draining: try another replica or later",
-        );
-        refuse(conn, send, msg, close_code::REFUSED, b"draining").await;
+        let msg = "server draining: try another replica or later".to_string();
+        refuse_busy(conn, send, ctx, msg, b"draining").await;
         return None;
     }
     let Some(tenant) = token_session(ctx, token) else {
-        refused(&ctx.stats);
         tracing::warn!(%remote, "refused: the token is at its session limit");
-        let msg = error_msg(
-            ErrorCode::Busy,
-            format!(
-                "this tenant token is at its limit of {} sessions",
-                ctx.limits.max_sessions_per_token
-            ),
-        );
-        refuse(conn, send, msg, close_code::REFUSED, b"busy").await;
+        let n = ctx.limits.max_sessions_per_token;
+        let msg = format!("this tenant token is at its limit of {n} sessions");
+        refuse_busy(conn, send, ctx, msg, b"busy").await;
         return None;
     };
     let Ok(permit) = ctx.sessions.clone().try_acquire_owned() else {
-        refused(&ctx.stats);
         tracing::warn!(%remote, "refused: at the session limit");
-        let msg = error_msg(
-            ErrorCode::Busy,
-            format!(
-                "server at its limit of {} sessions",
-                ctx.limits.max_sessions
-            ),
+        let msg = format!(
+            "server at its limit of {} sessions",
+            ctx.limits.max_sessions
         );
-        refuse(conn, send, msg, close_code::REFUSED, b"busy").await;
+        refuse_busy(conn, send, ctx, msg, b"busy").await;
         return None;
     };
     let mut send = send;
@@ -626,6 +612,13 @@ async fn handshake(
     conn.set_send_window(u64::from(SESSION_CONNECTION_WINDOW));
     bump(&ctx.stats.sessions);
     Some((permit, tenant))
+}
+
+/// Refuses a Hello with `Busy` (counted as a refused handshake) and closes the connection.
+async fn refuse_busy(conn: &Connection, send: SendStream, ctx: &Ctx, message: String, why: &[u8]) {
+    bump(&ctx.stats.refused);
+    let msg = error_msg(ErrorCode::Busy, message);
+    refuse(conn, send, msg, close_code::REFUSED, why).await;
 }
 
 /// Counts a session against token `token`'s cap, or None at the cap.
