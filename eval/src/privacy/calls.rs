@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use veil_core::client::denoise::Runners;
 use veil_core::client::guidance::{half_groups, merge_captured, GuidanceHalves};
 use veil_core::client::pipeline::{seeded_normal, StableDiffusion};
+use veil_core::placement::engine::CandleEngine;
 use veil_core::placement::runtime::CapturedReply;
 use veil_core::placement::runtime::Runtime;
 use veil_core::placement::{OpKind, Policy, ShardBackend, View, ViewKind, WireDtype};
@@ -258,42 +259,19 @@ pub async fn observe(
     let uncond = sd.encode_prompt("")?.repeat((b, 1, 1))?;
     let x = Tensor::cat(&[&xt, &xt], 0)?;
     let context = Tensor::cat(&[uncond, Tensor::cat(&ctx, 0)?], 0)?;
-    let placement = setting.policy.placement();
-    let engine = &sd.unet_engine;
-    let (captured, replies, strips) = if setting.apart() {
-        let (cg, ug) = half_groups(backends.len());
-        let up = match ug.is_empty() {
-            true => Policy::Local.placement(),
-            false => placement,
-        };
-        let mut rc =
-            Runtime::new(engine, placement, &backends[cg], WireDtype::F32)?.with_capture(Some(0));
-        let mut ru =
-            Runtime::new(engine, up, &backends[ug.clone()], WireDtype::F32)?.with_capture(Some(0));
-        let mut runners = Runners::Apart {
-            cond: &mut rc,
-            uncond: &mut ru,
-            uncond_offset: ug.start,
-        };
+    let unet = &sd.unet;
+    let ((), all) = run_captured(sd, setting, backends, async |mut runners| {
         runners
-            .forward(&sd.unet, &x, t as f64, &context, StepRows::Full, b)
+            .forward(unet, &x, t as f64, &context, StepRows::Full, b)
             .await?;
-        let audit =
-            veil_core::client::guidance::merge_audit(rc.take_audit(), ru.take_audit(), ug.start);
-        let cap = merge_captured(rc.take_captured(), ru.take_captured(), ug.start);
-        let mut replies = rc.take_captured_replies();
-        replies.extend(ru.take_captured_replies().into_iter().map(|mut r| {
-            r.server += ug.start;
-            r
-        }));
-        (cap, replies, audit.strips)
-    } else {
-        let mut rt =
-            Runtime::new(engine, placement, backends, WireDtype::F32)?.with_capture(Some(0));
-        sd.unet.forward(&mut rt, &x, t as f64, &context).await?;
-        let replies = rt.take_captured_replies();
-        (rt.take_captured(), replies, rt.take_audit().strips)
-    };
+        Ok(())
+    })
+    .await?;
+    let Captured {
+        sent: captured,
+        replies,
+        strips,
+    } = all;
     let captured: Vec<&(View, Tensor)> = captured.iter().collect();
     let replies: Vec<&CapturedReply<Tensor>> = replies.iter().collect();
     let seen = Seen {
@@ -337,6 +315,74 @@ pub fn sights(
         split_returned(setting, r, b, &mut out)?;
     }
     Ok(out)
+}
+
+/// Everything the servers were sent and returned in a run, and their strips.
+pub struct Captured {
+    pub sent: Vec<(View, Tensor)>,
+    pub replies: Vec<CapturedReply<Tensor>>,
+    /// Each server's strip per resolution (the audit's `strips`).
+    pub strips: Vec<std::collections::BTreeMap<(usize, usize), Range<usize>>>,
+}
+
+/// Runs `run` on the runtimes of `setting` over `backends` — one, or the guidance halves' two
+/// (the unconditional one on the phone when the group is empty) — capturing from the first
+/// call, and returns its result with what the servers saw, numbered as the caller numbers them.
+pub async fn run_captured<R>(
+    sd: &StableDiffusion,
+    setting: &Setting,
+    backends: &[Arc<dyn ShardBackend<Tensor>>],
+    run: impl for<'r, 'a> AsyncFnOnce(Runners<'r, 'a, CandleEngine>) -> Result<R>,
+) -> Result<(R, Captured)> {
+    let placement = setting.policy.placement();
+    let engine = &sd.unet_engine;
+    if !setting.apart() {
+        let mut rt =
+            Runtime::new(engine, placement, backends, WireDtype::F32)?.with_capture(Some(0));
+        let out = run(Runners::One(&mut rt)).await?;
+        let replies = rt.take_captured_replies();
+        let sent = rt.take_captured();
+        let strips = rt.take_audit().strips;
+        return Ok((
+            out,
+            Captured {
+                sent,
+                replies,
+                strips,
+            },
+        ));
+    }
+    let (cg, ug) = half_groups(backends.len());
+    let up = match ug.is_empty() {
+        true => Policy::Local.placement(),
+        false => placement,
+    };
+    let mut rc =
+        Runtime::new(engine, placement, &backends[cg], WireDtype::F32)?.with_capture(Some(0));
+    let mut ru =
+        Runtime::new(engine, up, &backends[ug.clone()], WireDtype::F32)?.with_capture(Some(0));
+    let out = run(Runners::Apart {
+        cond: &mut rc,
+        uncond: &mut ru,
+        uncond_offset: ug.start,
+    })
+    .await?;
+    let audit =
+        veil_core::client::guidance::merge_audit(rc.take_audit(), ru.take_audit(), ug.start);
+    let sent = merge_captured(rc.take_captured(), ru.take_captured(), ug.start);
+    let mut replies = rc.take_captured_replies();
+    replies.extend(ru.take_captured_replies().into_iter().map(|mut r| {
+        r.server += ug.start;
+        r
+    }));
+    Ok((
+        out,
+        Captured {
+            sent,
+            replies,
+            strips: audit.strips,
+        },
+    ))
 }
 
 /// Which rows of a tensor of `rows` batch rows sent to or by `server` are each picture's:

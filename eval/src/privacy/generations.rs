@@ -25,20 +25,21 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
-use veil_core::client::denoise::{denoise, Conditioning, LoopHooks, Runners};
-use veil_core::client::guidance::{half_groups, merge_audit, merge_captured};
+use veil_core::client::denoise::{denoise, Conditioning, LoopHooks};
 use veil_core::client::options::GenerateOptions;
 use veil_core::client::pipeline::{seeded_normal, StableDiffusion};
 use veil_core::model::scheduler::new_scheduler;
-use veil_core::placement::runtime::{CapturedReply, Runtime};
-use veil_core::placement::{Policy, View, WireDtype};
+use veil_core::placement::runtime::CapturedReply;
+use veil_core::placement::{Policy, View};
 use veil_core::vocab::job::{Accelerations, BatchRedundancy};
 
 use crate::attacker::{AttackError, Result};
 use crate::dataset::{Dataset, Scene};
 use crate::metrics::Picture;
 
-use super::calls::{decode, latent_dims, sights, Seen, ServerSight, Setting};
+use super::calls::{
+    decode, latent_dims, run_captured, sights, Captured, Seen, ServerSight, Setting,
+};
 use super::features::{sight_rows, slot_scene, slot_targets, view_extras, ViewParts};
 use super::metrics::{known_pixel_rows, pooled_psnr, slots_right};
 use super::ridge::Linear;
@@ -210,7 +211,7 @@ fn generate_batch(
         .collect::<veil_core::vocab::error::Result<_>>()?;
     let latents = (Tensor::cat(&noise, 0)? * scheduler.init_noise_sigma())?;
     let backends = sd.in_process_backends(setting.servers);
-    let (captured, replies, strips, final_latents) = run_captured(
+    let (final_latents, seen_all) = run_generation(
         sd,
         setting,
         &backends,
@@ -218,6 +219,11 @@ fn generate_batch(
         latents,
         &conditioning,
     )?;
+    let Captured {
+        sent: captured,
+        replies,
+        strips,
+    } = seen_all;
     // Group what was seen by step, then reduce each step's sights to features.
     let mut by_step: BTreeMap<u64, StepSeen<'_>> = BTreeMap::new();
     for v in &captured {
@@ -270,50 +276,27 @@ fn append_step(acc: &mut Seen1, sight: &ServerSight) {
 /// What the servers were sent and returned in one step.
 type StepSeen<'a> = (Vec<&'a (View, Tensor)>, Vec<&'a CapturedReply<Tensor>>);
 
-type Captured = (
-    Vec<(View, Tensor)>,
-    Vec<CapturedReply<Tensor>>,
-    Vec<BTreeMap<(usize, usize), Range<usize>>>,
-    Tensor,
-);
-
 /// The whole denoise loop (the one every generation runs) under `setting` with every step
-/// captured: what was sent, what came back, the strips, and the final latents.
-fn run_captured(
+/// captured: the final latents and what the servers saw.
+fn run_generation(
     sd: &StableDiffusion,
     setting: &Setting,
     backends: &[Arc<dyn veil_core::placement::ShardBackend<Tensor>>],
     scheduler: &mut (dyn veil_core::model::scheduler::Scheduler + Send),
     latents: Tensor,
     conditioning: &Conditioning,
-) -> Result<Captured> {
+) -> Result<(Tensor, Captured)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(|e| AttackError::Setup(e.to_string()))?;
-    let placement = setting.policy.placement();
-    let engine = &sd.unet_engine;
     let total = scheduler.timesteps().len();
-    let mut progress = |_: veil_core::client::denoise::Progress<'_>| {};
-    let hooks = LoopHooks {
-        cancelled: &|| false,
-        progress: &mut progress,
-    };
-    if setting.apart() {
-        let (cg, ug) = half_groups(backends.len());
-        let up = match ug.is_empty() {
-            true => Policy::Local.placement(),
-            false => placement,
+    rt.block_on(run_captured(sd, setting, backends, async |runners| {
+        let mut progress = |_: veil_core::client::denoise::Progress<'_>| {};
+        let hooks = LoopHooks {
+            cancelled: &|| false,
+            progress: &mut progress,
         };
-        let mut rc =
-            Runtime::new(engine, placement, &backends[cg], WireDtype::F32)?.with_capture(Some(0));
-        let mut ru =
-            Runtime::new(engine, up, &backends[ug.clone()], WireDtype::F32)?.with_capture(Some(0));
-        let runners = Runners::Apart {
-            cond: &mut rc,
-            uncond: &mut ru,
-            uncond_offset: ug.start,
-        };
-        let report = rt.block_on(denoise(
+        let report = denoise(
             &sd.unet,
             runners,
             scheduler,
@@ -321,35 +304,10 @@ fn run_captured(
             0..total,
             conditioning,
             hooks,
-        ))?;
-        let audit = merge_audit(rc.take_audit(), ru.take_audit(), ug.start);
-        let cap = merge_captured(rc.take_captured(), ru.take_captured(), ug.start);
-        let mut replies = rc.take_captured_replies();
-        replies.extend(ru.take_captured_replies().into_iter().map(|mut r| {
-            r.server += ug.start;
-            r
-        }));
-        Ok((cap, replies, audit.strips, report.latents))
-    } else {
-        let mut r1 =
-            Runtime::new(engine, placement, backends, WireDtype::F32)?.with_capture(Some(0));
-        let report = rt.block_on(denoise(
-            &sd.unet,
-            Runners::One(&mut r1),
-            scheduler,
-            latents,
-            0..total,
-            conditioning,
-            hooks,
-        ))?;
-        let replies = r1.take_captured_replies();
-        Ok((
-            r1.take_captured(),
-            replies,
-            r1.take_audit().strips,
-            report.latents,
-        ))
-    }
+        )
+        .await?;
+        Ok(report.latents)
+    }))
 }
 
 /// Standardises columns by the training rows' mean and spread (a constant column keeps scale
