@@ -19,20 +19,16 @@ use veil_core::transport::{
     connect_all, load_server_list, ClientOptions, Fingerprint, ServerSpec, TransportError,
     TransportTuning,
 };
-use veil_core::wire::identity::{model_identity, shard_parameters};
+use veil_core::wire::identity::shard_parameters;
 use veil_core::wire::{Compression, ErrorCode, Message, ModelId};
 use veil_core::Error;
 use veil_server::{spawn_local, ServerLimits, ShardModel};
-use veil_tests::{psnr, random_weights, tiny_model};
+use veil_tests::{psnr, random_weights};
 
 mod common;
-use common::{conv_request, exchange, raw_session};
+use common::{conv_request, exchange, limits, load, model_id, raw_session, shard_model};
 
 const PROMPT: &str = "a small red circle at the top left on a white background";
-
-fn load() -> StableDiffusion {
-    StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("load tiny model")
-}
 
 /// 64 px (latent 8×8: the U-Net's lower level has 4 rows, one per server at N = 4), few steps.
 fn opts(policy: Policy, wire: WireDtype, seed: u64) -> GenerateOptions {
@@ -53,25 +49,6 @@ fn opts(policy: Policy, wire: WireDtype, seed: u64) -> GenerateOptions {
 fn ppidm() -> Policy {
     Policy::Ppidm {
         gn: GnVariant::Exact,
-    }
-}
-
-fn model_id(sd: &StableDiffusion) -> ModelId {
-    model_identity(&sd.unet, sd.unet_engine.weights())
-}
-
-fn shard_model(sd: &StableDiffusion) -> Arc<ShardModel> {
-    Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine))
-}
-
-fn limits() -> ServerLimits {
-    ServerLimits {
-        // Small enough that an oversized message is cheap to send, far above what a 64 px
-        // request needs.
-        max_message_bytes: 4 << 20,
-        max_tensor_bytes: 4 << 20,
-        idle_timeout: Duration::from_secs(10),
-        ..ServerLimits::default()
     }
 }
 

@@ -2,43 +2,20 @@
 //! not lock honest clients out; a full compute queue answers `Busy` and the session lives on;
 //! the metrics endpoint's counters move with the traffic and its health check answers.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use veil_core::client::pipeline::StableDiffusion;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
 use veil_core::placement::engine::Pad;
 use veil_core::transport::quic::connect_quic;
 use veil_core::transport::TransportTuning;
-use veil_core::wire::identity::model_identity;
-use veil_core::wire::{ErrorCode, Message, ModelId};
-use veil_server::{spawn_local, ServerLimits, ShardModel};
-use veil_tests::tiny_model;
+use veil_core::wire::{ErrorCode, Message};
+use veil_server::{spawn_local, ServerLimits};
 
 mod common;
-use common::{conv_request, exchange, hello_bytes, raw_session, request_bytes, zeros};
-
-fn load() -> StableDiffusion {
-    StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("load tiny model")
-}
-
-fn model_id(sd: &StableDiffusion) -> ModelId {
-    model_identity(&sd.unet, sd.unet_engine.weights())
-}
-
-fn shard_model(sd: &StableDiffusion) -> Arc<ShardModel> {
-    Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine))
-}
-
-fn limits() -> ServerLimits {
-    ServerLimits {
-        max_message_bytes: 4 << 20,
-        max_tensor_bytes: 4 << 20,
-        idle_timeout: Duration::from_secs(10),
-        ..ServerLimits::default()
-    }
-}
+use common::{
+    conv_request, exchange, hello_bytes, limits, load, model_id, raw_session, request_bytes,
+    shard_model, zeros,
+};
 
 /// 128 peers that finish the QUIC handshake and never say Hello (the old server counted them
 /// against twice its session limit and refused everyone else until they timed out) do not lock

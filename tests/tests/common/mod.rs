@@ -1,10 +1,16 @@
-//! Helpers of the QUIC test files: a raw session (a pinned connection and a hand-made Hello),
-//! one raw exchange, a convolution request.
+//! Helpers of the QUIC test files: the tiny model and its shard model, test server limits, a raw
+//! session (a pinned connection and a hand-made Hello), one raw exchange, encoded requests.
 
 // Each test file that includes this module uses a subset of it.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use veil_core::client::pipeline::StableDiffusion;
+use veil_core::wire::identity::model_identity;
+use veil_server::{ServerLimits, ShardModel};
+use veil_tests::tiny_model;
 
 use candle_core::Tensor;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
@@ -87,4 +93,27 @@ pub fn request_bytes(req: &ShardRequest<Tensor>) -> Vec<u8> {
 /// An f32 tensor of zeros on the CPU.
 pub fn zeros(dims: &[usize]) -> Tensor {
     Tensor::zeros(dims, candle_core::DType::F32, &candle_core::Device::Cpu).expect("zeros")
+}
+
+pub fn load() -> StableDiffusion {
+    StableDiffusion::load(&tiny_model(), &candle_core::Device::Cpu).expect("load tiny model")
+}
+
+pub fn model_id(sd: &StableDiffusion) -> ModelId {
+    model_identity(&sd.unet, sd.unet_engine.weights())
+}
+
+pub fn shard_model(sd: &StableDiffusion) -> Arc<ShardModel> {
+    Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine))
+}
+
+/// Small enough that an oversized message is cheap to send, far above what a 64 px request
+/// needs.
+pub fn limits() -> ServerLimits {
+    ServerLimits {
+        max_message_bytes: 4 << 20,
+        max_tensor_bytes: 4 << 20,
+        idle_timeout: Duration::from_secs(10),
+        ..ServerLimits::default()
+    }
 }
