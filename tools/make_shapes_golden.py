@@ -4,7 +4,7 @@
 Loads the committed folder with diffusers' StableDiffusionPipeline (so diffusers reads it
 unchanged), then writes tests/fixtures/golden/shapes.safetensors:
   latents_init   [1, 4, 16, 16]  the initial latents both sides start from
-  text_states    [1, 77, 64]     CLIP text states of PROMPT
+  text_states    [1, 77, W]      CLIP text states of PROMPT (W: the text encoder width)
   unet_eps       [2, 4, 16, 16]  server U-Net output at timestep 501 (CFG batch: "", PROMPT)
   device_eps     [2, 4, 16, 16]  the same for device_unet/unet, when present
   latents_final  [1, 4, 16, 16]  after a DDIM generation (STEPS steps, guidance 5)

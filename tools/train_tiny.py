@@ -1,264 +1,362 @@
 #!/usr/bin/env python3
 """Trains Veil's tiny text-to-image model on the procedural shapes dataset (`veil dataset`).
 
-Produces a diffusers-layout folder that both diffusers and Veil's Rust loader read unchanged:
-  vae/           AutoencoderKL, 64x64 RGB <-> 4x16x16 latents (scaling_factor measured)
-  text_encoder/  CLIPTextModel, trained jointly with the server U-Net
-  tokenizer/     the CLIP BPE tokenizer of models/tiny-random (copied)
-  unet/          the "server" UNet2DConditionModel (2 levels: 16 -> 8 rows, so strict runs N <= 8)
-  device_unet/unet/  a smaller "device" U-Net on the same latents and text states (the
-                 obfuscated policy's on-phone model; `--device-model models/tiny-shapes/device_unet`)
-  scheduler/     DDIM, SD's betas
-and training logs (loss curves) as JSON.
+Writes a diffusers-layout folder that both diffusers and Veil's Rust loader read unchanged:
+  vae/               AutoencoderKL, 64x64 RGB <-> 4x16x16 latents (scaling_factor measured)
+  text_encoder/      CLIPTextModel, trained with the server U-Net
+  tokenizer/         the CLIP BPE tokenizer of models/tiny-random (copied)
+  unet/              the server UNet2DConditionModel (2 levels: 16 -> 8 rows, so strict runs N <= 8)
+  device_unet/unet/  a smaller device U-Net on the same latents and text states (the obfuscated
+                     policy's on-phone model; `--device-model models/tiny-shapes/device_unet`)
+  scheduler/         DDIM, SD's betas
+  training_log.json  the command, the machine, the time and the loss curves
 
-  veil dataset --out data --count 30000 --seed 1 --side 64
-  python3 tools/train_tiny.py --data data --out models/tiny-shapes --device cuda
+Recipe (issue 16): the VAE first (object pixels weighted, since objects are a few percent of a
+picture); the dataset is then encoded to latents once; the server U-Net, the text encoder and the
+device U-Net train together in one loop (the device U-Net reads the text states detached, so only
+the server's loss shapes the text encoder) with epsilon prediction, min-SNR-5 loss weights, 10%
+empty captions for classifier-free guidance, AdamW with warm-up and cosine decay, and EMA weights,
+which are what is saved. Stages can be bounded by seconds instead of steps (`--unet-seconds`): the
+step count is then planned from the measured speed of the first steps, so the learning rate still
+decays to its floor at the end.
 
-Stages: VAE (reconstruction + small KL), then the server U-Net with the text encoder
-(epsilon prediction, 10% empty captions for classifier-free guidance), then the device U-Net
-with the text encoder frozen.
+  veil dataset --out .train/data --seed 1 --count 100000 --side 64
+  python3 tools/train_tiny.py --pack-to .train/shapes.xz --data .train/data   # one file, ~8 MB
+  python3 tools/train_tiny.py --data .train/shapes.xz --out .train/model --device cuda \
+      --vae-seconds 100 --unet-seconds 300
 
-Status (2026-11-22): no GPU is lent to this project's sessions, so it runs on 2 CPU cores:
-about 0.9 s per VAE step and 1.0-1.1 s per server U-Net step at batch 32 with the sizes below
-(bf16 autocast on this CPU is 10x slower; f32 it is).
-
-  python3 tools/train_tiny.py --data .train/data --out .train/out --device cpu --batch 32 \
-      --vae-channels 16,32,32 --unet-channels 32,64 --lr 1e-3 --vae-steps 1100 \
-      --unet-steps 2400 --device-unet-steps 0
-
-A first CPU run (900 VAE steps, then 1,700 of 2,400 U-Net steps; 85 min of wall time, much
-of it shared with Rust builds) learned the backgrounds, but its VAE (unweighted loss, 24.1 dB
-PSNR, mostly background) decoded every object as a colourless blob, so the U-Net could not learn colours; the VAE loss now weighs object
-pixels (--object-weight) and reports PSNR on object pixels. Long runs continue in pieces:
---vae-from reuses a trained VAE, --unet-from continues the text encoder and U-Net of an earlier
-output, and the U-Net is saved every --checkpoint-every steps.
+Long CPU runs continue in pieces: --vae-from reuses a trained VAE, and --resume continues the
+U-Net stage from the training state (weights, EMA, optimiser, step, plan) that every checkpoint
+writes to OUT/train_state.pt.
 """
 import argparse
 import json
+import lzma
 import math
+import platform
 import shutil
+import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+# --------------------------------------------------------------------------------------------
+# data
 
 
-def load_data(folder: Path):
+def pack(folder: Path, out: Path):
+    """Pictures (uint8 N x 64 x 64 x 3) and captions of a `veil dataset` folder as one xz file."""
+    from PIL import Image
     rows = [json.loads(l) for l in (folder / "captions.jsonl").read_text().splitlines() if l.strip()]
-    images = np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB")) for r in rows])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x, [r["caption"] for r in rows]
+    x = np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB")) for r in rows])
+    head = json.dumps({"shape": list(x.shape), "captions": [r["caption"] for r in rows],
+                       "folder": str(folder)}).encode()
+    out.write_bytes(lzma.compress(len(head).to_bytes(8, "little") + head + x.tobytes(), preset=6))
+    print(f"packed {x.shape[0]} pictures into {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def load_data(path: Path):
+    """uint8 pictures [N, 3, H, W] and captions, from a pack file or a `veil dataset` folder."""
+    if path.is_file():
+        raw = lzma.decompress(path.read_bytes())
+        n = int.from_bytes(raw[:8], "little")
+        head = json.loads(raw[8:8 + n])
+        x = np.frombuffer(raw[8 + n:], dtype=np.uint8).reshape(head["shape"])
+        captions = head["captions"]
+    else:
+        from PIL import Image
+        rows = [json.loads(l) for l in (path / "captions.jsonl").read_text().splitlines() if l.strip()]
+        x = np.stack([np.asarray(Image.open(path / r["file"]).convert("RGB")) for r in rows])
+        captions = [r["caption"] for r in rows]
+    return torch.from_numpy(x.copy()).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def to_unit(x_u8):
+    return x_u8.float() / 127.5 - 1.0
 
 
 def channels(text):
-    return tuple(int(c) for c in text.split(","))
+    return tuple(int(c) for c in text.split(",")) if text else ()
 
 
-def lr_at(step, total, peak, warmup=200):
+# --------------------------------------------------------------------------------------------
+# schedule, EMA
+
+
+def lr_at(step, total, peak, warmup, floor=0.05):
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return peak * (floor + (1 - floor) * cos)
 
 
-def set_lr(opt, lr):
-    for g in opt.param_groups:
-        g["lr"] = lr
+class Ema:
+    """Exponential moving average of a module's parameters (decay warms up from 0)."""
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.shadow = [p.detach().clone().float() for p in module.parameters()]
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, module):
+        self.count += 1
+        d = min(self.decay, (1 + self.count) / (10 + self.count))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in module.parameters()], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module):
+        for s, p in zip(self.shadow, module.parameters()):
+            p.copy_(s.to(p.dtype))
+
+
+class Planner:
+    """Total steps: fixed, or planned from the speed of the first `probe` steps and a budget."""
+
+    def __init__(self, steps, seconds, probe=40):
+        self.total = steps if steps else 10 ** 9
+        self.seconds, self.probe, self.t0 = seconds, probe, None
+        self.planned = bool(steps) or not seconds
+
+    def at(self, step, dev):
+        if self.planned:
+            return
+        if step == 5:  # after the first (slow) steps: kernels chosen, memory allocated
+            sync(dev)
+            self.t0 = time.time()
+        elif step == 5 + self.probe:
+            sync(dev)
+            per = (time.time() - self.t0) / self.probe
+            self.total = max(step + 1, int(step + (self.seconds - (time.time() - self.started)) / per))
+            self.planned = True
+            print(f"planned {self.total} steps ({per * 1000:.1f} ms per step)", flush=True)
+
+    def start(self):
+        self.started = time.time()
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(dev):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+
+
+def object_mask(x):
+    """Pixels unlike the picture's corner (its background)."""
+    return ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+
+
+def vae_metrics(vae, x_u8, dev):
+    """Reconstruction PSNR (all pixels, object pixels) of the posterior mean, on x_u8."""
+    with torch.no_grad(), autocast(dev):
+        x = to_unit(x_u8.to(dev))
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    obj = object_mask(x).expand_as(x).bool()
+    psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, x)))
+    psnr_obj = float(10 * torch.log10(4.0 / ((rec - x)[obj] ** 2).mean()))
+    return psnr, psnr_obj
 
 
 def train_vae(args, x_all, dev, log, out):
-    """Trains the AutoencoderKL, saves it under out/vae, returns (latent means, scaling)."""
+    """Trains the AutoencoderKL on all but the last 512 pictures and saves it under out/vae."""
     from diffusers import AutoencoderKL
-    n = x_all.shape[0]
+    held = x_all[-512:]
+    n = x_all.shape[0] - 512
     vae = AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=channels(args.vae_channels), layers_per_block=1, latent_channels=4,
-        norm_num_groups=16, sample_size=64,
+        block_out_channels=channels(args.vae_channels), layers_per_block=args.vae_layers,
+        latent_channels=4, norm_num_groups=args.norm_groups, sample_size=64,
     ).to(dev)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    curve = []
-    t0 = time.time()
-    for step in range(args.vae_steps):
-        set_lr(opt, lr_at(step, args.vae_steps, 1e-3))
-        idx = torch.randint(0, n, (args.batch,), device=dev)
-        x = x_all[idx]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    plan = Planner(args.vae_steps, args.vae_seconds)
+    plan.start()
+    curve, t0, step = [], time.time(), 0
+    while step < plan.total:
+        plan.at(step, dev)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, plan.total, args.vae_lr, warmup=100)
+        x = to_unit(x_all[torch.randint(0, n, (args.vae_batch,), device=x_all.device)].to(dev))
+        with autocast(dev):
             post = vae.encode(x).latent_dist
-            z = post.sample()
-            rec = vae.decode(z).sample
-        # Object pixels (those unlike the picture's corner, i.e. its background) weigh more.
-        bg = x[:, :, :1, :1]
-        obj = ((x - bg).abs().sum(1, keepdim=True) > 0.1).float()
-        wmap = 1.0 + args.object_weight * obj
-        err = (rec.float() - x) ** 2 + 0.5 * (rec.float() - x).abs()
+            rec = vae.decode(post.sample()).sample.float()
+        wmap = 1.0 + args.object_weight * object_mask(x)
+        err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
         rec_loss = (err * wmap).sum() / (wmap.sum() * 3)
-        kl = post.kl().mean() / (3 * 64 * 64)
+        kl = post.kl().float().mean() / (3 * 64 * 64)
         loss = rec_loss + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 200 == 0 or step == args.vae_steps - 1:
+        if step % 200 == 0 or step == plan.total - 1:
             curve.append([step, rec_loss.item(), kl.item()])
-            print(f"vae {step} rec {rec_loss.item():.4f} kl {kl.item():.3f}", flush=True)
+            print(f"vae {step} rec {rec_loss.item():.4f} kl {kl.item():.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+        step += 1
     vae.eval()
-    with torch.no_grad():
-        zs = torch.cat([vae.encode(x_all[i:i + 512]).latent_dist.mean for i in range(0, n, 512)])
-        scaling = float(1.0 / zs.std())
-        rec = vae.decode(zs[:512]).sample
-        psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, x_all[:512])))
-        x = x_all[:512]
-        obj = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).expand_as(x)
-        psnr_obj = float(10 * torch.log10(4.0 / ((rec - x)[obj] ** 2).mean()))
+    psnr, psnr_obj = vae_metrics(vae, held, dev)
+    with torch.no_grad(), autocast(dev):
+        zs = torch.cat([vae.encode(to_unit(x_all[i:i + 1024].to(dev))).latent_dist.mean.float()
+                        for i in range(0, min(8192, x_all.shape[0]), 1024)])
+    scaling = float(1.0 / zs.std())
     vae.register_to_config(scaling_factor=scaling)
-    out.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out / "vae")
-    log["stages"]["vae"] = {"steps": args.vae_steps, "seconds": time.time() - t0, "curve": curve,
-                            "scaling_factor": scaling, "reconstruction_psnr_db": psnr,
-                            "object_psnr_db": psnr_obj, "object_weight": args.object_weight}
-    print(f"vae done: scaling {scaling:.4f}, reconstruction PSNR {psnr:.1f} dB, "
+    log["stages"]["vae"] = {
+        "steps": step, "batch": args.vae_batch, "seconds": time.time() - t0, "curve": curve,
+        "parameters": sum(p.numel() for p in vae.parameters()), "scaling_factor": scaling,
+        "heldout_psnr_db": psnr, "heldout_object_psnr_db": psnr_obj,
+        "object_weight": args.object_weight}
+    print(f"vae done: {step} steps, scaling {scaling:.4f}, held-out PSNR {psnr:.1f} dB, "
           f"on object pixels {psnr_obj:.1f} dB", flush=True)
-    return zs, scaling
+    return vae
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True, type=Path)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--tokenizer", default=Path("models/tiny-random/tokenizer"), type=Path)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--vae-steps", type=int, default=3000)
-    ap.add_argument("--unet-steps", type=int, default=8000)
-    ap.add_argument("--device-unet-steps", type=int, default=5000)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--vae-channels", default="32,64,64", help="AutoencoderKL block_out_channels")
-    ap.add_argument("--unet-channels", default="64,128", help="server U-Net block_out_channels")
-    ap.add_argument("--device-unet-channels", default="32,64", help="device U-Net block_out_channels")
-    ap.add_argument("--lr", type=float, default=5e-4, help="peak U-Net learning rate")
-    ap.add_argument("--object-weight", type=float, default=20.0,
-                    help="VAE loss weight of object pixels relative to background pixels (objects "
-                         "are a few percent of a picture; unweighted, the VAE learns backgrounds "
-                         "and blurs objects to colourless blobs)")
-    ap.add_argument("--vae-from", type=Path,
-                    help="reuse this trained vae/ folder instead of training one")
-    ap.add_argument("--stop-after-vae", action="store_true", help="train and save the VAE only")
-    ap.add_argument("--unet-from", type=Path,
-                    help="continue training text_encoder/ and unet/ of this earlier output (with "
-                         "--vae-from its vae/): a fresh optimiser and learning-rate schedule")
-    ap.add_argument("--checkpoint-every", type=int, default=500,
-                    help="save the U-Net being trained every N steps (a cut-off run keeps a usable model)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+def encode_all(vae, x_all, dev):
+    """The whole dataset's latents (posterior means), scaled, once."""
+    scaling = vae.config.scaling_factor
+    with torch.no_grad(), autocast(dev):
+        zs = [vae.encode(to_unit(x_all[i:i + 1024].to(dev))).latent_dist.mean.float()
+              for i in range(0, x_all.shape[0], 1024)]
+    return torch.cat(zs) * scaling
 
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    torch.manual_seed(args.seed)
-    dev = torch.device(args.device)
-    started = time.time()
-    x_all, captions = load_data(args.data)
-    x_all = x_all.to(dev)
-    n = x_all.shape[0]
-    print(f"data: {n} pictures {tuple(x_all.shape[1:])}, {time.time() - started:.1f} s", flush=True)
-    log = {"data": {"pictures": n, "folder": str(args.data)}, "stages": {}}
+# --------------------------------------------------------------------------------------------
+# U-Nets
 
-    # --- VAE ---------------------------------------------------------------------------------
-    out = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    if args.vae_from:
-        vae = AutoencoderKL.from_pretrained(args.vae_from).to(dev)
-        vae.eval()
-        with torch.no_grad():
-            zs = torch.cat([vae.encode(x_all[i:i + 512]).latent_dist.mean for i in range(0, n, 512)])
-        scaling = vae.config.scaling_factor
-        vae.save_pretrained(out / "vae")
-        log["stages"]["vae"] = {"reused": str(args.vae_from)}
-    else:
-        zs, scaling = train_vae(args, x_all, dev, log, out)
-    if args.stop_after_vae:
-        print("stopping after the VAE (--stop-after-vae)", flush=True)
-        return
-    latents = (zs * scaling).detach()
-    del zs
 
-    # --- text encoder + tokenizer ------------------------------------------------------------
-    tok = CLIPTokenizer.from_pretrained(args.tokenizer)
-    ids_all = tok(captions + [""], padding="max_length", max_length=77, truncation=True,
-                  return_tensors="pt").input_ids.to(dev)
-    empty_ids = ids_all[-1:]
-    ids_all = ids_all[:-1]
-    text_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256,
-                              num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, projection_dim=64, hidden_act="quick_gelu")
-    text = (CLIPTextModel.from_pretrained(args.unet_from / "text_encoder") if args.unet_from
-            else CLIPTextModel(text_cfg)).to(dev)
+def unet_of(widths, layers, head_dim, args, dev):
+    from diffusers import UNet2DConditionModel
+    # diffusers' `attention_head_dim` of UNet2DConditionModel is a head *count* (legacy naming);
+    # heads `head_dim` wide at every level.
+    heads = tuple(max(1, w // head_dim) for w in widths)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=layers,
+        block_out_channels=widths,
+        down_block_types=("CrossAttnDownBlock2D",) * len(widths),
+        up_block_types=("CrossAttnUpBlock2D",) * len(widths),
+        cross_attention_dim=args.text_width, attention_head_dim=heads,
+        norm_num_groups=args.norm_groups,
+    ).to(dev)
 
-    train_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                beta_schedule="scaled_linear", prediction_type="epsilon")
-    acp = train_sched.alphas_cumprod.to(dev)
 
-    def unet_of(widths, layers, heads):
-        return UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=layers,
-            block_out_channels=widths,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=heads, norm_num_groups=min(32, widths[0]),
-        ).to(dev)
+def text_encoder_of(tok, args, dev):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=args.text_width,
+                         intermediate_size=4 * args.text_width, num_hidden_layers=args.text_layers,
+                         num_attention_heads=args.text_heads, max_position_embeddings=77,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, projection_dim=args.text_width,
+                         hidden_act="quick_gelu")
+    return CLIPTextModel(cfg).to(dev)
 
-    def train_unet(name, unet, steps, train_text, save):
-        params = list(unet.parameters()) + (list(text.parameters()) if train_text else [])
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-        text.train(train_text)
-        text.requires_grad_(train_text)
-        curve, ema = [], None
-        t0 = time.time()
-        for step in range(steps):
-            set_lr(opt, lr_at(step, steps, args.lr))
-            idx = torch.randint(0, n, (args.batch,), device=dev)
-            z0 = latents[idx]
-            ids = ids_all[idx]
-            drop = torch.rand(args.batch, device=dev) < 0.1
-            ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
-            t = torch.randint(0, 1000, (args.batch,), device=dev)
-            noise = torch.randn_like(z0)
-            a = acp[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                states = text(ids).last_hidden_state
-                pred = unet(zt, t, encoder_hidden_states=states).sample
-            loss = F.mse_loss(pred.float(), noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-            if step % 200 == 0 or step == steps - 1:
-                curve.append([step, ema])
-                print(f"{name} {step} loss {ema:.4f} ({time.time() - t0:.0f} s)", flush=True)
-            if args.checkpoint_every and step > 0 and step % args.checkpoint_every == 0:
-                save()
-                unet.train()
-                text.train(train_text)
-        unet.eval()
-        text.eval()
-        params_count = sum(p.numel() for p in unet.parameters())
-        log["stages"][name] = {"steps": steps, "seconds": time.time() - t0, "curve": curve,
-                               "parameters": params_count}
 
-    def write_log():
-        log["seconds"] = time.time() - started
-        log["device"] = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-        (out / "training_log.json").write_text(json.dumps(log, indent=1))
+def min_snr_weights(acp_t, gamma):
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023)."""
+    snr = acp_t / (1 - acp_t)
+    return torch.clamp(snr, max=gamma) / snr
 
-    # Each stage is saved when it ends, so a cut-off run keeps what it finished.
+
+def train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save):
+    """One loop over the server U-Net + text encoder and the device U-Net (if any); returns the
+    loop's state at the end (for `--resume`)."""
+    from diffusers import DDPMScheduler
+    text, server, device_unet = nets["text"], nets["unet"], nets.get("device_unet")
+    acp = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                        beta_schedule="scaled_linear").alphas_cumprod.to(dev)
+    trained = {k: m for k, m in nets.items()}
+    params = [p for m in trained.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    emas = {k: Ema(m, args.ema) for k, m in trained.items()}
+    for m in trained.values():
+        m.train()
+    plan = Planner(args.unet_steps, args.unet_seconds)
+    plan.start()
+    n, b = latents.shape[0], args.batch
+    curves = {k: [] for k in ("unet", "device_unet") if k in nets}
+    smooth, t0, last_save, step = {}, time.time(), time.time(), 0
+    if args.resume:
+        state = torch.load(args.resume, map_location=dev)
+        for k, m in trained.items():
+            m.load_state_dict(state["weights"][k])
+            emas[k].shadow, emas[k].count = state["ema"][k], state["ema_count"]
+        opt.load_state_dict(state["optimiser"])
+        step, curves = state["step"], state["curves"]
+        plan.total, plan.planned = state["total"], True
+        print(f"resumed at step {step} of {plan.total}", flush=True)
+
+    def state():
+        return {"weights": {k: m.state_dict() for k, m in trained.items()},
+                "ema": {k: e.shadow for k, e in emas.items()}, "ema_count": emas["unet"].count,
+                "optimiser": opt.state_dict(), "step": step, "total": plan.total, "curves": curves}
+    while step < plan.total:
+        plan.at(step, dev)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, plan.total, args.lr, warmup=args.warmup)
+        idx = torch.randint(0, n, (b,), device=dev)
+        z0, ids = latents[idx], ids_all[idx]
+        drop = torch.rand(b, device=dev) < 0.1
+        ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
+        t = torch.randint(0, 1000, (b,), device=dev)
+        noise = torch.randn_like(z0)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        w = min_snr_weights(acp[t], args.min_snr)
+        losses = {}
+        with autocast(dev):
+            states = text(ids).last_hidden_state
+            losses["unet"] = server(zt, t, encoder_hidden_states=states).sample
+            if device_unet is not None:
+                losses["device_unet"] = device_unet(zt, t, encoder_hidden_states=states.detach()).sample
+        for k, pred in losses.items():
+            losses[k] = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        total = sum((l * w).mean() for l in losses.values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for k, m in trained.items():
+            emas[k].update(m)
+        if step % 50 == 0:
+            for k, l in losses.items():  # the plain (unweighted) epsilon MSE
+                v = l.mean().item()
+                smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
+        if step % 200 == 0 or step == plan.total - 1:
+            for k in curves:
+                curves[k].append([step, smooth[k]])
+            print(f"step {step}/{plan.total} " + " ".join(f"{k} {v:.4f}" for k, v in smooth.items())
+                  + f" lr {opt.param_groups[0]['lr']:.2e} ({time.time() - t0:.0f} s)", flush=True)
+        step += 1
+        if args.checkpoint_seconds and time.time() - last_save > args.checkpoint_seconds:
+            save(emas, step, plan.total, curves, time.time() - t0, final=False)
+            if args.keep_state:
+                torch.save(state(), args.out / "train_state.pt")
+            last_save = time.time()
+    save(emas, step, plan.total, curves, time.time() - t0, final=True)
+    if args.keep_state:
+        torch.save(state(), args.out / "train_state.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def write_static(out: Path, tokenizer: Path):
+    from diffusers import DDIMScheduler
     DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                   beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                   steps_offset=1, prediction_type="epsilon").save_pretrained(out / "scheduler")
+    shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
     (out / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "image_encoder": [None, None],
@@ -266,29 +364,152 @@ def main():
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
-    server = (UNet2DConditionModel.from_pretrained(args.unet_from / "unet").to(dev) if args.unet_from
-              else unet_of(channels(args.unet_channels), 1, 8))
 
-    def save_server():
-        text.save_pretrained(out / "text_encoder")
-        tok.save_pretrained(out / "tokenizer")
-        server.save_pretrained(out / "unet")
-        write_log()
 
-    train_unet("unet", server, args.unet_steps, train_text=True, save=save_server)
-    save_server()
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, type=Path, help="a `veil dataset` folder or a pack file")
+    ap.add_argument("--pack-to", type=Path, help="pack --data into this one file and stop")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--tar-to", type=Path,
+                    help="also write the model folder as three tars into this folder at every save "
+                         "(a cut-off run on a lent machine keeps what it saved)")
+    ap.add_argument("--tokenizer", default=Path("models/tiny-random/tokenizer"), type=Path)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-from", type=Path, help="reuse this trained vae/ folder")
+    ap.add_argument("--vae-steps", type=int, default=0)
+    ap.add_argument("--vae-seconds", type=float, default=100)
+    ap.add_argument("--vae-batch", type=int, default=128)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-channels", default="32,64,64")
+    ap.add_argument("--vae-layers", type=int, default=1)
+    ap.add_argument("--object-weight", type=float, default=20.0,
+                    help="VAE loss weight of object pixels relative to background pixels")
+    ap.add_argument("--norm-groups", type=int, default=8, help="GroupNorm groups (VAE and U-Nets)")
+    ap.add_argument("--text-width", type=int, default=96)
+    ap.add_argument("--text-layers", type=int, default=4)
+    ap.add_argument("--text-heads", type=int, default=4)
+    ap.add_argument("--unet-channels", default="48,96")
+    ap.add_argument("--device-unet-channels", default="24,48", help="empty: no device U-Net")
+    ap.add_argument("--layers", type=int, default=2, help="U-Net layers per block")
+    ap.add_argument("--head-dim", type=int, default=24, help="attention head width in the U-Nets")
+    ap.add_argument("--unet-steps", type=int, default=0)
+    ap.add_argument("--unet-seconds", type=float, default=300)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--checkpoint-seconds", type=float, default=60,
+                    help="save the EMA weights this often (0: only at the end)")
+    ap.add_argument("--keep-state", action="store_true",
+                    help="write OUT/train_state.pt at every checkpoint (for --resume)")
+    ap.add_argument("--init-from", type=Path,
+                    help="start the text encoder and U-Nets from this earlier output's weights "
+                         "(with a fresh optimiser and schedule; use --vae-from DIR/vae with it)")
+    ap.add_argument("--resume", type=Path, help="continue the U-Net stage from this train_state.pt")
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.pack_to:
+        return pack(args.data, args.pack_to)
+    if not args.out:
+        sys.exit("--out is required")
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+    torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    started = time.time()
+    x_all, captions = load_data(args.data)
+    x_all = x_all.to(dev)
+    print(f"data: {x_all.shape[0]} pictures, {time.time() - started:.1f} s", flush=True)
+    machine = (torch.cuda.get_device_name(0) if dev.type == "cuda"
+               else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+    log = {"data": {"pictures": x_all.shape[0], "source": str(args.data)}, "stages": {},
+           "device": machine, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+           "commands": ["python3 " + " ".join(sys.argv)]}
+    out = args.out
+    if out.exists() and not args.resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_static(out, args.tokenizer)
+
+    def write_log():
+        log["seconds"] = time.time() - started
+        (out / "training_log.json").write_text(json.dumps(log, indent=1))
+        if args.tar_to:  # unet.tar, device_unet.tar and rest.tar: each under 16 MiB
+            args.tar_to.mkdir(parents=True, exist_ok=True)
+            parts = {"unet": ["unet"], "device_unet": ["device_unet"],
+                     "rest": [c.name for c in out.iterdir()
+                              if c.name not in ("unet", "device_unet", "train_state.pt")]}
+            for name, children in parts.items():
+                tmp = args.tar_to / f"{name}.tar.tmp"
+                with tarfile.open(tmp, "w") as t:
+                    for c in children:
+                        if (out / c).exists():
+                            t.add(out / c, arcname=c)
+                tmp.replace(args.tar_to / f"{name}.tar")
+
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from).to(dev).eval()
+        vae.save_pretrained(out / "vae")
+        log["stages"]["vae"] = {"reused": str(args.vae_from)}
+    else:
+        vae = train_vae(args, x_all, dev, log, out)
     write_log()
-    if args.device_unet_steps > 0:
-        device_unet = unet_of(channels(args.device_unet_channels), 1, 8)
+    latents = encode_all(vae, x_all, dev)
+    del x_all, vae
 
-        def save_device():
-            device_unet.save_pretrained(out / "device_unet" / "unet")
-            write_log()
+    tok = CLIPTokenizer.from_pretrained(args.tokenizer)
+    ids_all = tok(captions + [""], padding="max_length", max_length=77, truncation=True,
+                  return_tensors="pt").input_ids.to(dev)
+    empty_ids, ids_all = ids_all[-1:], ids_all[:-1]
+    if args.init_from:  # continue from an earlier run's (EMA) weights with a fresh optimiser
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+        nets = {"text": CLIPTextModel.from_pretrained(args.init_from / "text_encoder").to(dev),
+                "unet": UNet2DConditionModel.from_pretrained(args.init_from / "unet").to(dev)}
+        if (args.init_from / "device_unet" / "unet").is_dir():
+            nets["device_unet"] = UNet2DConditionModel.from_pretrained(
+                args.init_from / "device_unet" / "unet").to(dev)
+        earlier = json.loads((args.init_from / "training_log.json").read_text())
+        log["commands"] = earlier.get("commands", []) + log["commands"]
+        log["earlier_runs"] = earlier.get("earlier_runs", []) + [
+            {k: earlier.get(k) for k in ("stages", "seconds", "device", "torch", "args")}]
+    else:
+        nets = {"text": text_encoder_of(tok, args, dev),
+                "unet": unet_of(channels(args.unet_channels), args.layers, args.head_dim, args, dev)}
+        if args.device_unet_channels:
+            nets["device_unet"] = unet_of(channels(args.device_unet_channels), args.layers,
+                                          args.head_dim, args, dev)
+    folders = {"text": out / "text_encoder", "unet": out / "unet",
+               "device_unet": out / "device_unet" / "unet"}
 
-        train_unet("device_unet", device_unet, args.device_unet_steps, train_text=False,
-                   save=save_device)
-        save_device()
-    print(f"saved {out} in {log['seconds']:.0f} s total", flush=True)
+    def save(emas, step, total, curves, seconds, final):
+        for k, m in nets.items():
+            keep = [p.detach().clone() for p in m.parameters()]
+            emas[k].copy_to(m)
+            m.save_pretrained(folders[k])
+            with torch.no_grad():
+                for p, v in zip(m.parameters(), keep):
+                    p.copy_(v)
+        for k, c in curves.items():
+            log["stages"][k] = {"steps": step, "planned_steps": total, "batch": args.batch,
+                                "seconds": seconds, "curve": c, "final": final,
+                                "parameters": sum(p.numel() for p in nets[k].parameters())}
+        log["stages"]["text_encoder"] = {"parameters": sum(p.numel() for p in nets["text"].parameters())}
+        write_log()
+        print(f"saved at step {step} ({'final' if final else 'checkpoint'})", flush=True)
+
+    train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save)
+    print(f"saved {out} in {time.time() - started:.0f} s total", flush=True)
 
 
 if __name__ == "__main__":

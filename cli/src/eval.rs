@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
 use veil_core::placement::{GnVariant, Policy};
 use veil_eval::metrics::{psnr, ssim, Picture};
-use veil_eval::{score, Dataset};
+use veil_eval::Dataset;
 
 use crate::link_bench::{self, LinkBenchArgs};
 
@@ -94,6 +94,10 @@ pub struct EvalArgs {
     /// Dataset seed of the captions.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// The smaller device U-Net scored alone in the utility section (default:
+    /// MODEL/device_unet when that folder exists).
+    #[arg(long)]
+    pub device_model: Option<PathBuf>,
     /// A small, fast configuration (tests and CI): few prompts, small attack sets.
     #[arg(long)]
     pub quick: bool,
@@ -137,20 +141,20 @@ pub(crate) fn bar(len: usize, what: &str) -> ProgressBar {
     b
 }
 
-fn picture(t: &Tensor) -> Result<Picture> {
+pub(crate) fn picture(t: &Tensor) -> Result<Picture> {
     let (_, h, w) = t.dims3()?;
     Ok(Picture::new(h, w, t.flatten_all()?.to_vec1::<f32>()?)?)
 }
 
-struct Runner<'a> {
-    sd: &'a StableDiffusion,
-    rt: tokio::runtime::Runtime,
-    side: usize,
-    guidance: f64,
+pub(crate) struct Runner<'a> {
+    pub(crate) sd: &'a StableDiffusion,
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) side: usize,
+    pub(crate) guidance: f64,
 }
 
 impl Runner<'_> {
-    fn generate(
+    pub(crate) fn generate(
         &self,
         prompt: &str,
         steps: usize,
@@ -180,7 +184,7 @@ impl Runner<'_> {
 }
 
 /// Tiles pictures into one PNG: `rows[r][c]`, a 2-pixel gap, missing tiles grey.
-fn grid(rows: &[Vec<Option<Picture>>]) -> image::RgbImage {
+pub(crate) fn grid(rows: &[Vec<Option<Picture>>]) -> image::RgbImage {
     let side = rows
         .iter()
         .flatten()
@@ -217,40 +221,6 @@ fn grid(rows: &[Vec<Option<Picture>>]) -> image::RgbImage {
         }
     }
     img
-}
-
-fn pct(n: usize, d: usize) -> String {
-    if d == 0 {
-        "—".into()
-    } else {
-        format!("{:.1}%", 100.0 * n as f64 / d as f64)
-    }
-}
-
-/// Adherence counts: (colour, shape, position, size, scored).
-#[derive(Default, Clone, Copy)]
-struct Counts([usize; 5]);
-
-impl Counts {
-    fn add(&mut self, a: veil_eval::Adherence) {
-        for (i, ok) in [a.colour, a.shape, a.position, a.size]
-            .into_iter()
-            .enumerate()
-        {
-            self.0[i] += ok as usize;
-        }
-        self.0[4] += 1;
-    }
-    fn row(&self, name: &str) -> String {
-        let n = self.0[4];
-        format!(
-            "| {name} | {n} | {} | {} | {} | {} |\n",
-            pct(self.0[0], n),
-            pct(self.0[1], n),
-            pct(self.0[2], n),
-            pct(self.0[3], n)
-        )
-    }
 }
 
 pub(crate) fn rel(path: &Path, from: &Path) -> String {
@@ -296,7 +266,14 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         let mut md = String::new();
         match s {
             Section::Training => training_section(&mut md, &a.model)?,
-            Section::Adherence => adherence_section(&mut md, &a, &runner, &data, &held, side / f)?,
+            Section::Adherence => crate::eval_adherence::adherence_section(
+                &mut md,
+                &a,
+                &runner,
+                &data,
+                &held,
+                side / f,
+            )?,
             Section::Fidelity => fidelity_section(&mut md, &a, &runner, &held, side / f)?,
             Section::Link if a.link_steps > 0 => link_section(&mut md, &a, &held[0])?,
             Section::Attacks => crate::eval_attacks::attack_section(&mut md, &a, &sd)?,
@@ -322,134 +299,6 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         a.figures.display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// What the adherence runs found: scores of `local`, `ppidm` and `strict`, how often the
-/// latter two agree with `local`, the grid's rows and the time taken.
-struct Adherence {
-    counts: [Counts; 3],
-    agree: [usize; 2],
-    grid_rows: Vec<Vec<Option<Picture>>>,
-    grid_n: usize,
-    seconds: f64,
-}
-
-/// Scores `local` on every held-out prompt, and `ppidm` and `strict` (N = 4, at most half
-/// the latent rows) on the first `--policy-prompts`, keeping the first 8 for the grid.
-fn measure_adherence(
-    a: &EvalArgs,
-    runner: &Runner<'_>,
-    data: &Dataset,
-    held: &[String],
-    latent_rows: usize,
-) -> Result<Adherence> {
-    let strict = Policy::Strict;
-    let ppidm = Policy::Ppidm {
-        gn: GnVariant::Exact,
-    };
-    let gens = a.prompts + 2 * a.policy_prompts.min(a.prompts);
-    let b = bar(gens, "adherence");
-    let mut counts = [Counts::default(); 3];
-    let mut agree = [0usize; 2];
-    let mut grid_rows: Vec<Vec<Option<Picture>>> = vec![Vec::new(); 4];
-    let grid_n = 8.min(a.prompts);
-    let t0 = Instant::now();
-    for (i, caption) in held.iter().enumerate() {
-        let seed = 1 + i as u64;
-        let local = runner.generate(caption, a.steps, seed, Policy::Local, 0)?;
-        let lp = picture(&local.image)?;
-        let la = score(&lp.to_rgb(), caption)?;
-        counts[0].add(la);
-        b.inc(1);
-        if i < grid_n {
-            grid_rows[0].push(Some(Picture::from_rgb(&data.held_out(i as u64).2)));
-            grid_rows[1].push(Some(lp.clone()));
-        }
-        if i < a.policy_prompts {
-            for (j, policy) in [ppidm, strict].into_iter().enumerate() {
-                let g = runner.generate(
-                    caption,
-                    a.steps,
-                    seed,
-                    policy,
-                    4.min(latent_rows / 2).max(1),
-                )?;
-                let p = picture(&g.image)?;
-                let s = score(&p.to_rgb(), caption)?;
-                counts[j + 1].add(s);
-                agree[j] += (s == la) as usize;
-                if i < grid_n {
-                    grid_rows[j + 2].push(Some(p));
-                }
-                b.inc(1);
-            }
-        }
-    }
-    b.finish_and_clear();
-    Ok(Adherence {
-        counts,
-        agree,
-        grid_rows,
-        grid_n,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
-}
-
-/// The utility section: adherence per policy, agreement with `local`, and the held-out grid.
-fn adherence_section(
-    md: &mut String,
-    a: &EvalArgs,
-    runner: &Runner<'_>,
-    data: &Dataset,
-    held: &[String],
-    latent_rows: usize,
-) -> Result<()> {
-    let Adherence {
-        counts,
-        agree,
-        grid_rows,
-        grid_n,
-        seconds: adherence_seconds,
-    } = measure_adherence(a, runner, data, held, latent_rows)?;
-    let grid_path = a.figures.join("heldout_grid.png");
-    grid(&grid_rows)
-        .save(&grid_path)
-        .with_context(|| format!("writing {}", grid_path.display()))?;
-    writeln!(md, "## Utility: prompt adherence on held-out prompts\n")?;
-    writeln!(
-        md,
-        "The scorer (`veil_eval::score`) finds the caption's main object by colour in the \
-         pixels and checks its shape, 3×3 position cell and size. {} steps, seed = prompt \
-         index + 1. `ppidm` and `strict` ran with 4 in-process servers on the first {} prompts. \
-         Goal for `local`: ≥ 80% colour, ≥ 70% position.\n",
-        a.steps,
-        a.policy_prompts.min(a.prompts)
-    )?;
-    writeln!(
-        md,
-        "| policy | prompts | colour | shape | position | size |"
-    )?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
-    md.push_str(&counts[0].row("local"));
-    md.push_str(&counts[1].row("ppidm (exact GN), N = 4"));
-    md.push_str(&counts[2].row("strict, N = 4"));
-    writeln!(
-        md,
-        "\nThe four scores of a `ppidm` picture equal those of the `local` picture of the same \
-         prompt and seed for {} of {} prompts; `strict`: {} of {}. ({adherence_seconds:.0} s)\n",
-        agree[0], counts[1].0[4], agree[1], counts[2].0[4]
-    )?;
-    writeln!(
-        md,
-        "![held-out grid]({})\n\nRows: the dataset's own rendering of the caption (one \
-         random jitter), `local`, `ppidm`, `strict`. Columns, left to right:\n",
-        rel(&grid_path, &a.out)
-    )?;
-    for (i, c) in held.iter().take(grid_n).enumerate() {
-        writeln!(md, "{}. {c}", i + 1)?;
-    }
-    md.push('\n');
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 
 mod bench;
 mod eval;
+mod eval_adherence;
 mod eval_attacks;
 mod eval_generations;
 mod eval_report;
