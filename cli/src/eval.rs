@@ -233,7 +233,7 @@ pub(crate) fn rel(path: &Path, from: &Path) -> String {
 }
 
 pub use crate::eval_report::Section;
-use crate::eval_report::{splice, whole_report};
+use crate::eval_report::{model_fingerprint, model_tag, splice, whole_report};
 
 pub fn run(mut a: EvalArgs) -> Result<()> {
     if a.quick {
@@ -261,6 +261,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     let data = Dataset::new(a.seed, side);
     let held: Vec<String> = (0..a.prompts as u64).map(|i| data.held_out(i).1).collect();
     let want = |s: Section| a.sections.is_empty() || a.sections.contains(&s);
+    let fingerprint = model_fingerprint(&a.model)?;
     let mut parts: Vec<(Section, String)> = Vec::new();
     for s in Section::ALL.into_iter().filter(|&s| want(s)) {
         let mut md = String::new();
@@ -280,14 +281,14 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
             Section::Generations => crate::eval_generations::generations_section(&mut md, &a, &sd)?,
             Section::Link => {}
         }
-        parts.push((s, md));
+        parts.push((s, format!("{}{md}", model_tag(&fingerprint))));
     }
     let report = if a.sections.is_empty() {
         whole_report(&a, side, &parts, started.elapsed().as_secs_f64())?
     } else {
         let old = std::fs::read_to_string(&a.out)
             .with_context(|| format!("reading {} to replace its sections", a.out.display()))?;
-        splice(&old, &parts)?
+        splice(&old, &parts, &fingerprint)?
     };
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;

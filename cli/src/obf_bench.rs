@@ -1,7 +1,7 @@
 //! `veil bench obfuscated`: the numbers of the `obfuscated` policy (docs/BENCHMARKS.md) — the
 //! server's FLOPs and time against K with and without each acceleration, the phone's traffic and
 //! compute per switch point k, and prompt adherence per k and per acceleration against the
-//! non-private baseline (`local`, which is k = 0). Prints Markdown tables.
+//! non-private baseline (`local` with the model's own U-Net). Prints Markdown tables.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -318,6 +318,24 @@ impl<'a> Generator<'a> {
             .block_on(self.b.sd.generate(&opts, server, &mut |_| {}))?)
     }
 
+    /// The non-private baseline: `caption` under `local` with the model's own U-Net.
+    fn local(&self, caption: &str, seed: u64) -> Result<veil_core::client::pipeline::Generation> {
+        let (a, side) = (&self.b.a, self.b.side);
+        let opts = GenerateOptions {
+            prompt: caption.to_string(),
+            steps: a.steps,
+            guidance: a.guidance,
+            seed,
+            width: side,
+            height: side,
+            policy: Policy::Local,
+            ..Default::default()
+        };
+        Ok(self
+            .rt
+            .block_on(self.b.sd.generate(&opts, &[], &mut |_| {}))?)
+    }
+
     /// Phone traffic and compute per switch point: one generation of the probe prompt per k.
     fn traffic(&self, md: &mut String, points: &[usize]) -> Result<()> {
         let t_all = self.b.a.steps;
@@ -357,22 +375,36 @@ impl<'a> Generator<'a> {
         let held: Vec<String> = (0..a.prompts as u64)
             .map(|i| self.b.data.held_out(i).1)
             .collect();
-        let mut configs: Vec<(String, usize, Accelerations)> = points
-            .iter()
-            .map(|&k| (format!("k = {k}, exact"), k, EXACT))
-            .collect();
+        let device = self.b.device_unet.is_some();
+        // None: `local` with the model's own U-Net, the baseline every row is compared with.
+        let mut configs: Vec<(String, Option<usize>, Accelerations)> =
+            vec![("`local` (the model's own U-Net)".into(), None, EXACT)];
+        configs.extend(points.iter().map(|&k| {
+            let name = if k == 0 && device {
+                "k = 0 (the device U-Net alone)".to_string()
+            } else {
+                format!("k = {k}, exact")
+            };
+            (name, Some(k), EXACT)
+        }));
         for (name, accel) in accelerations(half).into_iter().skip(2) {
-            configs.push((format!("k = {half}, {name}"), half, accel));
+            configs.push((format!("k = {half}, {name}"), Some(half), accel));
         }
         let b = bar(configs.len() * held.len(), "utility");
         writeln!(
             md,
             "\n### Prompt adherence per k and acceleration ({} held-out captions, K = {})\n\n\
-             Scored from the pixels by `veil_eval::score` (the evaluation's scorer). k = 0 is the \
-             non-private baseline: it equals `local` exactly. \"same as local\" counts captions whose \
-             four scores all equal local's.\n",
+             Scored from the pixels by `veil_eval::score` (the evaluation's scorer). `local` is the \
+             non-private baseline with the model's own U-Net; \"same as local\" counts captions \
+             whose four scores all equal its. {}\n",
             held.len(),
-            a.k_max
+            a.k_max,
+            if device {
+                "The phone runs the last T − k steps with the smaller device U-Net."
+            } else {
+                "The phone runs the last T − k steps with the model's own U-Net, so k = 0 equals \
+                 `local`."
+            }
         )?;
         writeln!(
             md,
@@ -385,7 +417,10 @@ impl<'a> Generator<'a> {
             let mut same = 0;
             let mut ks = 0;
             for (i, caption) in held.iter().enumerate() {
-                let g = self.gen(caption, 1 + i as u64, *k, *accel)?;
+                let g = match k {
+                    Some(k) => self.gen(caption, 1 + i as u64, *k, *accel)?,
+                    None => self.local(caption, 1 + i as u64)?,
+                };
                 ks += g.obfuscation.as_ref().map_or(0, |o| o.candidates);
                 let img = to_rgb(&g.image)?;
                 let s = score(&img, caption)?;

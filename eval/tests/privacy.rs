@@ -79,19 +79,21 @@ fn attacks_beat_their_control_where_a_server_sees_more_than_its_strip() {
                 assert!(r.prompt.attack_exact.is_some_and(|e| e >= 0.75));
             }
             ("strict", "apart") => {
-                // One half per server: the same test, with the shared stream estimated from the
-                // server's own tokens, does no better than the strip-only control.
+                // One half per server, with the shared stream estimated from the server's own
+                // tokens. On the first tiny model (which barely used its captions) this did no
+                // better than the strip-only control; on the retrained one (issue 16) it names
+                // the caption as the exact test does (measured: every slot and 8 of 8 captions
+                // on both servers). So guidance halves apart do not hide the prompt from a
+                // server: README and docs/AUDIT.md say so. These assertions pin that finding;
+                // a placement that closes the leak turns them around.
                 let cfg = family(r, "cfg difference").expect("cfg difference ran");
                 let ctrl = words.1.expect("control ran");
                 assert!(
-                    cfg <= ctrl + 0.1,
+                    cfg >= ctrl + 0.3,
                     "apart: cfg difference {cfg} vs control {ctrl}"
                 );
-                // No exact test: an exact one names the caption every time (as together does).
-                // The estimate still names some captions exactly (measured 0 and 3 of 8 here;
-                // README and docs/AUDIT.md state the full run's figure).
                 let exact = r.prompt.attack_exact.unwrap_or(0.0);
-                assert!(exact < 0.75, "apart: exact captions {exact}");
+                assert!(exact >= 0.75, "apart: exact captions {exact}");
             }
             other => panic!("unexpected setting {other:?}"),
         }
