@@ -285,6 +285,21 @@ impl<'a> Generator<'a> {
         Ok(Self { b, rt, server })
     }
 
+    /// The options every generation of the bench shares: `caption`, `seed`, the schedule.
+    fn options(&self, caption: &str, seed: u64, policy: Policy) -> GenerateOptions {
+        let (a, side) = (&self.b.a, self.b.side);
+        GenerateOptions {
+            prompt: caption.to_string(),
+            steps: a.steps,
+            guidance: a.guidance,
+            seed,
+            width: side,
+            height: side,
+            policy,
+            ..Default::default()
+        }
+    }
+
     /// One generation of `caption`, the server running the first `k` steps.
     fn gen(
         &self,
@@ -293,24 +308,16 @@ impl<'a> Generator<'a> {
         k: usize,
         accel: Accelerations,
     ) -> Result<veil_core::client::pipeline::Generation> {
-        let (a, side) = (&self.b.a, self.b.side);
         let opts = GenerateOptions {
-            prompt: caption.to_string(),
-            steps: a.steps,
-            guidance: a.guidance,
-            seed,
-            width: side,
-            height: side,
-            policy: Policy::Obfuscated,
             obfuscation: ObfuscationOptions {
                 server_steps: Some(k),
-                k_max: Some(a.k_max),
+                k_max: Some(self.b.a.k_max),
                 lexicon: Some(self.b.lex.clone()),
                 accel,
                 device_unet: self.b.device_unet.clone(),
                 ..Default::default()
             },
-            ..Default::default()
+            ..self.options(caption, seed, Policy::Obfuscated)
         };
         let server = std::slice::from_ref(&self.server);
         Ok(self
@@ -320,17 +327,7 @@ impl<'a> Generator<'a> {
 
     /// The non-private baseline: `caption` under `local` with the model's own U-Net.
     fn local(&self, caption: &str, seed: u64) -> Result<veil_core::client::pipeline::Generation> {
-        let (a, side) = (&self.b.a, self.b.side);
-        let opts = GenerateOptions {
-            prompt: caption.to_string(),
-            steps: a.steps,
-            guidance: a.guidance,
-            seed,
-            width: side,
-            height: side,
-            policy: Policy::Local,
-            ..Default::default()
-        };
+        let opts = self.options(caption, seed, Policy::Local);
         Ok(self
             .rt
             .block_on(self.b.sd.generate(&opts, &[], &mut |_| {}))?)
