@@ -25,9 +25,10 @@ decays to its floor at the end.
   python3 tools/train_tiny.py --data .train/shapes.xz --out .train/model --device cuda \
       --vae-seconds 100 --unet-seconds 300
 
-Long CPU runs continue in pieces: --vae-from reuses a trained VAE, and --resume continues the
-U-Net stage from the training state (weights, EMA, optimiser, step, plan) that every checkpoint
-writes to OUT/train_state.pt.
+Long CPU runs continue in pieces: --vae-from reuses a trained VAE; with --keep-state every
+checkpoint writes the training state (weights, EMA, optimiser, step, plan) to OUT/train_state.pt,
+which --resume continues exactly; --init-from starts from an earlier output's EMA weights with a
+fresh optimiser (how models/tiny-shapes was trained: see its README.md).
 """
 import argparse
 import json
