@@ -50,6 +50,7 @@ fn tensor() -> impl Strategy<Value = WireTensor> {
             dtype,
             shape: shape.clone(),
             data,
+            coding: Default::default(),
         })
     })
 }
@@ -150,7 +151,8 @@ fn message() -> impl Strategy<Value = Message> {
             |(calls, reply_dtype, compression)| Message::Request {
                 calls,
                 reply_dtype,
-                compression
+                compression,
+                reply_coding: Default::default(),
             }
         ),
         prop::collection::vec(tensor(), 0..6).prop_map(|outputs| Message::Reply { outputs }),
@@ -213,6 +215,7 @@ fn sample_request(c: Compression) -> Vec<u8> {
             dtype,
             shape,
             data: (0..n).map(|i| (i * 7 % 251) as u8).collect(),
+            coding: Default::default(),
         }
     };
     let msg = Message::Request {
@@ -264,6 +267,7 @@ fn sample_request(c: Compression) -> Vec<u8> {
         ],
         reply_dtype: WireDtype::F16,
         compression: Compression::ZstdByteSplit(3),
+        reply_coding: Default::default(),
     };
     encode(&msg, c).expect("encode")
 }
@@ -285,6 +289,7 @@ fn raw_reply(dtype: u8, comp: u8, dims: &[u32], len: u64, payload: &[u8]) -> Vec
     for d in dims {
         b.extend_from_slice(&d.to_le_bytes());
     }
+    b.extend_from_slice(&[0, 0]); // raw, no reference
     b.extend_from_slice(&len.to_le_bytes());
     b.extend_from_slice(payload);
     b
@@ -304,7 +309,8 @@ fn hand_written_reply_decodes() {
             outputs: vec![WireTensor {
                 dtype: WireDtype::F32,
                 shape: vec![2, 3],
-                data: payload
+                data: payload,
+                coding: Default::default(),
             }]
         }
     );
@@ -443,6 +449,7 @@ fn unknown_dtype_and_tags() {
     b.push(0); // reply dtype f32
     b.push(0); // no compression
     b.extend_from_slice(&0i32.to_le_bytes());
+    b.extend_from_slice(&[0; 6]); // reply coding: none, not exact, slot 0
     b.extend_from_slice(&1u32.to_le_bytes());
     b.push(0); // op tag
     b.extend_from_slice(&[0; 16]);
@@ -460,7 +467,7 @@ fn unknown_dtype_and_tags() {
     );
     // A bool byte that is neither 0 nor 1 (a release's keep flag).
     let mut b = header(3);
-    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    b.extend_from_slice(&[0; 12]); // reply dtype, compression, reply coding
     b.extend_from_slice(&1u32.to_le_bytes());
     b.push(5);
     b.extend_from_slice(&7u64.to_le_bytes());
@@ -489,7 +496,7 @@ fn rank_above_the_limit() {
     let mut b = header(4);
     b.extend_from_slice(&1u32.to_le_bytes());
     b.extend_from_slice(&[0, 0, 255]);
-    b.extend_from_slice(&[0; 8]);
+    b.extend_from_slice(&[0; 10]);
     assert!(matches!(
         dec(&b),
         Err(WireError::TooLarge {
@@ -512,6 +519,7 @@ fn names_longer_than_the_limit() {
         }],
         reply_dtype: WireDtype::F32,
         compression: Compression::None,
+        reply_coding: Default::default(),
     };
     let b = encode(&msg, Compression::None).expect("encodes (the limit is the decoder's)");
     assert_eq!(
@@ -523,7 +531,7 @@ fn names_longer_than_the_limit() {
         })
     );
     let mut b = header(3);
-    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    b.extend_from_slice(&[0; 12]); // reply dtype, compression, reply coding
     b.extend_from_slice(&1u32.to_le_bytes());
     b.push(2);
     b.extend_from_slice(&2u16.to_le_bytes());
@@ -548,7 +556,7 @@ fn counts_above_the_limit_or_the_bytes_left() {
     b.extend_from_slice(&[0; 100]);
     assert_eq!(dec(&b), Err(WireError::Truncated));
     let mut b = header(3);
-    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    b.extend_from_slice(&[0; 12]); // reply dtype, compression, reply coding
     b.extend_from_slice(&5000u32.to_le_bytes());
     assert!(matches!(
         dec(&b),
@@ -631,6 +639,7 @@ fn compressed_bomb_is_refused_by_the_limit_before_allocating() {
         dtype: WireDtype::F32,
         shape: vec![128 << 10],
         data: zeros,
+        coding: Default::default(),
     };
     let msg = Message::Reply {
         outputs: vec![t.clone(), t.clone(), t],
@@ -653,6 +662,7 @@ fn encode_refuses_inconsistent_tensors() {
             dtype: WireDtype::F16,
             shape: vec![3],
             data: vec![0; 5],
+            coding: Default::default(),
         }],
     };
     assert_eq!(
@@ -798,6 +808,7 @@ fn requests_and_replies_convert_both_ways() {
         calls,
         reply_dtype: WireDtype::F16,
         compression: Compression::None,
+        reply_coding: Default::default(),
     };
     let bytes = encode(&msg, Compression::ZstdByteSplit(3)).unwrap();
     let Message::Request { calls, .. } = decode(&bytes, &Limits::default()).unwrap() else {
@@ -828,9 +839,7 @@ fn requests_and_replies_convert_both_ways() {
     assert!(!back.calls[0].reply && back.calls[1].reply);
     assert!(matches!(back.calls[4].op, ShardOp::Release { handle: 1 }));
 
-    let reply = ShardReply {
-        outputs: vec![x.clone(), field(&[1, 2, 3], 4)],
-    };
+    let reply = ShardReply::in_process(vec![x.clone(), field(&[1, 2, 3], 4)]);
     let asked = ShardRequest {
         calls: vec![
             ShardCall::reply(ShardOp::Identity {
@@ -856,6 +865,7 @@ fn requests_and_replies_convert_both_ways() {
         dtype: WireDtype::F32,
         shape: vec![2, 2],
         data: vec![0; 15],
+        coding: Default::default(),
     };
     assert!(bad.to_tensor(&dev).is_err());
 }
@@ -1221,6 +1231,7 @@ fn wire_round_trip(req: &ShardRequest<Tensor>, c: Compression) -> ShardRequest<T
         calls,
         reply_dtype: WireDtype::F32,
         compression: Compression::None,
+        reply_coding: Default::default(),
     };
     let bytes = encode(&msg, c).expect("encode");
     let Message::Request { calls, .. } = dec(&bytes).expect("decode") else {
@@ -1423,6 +1434,7 @@ fn half_precision_strip_operands_round_trip_within_tolerance() {
         calls,
         reply_dtype: WireDtype::F16,
         compression: Compression::ZstdByteSplit(3),
+        reply_coding: Default::default(),
     };
     let bytes = encode(&msg, Compression::ZstdByteSplit(3)).unwrap();
     let Message::Request { calls, .. } = dec(&bytes).unwrap() else {
@@ -1453,6 +1465,7 @@ fn raw_apply(
     b.push(0); // reply dtype f32
     b.push(0); // reply compression none
     b.extend_from_slice(&0i32.to_le_bytes());
+    b.extend_from_slice(&[0; 6]); // reply coding: none, not exact, slot 0
     b.extend_from_slice(&1u32.to_le_bytes()); // one call
     b.push(6); // op tag Apply
     b.push(kind);
@@ -1499,6 +1512,7 @@ fn apply_msg(
         }],
         reply_dtype: WireDtype::F32,
         compression: Compression::None,
+        reply_coding: Default::default(),
     }
 }
 
@@ -1522,8 +1536,9 @@ fn hand_written_apply_matches_the_encoder() {
 #[test]
 fn protocol_doc_apply_example() {
     let doc: &[u8] = &[
-        0x56, 0x45, 0x49, 0x4C, 0x02, 0x00, 0x03, // "VEIL", version 2, Request
+        0x56, 0x45, 0x49, 0x4C, 0x03, 0x00, 0x03, // "VEIL", version 3, Request
         0x01, 0x00, 0x00, 0x00, 0x00, 0x00, // reply f16, no compression, level 0
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // reply codec none, not exact, first slot 0
         0x01, 0x00, 0x00, 0x00, // 1 call
         0x06, 0x09, 0x00, 0x00, // Apply, kind 9 (Scale), layer ""
         0x01, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // 1 operand: handle 7
@@ -1531,7 +1546,7 @@ fn protocol_doc_apply_example() {
         0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xE0, 0x3F, // 1 float: 0.5
         0x00, 0x01, // keep 0, reply 1
     ];
-    assert_eq!(doc.len(), 43);
+    assert_eq!(doc.len(), 49);
     let msg = Message::Request {
         calls: vec![WireCall {
             op: WireOp::Apply {
@@ -1546,6 +1561,7 @@ fn protocol_doc_apply_example() {
         }],
         reply_dtype: WireDtype::F16,
         compression: Compression::None,
+        reply_coding: Default::default(),
     };
     assert_eq!(dec(doc), Ok(msg.clone()));
     assert_eq!(encode(&msg, Compression::None).unwrap(), doc);
@@ -1680,6 +1696,7 @@ fn apply_counts_above_the_limits_are_refused() {
         calls,
         reply_dtype: WireDtype::F32,
         compression: Compression::None,
+        reply_coding: Default::default(),
     };
     assert!(matches!(
         encode(&msg, Compression::None),
@@ -1696,6 +1713,7 @@ fn sample_apply_request(c: Compression) -> Vec<u8> {
             dtype,
             shape,
             data: (0..n).map(|i| (i * 13 % 251) as u8).collect(),
+            coding: Default::default(),
         }
     };
     let msg = Message::Request {
@@ -1739,6 +1757,7 @@ fn sample_apply_request(c: Compression) -> Vec<u8> {
         ],
         reply_dtype: WireDtype::Bf16,
         compression: Compression::Zstd(3),
+        reply_coding: Default::default(),
     };
     encode(&msg, c).expect("encode")
 }
@@ -1802,6 +1821,7 @@ fn wrong_apply_arity_is_a_bad_call() {
         dtype: WireDtype::F32,
         shape: vec![2],
         data: vec![0; 8],
+        coding: Default::default(),
     });
     let cases: Vec<(&str, Message)> = vec![
         ("add of one", apply_msg(8, "", vec![h(1)], vec![], vec![])),
@@ -1956,6 +1976,7 @@ fn a_bad_apply_fails_the_whole_conversion() {
         ],
         reply_dtype: WireDtype::F32,
         compression: Compression::None,
+        reply_coding: Default::default(),
     };
     let bytes = encode(&msg, Compression::None).unwrap();
     let Message::Request { calls, .. } = dec(&bytes).unwrap() else {
@@ -2006,7 +2027,7 @@ impl Raw {
         for d in dims {
             r = r.u32(*d);
         }
-        let mut r = r.u64(data.len() as u64);
+        let mut r = r.u8(0).u8(0).u64(data.len() as u64);
         r.0.extend_from_slice(data);
         r
     }
@@ -2042,6 +2063,9 @@ fn apply_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .u8(1) // reply dtype f16
         .u8(2) // reply compression zstd byte-split
         .u32(3) // zstd level 3 (an i32, same bytes)
+        .u8(0) // reply codec none
+        .u8(0) // not an exact step
+        .u32(0) // first reply slot
         .u32(7) // calls
         .apply(3, "down_blocks.0.resnets.0.norm1")
         .u8(2)
@@ -2087,7 +2111,16 @@ fn apply_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .0;
     // Every count at its limit: a Cat of eight, eight integers, four floats (unknown to Cat, but
     // the codec does not look).
-    let mut limits = Raw(header(3)).u8(0).u8(0).u32(0).u32(1).apply(2, "").u8(8);
+    let mut limits = Raw(header(3))
+        .u8(0)
+        .u8(0)
+        .u32(0)
+        .u8(0)
+        .u8(0)
+        .u32(0)
+        .u32(1)
+        .apply(2, "")
+        .u8(8);
     for h in 0..8 {
         limits = limits.handle(h);
     }
@@ -2171,6 +2204,7 @@ fn apply_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ],
             reply_dtype: dtype,
             compression: Compression::Zstd(3),
+            reply_coding: Default::default(),
         }
     };
     let zstd = encode(&chain(WireDtype::F32), Compression::Zstd(3)).unwrap();

@@ -20,9 +20,10 @@ use veil_core::transport::tls::{server_config, TransportTuning};
 use veil_core::transport::Fingerprint;
 use veil_core::wire::codec::{decode, encode, WireError};
 use veil_core::wire::convert::{calls_from_wire, early_steps_from_wire, reply_to_wire};
+use veil_core::wire::references::{exact_reply, CodecEnd};
 use veil_core::wire::{
-    Compression, ErrorCode, Limits, Message, ModelId, WireCall, WireEarlySteps, WireTensor,
-    PROTOCOL_VERSION,
+    Compression, ErrorCode, Limits, Message, ModelId, ReplyCoding, WireCall, WireEarlySteps,
+    WireTensor, PROTOCOL_VERSION,
 };
 
 use crate::limits::PendingHellos;
@@ -456,14 +457,19 @@ async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
                 ctx.budget.clone(),
             ),
     );
+    let codec: SessionCodec = Arc::new(std::sync::Mutex::new(CodecEnd::new(
+        usize::try_from(ctx.limits.max_session_bytes).unwrap_or(usize::MAX),
+        MAX_CODEC_SLOTS,
+    )));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let ctx = ctx.clone();
                 let conn = conn.clone();
                 let executor = executor.clone();
+                let codec = codec.clone();
                 tokio::spawn(async move {
-                    serve_stream(&conn, send, recv, &ctx, executor).await;
+                    serve_stream(&conn, send, recv, &ctx, executor, codec).await;
                 });
             }
             Err(e) => {
@@ -635,10 +641,16 @@ fn token_session(ctx: &Arc<Ctx>, token: String) -> Option<TokenSession> {
     })
 }
 
+/// Most reference slots of the shard codecs a session keeps per direction.
+const MAX_CODEC_SLOTS: usize = 1 << 16;
+
+/// A session's end of the shard codecs (docs/PROTOCOL.md §8).
+type SessionCodec = Arc<std::sync::Mutex<CodecEnd>>;
+
 /// What one request stream asks for.
 enum Work {
-    /// Shard calls, executed in order.
-    Shard(Vec<WireCall>),
+    /// Shard calls, executed in order, and how to code their replies.
+    Shard(Vec<WireCall>, ReplyCoding),
     /// The `obfuscated` policy's early steps (a full-model server only).
     EarlySteps(WireEarlySteps),
 }
@@ -649,6 +661,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     ctx: &Arc<Ctx>,
     executor: Arc<ShardExecutor<CandleEngine>>,
+    codec: SessionCodec,
 ) {
     let remote = conn.remote_address();
     let Some((work, reply_dtype, compression, send)) = read_work(conn, send, &mut recv, ctx).await
@@ -683,11 +696,22 @@ async fn serve_stream(
     // unforeseen shape becomes an Internal error instead of taking the server down.
     let work = tokio::task::spawn_blocking(move || {
         let outputs = match work {
-            Work::Shard(calls) => {
+            Work::Shard(mut calls, coding) => {
+                // References are per session: a request decodes and codes under its lock.
+                let mut codec = codec
+                    .lock()
+                    .map_err(|_| veil_core::Error::Internal("codec state poisoned".into()))?;
+                codec.decode_calls(&mut calls)?;
+                let exact: Vec<bool> = calls
+                    .iter()
+                    .filter(|c| c.reply)
+                    .map(|c| exact_reply(&c.op))
+                    .collect();
                 let request = calls_from_wire(calls, &device)?;
                 let gone = || watched.close_reason().is_some();
                 let reply = executor.execute_until(&request, &gone)?;
-                reply_to_wire(&reply, &request, reply_dtype)?
+                let raw = reply_to_wire(&reply, &request, reply_dtype)?;
+                codec.encode_replies(raw, &exact, coding)?
             }
             Work::EarlySteps(job) => {
                 let job = early_steps_from_wire(job, &device)?;
@@ -799,7 +823,13 @@ async fn read_work(
             calls,
             reply_dtype,
             compression,
-        }) => Some((Work::Shard(calls), reply_dtype, compression, send)),
+            reply_coding,
+        }) => Some((
+            Work::Shard(calls, reply_coding),
+            reply_dtype,
+            compression,
+            send,
+        )),
         Ok(Message::EarlySteps {
             job,
             reply_dtype,

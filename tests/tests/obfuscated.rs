@@ -364,6 +364,7 @@ fn early_steps_codec_round_trips_and_checks_its_bounds() {
         dtype: WireDtype::F32,
         shape: vec![1, 4, 2, 2],
         data: vec![0u8; 64],
+        coding: Default::default(),
     };
     let job = |n: usize, scheduler: u8| WireEarlySteps {
         candidates: (0..n).map(|i| format!("candidate {i}")).collect(),

@@ -202,6 +202,8 @@ fn place_accounting(a: Accounting, offset: usize, n: usize) -> Accounting {
                 layer: t.layer,
                 up: widen(t.up),
                 down: widen(t.down),
+                sent_up: widen(t.sent_up),
+                sent_down: widen(t.sent_down),
             })
             .collect(),
         round_trips: a.round_trips,
@@ -295,23 +297,23 @@ mod tests {
         c.server_flops = vec![1, 2];
         c.round_trips = 5;
         c.unet_calls = 1;
-        c.transfers.push(Transfer {
-            kind: crate::placement::accounting::OpKind::Gather,
-            layer: "a".into(),
-            up: vec![10, 20],
-            down: vec![1, 2],
-        });
+        c.transfers.push(Transfer::uncoded(
+            crate::placement::accounting::OpKind::Gather,
+            "a".into(),
+            vec![10, 20],
+            vec![1, 2],
+        ));
         let mut u = Accounting::new(2);
         u.server_flops = vec![3, 4];
         u.round_trips = 4;
         u.unet_calls = 1;
         u.device_flops = 7;
-        u.transfers.push(Transfer {
-            kind: crate::placement::accounting::OpKind::Gather,
-            layer: "a".into(),
-            up: vec![30, 40],
-            down: vec![3, 4],
-        });
+        u.transfers.push(Transfer::uncoded(
+            crate::placement::accounting::OpKind::Gather,
+            "a".into(),
+            vec![30, 40],
+            vec![3, 4],
+        ));
         let m = merge_accounting(c, u, 2);
         assert_eq!(m.backends, 4);
         assert_eq!(m.server_flops, vec![1, 2, 3, 4]);

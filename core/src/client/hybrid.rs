@@ -189,12 +189,12 @@ impl StableDiffusion {
         }
         let latents = all.narrow(0, set.real_index(), 1)?.to_dtype(DType::F32)?;
         let mut acct = Accounting::new(1);
-        acct.transfers.push(Transfer {
-            kind: OpKind::EarlySteps,
-            layer: "early_steps".into(),
-            up: vec![noise_bytes + up],
-            down: vec![(kk * lc * h * w) as u64 * opts.wire.size() as u64],
-        });
+        acct.transfers.push(Transfer::uncoded(
+            OpKind::EarlySteps,
+            "early_steps".into(),
+            vec![noise_bytes + up],
+            vec![(kk * lc * h * w) as u64 * opts.wire.size() as u64],
+        ));
         acct.round_trips += 1;
         acct.unet_calls += k_steps as u64;
         acct.server_flops[0] = early_steps_flops(

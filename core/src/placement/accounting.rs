@@ -40,13 +40,31 @@ impl OpKind {
     }
 }
 
-/// One offloaded op: bytes each backend received (up) and returned (down).
+/// One offloaded op: bytes each backend received (up) and returned (down), as tensors in the
+/// wire dtype (`up`, `down`) and as they travelled after the shard codec and compression
+/// (`sent_up`, `sent_down`; the same numbers where nothing crossed a wire, as in plans).
 #[derive(Debug, Clone, Serialize)]
 pub struct Transfer {
     pub kind: OpKind,
     pub layer: String,
     pub up: Vec<u64>,
     pub down: Vec<u64>,
+    pub sent_up: Vec<u64>,
+    pub sent_down: Vec<u64>,
+}
+
+impl Transfer {
+    /// A transfer whose bytes travelled as they are.
+    pub fn uncoded(kind: OpKind, layer: String, up: Vec<u64>, down: Vec<u64>) -> Self {
+        Self {
+            kind,
+            layer,
+            sent_up: up.clone(),
+            sent_down: down.clone(),
+            up,
+            down,
+        }
+    }
 }
 
 /// Totals for one run (one U-Net call, or a whole generation).
@@ -68,17 +86,26 @@ impl Accounting {
             ..Default::default()
         }
     }
+    /// Tensor payload bytes sent to the servers, as they travelled (after the shard codec and
+    /// compression).
     pub fn bytes_up(&self) -> u64 {
-        self.transfers.iter().flat_map(|t| &t.up).sum()
+        self.transfers.iter().flat_map(|t| &t.sent_up).sum()
     }
     pub fn bytes_down(&self) -> u64 {
-        self.transfers.iter().flat_map(|t| &t.down).sum()
+        self.transfers.iter().flat_map(|t| &t.sent_down).sum()
     }
     pub fn bytes_up_of(&self, backend: usize) -> u64 {
-        self.transfers.iter().map(|t| t.up[backend]).sum()
+        self.transfers.iter().map(|t| t.sent_up[backend]).sum()
     }
     pub fn bytes_down_of(&self, backend: usize) -> u64 {
-        self.transfers.iter().map(|t| t.down[backend]).sum()
+        self.transfers.iter().map(|t| t.sent_down[backend]).sum()
+    }
+    /// Tensor bytes sent to the servers at the wire dtype, before any codec or compression.
+    pub fn raw_bytes_up(&self) -> u64 {
+        self.transfers.iter().flat_map(|t| &t.up).sum()
+    }
+    pub fn raw_bytes_down(&self) -> u64 {
+        self.transfers.iter().flat_map(|t| &t.down).sum()
     }
     pub fn server_flops_total(&self) -> u64 {
         self.server_flops.iter().sum()

@@ -14,8 +14,8 @@ use crate::vocab::error::{Error, Result};
 use crate::vocab::job::{EarlySteps, EarlyStepsRunner};
 use crate::vocab::layers::ShardLayer;
 pub use crate::vocab::ops::{
-    upsample_source_row, HandleId, Operand, ShardBackend, ShardCall, ShardOp, ShardReply,
-    ShardRequest,
+    upsample_source_row, HandleId, Operand, PayloadBytes, ShardBackend, ShardCall, ShardOp,
+    ShardReply, ShardRequest,
 };
 
 /// What a shard server does with a request, over any engine. Holds the layer table (which
@@ -330,7 +330,7 @@ impl<E: Engine> ShardExecutor<E> {
                 })?);
             }
         }
-        Ok(ShardReply { outputs })
+        Ok(ShardReply::in_process(outputs))
     }
 
     /// Keeps `t` under handle `h`, within the session's caps and the process budget.

@@ -16,11 +16,14 @@ use crate::transport::tls::{client_config, Fingerprint, PinnedVerifier, Transpor
 use crate::transport::TransportError;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::job::EarlySteps;
-use crate::vocab::ops::{ShardBackend, ShardReply, ShardRequest};
-use crate::vocab::precision::WireDtype;
-use crate::wire::codec::{decode, encode, WireError};
+use crate::vocab::ops::{PayloadBytes, ShardBackend, ShardReply, ShardRequest};
+use crate::vocab::precision::{ShardCodec, WireDtype};
+use crate::wire::codec::{decode, decode_counted, encode, encode_counted, WireError};
 use crate::wire::convert::{early_steps_to_wire, request_to_wire};
-use crate::wire::{Compression, ErrorCode, Limits, Message, ModelId, PROTOCOL_VERSION};
+use crate::wire::references::{coded_inputs, CodecEnd, SendAs};
+use crate::wire::{
+    Compression, ErrorCode, Limits, Message, ModelId, ReplyCoding, WireTensor, PROTOCOL_VERSION,
+};
 
 /// Largest handshake answer the client reads.
 const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
@@ -46,6 +49,11 @@ pub struct ClientOptions {
     pub wire: WireDtype,
     /// Compression of tensors, both ways (the reply uses what the request asks for).
     pub compression: Compression,
+    /// Lossy coding of activations, both ways (docs/PROTOCOL.md §8).
+    pub codec: ShardCodec,
+    /// Denoising steps (U-Net calls of a runtime) from the first on that travel exact: raw,
+    /// and kept as the residual codecs' references.
+    pub exact_steps: u64,
     /// A request (send, server compute, reply) must complete within this, else `Timeout` and
     /// the session is closed.
     pub request_timeout: Duration,
@@ -64,6 +72,8 @@ impl Default for ClientOptions {
         Self {
             wire: WireDtype::F32,
             compression: Compression::None,
+            codec: ShardCodec::None,
+            exact_steps: 0,
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
             tuning: TransportTuning::default(),
@@ -183,6 +193,20 @@ pub struct Traffic {
     pub busy_nanos: AtomicU64,
 }
 
+/// The client's end of the shard codec: references, and the step and slot counters that
+/// number coded tensors (a slot is "the n-th coded tensor of this step" in one direction).
+#[derive(Debug)]
+struct ClientCodec {
+    end: CodecEnd,
+    step: u64,
+    up_slot: u32,
+    down_slot: u32,
+}
+
+/// Most reference slots the client keeps per direction (a step of SD1.5 under `strict` codes a
+/// few thousand tensors per server).
+const CLIENT_MAX_SLOTS: usize = 1 << 20;
+
 /// Told the encoded bytes of each message a backend sends (`QuicBackend::observe_sent`).
 pub type SentObserver = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
@@ -196,6 +220,7 @@ pub struct QuicBackend {
     traffic: Traffic,
     sent_observer: std::sync::Mutex<Option<SentObserver>>,
     server_model: ModelId,
+    codec: std::sync::Mutex<ClientCodec>,
 }
 
 impl std::fmt::Debug for QuicBackend {
@@ -273,6 +298,13 @@ impl QuicBackend {
             traffic: Traffic::default(),
             server_model,
             sent_observer: std::sync::Mutex::new(None),
+            codec: std::sync::Mutex::new(ClientCodec {
+                // The client's references are its own memory, as large as a step's traffic.
+                end: CodecEnd::new(usize::MAX, CLIENT_MAX_SLOTS),
+                step: 0,
+                up_slot: 0,
+                down_slot: 0,
+            }),
         })
     }
 
@@ -313,8 +345,9 @@ impl QuicBackend {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
-    /// Sends one encoded message on a new stream and returns the decoded answer.
-    pub async fn exchange(&self, bytes: &[u8]) -> Result<Message, TransportError> {
+    /// Sends one encoded message on a new stream and returns the decoded answer and its tensor
+    /// payload bytes.
+    pub async fn exchange(&self, bytes: &[u8]) -> Result<(Message, u64), TransportError> {
         let timeout = self.options.request_timeout;
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.exchange_inner(bytes)).await;
@@ -334,7 +367,7 @@ impl QuicBackend {
         }
     }
 
-    async fn exchange_inner(&self, bytes: &[u8]) -> Result<Message, TransportError> {
+    async fn exchange_inner(&self, bytes: &[u8]) -> Result<(Message, u64), TransportError> {
         let (send, mut recv) = self.conn.open_bi().await.map_err(|e| self.who.lost(&e))?;
         // If this future is dropped mid-write (another server failed, or the timeout fired),
         // the guard resets the stream instead of letting quinn finish a truncated message.
@@ -357,7 +390,7 @@ impl QuicBackend {
         self.traffic
             .bytes_received
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        decode(&buf, &self.options.limits)
+        decode_counted(&buf, &self.options.limits)
             .map_err(|e| self.who.protocol(format!("undecodable reply: {e}")))
     }
 
@@ -381,29 +414,90 @@ impl QuicBackend {
 
     async fn execute_wire(&self, request: &ShardRequest<Tensor>) -> Result<ShardReply<Tensor>> {
         let wanted = request.calls.iter().filter(|c| c.reply).count();
+        let mut calls = request_to_wire(request, self.options.wire)?;
+        let reply_coding = self.code_inputs(&mut calls, wanted)?;
         let msg = Message::Request {
-            calls: request_to_wire(request, self.options.wire)?,
+            calls,
             reply_dtype: self.options.wire,
             compression: self.options.compression,
+            reply_coding,
         };
-        let outputs = self.send_for_outputs(&msg, wanted).await?;
-        Ok(ShardReply { outputs })
+        let (outputs, payload) = self.send_for_outputs(&msg, wanted).await?;
+        let outputs = {
+            let mut codec = self.lock_codec()?;
+            outputs
+                .into_iter()
+                .map(|t| codec.end.decode(t))
+                .collect::<Result<Vec<_>, WireError>>()
+                .map_err(|e| self.who.protocol(format!("reply tensor: {e}")))?
+        };
+        Ok(ShardReply {
+            outputs: self.to_tensors(&outputs)?,
+            payload: Some(payload),
+        })
     }
 
-    /// Sends one message and waits for a `Reply` of exactly `wanted` tensors.
-    async fn send_for_outputs(&self, msg: &Message, wanted: usize) -> Result<Vec<Tensor>> {
-        let bytes = encode(msg, self.options.compression)?;
+    fn lock_codec(&self) -> Result<std::sync::MutexGuard<'_, ClientCodec>> {
+        self.codec
+            .lock()
+            .map_err(|_| Error::Internal("the codec state was poisoned".into()))
+    }
+
+    /// Codes the inline tensors of `calls` in place under this session's codec and returns how
+    /// the server is to code the `wanted` replies.
+    fn code_inputs(
+        &self,
+        calls: &mut [crate::wire::WireCall],
+        wanted: usize,
+    ) -> Result<ReplyCoding> {
+        let codec = self.options.codec;
+        let mut c = self.lock_codec()?;
+        let exact = c.step < self.options.exact_steps;
+        if codec != ShardCodec::None {
+            for t in coded_inputs(calls) {
+                let slot = c.up_slot;
+                c.up_slot = c.up_slot.saturating_add(1);
+                let raw = std::mem::replace(t, WireTensor::raw(WireDtype::F32, vec![], vec![]));
+                *t = c.end.encode(raw, SendAs { codec, exact, slot })?;
+            }
+        }
+        let first_slot = c.down_slot;
+        c.down_slot = c
+            .down_slot
+            .saturating_add(u32::try_from(wanted).unwrap_or(u32::MAX));
+        Ok(ReplyCoding {
+            codec,
+            exact,
+            first_slot,
+        })
+    }
+
+    fn to_tensors(&self, outputs: &[WireTensor]) -> Result<Vec<Tensor>> {
+        Ok(outputs
+            .iter()
+            .map(|t| t.to_tensor(&self.options.device))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| self.who.protocol(format!("reply tensor: {e}")))?)
+    }
+
+    /// Sends one message and waits for a `Reply` of exactly `wanted` tensors (still coded).
+    async fn send_for_outputs(
+        &self,
+        msg: &Message,
+        wanted: usize,
+    ) -> Result<(Vec<WireTensor>, PayloadBytes)> {
+        let (bytes, up) = encode_counted(msg, self.options.compression)?;
         let observer = self.sent_observer.lock().ok().and_then(|o| o.clone());
         if let Some(observe) = observer {
             observe(&bytes);
         }
         self.traffic.requests.fetch_add(1, Ordering::Relaxed);
-        let outputs = match self.exchange(&bytes).await? {
-            Message::Reply { outputs } => outputs,
-            Message::Error { code, message } => {
+        let (outputs, down) = match self.exchange(&bytes).await? {
+            (Message::Reply { outputs }, down) => (outputs, down),
+            (Message::Error { code, message }, _) => {
                 return Err(self.who.server_error(code, message).into())
             }
-            other => {
+            (other, _) => {
                 return Err(self
                     .who
                     .protocol(format!("expected a reply, got {}", kind_name(&other)))
@@ -419,11 +513,7 @@ impl QuicBackend {
                 ))
                 .into());
         }
-        Ok(outputs
-            .iter()
-            .map(|t| t.to_tensor(&self.options.device))
-            .collect::<Result<Vec<_>>>()
-            .map_err(|e| self.who.protocol(format!("reply tensor: {e}")))?)
+        Ok((outputs, PayloadBytes { up, down }))
     }
 }
 
@@ -433,14 +523,24 @@ impl ShardBackend<Tensor> for QuicBackend {
         self.execute_wire(&request).await
     }
 
+    fn begin_step(&self, step: u64) {
+        if let Ok(mut c) = self.codec.lock() {
+            if c.step != step {
+                c.step = step;
+                c.up_slot = 0;
+                c.down_slot = 0;
+            }
+        }
+    }
+
     async fn early_steps(&self, job: EarlySteps<Tensor>) -> Result<Tensor> {
         let msg = Message::EarlySteps {
             job: early_steps_to_wire(&job)?,
             reply_dtype: self.options.wire,
             compression: self.options.compression,
         };
-        let mut outputs = self.send_for_outputs(&msg, 1).await?;
-        outputs
+        let (outputs, _) = self.send_for_outputs(&msg, 1).await?;
+        self.to_tensors(&outputs)?
             .pop()
             .ok_or_else(|| Error::Internal("a checked one-tensor reply is empty".into()))
     }

@@ -100,6 +100,10 @@ pub enum WireError {
     Compress(String),
     #[error("malformed call: {0}")]
     BadCall(String),
+    /// A coded tensor its receiver cannot decode against what it holds (a residual without a
+    /// reference, a reference store over its budget).
+    #[error("shard codec: {0}")]
+    Codec(String),
 }
 
 /// Why talking to a shard server failed. Each variant names the server (its index in the

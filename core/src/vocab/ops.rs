@@ -207,6 +207,26 @@ pub struct ShardRequest<T> {
 #[derive(Debug, Clone)]
 pub struct ShardReply<T> {
     pub outputs: Vec<T>,
+    /// The tensor payload bytes that actually travelled (after the codec and compression), where
+    /// the backend has a wire; None in-process.
+    pub payload: Option<PayloadBytes>,
+}
+
+impl<T> ShardReply<T> {
+    /// A reply that did not cross a wire.
+    pub fn in_process(outputs: Vec<T>) -> Self {
+        Self {
+            outputs,
+            payload: None,
+        }
+    }
+}
+
+/// Tensor payload bytes of one round trip with one server, as they travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PayloadBytes {
+    pub up: u64,
+    pub down: u64,
 }
 
 /// Something that executes shard requests: an in-process executor now, a QUIC connection to a
@@ -214,6 +234,13 @@ pub struct ShardReply<T> {
 #[async_trait]
 pub trait ShardBackend<T: Send + Sync + 'static>: Send + Sync {
     async fn execute(&self, request: ShardRequest<T>) -> Result<ShardReply<T>>;
+
+    /// The runtime starts U-Net call `step` (a denoising step) on this backend; the requests
+    /// that follow belong to it. Backends with step-to-step state (the residual shard codecs)
+    /// number their tensors from here.
+    fn begin_step(&self, step: u64) {
+        let _ = step;
+    }
 
     /// The `obfuscated` policy's job (its own message, not a shard op): the first k denoising
     /// steps of K candidate prompts, answered with the K latents. Only a server that holds the

@@ -53,3 +53,77 @@ impl std::fmt::Display for WireDtype {
         })
     }
 }
+
+/// Lossy coding of the activations that cross the wire (`--compress`): block quantization,
+/// alone or of the step-to-step change against a reference both ends keep (docs/PROTOCOL.md
+/// §8). GroupNorm statistics and moments always travel exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum ShardCodec {
+    /// Tensors travel in the wire dtype.
+    #[default]
+    None,
+    /// 8-bit codes with one scale per block.
+    Int8,
+    /// 4-bit codes with one scale per block.
+    Int4,
+    /// The change since the last step, 4-bit, with error feedback.
+    ResidualInt4,
+    /// The change since the last step, 2-bit, with error feedback.
+    ResidualInt2,
+    /// The change since the last step as its sign and one magnitude per block, with error
+    /// feedback.
+    ResidualSign,
+}
+
+impl ShardCodec {
+    /// Every codec, in the order the CLI lists them.
+    pub const ALL: [ShardCodec; 6] = [
+        ShardCodec::None,
+        ShardCodec::Int8,
+        ShardCodec::Int4,
+        ShardCodec::ResidualInt4,
+        ShardCodec::ResidualInt2,
+        ShardCodec::ResidualSign,
+    ];
+
+    /// The stable name (CLI, SDK, stats.json).
+    pub fn name(self) -> &'static str {
+        match self {
+            ShardCodec::None => "none",
+            ShardCodec::Int8 => "int8",
+            ShardCodec::Int4 => "int4",
+            ShardCodec::ResidualInt4 => "residual-int4",
+            ShardCodec::ResidualInt2 => "residual-int2",
+            ShardCodec::ResidualSign => "residual-sign",
+        }
+    }
+
+    /// Whether the codec sends changes against a reference both ends keep.
+    pub fn residual(self) -> bool {
+        matches!(
+            self,
+            ShardCodec::ResidualInt4 | ShardCodec::ResidualInt2 | ShardCodec::ResidualSign
+        )
+    }
+}
+
+impl std::str::FromStr for ShardCodec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ShardCodec::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown codec `{s}` (expected one of {})",
+                    ShardCodec::ALL.map(ShardCodec::name).join(", ")
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for ShardCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

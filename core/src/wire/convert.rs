@@ -46,11 +46,21 @@ impl WireTensor {
                 le_bytes(&h, |x| x.to_le_bytes())
             }
         };
-        Ok(WireTensor { dtype, shape, data })
+        Ok(WireTensor {
+            dtype,
+            shape,
+            data,
+            coding: Default::default(),
+        })
     }
 
     /// The tensor as f32 on `device` (f32 payloads bit-exact).
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        if self.coding.quant.is_some() {
+            return Err(Error::Wire(WireError::Codec(
+                "a quantized tensor is decoded by its session's codec first".into(),
+            )));
+        }
         let expected = tensor_bytes(&self.shape, self.dtype)?;
         if self.data.len() != expected {
             return Err(Error::Wire(WireError::LengthMismatch {
@@ -553,5 +563,5 @@ pub fn reply_from_wire(outputs: Vec<WireTensor>, device: &Device) -> Result<Shar
         .iter()
         .map(|t| t.to_tensor(device))
         .collect::<Result<Vec<_>>>()?;
-    Ok(ShardReply { outputs })
+    Ok(ShardReply::in_process(outputs))
 }

@@ -10,8 +10,10 @@
 pub mod codec;
 pub mod convert;
 pub mod identity;
+pub mod quant;
+pub mod references;
 
-use crate::vocab::precision::{Pad, WireDtype};
+use crate::vocab::precision::{Pad, ShardCodec, WireDtype};
 pub use crate::vocab::PROTOCOL_VERSION;
 
 /// ALPN of the Veil protocol over QUIC.
@@ -65,8 +67,55 @@ impl Default for Limits {
 pub struct WireTensor {
     pub dtype: WireDtype,
     pub shape: Vec<usize>,
-    /// Raw little-endian element bytes, `shape.product() * dtype.size()` long.
+    /// Raw: little-endian element bytes, `shape.product() * dtype.size()` long. Quantized: the
+    /// block scales and codes (`quant::Quant`), and `dtype` is F32, what they decode to.
     pub data: Vec<u8>,
+    pub coding: Coding,
+}
+
+impl WireTensor {
+    /// A raw tensor (`data` holds its elements).
+    pub fn raw(dtype: WireDtype, shape: Vec<usize>, data: Vec<u8>) -> Self {
+        Self {
+            dtype,
+            shape,
+            data,
+            coding: Coding::default(),
+        }
+    }
+}
+
+/// How a tensor's payload is coded by the shard codecs (`references::CodecEnd`; docs/PROTOCOL.md
+/// §8). The default is raw, with no reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Coding {
+    /// The quantizer of the payload, or None for raw elements.
+    pub quant: Option<quant::Quant>,
+    pub reference: RefMode,
+}
+
+/// How the server codes a request's replies (docs/PROTOCOL.md §8). GroupNorm statistics always
+/// travel raw in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplyCoding {
+    pub codec: ShardCodec,
+    /// An exact (warm-up) step: raw replies, kept as references under a residual codec.
+    pub exact: bool,
+    /// The slot of the request's first reply; the j-th reply's slot is `first_slot + j`.
+    pub first_slot: u32,
+}
+
+/// What the receiver does with its reference of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RefMode {
+    /// Nothing: the tensor stands alone.
+    #[default]
+    None,
+    /// The decoded tensor becomes the slot's reference.
+    Keep(u32),
+    /// The payload is the change against the slot's reference; the sum is the tensor and the
+    /// new reference.
+    Residual(u32),
 }
 
 /// An operand on the wire.
@@ -172,11 +221,13 @@ pub enum Message {
     },
     /// Server → client: the handshake succeeded.
     Welcome { version: u16, model_id: ModelId },
-    /// Client → server: calls executed in order. Replies use `reply_dtype` and `compression`.
+    /// Client → server: calls executed in order. Replies use `reply_dtype`, `compression` and
+    /// `reply_coding`.
     Request {
         calls: Vec<WireCall>,
         reply_dtype: WireDtype,
         compression: Compression,
+        reply_coding: ReplyCoding,
     },
     /// Client → server: the `obfuscated` policy's job, on a server that holds the whole model.
     /// The reply is a `Reply` with one tensor, the K latents, in `reply_dtype`.

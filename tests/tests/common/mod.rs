@@ -84,6 +84,7 @@ pub fn request_bytes(req: &ShardRequest<Tensor>) -> Vec<u8> {
             calls,
             reply_dtype: WireDtype::F32,
             compression: Compression::None,
+            reply_coding: Default::default(),
         },
         Compression::None,
     )

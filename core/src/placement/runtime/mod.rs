@@ -392,9 +392,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
             .enumerate()
             .map(|(i, (req, b))| async move {
                 if req.calls.is_empty() {
-                    return Ok(crate::placement::backend::ShardReply {
-                        outputs: Vec::new(),
-                    });
+                    return Ok(crate::placement::backend::ShardReply::in_process(Vec::new()));
                 }
                 b.execute(req).await.map_err(|e| match e {
                     Error::Backend { .. } | Error::Transport(_) => e,
@@ -405,6 +403,8 @@ impl<'a, E: Engine> Runtime<'a, E> {
                 })
             });
         let replies = try_join_all(futures).await?;
+        let mut sent_up = up.clone();
+        let mut sent_down = Vec::with_capacity(replies.len());
         let mut down = Vec::with_capacity(replies.len());
         let mut outs = Vec::with_capacity(replies.len());
         for (i, r) in replies.into_iter().enumerate() {
@@ -412,13 +412,21 @@ impl<'a, E: Engine> Runtime<'a, E> {
             let dtypes = asked.get(i).map_or(&[][..], Vec::as_slice);
             replies::ReplyCheck::check(self.engine, i, want, &r.outputs, dtypes.len())?;
             let dims = |t: &E::T| prod(&self.engine.dims(t));
-            down.push(
-                r.outputs
-                    .iter()
-                    .zip(dtypes)
-                    .map(|(t, d)| dims(t) * d.size() as u64)
-                    .sum(),
-            );
+            let raw: u64 = r
+                .outputs
+                .iter()
+                .zip(dtypes)
+                .map(|(t, d)| dims(t) * d.size() as u64)
+                .sum();
+            down.push(raw);
+            // What travelled, where the backend has a wire.
+            match r.payload {
+                Some(p) => {
+                    sent_up[i] = p.up;
+                    sent_down.push(p.down);
+                }
+                None => sent_down.push(raw),
+            }
             outs.push(
                 r.outputs
                     .iter()
@@ -435,6 +443,8 @@ impl<'a, E: Engine> Runtime<'a, E> {
             layer: layer.to_string(),
             up,
             down,
+            sent_up,
+            sent_down,
         });
         self.acct.round_trips += 1;
         #[cfg(feature = "eval-capture")]

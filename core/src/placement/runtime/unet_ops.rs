@@ -39,6 +39,9 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
     fn note_unet_call(&mut self) {
         self.acct.unet_calls += 1;
         self.calls += 1;
+        for b in self.backends {
+            b.begin_step(self.calls - 1);
+        }
     }
 
     /// The (rows, columns) of each U-Net level, finest first; strict strips are cut from the

@@ -18,6 +18,7 @@ mod writer;
 
 use super::{Compression, ErrorCode, Limits, Message};
 use crate::placement::engine::WireDtype;
+use crate::vocab::precision::ShardCodec;
 use reader::Reader;
 use writer::Writer;
 
@@ -69,8 +70,39 @@ pub mod compression {
 /// The smallest encoded call: an `Apply` with no name, operands or parameters (tag, kind,
 /// u16 name length, three u8 counts, keep flag, reply flag).
 const MIN_CALL_BYTES: usize = 1 + 1 + 2 + 3 + 1 + 1;
-/// The smallest encoded tensor: dtype, compression, rank 0, u64 payload length.
-const MIN_TENSOR_BYTES: usize = 1 + 1 + 1 + 8;
+/// Tensor codings (the quantizer tag, 0 for raw) and reference modes.
+pub mod coding {
+    pub const RAW: u8 = 0;
+    pub const REF_NONE: u8 = 0;
+    pub const REF_KEEP: u8 = 1;
+    pub const REF_RESIDUAL: u8 = 2;
+}
+
+/// The smallest encoded tensor: dtype, compression, rank 0, coding, reference mode, u64
+/// payload length.
+const MIN_TENSOR_BYTES: usize = 1 + 1 + 1 + 1 + 1 + 8;
+
+/// The codec byte of a request's reply coding.
+pub fn codec_to_u8(c: ShardCodec) -> u8 {
+    match c {
+        ShardCodec::None => 0,
+        ShardCodec::Int8 => 1,
+        ShardCodec::Int4 => 2,
+        ShardCodec::ResidualInt4 => 3,
+        ShardCodec::ResidualInt2 => 4,
+        ShardCodec::ResidualSign => 5,
+    }
+}
+
+pub fn codec_from_u8(b: u8) -> Result<ShardCodec> {
+    ShardCodec::ALL
+        .into_iter()
+        .find(|&c| codec_to_u8(c) == b)
+        .ok_or(WireError::UnknownTag {
+            what: "reply codec",
+            tag: b,
+        })
+}
 
 pub use crate::vocab::error::WireError;
 
@@ -150,8 +182,14 @@ fn to_u64(n: usize) -> u64 {
 
 /// Encodes a message. `compression` applies to every tensor the message carries (a request's
 /// inline operands, a reply's outputs); a request's own `compression` field is what it asks the
-/// server to use for the reply.
+/// server to use for the reply. Quantized payloads are zstd-compressed only where that makes
+/// them smaller.
 pub fn encode(msg: &Message, compression: Compression) -> Result<Vec<u8>> {
+    encode_counted(msg, compression).map(|(b, _)| b)
+}
+
+/// `encode`, and the tensor payload bytes in the message (after quantization and compression).
+pub fn encode_counted(msg: &Message, compression: Compression) -> Result<(Vec<u8>, u64)> {
     check_level(match compression {
         Compression::None => 0,
         Compression::Zstd(l) | Compression::ZstdByteSplit(l) => l,
@@ -165,6 +203,11 @@ pub fn encode(msg: &Message, compression: Compression) -> Result<Vec<u8>> {
 
 /// Decodes one whole message, enforcing `limits`.
 pub fn decode(buf: &[u8], limits: &Limits) -> Result<Message> {
+    decode_counted(buf, limits).map(|(m, _)| m)
+}
+
+/// `decode`, and the tensor payload bytes the message carried (as they travelled).
+pub fn decode_counted(buf: &[u8], limits: &Limits) -> Result<(Message, u64)> {
     if buf.len() > limits.max_message_bytes {
         return Err(WireError::TooLarge {
             what: "message bytes",
@@ -177,5 +220,5 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Message> {
     if r.remaining() != 0 {
         return Err(WireError::TrailingBytes(r.remaining()));
     }
-    Ok(msg)
+    Ok((msg, r.payload_bytes()))
 }

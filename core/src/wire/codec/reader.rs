@@ -3,14 +3,17 @@
 
 use super::planes::join_planes;
 use super::{
-    check_level, compression, dtype_from_u8, error_code_from_u8, kind, op, operand, tensor_bytes,
-    to_u64, Result, WireError, MAGIC, MIN_CALL_BYTES, MIN_TENSOR_BYTES,
+    check_level, codec_from_u8, coding, compression, dtype_from_u8, error_code_from_u8, kind, op,
+    operand, tensor_bytes, to_u64, Result, WireError, MAGIC, MIN_CALL_BYTES, MIN_TENSOR_BYTES,
 };
 use crate::placement::engine::Pad;
+use crate::placement::engine::WireDtype;
 use crate::vocab::job::{MAX_CANDIDATES, MAX_PROMPT_BYTES};
+use crate::wire::quant::Quant;
 use crate::wire::{
-    Compression, Limits, Message, WireCall, WireEarlySteps, WireOp, WireOperand, WireTensor,
-    MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
+    Coding, Compression, Limits, Message, RefMode, ReplyCoding, WireCall, WireEarlySteps, WireOp,
+    WireOperand, WireTensor, MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS,
+    PROTOCOL_VERSION,
 };
 
 /// A message being decoded: the whole buffer and the position read up to.
@@ -20,6 +23,8 @@ pub(super) struct Reader<'a> {
     limits: &'a Limits,
     /// Decoded tensor bytes so far (bounded by `max_message_bytes`).
     decoded: usize,
+    /// Tensor payload bytes read so far (as they travelled).
+    payload: u64,
     dctx: Option<zstd::bulk::Decompressor<'static>>,
 }
 
@@ -30,6 +35,7 @@ impl<'a> Reader<'a> {
             pos: 0,
             limits,
             decoded: 0,
+            payload: 0,
             dctx: None,
         }
     }
@@ -58,6 +64,11 @@ impl<'a> Reader<'a> {
             kind::REQUEST => {
                 let reply_dtype = dtype_from_u8(self.u8()?)?;
                 let compression = self.compression()?;
+                let reply_coding = ReplyCoding {
+                    codec: codec_from_u8(self.u8()?)?,
+                    exact: self.bool("exact step flag")?,
+                    first_slot: self.u32()?,
+                };
                 let n = self.count("call count", max_calls, MIN_CALL_BYTES)?;
                 let mut calls = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -67,6 +78,7 @@ impl<'a> Reader<'a> {
                     calls,
                     reply_dtype,
                     compression,
+                    reply_coding,
                 }
             }
             kind::EARLY_STEPS => Message::EarlySteps {
@@ -93,6 +105,11 @@ impl<'a> Reader<'a> {
                 })
             }
         })
+    }
+
+    /// Tensor payload bytes of the message so far.
+    pub(super) fn payload_bytes(&self) -> u64 {
+        self.payload
     }
 
     pub(super) fn remaining(&self) -> usize {
@@ -231,7 +248,24 @@ impl<'a> Reader<'a> {
         for _ in 0..rank {
             shape.push(self.usize32()?);
         }
+        let coding = self.coding()?;
+        // What the tensor decodes to (bounded here, before anything is allocated), and what its
+        // payload must be after decompression.
         let bytes = tensor_bytes(&shape, dtype)?;
+        let expected = match coding.quant {
+            None => bytes,
+            Some(q) => {
+                if dtype != WireDtype::F32 {
+                    return Err(WireError::Codec("quantized tensors decode to f32".into()));
+                }
+                if comp == compression::ZSTD_BYTE_SPLIT {
+                    return Err(WireError::Codec(
+                        "quantized payloads are not byte-split".into(),
+                    ));
+                }
+                q.payload_len(bytes / 4).ok_or(WireError::ShapeOverflow)?
+            }
+        };
         if bytes > self.limits.max_tensor_bytes {
             return Err(WireError::TooLarge {
                 what: "tensor bytes",
@@ -256,19 +290,20 @@ impl<'a> Reader<'a> {
             return Err(WireError::Truncated);
         }
         let payload = self.take(usize::try_from(len).map_err(|_| WireError::Truncated)?)?;
+        self.payload += len;
         let data = match comp {
             compression::NONE => {
-                if payload.len() != bytes {
+                if payload.len() != expected {
                     return Err(WireError::LengthMismatch {
                         what: "tensor payload",
-                        expected: to_u64(bytes),
+                        expected: to_u64(expected),
                         actual: len,
                     });
                 }
                 payload.to_vec()
             }
             _ => {
-                let raw = self.decompress(payload, bytes)?;
+                let raw = self.decompress(payload, expected)?;
                 if comp == compression::ZSTD_BYTE_SPLIT {
                     join_planes(&raw, dtype.size())
                 } else {
@@ -276,7 +311,41 @@ impl<'a> Reader<'a> {
                 }
             }
         };
-        Ok(WireTensor { dtype, shape, data })
+        Ok(WireTensor {
+            dtype,
+            shape,
+            data,
+            coding,
+        })
+    }
+
+    /// A tensor's coding: the quantizer tag (0 raw) and the reference mode with its slot.
+    fn coding(&mut self) -> Result<Coding> {
+        let tag = self.u8()?;
+        let quant = match tag {
+            coding::RAW => None,
+            t => Some(Quant::from_tag(t).ok_or(WireError::UnknownTag {
+                what: "tensor coding",
+                tag: t,
+            })?),
+        };
+        let reference = match self.u8()? {
+            coding::REF_NONE => RefMode::None,
+            coding::REF_KEEP => RefMode::Keep(self.u32()?),
+            coding::REF_RESIDUAL => {
+                if quant.is_none() {
+                    return Err(WireError::Codec("a residual must be quantized".into()));
+                }
+                RefMode::Residual(self.u32()?)
+            }
+            t => {
+                return Err(WireError::UnknownTag {
+                    what: "reference mode",
+                    tag: t,
+                })
+            }
+        };
+        Ok(Coding { quant, reference })
     }
 
     /// One-shot zstd decompression into a buffer of exactly `expected` bytes.

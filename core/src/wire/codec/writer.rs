@@ -5,12 +5,13 @@ use std::io::Cursor;
 
 use super::planes::split_planes;
 use super::{
-    check_level, compression, dtype_to_u8, error_code_to_u8, kind, op, operand, tensor_bytes,
-    to_u64, Result, WireError, MAGIC,
+    check_level, codec_to_u8, coding, compression, dtype_to_u8, error_code_to_u8, kind, op,
+    operand, tensor_bytes, to_u64, Result, WireError, MAGIC,
 };
+use crate::placement::engine::WireDtype;
 use crate::vocab::job::MAX_CANDIDATES;
 use crate::wire::{
-    Compression, Message, WireCall, WireEarlySteps, WireOp, WireOperand, WireTensor,
+    Compression, Message, RefMode, WireCall, WireEarlySteps, WireOp, WireOperand, WireTensor,
     MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
 };
 
@@ -22,6 +23,8 @@ pub(super) struct Writer {
     cctx: Option<zstd::bulk::Compressor<'static>>,
     /// Byte-plane buffer, reused across tensors.
     scratch: Vec<u8>,
+    /// Tensor payload bytes written so far.
+    payload: u64,
 }
 
 impl Writer {
@@ -31,11 +34,13 @@ impl Writer {
             compression,
             cctx: None,
             scratch: Vec::new(),
+            payload: 0,
         }
     }
 
-    /// The header (magic, version, kind) and the body of `msg`; returns the encoded bytes.
-    pub(super) fn message(mut self, msg: &Message) -> Result<Vec<u8>> {
+    /// The header (magic, version, kind) and the body of `msg`; returns the encoded bytes and
+    /// the tensor payload bytes among them.
+    pub(super) fn message(mut self, msg: &Message) -> Result<(Vec<u8>, u64)> {
         self.buf.extend_from_slice(&MAGIC);
         self.u16(PROTOCOL_VERSION);
         match msg {
@@ -58,10 +63,14 @@ impl Writer {
                 calls,
                 reply_dtype,
                 compression: reply_compression,
+                reply_coding,
             } => {
                 self.u8(kind::REQUEST);
                 self.u8(dtype_to_u8(*reply_dtype));
                 self.compression(*reply_compression)?;
+                self.u8(codec_to_u8(reply_coding.codec));
+                self.bool(reply_coding.exact);
+                self.u32(reply_coding.first_slot);
                 self.usize_u32(calls.len(), "call count")?;
                 for c in calls {
                     self.call(c)?;
@@ -90,7 +99,7 @@ impl Writer {
                 self.string(message, "error message")?;
             }
         }
-        Ok(self.buf)
+        Ok((self.buf, self.payload))
     }
 
     fn u8(&mut self, v: u8) {
@@ -188,10 +197,20 @@ impl Writer {
     }
 
     fn tensor(&mut self, t: &WireTensor) -> Result<()> {
-        let expected = tensor_bytes(&t.shape, t.dtype)?;
+        let (expected, what) = match t.coding.quant {
+            None => (tensor_bytes(&t.shape, t.dtype)?, "tensor data"),
+            Some(q) => {
+                if t.dtype != WireDtype::F32 {
+                    return Err(WireError::Codec("quantized tensors decode to f32".into()));
+                }
+                let n = tensor_bytes(&t.shape, WireDtype::F32)? / 4;
+                let len = q.payload_len(n).ok_or(WireError::ShapeOverflow)?;
+                (len, "quantized payload")
+            }
+        };
         if t.data.len() != expected {
             return Err(WireError::LengthMismatch {
-                what: "tensor data",
+                what,
                 expected: to_u64(expected),
                 actual: to_u64(t.data.len()),
             });
@@ -201,8 +220,23 @@ impl Writer {
             len: to_u64(t.shape.len()),
             limit: u64::from(u8::MAX),
         })?;
+        // A quantized payload is zstd-compressed (never byte-split) only where that pays.
+        let packed = match (t.coding.quant, self.compression) {
+            (Some(_), Compression::Zstd(level) | Compression::ZstdByteSplit(level)) => {
+                let z = self
+                    .compressor(level)?
+                    .compress(&t.data)
+                    .map_err(|e| WireError::Compress(e.to_string()))?;
+                (z.len() < t.data.len()).then_some(z)
+            }
+            _ => None,
+        };
         self.u8(dtype_to_u8(t.dtype));
-        let c = self.compression;
+        let c = match (t.coding.quant, &packed) {
+            (None, _) => self.compression,
+            (Some(_), Some(_)) => Compression::Zstd(0),
+            (Some(_), None) => Compression::None,
+        };
         self.u8(match c {
             Compression::None => compression::NONE,
             Compression::Zstd(_) => compression::ZSTD,
@@ -212,17 +246,37 @@ impl Writer {
         for &d in &t.shape {
             self.usize_u32(d, "tensor dimension")?;
         }
-        match c {
-            Compression::None => {
-                self.u64(to_u64(t.data.len()));
-                self.buf.extend_from_slice(&t.data);
-                Ok(())
+        self.u8(t.coding.quant.map_or(coding::RAW, |q| q.tag()));
+        match t.coding.reference {
+            RefMode::None => self.u8(coding::REF_NONE),
+            RefMode::Keep(slot) => {
+                self.u8(coding::REF_KEEP);
+                self.u32(slot);
             }
-            Compression::Zstd(level) => self.zstd_payload(level, false, &t.data, t.dtype.size()),
-            Compression::ZstdByteSplit(level) => {
-                self.zstd_payload(level, true, &t.data, t.dtype.size())
+            RefMode::Residual(slot) => {
+                self.u8(coding::REF_RESIDUAL);
+                self.u32(slot);
             }
         }
+        let before = self.buf.len();
+        match (c, packed) {
+            (_, Some(z)) => {
+                self.u64(to_u64(z.len()));
+                self.buf.extend_from_slice(&z);
+            }
+            (Compression::None, None) => {
+                self.u64(to_u64(t.data.len()));
+                self.buf.extend_from_slice(&t.data);
+            }
+            (Compression::Zstd(level), None) => {
+                self.zstd_payload(level, false, &t.data, t.dtype.size())?
+            }
+            (Compression::ZstdByteSplit(level), None) => {
+                self.zstd_payload(level, true, &t.data, t.dtype.size())?
+            }
+        }
+        self.payload += to_u64(self.buf.len() - before - 8);
+        Ok(())
     }
 
     fn operand(&mut self, o: &WireOperand) -> Result<()> {
