@@ -81,6 +81,13 @@ pub struct VeilConfig {
     /// Byte-split zstd level on the wire, 0 = off.
     #[uniffi(default = 0)]
     pub zstd_level: i32,
+    /// Lossy coding of activations on the wire: `none`, `int8`, `int4`, `residual-int4`,
+    /// `residual-int2` or `residual-sign` (docs/PROTOCOL.md §8).
+    #[uniffi(default = "none")]
+    pub compress: String,
+    /// Denoising steps, from the first, whose activations travel exact.
+    #[uniffi(default = 1)]
+    pub exact_steps: u32,
     #[uniffi(default = 120.0)]
     pub request_timeout_seconds: f64,
     #[uniffi(default = 10.0)]
@@ -284,6 +291,8 @@ impl From<VeilConfig> for sdk::VeilConfig {
             policy: c.policy,
             wire: c.wire,
             zstd_level: c.zstd_level,
+            compress: c.compress,
+            exact_steps: c.exact_steps,
             request_timeout_seconds: c.request_timeout_seconds,
             connect_timeout_seconds: c.connect_timeout_seconds,
             defaults: sdk::GenerationDefaults {

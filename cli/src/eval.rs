@@ -568,6 +568,10 @@ fn link_section(md: &mut String, a: &EvalArgs, prompt: &str) -> Result<()> {
             steps: a.link_steps,
             wire: "f32".into(),
             zstd: 0,
+            codec: crate::codec_args::CodecArgs {
+                compress: Default::default(),
+                exact_steps: 0,
+            },
             width: None,
             height: None,
             prompt: prompt.to_string(),

@@ -31,7 +31,7 @@ use veil_core::client::pipeline::{seeded_normal, GenerateOptions, StableDiffusio
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
 use veil_core::placement::{GnVariant, Policy, ShardBackend, WireDtype};
-use veil_core::transport::{compression_for, connect_backends, ClientOptions, QuicBackend};
+use veil_core::transport::{connect_backends, ClientOptions, QuicBackend};
 use veil_core::wire::identity::model_identity;
 use veil_devtools::link::{Direction, LinkEmulator, LinkProfile, LinkStats};
 use veil_server::{spawn_local, ServerLimits, ShardModel};
@@ -62,6 +62,8 @@ pub struct LinkBenchArgs {
     /// zstd level for tensors on the wire (byte-split); 0 = off.
     #[arg(long, default_value_t = 0)]
     pub zstd: i32,
+    #[command(flatten)]
+    pub codec: crate::codec_args::CodecArgs,
     /// Image width in pixels (default: the U-Net's sample_size × the VAE factor).
     #[arg(long)]
     pub width: Option<usize>,
@@ -153,11 +155,9 @@ pub fn measure(a: &LinkBenchArgs) -> Result<Value> {
         .enable_all()
         .build()?;
     let options = ClientOptions {
-        wire,
-        compression: compression_for(wire, a.zstd),
         request_timeout: timeout,
         device: device.clone(),
-        ..ClientOptions::default()
+        ..a.codec.client_options(wire, a.zstd)
     };
     let cluster = {
         let _servers = server_rt.enter();

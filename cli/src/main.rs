@@ -10,6 +10,7 @@
 //!   the evaluation report (docs/EVAL.md: utility, fidelity, traffic, FLOPs, attacks).
 
 mod bench;
+mod codec_args;
 mod eval;
 mod eval_adherence;
 mod eval_attacks;
@@ -34,9 +35,7 @@ use veil_core::model::config::{read_json, UNetConfig};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::model::unet::UNet;
 use veil_core::placement::{GnVariant, Policy, WireDtype};
-use veil_core::transport::{
-    compression_for, connect_backends, load_server_list, ClientOptions, QuicBackend,
-};
+use veil_core::transport::{connect_backends, load_server_list, ClientOptions, QuicBackend};
 use veil_core::wire::identity::model_identity;
 use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
 
@@ -212,6 +211,8 @@ struct GenerateArgs {
     /// servers only.
     #[arg(long, default_value_t = 0)]
     zstd: i32,
+    #[command(flatten)]
+    codec: codec_args::CodecArgs,
     /// Seconds a QUIC shard request may take before the generation fails.
     #[arg(long, default_value_t = 120.0)]
     request_timeout: f64,
@@ -252,6 +253,10 @@ struct PlanArgs {
     /// Account a late step of the attention-reuse reducer (no gathers for attention).
     #[arg(long)]
     reuse_attention: bool,
+    #[command(flatten)]
+    codec: codec_args::CodecArgs,
+    #[command(flatten)]
+    projection: codec_args::ProjectionArgs,
 }
 
 fn main() -> Result<()> {
@@ -571,11 +576,9 @@ async fn connect_quic(
     let timeout = veil_core::vocab::positive_seconds(a.request_timeout)
         .context("--request-timeout must be a positive number of seconds")?;
     let options = ClientOptions {
-        wire,
-        compression: compression_for(wire, a.zstd),
         request_timeout: timeout,
         device: device.clone(),
-        ..ClientOptions::default()
+        ..a.codec.client_options(wire, a.zstd)
     };
     let model_id = model_identity(&sd.unet, sd.unet_engine.weights());
     let quic_backends = connect_backends(&specs, model_id, &options).await?;
@@ -737,10 +740,33 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
             guidance_halves: a.placement.guidance_halves(),
         },
     )?;
+    let projection = codec_args::projection(
+        &a.codec,
+        &a.projection,
+        p.bytes_up_per_step,
+        p.bytes_down_per_step,
+        p.round_trips_per_step,
+    )?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        let mut v = serde_json::to_value(&p)?;
+        v["projection"] = projection;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", p.to_table());
+        let f = |k: &str| projection[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "link ({}, {}, {} exact of {} steps, ratio up {:.2} down {:.2}): {:.2} s per coded \
+             step, {:.2} s per exact step, {:.1} s per image (bytes ÷ rate + round trips × RTT)",
+            a.projection.profile,
+            a.codec.compress,
+            projection["exact_steps"],
+            a.projection.steps,
+            f("assumed_ratio_up"),
+            f("assumed_ratio_down"),
+            f("link_seconds_per_coded_step"),
+            f("link_seconds_per_exact_step"),
+            f("link_seconds_per_image"),
+        );
     }
     Ok(())
 }

@@ -99,8 +99,12 @@ pub struct RunStats {
     pub wall_seconds: f64,
     pub steps: usize,
     pub unet_calls: u64,
+    /// Tensor payload bytes as they travelled (after the shard codec and compression).
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// The same tensors in the wire dtype before any codec or compression.
+    pub raw_bytes_up: u64,
+    pub raw_bytes_down: u64,
     pub round_trips: u64,
     pub device_flops: u64,
     pub server_flops: u64,
@@ -115,6 +119,8 @@ impl RunStats {
             unet_calls: a.unet_calls,
             bytes_up: a.bytes_up(),
             bytes_down: a.bytes_down(),
+            raw_bytes_up: a.raw_bytes_up(),
+            raw_bytes_down: a.raw_bytes_down(),
             round_trips: a.round_trips,
             device_flops: a.device_flops,
             server_flops: a.server_flops_total(),

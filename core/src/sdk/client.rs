@@ -239,6 +239,8 @@ impl Inner {
         let options = ClientOptions {
             wire: c.wire,
             compression: compression_for(c.wire, c.zstd_level),
+            codec: c.codec,
+            exact_steps: u64::from(c.exact_steps),
             request_timeout: c.request_timeout,
             connect_timeout: c.connect_timeout,
             device: self.sd.device.clone(),

@@ -7,6 +7,7 @@ use crate::model::scheduler::SchedulerKind;
 use crate::placement::engine::WireDtype;
 use crate::placement::policy::{GnVariant, Policy};
 use crate::transport::{Fingerprint, ServerSpec};
+use crate::vocab::precision::ShardCodec;
 
 use super::error::VeilError;
 
@@ -88,6 +89,12 @@ pub struct VeilConfig {
     pub wire: String,
     /// Byte-split zstd level for tensors on the wire, 0 = off.
     pub zstd_level: i32,
+    /// Lossy coding of activations on the wire (docs/PROTOCOL.md §8): `none`, `int8`, `int4`,
+    /// `residual-int4`, `residual-int2` or `residual-sign`. Lossy: see docs/BENCHMARKS.md for
+    /// each codec's fidelity against `local`.
+    pub compress: String,
+    /// Denoising steps, from the first, whose activations travel exact.
+    pub exact_steps: u32,
     /// Longest a single request to a server may take.
     pub request_timeout_seconds: f64,
     /// Longest the QUIC + Veil handshake with a server may take.
@@ -117,6 +124,8 @@ impl VeilConfig {
             policy: "strict".into(),
             wire: "f32".into(),
             zstd_level: 0,
+            compress: "none".into(),
+            exact_steps: 1,
             request_timeout_seconds: 120.0,
             connect_timeout_seconds: 10.0,
             defaults: GenerationDefaults::default(),
@@ -133,6 +142,8 @@ pub(crate) struct Validated {
     pub policy: Policy,
     pub wire: WireDtype,
     pub zstd_level: i32,
+    pub codec: ShardCodec,
+    pub exact_steps: u32,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub defaults: GenerationDefaults,
@@ -220,6 +231,10 @@ impl VeilConfig {
                 self.zstd_level
             )));
         }
+        let codec: ShardCodec = self
+            .compress
+            .parse()
+            .map_err(|e: crate::vocab::error::Error| VeilError::config(e.to_string()))?;
         let d = &self.defaults;
         check_generation(d.steps, d.guidance)?;
         let scheduler = parse_scheduler(&d.scheduler)?;
@@ -238,6 +253,8 @@ impl VeilConfig {
             policy,
             wire,
             zstd_level: self.zstd_level,
+            codec,
+            exact_steps: self.exact_steps,
             request_timeout: seconds("request_timeout_seconds", self.request_timeout_seconds)?,
             connect_timeout: seconds("connect_timeout_seconds", self.connect_timeout_seconds)?,
             defaults: d.clone(),

@@ -109,6 +109,10 @@ impl Quant {
     /// give the largest f16 scale rather than ∞.
     fn scale(self, block: &[f32]) -> f16 {
         let s = match self {
+            // The MSE-optimal mean |x|. One bit moves every element by exactly ±s a step, so an
+            // element changing faster than s falls behind (tests/shard_codec.rs measures it); a
+            // larger scale (1.25 × RMS) follows a synthetic drift but scored 11.9 dB against
+            // 23.5 dB on the tiny model's activations (docs/BENCHMARKS.md).
             Quant::Sign => block.iter().map(|v| v.abs()).sum::<f32>() / block.len().max(1) as f32,
             _ => {
                 let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -206,10 +210,10 @@ mod tests {
         let mut y = vec![0.0; x.len()];
         Quant::Sign.dequantize(&p, &mut y).unwrap();
         for (xb, yb) in x.chunks(BLOCK).zip(y.chunks(BLOCK)) {
-            let mean = xb.iter().map(|v| v.abs()).sum::<f32>() / xb.len() as f32;
+            let s = xb.iter().map(|v| v.abs()).sum::<f32>() / xb.len() as f32;
             for (a, c) in xb.iter().zip(yb) {
                 assert_eq!(a.is_sign_negative(), c.is_sign_negative());
-                assert!((c.abs() - mean).abs() <= mean * 1e-3);
+                assert!((c.abs() - s).abs() <= s * 1e-3);
             }
         }
         // Int2: the levels ±s, ±3s with s = max/3; nearest level.

@@ -1619,6 +1619,15 @@ public struct VeilConfig: Equatable, Hashable {
      * Byte-split zstd level on the wire, 0 = off.
      */
     public var zstdLevel: Int32
+    /**
+     * Lossy coding of activations on the wire: `none`, `int8`, `int4`, `residual-int4`,
+     * `residual-int2` or `residual-sign` (docs/PROTOCOL.md §8).
+     */
+    public var compress: String
+    /**
+     * Denoising steps, from the first, whose activations travel exact.
+     */
+    public var exactSteps: UInt32
     public var requestTimeoutSeconds: Double
     public var connectTimeoutSeconds: Double
     public var defaults: GenerationDefaults
@@ -1648,7 +1657,14 @@ public struct VeilConfig: Equatable, Hashable {
          */wire: String = "f32", 
         /**
          * Byte-split zstd level on the wire, 0 = off.
-         */zstdLevel: Int32 = 0, requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults = GenerationDefaults(), 
+         */zstdLevel: Int32 = 0, 
+        /**
+         * Lossy coding of activations on the wire: `none`, `int8`, `int4`, `residual-int4`,
+         * `residual-int2` or `residual-sign` (docs/PROTOCOL.md §8).
+         */compress: String = "none", 
+        /**
+         * Denoising steps, from the first, whose activations travel exact.
+         */exactSteps: UInt32 = UInt32(1), requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults = GenerationDefaults(), 
         /**
          * The user's obfuscation key file (`None`: none): created with a fresh random key (mode
          * 0600) when missing, read at every later start; put it in app-private storage that
@@ -1661,6 +1677,8 @@ public struct VeilConfig: Equatable, Hashable {
         self.policy = policy
         self.wire = wire
         self.zstdLevel = zstdLevel
+        self.compress = compress
+        self.exactSteps = exactSteps
         self.requestTimeoutSeconds = requestTimeoutSeconds
         self.connectTimeoutSeconds = connectTimeoutSeconds
         self.defaults = defaults
@@ -1688,6 +1706,8 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
                 policy: FfiConverterString.read(from: &buf), 
                 wire: FfiConverterString.read(from: &buf), 
                 zstdLevel: FfiConverterInt32.read(from: &buf), 
+                compress: FfiConverterString.read(from: &buf), 
+                exactSteps: FfiConverterUInt32.read(from: &buf), 
                 requestTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
                 connectTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
                 defaults: FfiConverterTypeGenerationDefaults.read(from: &buf), 
@@ -1701,6 +1721,8 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
         FfiConverterString.write(value.policy, into: &buf)
         FfiConverterString.write(value.wire, into: &buf)
         FfiConverterInt32.write(value.zstdLevel, into: &buf)
+        FfiConverterString.write(value.compress, into: &buf)
+        FfiConverterUInt32.write(value.exactSteps, into: &buf)
         FfiConverterDouble.write(value.requestTimeoutSeconds, into: &buf)
         FfiConverterDouble.write(value.connectTimeoutSeconds, into: &buf)
         FfiConverterTypeGenerationDefaults.write(value.defaults, into: &buf)

@@ -2635,6 +2635,17 @@ data class VeilConfig (
      */
     var `zstdLevel`: kotlin.Int = 0 
     , 
+    /**
+     * Lossy coding of activations on the wire: `none`, `int8`, `int4`, `residual-int4`,
+     * `residual-int2` or `residual-sign` (docs/PROTOCOL.md §8).
+     */
+    var `compress`: kotlin.String = "none" 
+    , 
+    /**
+     * Denoising steps, from the first, whose activations travel exact.
+     */
+    var `exactSteps`: kotlin.UInt = 1u 
+    , 
     var `requestTimeoutSeconds`: kotlin.Double = 120.0 
     , 
     var `connectTimeoutSeconds`: kotlin.Double = 10.0 
@@ -2670,6 +2681,8 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterInt.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterUInt.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterTypeGenerationDefaults.read(buf),
@@ -2683,6 +2696,8 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterString.allocationSize(value.`policy`) +
             FfiConverterString.allocationSize(value.`wire`) +
             FfiConverterInt.allocationSize(value.`zstdLevel`) +
+            FfiConverterString.allocationSize(value.`compress`) +
+            FfiConverterUInt.allocationSize(value.`exactSteps`) +
             FfiConverterDouble.allocationSize(value.`requestTimeoutSeconds`) +
             FfiConverterDouble.allocationSize(value.`connectTimeoutSeconds`) +
             FfiConverterTypeGenerationDefaults.allocationSize(value.`defaults`) +
@@ -2695,6 +2710,8 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterString.write(value.`policy`, buf)
             FfiConverterString.write(value.`wire`, buf)
             FfiConverterInt.write(value.`zstdLevel`, buf)
+            FfiConverterString.write(value.`compress`, buf)
+            FfiConverterUInt.write(value.`exactSteps`, buf)
             FfiConverterDouble.write(value.`requestTimeoutSeconds`, buf)
             FfiConverterDouble.write(value.`connectTimeoutSeconds`, buf)
             FfiConverterTypeGenerationDefaults.write(value.`defaults`, buf)
