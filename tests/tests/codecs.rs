@@ -1,0 +1,139 @@
+//! Whole generations under each shard codec (docs/PROTOCOL.md §8): the trained tiny model,
+//! `strict`, 20 DDIM steps, 4 real QUIC servers on loopback, f16 wire, one exact step. Each
+//! codec's picture must stay within its stated PSNR against `local` (docs/BENCHMARKS.md, "Shard
+//! codecs"), send fewer bytes than it would raw, and leave every server's view as it was: the
+//! same kinds of tensors over the same rows (the audit), nothing text-indexed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
+use veil_core::model::scheduler::SchedulerKind;
+use veil_core::placement::audit::Audit;
+use veil_core::placement::{Policy, ShardBackend, WireDtype};
+use veil_core::transport::{connect_backends, ClientOptions, QuicBackend};
+use veil_core::vocab::precision::ShardCodec;
+use veil_core::wire::identity::model_identity;
+use veil_server::{spawn_local, ServerLimits, ShardModel};
+use veil_tests::{psnr, repo_root};
+
+const STEPS: usize = 20;
+
+/// Each codec's floor in dB against `local` (measured 84.5, 51.0, 27.0, 44.5, 22.3 and 23.6 dB
+/// on 2026-11-30; the floors leave room for other CPUs' rounding in candle's kernels).
+const FLOORS: [(ShardCodec, f64); 6] = [
+    (ShardCodec::None, 60.0),
+    (ShardCodec::Int8, 45.0),
+    (ShardCodec::Int4, 23.0),
+    (ShardCodec::ResidualInt4, 40.0),
+    (ShardCodec::ResidualInt2, 19.0),
+    (ShardCodec::ResidualSign, 20.0),
+];
+
+fn opts(policy: Policy) -> GenerateOptions {
+    GenerateOptions {
+        prompt: "a large red circle on the left on a white background".into(),
+        steps: STEPS,
+        guidance: 5.0,
+        seed: 1,
+        width: 64,
+        height: 64,
+        scheduler: SchedulerKind::Ddim,
+        policy,
+        wire: WireDtype::F16,
+        ..Default::default()
+    }
+}
+
+/// (kind, server, call, resolution, rows) of every view: what each server was sent, without
+/// the byte counts a codec changes.
+fn shape_of(a: &Audit) -> Vec<String> {
+    let mut v: Vec<String> = a
+        .views
+        .iter()
+        .map(|v| {
+            format!(
+                "{:?} {} {} {:?} {:?} {:?} {}",
+                v.kind, v.server, v.call, v.resolution, v.rows, v.class, v.text_indexed
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn generate_with(
+    sd: &StableDiffusion,
+    specs: &[veil_core::transport::ServerSpec],
+    codec: ShardCodec,
+) -> Generation {
+    let options = ClientOptions {
+        wire: WireDtype::F16,
+        codec,
+        exact_steps: 1,
+        request_timeout: Duration::from_secs(120),
+        ..ClientOptions::default()
+    };
+    let id = model_identity(&sd.unet, sd.unet_engine.weights());
+    let b: Vec<Arc<QuicBackend>> = connect_backends(specs, id, &options)
+        .await
+        .expect("connect");
+    let dyns: Vec<Arc<dyn ShardBackend<Tensor>>> = b
+        .iter()
+        .map(|q| q.clone() as Arc<dyn ShardBackend<Tensor>>)
+        .collect();
+    let g = sd
+        .generate(&opts(Policy::Strict), &dyns, &mut |_| {})
+        .await
+        .expect("generate");
+    for q in &b {
+        q.close().await;
+    }
+    g
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_codec_within_its_floor_with_the_same_view() {
+    let sd =
+        StableDiffusion::load(&repo_root().join("models/tiny-shapes"), &Device::Cpu).expect("load");
+    let local = sd
+        .generate(&opts(Policy::Local), &[], &mut |_| {})
+        .await
+        .expect("local");
+    let model = Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine));
+    let cluster = spawn_local(4, model, ServerLimits::default()).expect("servers");
+    let mut plain: Option<Generation> = None;
+    for (codec, floor) in FLOORS {
+        let g = generate_with(&sd, &cluster.specs, codec).await;
+        let db = psnr(&g.image, &local.image);
+        let s = &g.stats;
+        println!(
+            "{codec}: {db:.2} dB vs local; up {} B ({} raw), down {} B ({} raw)",
+            s.bytes_up, s.raw_bytes_up, s.bytes_down, s.raw_bytes_down
+        );
+        assert!(db >= floor, "{codec}: {db:.2} dB < {floor} dB");
+        for i in 0..4 {
+            assert_eq!(g.audit.text_indexed_bytes(i), 0, "{codec}");
+        }
+        match &plain {
+            None => {
+                assert_eq!(codec, ShardCodec::None);
+                assert_eq!(s.bytes_up, s.raw_bytes_up, "uncoded: what travelled is raw");
+                plain = Some(g);
+            }
+            Some(p) => {
+                assert!(s.bytes_up < s.raw_bytes_up && s.bytes_down < s.raw_bytes_down);
+                // The raw traffic is the codec-free run's, and so is every server's view.
+                assert_eq!(s.raw_bytes_up, p.stats.raw_bytes_up, "{codec}");
+                assert_eq!(s.round_trips, p.stats.round_trips, "{codec}");
+                assert_eq!(shape_of(&g.audit), shape_of(&p.audit), "{codec}");
+                for i in 0..4 {
+                    assert_eq!(g.audit.received_rows(i), p.audit.received_rows(i));
+                    assert_eq!(g.audit.bytes(i), p.audit.bytes(i), "raw bytes per server");
+                }
+            }
+        }
+    }
+    cluster.shutdown().await;
+}
