@@ -281,3 +281,109 @@ fn hostile_coded_tensors_are_refused() {
         Err(WireError::Codec(_))
     ));
 }
+
+/// A Request carrying a key frame and a residual of one slot, and a moments operand that stays
+/// raw: the `request_coded` seed of fuzz/seeds/frame_decoder (written when
+/// `VEIL_WRITE_FUZZ_SEEDS` is set; otherwise the committed seed must decode to this message).
+#[test]
+fn coded_request_seed() {
+    use veil_core::wire::convert::apply_kind;
+    use veil_core::wire::references::coded_inputs;
+    use veil_core::wire::{ReplyCoding, WireCall, WireOp, WireOperand};
+    let x = normals(128, 21);
+    let call = |op| WireCall {
+        op,
+        keep_as: Some(1),
+        reply: false,
+    };
+    let mut calls = vec![
+        call(WireOp::Identity {
+            input: WireOperand::Inline(raw(&[1, 2, 8, 8], &x)),
+        }),
+        call(WireOp::Apply {
+            kind: apply_kind::GROUP_NORM_APPLY,
+            layer: "down_blocks.0.resnets.0.norm1".into(),
+            operands: vec![
+                WireOperand::Inline(raw(&[1, 2, 8, 8], &x)),
+                WireOperand::Inline(raw(&[1, 2, 2], &[0.0, 1.0, 0.5, 2.0])),
+            ],
+            ints: vec![],
+            floats: vec![],
+        }),
+    ];
+    let mut end = end();
+    for (slot, t) in coded_inputs(&mut calls).into_iter().enumerate() {
+        let how = SendAs {
+            codec: ShardCodec::ResidualSign,
+            exact: false,
+            slot: 0,
+        };
+        let raw_t = std::mem::replace(t, raw(&[], &[]));
+        *t = end.encode(raw_t, how).unwrap();
+        assert!(slot < 2, "the moments are not coded");
+    }
+    let msg = Message::Request {
+        calls,
+        reply_dtype: WireDtype::F16,
+        compression: Compression::None,
+        reply_coding: ReplyCoding {
+            codec: ShardCodec::ResidualSign,
+            exact: false,
+            first_slot: 0,
+        },
+    };
+    let bytes = encode_counted(&msg, Compression::None).unwrap().0;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/seeds/frame_decoder/request_coded"
+    );
+    if std::env::var_os("VEIL_WRITE_FUZZ_SEEDS").is_some() {
+        std::fs::write(path, &bytes).unwrap();
+    }
+    let committed = std::fs::read(path).expect("the committed seed");
+    assert_eq!(committed, bytes);
+    // The server's side decodes it: a key frame, then a residual against it, moments raw.
+    let Ok((Message::Request { mut calls, .. }, _)) =
+        decode_counted(&committed, &Limits::default())
+    else {
+        panic!("seed does not decode")
+    };
+    let mut server = self::end();
+    server.decode_calls(&mut calls).unwrap();
+    assert!(server.reference_bytes() > 0);
+}
+
+proptest::proptest! {
+    /// Any coded tensor — any quantizer, reference mode, slot, shape and payload bytes of the
+    /// right length — decodes or is refused with a `WireError`; never a panic.
+    #[test]
+    fn hostile_codings_never_panic(
+        tag in 0u8..6,
+        mode in 0u8..3,
+        slot in 0u32..4,
+        dims in proptest::collection::vec(0usize..20, 0..4),
+        fill in proptest::num::u8::ANY,
+        steps in 1usize..4,
+    ) {
+        let mut rx = CodecEnd::new(1 << 16, 3);
+        let n: usize = dims.iter().product();
+        for _ in 0..steps {
+            let quant = Quant::from_tag(tag);
+            let len = quant.map_or(n * 4, |q| q.payload_len(n).unwrap());
+            let t = WireTensor {
+                dtype: WireDtype::F32,
+                shape: dims.clone(),
+                data: vec![fill; len],
+                coding: Coding {
+                    quant,
+                    reference: match mode {
+                        0 => RefMode::None,
+                        1 => RefMode::Keep(slot),
+                        _ => RefMode::Residual(slot),
+                    },
+                },
+            };
+            let _ = rx.decode(t);
+        }
+    }
+}
