@@ -17,9 +17,20 @@ pub struct CodecArgs {
     /// residual codecs keep them as their first references). Later steps are coded.
     #[arg(long, default_value_t = 1)]
     pub exact_steps: u64,
+    /// Stale synchronisation (DistriFusion) after the exact steps (at least one): GroupNorm
+    /// moments and halo rows on the strips are the previous step's, so a step waits only for
+    /// the attention gathers and the output. Strict only.
+    #[arg(long)]
+    pub stale_sync: bool,
 }
 
 impl CodecArgs {
+    /// The first stale step, if stale synchronisation is on.
+    pub fn stale_sync_from(&self) -> Option<usize> {
+        self.stale_sync
+            .then(|| usize::try_from(self.exact_steps.max(1)).unwrap_or(usize::MAX))
+    }
+
     /// Client options carrying these codec flags, the wire dtype and zstd level.
     pub fn client_options(&self, wire: WireDtype, zstd: i32) -> ClientOptions {
         ClientOptions {

@@ -571,6 +571,7 @@ fn link_section(md: &mut String, a: &EvalArgs, prompt: &str) -> Result<()> {
             codec: crate::codec_args::CodecArgs {
                 compress: Default::default(),
                 exact_steps: 0,
+                stale_sync: false,
             },
             width: None,
             height: None,

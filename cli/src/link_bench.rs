@@ -295,6 +295,7 @@ async fn generation(
         scheduler,
         policy,
         wire,
+        stale_sync_from: a.codec.stale_sync_from(),
         ..Default::default()
     };
     let backends: Vec<Arc<dyn ShardBackend<Tensor>>> = quic

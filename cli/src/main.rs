@@ -463,6 +463,7 @@ fn generate_options(
         policy,
         wire,
         attention_reuse_from: a.reuse_attention_from,
+        stale_sync_from: a.codec.stale_sync_from(),
         guidance_halves: a.placement.guidance_halves(),
         capture_from_step: None,
         obfuscation: if policy == Policy::Obfuscated {
@@ -737,6 +738,7 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
             policy,
             wire,
             reuse_attention: a.reuse_attention,
+            stale_sync: a.codec.stale_sync,
             guidance_halves: a.placement.guidance_halves(),
         },
     )?;

@@ -149,6 +149,7 @@ async fn plan_equals_measured_traffic() {
             policy,
             wire,
             reuse_attention: false,
+            stale_sync: false,
             guidance_halves: None,
         };
         let step = account_step(&sd.unet, &input).expect("plan");
@@ -200,6 +201,7 @@ fn sd15_plan_matches_ppidm_groupnorm_table() {
             },
             wire: WireDtype::F32,
             reuse_attention: false,
+            stale_sync: false,
             guidance_halves: None,
         },
     )

@@ -173,6 +173,7 @@ pub fn early_steps_flops(
                 policy: Policy::Local,
                 wire: WireDtype::F32,
                 reuse_attention: reuse,
+                stale_sync: false,
                 guidance_halves: None,
             },
         )

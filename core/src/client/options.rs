@@ -39,6 +39,10 @@ pub struct GenerateOptions {
     /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
     /// output of the step before instead of recomputing it (None: always recompute).
     pub attention_reuse_from: Option<usize>,
+    /// Stale synchronisation (DistriFusion): from this step on, GroupNorm moments and halo rows
+    /// on the strips are the previous step's, and this step's ride along with the next round
+    /// trip (None: exact every step).
+    pub stale_sync_from: Option<usize>,
     /// Which servers a guided step's two halves go to; None: the policy's own choice
     /// (`GuidanceHalves::default_for`: apart under `strict`).
     pub guidance_halves: Option<GuidanceHalves>,
@@ -76,6 +80,7 @@ impl Default for GenerateOptions {
             policy: Policy::Local,
             wire: WireDtype::F32,
             attention_reuse_from: None,
+            stale_sync_from: None,
             guidance_halves: None,
             #[cfg(feature = "eval-capture")]
             capture_from_step: None,

@@ -226,6 +226,7 @@ impl StableDiffusion {
     ) -> Result<Runtime<'s, CandleEngine>> {
         let rt = Runtime::new(&self.unet_engine, policy.placement(), backends, opts.wire)?
             .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64))
+            .with_stale_sync(opts.stale_sync_from.map(|s| s as u64))
             .with_reply_check(self.unet.shard_layers());
         #[cfg(feature = "eval-capture")]
         let rt = rt.with_capture(opts.capture_from_step.map(|s| s as u64));

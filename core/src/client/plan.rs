@@ -32,6 +32,9 @@ pub struct PlanInput {
     /// Account a step that reuses every transformer block's attention output (the T-GATE
     /// reducer's late steps) instead of an ordinary step.
     pub reuse_attention: bool,
+    /// Account a step under stale synchronisation (GroupNorm moments and halo rows one step
+    /// old) instead of an exact one.
+    pub stale_sync: bool,
     /// Which servers a guided step's halves go to (None: the policy's own choice).
     pub guidance_halves: Option<GuidanceHalves>,
 }
@@ -74,6 +77,8 @@ pub struct Plan {
     /// The phone's share of the U-Net FLOPs.
     pub phone_flop_fraction: f64,
     pub reuse_attention: bool,
+    /// The accounted step is a stale-synchronised one.
+    pub stale_sync: bool,
     /// The guidance halves on disjoint server groups (`strict`'s default).
     pub guidance_halves: String,
     /// Servers running the conditional half (all of them when the halves are together).
@@ -125,7 +130,8 @@ fn account_group(
         })
         .collect();
     let mut rt = Runtime::new(&engine, policy.placement(), &backends, input.wire)?
-        .with_attention_reuse(input.reuse_attention.then_some(1));
+        .with_attention_reuse(input.reuse_attention.then_some(1))
+        .with_stale_sync(input.stale_sync.then_some(1));
     let sample = vec![
         batch,
         unet.config.in_channels,
@@ -147,6 +153,11 @@ fn account_group(
             rt.take_accounting();
             futures::executor::block_on(unet.forward(&mut rt, &sample, t, &context))?;
         }
+    } else if input.stale_sync {
+        // Call 0 is exact and leaves the moments and halo rows; call 1 is stale, the one
+        // accounted.
+        rt.take_accounting();
+        futures::executor::block_on(unet.forward(&mut rt, &sample, 480.0, &context))?;
     }
     Ok(rt.take_accounting())
 }
@@ -205,6 +216,7 @@ pub fn plan(unet: &UNet, input: &PlanInput) -> Result<Plan> {
         offloaded_flop_fraction: server as f64 / total as f64,
         phone_flop_fraction: a.device_flops as f64 / total as f64,
         reuse_attention: input.reuse_attention,
+        stale_sync: input.stale_sync,
         guidance_halves: match input.halves_apart() {
             true => GuidanceHalves::Apart.name(),
             false => GuidanceHalves::Together.name(),

@@ -14,6 +14,8 @@
 //!   the next round trip, handles, halo rows;
 //! - `strips.rs`: convolution and GroupNorm on resident strips (`strict`);
 //! - `split.rs`: the row-split convolution of `ppidm`;
+//! - `stale.rs`: stale synchronisation (`--stale-sync`): GroupNorm moments and halo rows one
+//!   call old, this call's riding along with the next round trip;
 //! - attention reuse (T-GATE) is the `reuse` cache here, offered and read in `unet_ops.rs`.
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ use futures::future::try_join_all;
 
 mod replies;
 mod split;
+mod stale;
 mod strips;
 #[cfg(test)]
 mod tests;
@@ -98,6 +101,8 @@ pub struct Runtime<'a, E: Engine> {
     /// (H, W) of the feature map whose tokens the transformer is working on.
     token_map: Option<(usize, usize)>,
     reuse: Option<AttentionReuse<E::T>>,
+    /// Stale synchronisation of GroupNorm moments and halo rows (`with_stale_sync`).
+    stale: Option<stale::StaleSync<E::T>>,
     /// What each server's replies must look like (`with_reply_check`); without it only their
     /// count and finiteness are checked.
     replies: Option<replies::ReplyCheck>,
@@ -170,6 +175,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
             released: Arc::new(Mutex::new(Vec::new())),
             token_map: None,
             reuse: None,
+            stale: None,
             replies: None,
             #[cfg(feature = "eval-capture")]
             capture_from: None,

@@ -90,7 +90,11 @@ impl<'a, E: Engine> Runtime<'a, E> {
             }
         }
         let f = std::mem::replace(&mut self.pending_flops, vec![0; n]);
-        self.round_trip(kind, layer, outgoing, f).await
+        let mut outs = self.round_trip(kind, layer, outgoing, f).await?;
+        if let Some(stale) = self.stale.as_mut() {
+            stale.collect(&mut outs)?;
+        }
+        Ok(outs)
     }
 
     pub(super) fn emit(
@@ -360,7 +364,20 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let own = self.strips(v.dims()[2])?;
         let mut replies = vec![Vec::new(); self.backends.len()];
         let asks = self.halo_requests(id, &ext, &own, need, &mut replies);
-        let outs = self.flush(OpKind::Halo, layer, replies).await?;
+        // Under stale sync, the previous call's rows; this call's ride with the next round trip.
+        let key = format!("{layer} halo");
+        let (outs, asks) = match self.stale_replies(&key) {
+            Some(prev) => {
+                let (outs, old_asks) = (prev.outs.clone(), prev.asks.clone());
+                self.defer(&key, replies, asks)?;
+                (outs, old_asks)
+            }
+            None => {
+                let outs = self.flush(OpKind::Halo, layer, replies).await?;
+                self.keep_replies(&key, &outs, &asks);
+                (outs, asks)
+            }
+        };
         let nv = self.attach_halo(v, layer, id, &ext, asks, &outs)?;
         let (nid, layout) = self.remote_of(&nv, layer)?;
         let Layout::Rows(next) = layout else {
