@@ -224,3 +224,74 @@ fn sd15_plan_matches_ppidm_groupnorm_table() {
     let gflop = (p.phone_flops_per_step + p.server_flops_per_step) as f64 / 1e9;
     assert!((1600.0..1700.0).contains(&gflop), "{gflop} GFLOP");
 }
+
+/// Stale synchronisation at SD1.5 scale (512 px, N = 4, CFG, `strict` with the guidance halves
+/// apart): a stale step waits only for the attention gathers and the output, at most 20 round
+/// trips against the exact step's 84, and moves the same bytes.
+#[test]
+fn sd15_stale_sync_plan_round_trips() {
+    let cfg = veil_core::model::config::read_json(
+        &veil_tests::repo_root().join("models/configs/sd15/unet/config.json"),
+    )
+    .expect("cfg");
+    let unet = veil_core::model::unet::UNet::new(&cfg).expect("unet");
+    let input = |stale_sync| PlanInput {
+        latent_height: 64,
+        latent_width: 64,
+        batch: 2,
+        context_len: 77,
+        servers: 4,
+        policy: Policy::Strict,
+        wire: WireDtype::F16,
+        reuse_attention: false,
+        stale_sync,
+        guidance_halves: None,
+    };
+    let exact = plan(&unet, &input(false)).expect("plan");
+    let stale = plan(&unet, &input(true)).expect("plan");
+    println!(
+        "SD1.5 strict N = 4: {} round trips per step exact, {} stale",
+        exact.round_trips_per_step, stale.round_trips_per_step
+    );
+    assert_eq!(exact.round_trips_per_step, 84);
+    assert!(stale.round_trips_per_step <= 20);
+    // 16 transformer blocks' gathers and the output.
+    assert_eq!(stale.round_trips_per_step, 17);
+    assert_eq!(stale.bytes_up_per_step, exact.bytes_up_per_step);
+    assert_eq!(stale.bytes_down_per_step, exact.bytes_down_per_step);
+}
+
+/// A stale-synchronised run accounts what its plan says: the exact first step, then stale ones.
+#[tokio::test]
+async fn stale_sync_plan_equals_measured() {
+    let sd = StableDiffusion::load(&veil_tests::tiny_model(), &Device::Cpu).expect("load");
+    let mut o = opts(Policy::Strict);
+    o.steps = 3;
+    o.stale_sync_from = Some(1);
+    let backends = sd.in_process_backends(4);
+    let run = sd.generate(&o, &backends, &mut |_| {}).await.expect("run");
+    let input = |stale_sync| PlanInput {
+        latent_height: 16,
+        latent_width: 16,
+        batch: 2,
+        context_len: 77,
+        servers: 4,
+        policy: Policy::Strict,
+        wire: WireDtype::F32,
+        reuse_attention: false,
+        stale_sync,
+        guidance_halves: None,
+    };
+    let exact = account_step(&sd.unet, &input(false)).expect("plan");
+    let stale = account_step(&sd.unet, &input(true)).expect("plan");
+    assert!(stale.round_trips < exact.round_trips);
+    assert_eq!(
+        run.stats.round_trips,
+        exact.round_trips + 2 * stale.round_trips
+    );
+    assert_eq!(run.stats.bytes_up, exact.bytes_up() + 2 * stale.bytes_up());
+    assert_eq!(
+        run.stats.bytes_down,
+        exact.bytes_down() + 2 * stale.bytes_down()
+    );
+}
