@@ -88,6 +88,9 @@ pub struct VeilConfig {
     /// Denoising steps, from the first, whose activations travel exact.
     #[uniffi(default = 1)]
     pub exact_steps: u32,
+    /// Stale synchronisation after the exact steps: fewer round trips, lossy.
+    #[uniffi(default = false)]
+    pub stale_sync: bool,
     #[uniffi(default = 120.0)]
     pub request_timeout_seconds: f64,
     #[uniffi(default = 10.0)]
@@ -293,6 +296,7 @@ impl From<VeilConfig> for sdk::VeilConfig {
             zstd_level: c.zstd_level,
             compress: c.compress,
             exact_steps: c.exact_steps,
+            stale_sync: c.stale_sync,
             request_timeout_seconds: c.request_timeout_seconds,
             connect_timeout_seconds: c.connect_timeout_seconds,
             defaults: sdk::GenerationDefaults {

@@ -222,6 +222,10 @@ impl Inner {
             policy: self.config.policy,
             wire: self.config.wire,
             attention_reuse_from: o.reuse_attention_from.map(|s| s as usize),
+            stale_sync_from: self
+                .config
+                .stale_sync
+                .then_some(self.config.exact_steps.max(1) as usize),
             // The SDK runs the split policies only: no obfuscation settings but the user's key.
             obfuscation: ObfuscationOptions {
                 key: self.obfuscation_key.clone(),

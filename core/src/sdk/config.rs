@@ -95,6 +95,10 @@ pub struct VeilConfig {
     pub compress: String,
     /// Denoising steps, from the first, whose activations travel exact.
     pub exact_steps: u32,
+    /// Stale synchronisation after the exact steps (at least one): GroupNorm moments and halo
+    /// rows one step old, so a `strict` step waits only for its attention gathers and output
+    /// (fewer round trips; lossy, see docs/BENCHMARKS.md).
+    pub stale_sync: bool,
     /// Longest a single request to a server may take.
     pub request_timeout_seconds: f64,
     /// Longest the QUIC + Veil handshake with a server may take.
@@ -126,6 +130,7 @@ impl VeilConfig {
             zstd_level: 0,
             compress: "none".into(),
             exact_steps: 1,
+            stale_sync: false,
             request_timeout_seconds: 120.0,
             connect_timeout_seconds: 10.0,
             defaults: GenerationDefaults::default(),
@@ -144,6 +149,7 @@ pub(crate) struct Validated {
     pub zstd_level: i32,
     pub codec: ShardCodec,
     pub exact_steps: u32,
+    pub stale_sync: bool,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub defaults: GenerationDefaults,
@@ -255,6 +261,7 @@ impl VeilConfig {
             zstd_level: self.zstd_level,
             codec,
             exact_steps: self.exact_steps,
+            stale_sync: self.stale_sync,
             request_timeout: seconds("request_timeout_seconds", self.request_timeout_seconds)?,
             connect_timeout: seconds("connect_timeout_seconds", self.connect_timeout_seconds)?,
             defaults: d.clone(),

@@ -1628,6 +1628,10 @@ public struct VeilConfig: Equatable, Hashable {
      * Denoising steps, from the first, whose activations travel exact.
      */
     public var exactSteps: UInt32
+    /**
+     * Stale synchronisation after the exact steps: fewer round trips, lossy.
+     */
+    public var staleSync: Bool
     public var requestTimeoutSeconds: Double
     public var connectTimeoutSeconds: Double
     public var defaults: GenerationDefaults
@@ -1664,7 +1668,10 @@ public struct VeilConfig: Equatable, Hashable {
          */compress: String = "none", 
         /**
          * Denoising steps, from the first, whose activations travel exact.
-         */exactSteps: UInt32 = UInt32(1), requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults = GenerationDefaults(), 
+         */exactSteps: UInt32 = UInt32(1), 
+        /**
+         * Stale synchronisation after the exact steps: fewer round trips, lossy.
+         */staleSync: Bool = false, requestTimeoutSeconds: Double = Double(120.0), connectTimeoutSeconds: Double = Double(10.0), defaults: GenerationDefaults = GenerationDefaults(), 
         /**
          * The user's obfuscation key file (`None`: none): created with a fresh random key (mode
          * 0600) when missing, read at every later start; put it in app-private storage that
@@ -1679,6 +1686,7 @@ public struct VeilConfig: Equatable, Hashable {
         self.zstdLevel = zstdLevel
         self.compress = compress
         self.exactSteps = exactSteps
+        self.staleSync = staleSync
         self.requestTimeoutSeconds = requestTimeoutSeconds
         self.connectTimeoutSeconds = connectTimeoutSeconds
         self.defaults = defaults
@@ -1708,6 +1716,7 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
                 zstdLevel: FfiConverterInt32.read(from: &buf), 
                 compress: FfiConverterString.read(from: &buf), 
                 exactSteps: FfiConverterUInt32.read(from: &buf), 
+                staleSync: FfiConverterBool.read(from: &buf), 
                 requestTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
                 connectTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
                 defaults: FfiConverterTypeGenerationDefaults.read(from: &buf), 
@@ -1723,6 +1732,7 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
         FfiConverterInt32.write(value.zstdLevel, into: &buf)
         FfiConverterString.write(value.compress, into: &buf)
         FfiConverterUInt32.write(value.exactSteps, into: &buf)
+        FfiConverterBool.write(value.staleSync, into: &buf)
         FfiConverterDouble.write(value.requestTimeoutSeconds, into: &buf)
         FfiConverterDouble.write(value.connectTimeoutSeconds, into: &buf)
         FfiConverterTypeGenerationDefaults.write(value.defaults, into: &buf)

@@ -2646,6 +2646,11 @@ data class VeilConfig (
      */
     var `exactSteps`: kotlin.UInt = 1u 
     , 
+    /**
+     * Stale synchronisation after the exact steps: fewer round trips, lossy.
+     */
+    var `staleSync`: kotlin.Boolean = false 
+    , 
     var `requestTimeoutSeconds`: kotlin.Double = 120.0 
     , 
     var `connectTimeoutSeconds`: kotlin.Double = 10.0 
@@ -2683,6 +2688,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterInt.read(buf),
             FfiConverterString.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterBoolean.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterTypeGenerationDefaults.read(buf),
@@ -2698,6 +2704,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterInt.allocationSize(value.`zstdLevel`) +
             FfiConverterString.allocationSize(value.`compress`) +
             FfiConverterUInt.allocationSize(value.`exactSteps`) +
+            FfiConverterBoolean.allocationSize(value.`staleSync`) +
             FfiConverterDouble.allocationSize(value.`requestTimeoutSeconds`) +
             FfiConverterDouble.allocationSize(value.`connectTimeoutSeconds`) +
             FfiConverterTypeGenerationDefaults.allocationSize(value.`defaults`) +
@@ -2712,6 +2719,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterInt.write(value.`zstdLevel`, buf)
             FfiConverterString.write(value.`compress`, buf)
             FfiConverterUInt.write(value.`exactSteps`, buf)
+            FfiConverterBoolean.write(value.`staleSync`, buf)
             FfiConverterDouble.write(value.`requestTimeoutSeconds`, buf)
             FfiConverterDouble.write(value.`connectTimeoutSeconds`, buf)
             FfiConverterTypeGenerationDefaults.write(value.`defaults`, buf)
