@@ -249,10 +249,10 @@ impl Plan {
             self.batch,
             self.latent_height,
             self.latent_width,
-            if self.reuse_attention {
-                " | a step reusing attention outputs"
-            } else {
-                ""
+            match (self.reuse_attention, self.stale_sync) {
+                (true, _) => " | a step reusing attention outputs",
+                (false, true) => " | a stale-synchronised step",
+                (false, false) => "",
             }
         );
         s += "per device, one denoising step (MB = 2^20 bytes)\n";
