@@ -224,6 +224,12 @@ impl StableDiffusion {
         policy: Policy,
         backends: &'s [Arc<dyn ShardBackend<Tensor>>],
     ) -> Result<Runtime<'s, CandleEngine>> {
+        if opts.stale_sync_from.is_some() && !policy.placement().resident() {
+            return Err(Error::InvalidArgument(format!(
+                "stale synchronisation needs strips resident on the servers (strict), not {}",
+                policy.name()
+            )));
+        }
         let rt = Runtime::new(&self.unet_engine, policy.placement(), backends, opts.wire)?
             .with_attention_reuse(opts.attention_reuse_from.map(|s| s as u64))
             .with_stale_sync(opts.stale_sync_from.map(|s| s as u64))

@@ -241,6 +241,12 @@ impl VeilConfig {
             .compress
             .parse()
             .map_err(|e: crate::vocab::error::Error| VeilError::config(e.to_string()))?;
+        if self.stale_sync && !policy.placement().resident() {
+            return Err(VeilError::config(format!(
+                "stale_sync needs the strict policy, not {}",
+                policy.name()
+            )));
+        }
         let d = &self.defaults;
         check_generation(d.steps, d.guidance)?;
         let scheduler = parse_scheduler(&d.scheduler)?;
@@ -354,6 +360,15 @@ mod tests {
         let mut c = VeilConfig::new("m", vec![server()]);
         c.zstd_level = 40;
         assert!(message(c.validate().unwrap_err()).contains("zstd_level"));
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.compress = "int3".into();
+        assert!(message(c.validate().unwrap_err()).contains("unknown codec `int3`"));
+        c.compress = "residual-sign".into();
+        c.stale_sync = true;
+        let v = c.validate().expect("strict with a codec and stale sync");
+        assert_eq!(v.codec, ShardCodec::ResidualSign);
+        c.policy = "ppidm".into();
+        assert!(message(c.validate().unwrap_err()).contains("stale_sync needs the strict"));
         let mut c = VeilConfig::new("m", vec![server()]);
         c.defaults.steps = 0;
         assert!(message(c.validate().unwrap_err()).contains("steps"));
