@@ -63,13 +63,15 @@ pub struct ProjectionArgs {
     pub profile: String,
 }
 
-/// The projection of `plan` (one step's raw bytes and round trips) under `codec`.
+/// The projection of a plan's step under `codec`: `raw_up`/`raw_down` are one step's raw bytes,
+/// `round_trips` an exact step's, `stale_round_trips` a stale-synchronised step's (with
+/// `--stale-sync`; the warm-up steps before it are exact).
 pub fn projection(
     codec: &CodecArgs,
     p: &ProjectionArgs,
-    raw_up: u64,
-    raw_down: u64,
+    (raw_up, raw_down): (u64, u64),
     round_trips: u64,
+    stale_round_trips: Option<u64>,
 ) -> anyhow::Result<serde_json::Value> {
     use anyhow::bail;
     let lossy = codec.compress != veil_core::vocab::precision::ShardCodec::None;
@@ -90,21 +92,35 @@ pub fn projection(
     };
     let link = veil_devtools::link::LinkProfile::parse(&p.profile)?;
     let rtt = link.rtt.as_secs_f64();
-    let seconds = |up: f64, down: f64| {
-        up * 8.0 / link.up_bps + down * 8.0 / link.down_bps + round_trips as f64 * rtt
+    let seconds = |up: f64, down: f64, trips: u64| {
+        up * 8.0 / link.up_bps + down * 8.0 / link.down_bps + trips as f64 * rtt
     };
     let (coded_up, coded_down) = (raw_up as f64 / up_ratio, raw_down as f64 / down_ratio);
-    let exact = if lossy {
-        codec.exact_steps.min(p.steps)
-    } else {
-        0
+    // Steps travelling raw, and steps synchronising exactly (the stale warm-up).
+    let raw_steps = if lossy { codec.exact_steps } else { 0 };
+    let warm_up = match stale_round_trips {
+        Some(_) => codec.exact_steps.max(1),
+        None => p.steps,
     };
-    let coded_steps = p.steps - exact;
-    let exact_s = seconds(raw_up as f64, raw_down as f64);
-    let coded_s = seconds(coded_up, coded_down);
+    let step_seconds = |t: u64| {
+        let (up, down) = if t < raw_steps {
+            (raw_up as f64, raw_down as f64)
+        } else {
+            (coded_up, coded_down)
+        };
+        let trips = match stale_round_trips {
+            Some(stale) if t >= warm_up => stale,
+            _ => round_trips,
+        };
+        seconds(up, down, trips)
+    };
+    let image: f64 = (0..p.steps).map(step_seconds).sum();
+    let steady = step_seconds(p.steps.saturating_sub(1));
     Ok(serde_json::json!({
         "codec": codec.compress.name(),
-        "exact_steps": exact,
+        "exact_steps": raw_steps.min(p.steps),
+        "stale_sync": stale_round_trips.is_some(),
+        "stale_from_step": stale_round_trips.map(|_| warm_up),
         "steps": p.steps,
         "assumed_ratio_up": up_ratio,
         "assumed_ratio_down": down_ratio,
@@ -112,14 +128,15 @@ pub fn projection(
         "raw_bytes_down_per_step": raw_down,
         "coded_bytes_up_per_step": coded_up.round() as u64,
         "coded_bytes_down_per_step": coded_down.round() as u64,
-        "round_trips_per_step": round_trips,
+        "round_trips_per_exact_step": round_trips,
+        "round_trips_per_stale_step": stale_round_trips,
         "profile": p.profile,
-        "link_seconds_per_exact_step": exact_s,
-        "link_seconds_per_coded_step": coded_s,
-        "link_seconds_per_image": exact as f64 * exact_s + coded_steps as f64 * coded_s,
-        "derivation": "link seconds = bytes up × 8 / up rate + bytes down × 8 / down rate + round \
-                       trips × RTT (a lower bound: no compute, no QUIC overhead); coded bytes = \
-                       raw bytes from the plan's shapes ÷ the assumed (measured) ratio; exact \
-                       steps travel raw",
+        "link_seconds_per_steady_step": steady,
+        "link_seconds_per_image": image,
+        "derivation": "per step: bytes up × 8 / up rate + bytes down × 8 / down rate + round trips \
+                       × RTT (a lower bound: no compute, no QUIC overhead); coded bytes = raw bytes \
+                       from the plan's shapes ÷ the assumed (measured) ratio; the exact steps \
+                       travel raw; under stale sync the warm-up steps take the exact step's round \
+                       trips",
     }))
 }

@@ -727,27 +727,33 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
             a.vae_factor
         );
     }
-    let p = plan(
-        &unet,
-        &PlanInput {
-            latent_height: a.height / a.vae_factor,
-            latent_width: a.width / a.vae_factor,
-            batch: a.batch,
-            context_len: a.context_len,
-            servers: a.placement.servers,
-            policy,
-            wire,
-            reuse_attention: a.reuse_attention,
-            stale_sync: a.codec.stale_sync,
-            guidance_halves: a.placement.guidance_halves(),
-        },
-    )?;
+    let input = PlanInput {
+        latent_height: a.height / a.vae_factor,
+        latent_width: a.width / a.vae_factor,
+        batch: a.batch,
+        context_len: a.context_len,
+        servers: a.placement.servers,
+        policy,
+        wire,
+        reuse_attention: a.reuse_attention,
+        stale_sync: a.codec.stale_sync,
+        guidance_halves: a.placement.guidance_halves(),
+    };
+    let p = plan(&unet, &input)?;
+    // Under stale sync the plan is of a stale step; its warm-up steps are exact ones.
+    let exact_trips = if a.codec.stale_sync {
+        let mut exact = input.clone();
+        exact.stale_sync = false;
+        plan(&unet, &exact)?.round_trips_per_step
+    } else {
+        p.round_trips_per_step
+    };
     let projection = codec_args::projection(
         &a.codec,
         &a.projection,
-        p.bytes_up_per_step,
-        p.bytes_down_per_step,
-        p.round_trips_per_step,
+        (p.bytes_up_per_step, p.bytes_down_per_step),
+        exact_trips,
+        a.codec.stale_sync.then_some(p.round_trips_per_step),
     )?;
     if a.json {
         let mut v = serde_json::to_value(&p)?;
@@ -757,16 +763,20 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
         print!("{}", p.to_table());
         let f = |k: &str| projection[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "link ({}, {}, {} exact of {} steps, ratio up {:.2} down {:.2}): {:.2} s per coded \
-             step, {:.2} s per exact step, {:.1} s per image (bytes ÷ rate + round trips × RTT)",
+            "link ({}, {}, {} raw of {} steps{}, ratio up {:.2} down {:.2}): {:.2} s per steady \
+             step, {:.1} s per image (bytes ÷ rate + round trips × RTT)",
             a.projection.profile,
             a.codec.compress,
             projection["exact_steps"],
             a.projection.steps,
+            if a.codec.stale_sync {
+                format!(", stale from step {}", projection["stale_from_step"])
+            } else {
+                String::new()
+            },
             f("assumed_ratio_up"),
             f("assumed_ratio_down"),
-            f("link_seconds_per_coded_step"),
-            f("link_seconds_per_exact_step"),
+            f("link_seconds_per_steady_step"),
             f("link_seconds_per_image"),
         );
     }
