@@ -15,7 +15,7 @@ use veil_core::placement::{Policy, ShardBackend, WireDtype};
 use veil_core::transport::{connect_backends, ClientOptions, QuicBackend};
 use veil_core::vocab::precision::ShardCodec;
 use veil_core::wire::identity::model_identity;
-use veil_server::{spawn_local, ServerLimits, ShardModel};
+use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
 use veil_tests::{psnr, repo_root};
 
 const STEPS: usize = 20;
@@ -100,8 +100,8 @@ async fn generate_opts(
     g
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_codec_within_its_floor_with_the_same_view() {
+/// The trained tiny model, its `local` picture and 4 local QUIC servers.
+async fn setup() -> (StableDiffusion, Generation, LocalCluster) {
     let sd =
         StableDiffusion::load(&repo_root().join("models/tiny-shapes"), &Device::Cpu).expect("load");
     let local = sd
@@ -110,6 +110,12 @@ async fn every_codec_within_its_floor_with_the_same_view() {
         .expect("local");
     let model = Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine));
     let cluster = spawn_local(4, model, ServerLimits::default()).expect("servers");
+    (sd, local, cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_codec_within_its_floor_with_the_same_view() {
+    let (sd, local, cluster) = setup().await;
     let mut plain: Option<Generation> = None;
     for (codec, floor) in FLOORS {
         let g = generate_with(&sd, &cluster.specs, codec).await;
@@ -151,14 +157,7 @@ async fn every_codec_within_its_floor_with_the_same_view() {
 /// at the same steps, one step older.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_sync_keeps_the_view() {
-    let sd =
-        StableDiffusion::load(&repo_root().join("models/tiny-shapes"), &Device::Cpu).expect("load");
-    let local = sd
-        .generate(&opts(Policy::Local), &[], &mut |_| {})
-        .await
-        .expect("local");
-    let model = Arc::new(ShardModel::from_engine(&sd.unet, &sd.unet_engine));
-    let cluster = spawn_local(4, model, ServerLimits::default()).expect("servers");
+    let (sd, local, cluster) = setup().await;
     let exact = generate_opts(
         &sd,
         &cluster.specs,
