@@ -61,15 +61,24 @@ impl WireTensor {
                 "a quantized tensor is decoded by its session's codec first".into(),
             )));
         }
+        Ok(Tensor::from_vec(
+            self.values()?,
+            self.shape.as_slice(),
+            device,
+        )?)
+    }
+
+    /// The elements of a raw tensor as f32 (f32 payloads bit-exact, f16/bf16 widened exactly).
+    pub fn values(&self) -> std::result::Result<Vec<f32>, WireError> {
         let expected = tensor_bytes(&self.shape, self.dtype)?;
-        if self.data.len() != expected {
-            return Err(Error::Wire(WireError::LengthMismatch {
+        if self.data.len() != expected || self.coding.quant.is_some() {
+            return Err(WireError::LengthMismatch {
                 what: "tensor data",
                 expected: u64::try_from(expected).unwrap_or(u64::MAX),
                 actual: u64::try_from(self.data.len()).unwrap_or(u64::MAX),
-            }));
+            });
         }
-        let values: Vec<f32> = match self.dtype {
+        Ok(match self.dtype {
             WireDtype::F32 => self
                 .data
                 .chunks_exact(4)
@@ -87,8 +96,7 @@ impl WireTensor {
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]))
                 .collect::<Vec<_>>()
                 .to_f32_vec(),
-        };
-        Ok(Tensor::from_vec(values, self.shape.as_slice(), device)?)
+        })
     }
 }
 

@@ -14,10 +14,7 @@
 
 use std::collections::HashMap;
 
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
-
-use super::codec::{tensor_bytes, WireError};
+use super::codec::WireError;
 use super::convert::apply_kind;
 use super::quant::Quant;
 use super::{Coding, RefMode, ReplyCoding, WireCall, WireOp, WireOperand, WireTensor};
@@ -333,41 +330,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The f32 values of a raw tensor.
+/// The f32 values of a raw tensor (`WireTensor::values`).
 pub fn values(t: &WireTensor) -> Result<Vec<f32>> {
-    let expected = tensor_bytes(&t.shape, t.dtype)?;
-    if t.data.len() != expected || t.coding.quant.is_some() {
-        return Err(WireError::LengthMismatch {
-            what: "raw tensor data",
-            expected: expected as u64,
-            actual: t.data.len() as u64,
-        });
-    }
-    Ok(match t.dtype {
-        WireDtype::F32 => t
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        WireDtype::F16 => {
-            let h: Vec<f16> = t
-                .data
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            out
-        }
-        WireDtype::Bf16 => {
-            let h: Vec<bf16> = t
-                .data
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            out
-        }
-    })
+    t.values()
 }
