@@ -45,6 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         policy,
         wire: "f32".into(),
         zstd_level: 0,
+        compress: "none".into(),
+        exact_steps: 1,
+        stale_sync: false,
         request_timeout_seconds: 120.0,
         connect_timeout_seconds: 10.0,
         defaults: GenerationDefaults {

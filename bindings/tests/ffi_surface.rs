@@ -44,6 +44,9 @@ fn config(servers: Vec<ServerConfig>, steps: u32) -> VeilConfig {
         policy: "strict".into(),
         wire: "f32".into(),
         zstd_level: 0,
+        compress: "none".into(),
+        exact_steps: 1,
+        stale_sync: false,
         request_timeout_seconds: 60.0,
         connect_timeout_seconds: 5.0,
         defaults: GenerationDefaults {
