@@ -116,16 +116,30 @@ impl<'a, E: Engine> Runtime<'a, E> {
         Ok(())
     }
 
-    /// Keeps an exact GroupNorm's replies for a later stale call.
-    pub(super) fn keep_replies(&mut self, layer: &str, outs: &[Vec<E::T>], asks: &[Vec<HaloAsk>]) {
+    /// The replies of `replies` (statistics and halo asks laid out by `halo_requests`) with the
+    /// asks they answer: this call's, after one round trip; or, when this call runs `key` stale,
+    /// the previous call's at once, this call's queued for the next round trip.
+    pub(super) async fn replies_or_stale(
+        &mut self,
+        (kind, layer, key): (OpKind, &str, &str),
+        replies: Vec<Vec<ShardCall<E::T>>>,
+        asks: Vec<Vec<HaloAsk>>,
+    ) -> Result<(Vec<Vec<E::T>>, Vec<Vec<HaloAsk>>)> {
+        if let Some(prev) = self.stale_replies(key) {
+            let (outs, old_asks) = (prev.outs.clone(), prev.asks.clone());
+            self.defer(key, replies, asks)?;
+            return Ok((outs, old_asks));
+        }
+        let outs = self.flush(kind, layer, replies).await?;
         if let Some(s) = self.stale.as_mut() {
             s.keep(
-                layer,
+                key,
                 GnReplies {
-                    outs: outs.to_vec(),
-                    asks: asks.to_vec(),
+                    outs: outs.clone(),
+                    asks: asks.clone(),
                 },
             );
         }
+        Ok((outs, asks))
     }
 }

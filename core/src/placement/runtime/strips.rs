@@ -184,18 +184,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let asks = self.halo_requests(id, &ext, &own, &need, &mut replies);
         // Under stale sync, the previous call's statistics and halo rows; this call's wait in
         // the queue for the next round trip.
-        let (outs, asks) = match self.stale_replies(&g.name) {
-            Some(prev) => {
-                let (outs, old_asks) = (prev.outs.clone(), prev.asks.clone());
-                self.defer(&g.name, replies, asks)?;
-                (outs, old_asks)
-            }
-            None => {
-                let outs = self.flush(OpKind::GroupNorm, &g.name, replies).await?;
-                self.keep_replies(&g.name, &outs, &asks);
-                (outs, asks)
-            }
-        };
+        let (outs, asks) = self
+            .replies_or_stale((OpKind::GroupNorm, &g.name, &g.name), replies, asks)
+            .await?;
         let stats = outs
             .iter()
             .enumerate()

@@ -366,18 +366,9 @@ impl<'a, E: Engine> Runtime<'a, E> {
         let asks = self.halo_requests(id, &ext, &own, need, &mut replies);
         // Under stale sync, the previous call's rows; this call's ride with the next round trip.
         let key = format!("{layer} halo");
-        let (outs, asks) = match self.stale_replies(&key) {
-            Some(prev) => {
-                let (outs, old_asks) = (prev.outs.clone(), prev.asks.clone());
-                self.defer(&key, replies, asks)?;
-                (outs, old_asks)
-            }
-            None => {
-                let outs = self.flush(OpKind::Halo, layer, replies).await?;
-                self.keep_replies(&key, &outs, &asks);
-                (outs, asks)
-            }
-        };
+        let (outs, asks) = self
+            .replies_or_stale((OpKind::Halo, layer, &key), replies, asks)
+            .await?;
         let nv = self.attach_halo(v, layer, id, &ext, asks, &outs)?;
         let (nid, layout) = self.remote_of(&nv, layer)?;
         let Layout::Rows(next) = layout else {
