@@ -22,7 +22,8 @@ use crate::wire::codec::{decode, decode_counted, encode, encode_counted, WireErr
 use crate::wire::convert::{early_steps_to_wire, request_to_wire};
 use crate::wire::references::{coded_inputs, CodecEnd, SendAs};
 use crate::wire::{
-    Compression, ErrorCode, Limits, Message, ModelId, ReplyCoding, WireTensor, PROTOCOL_VERSION,
+    Compression, ErrorCode, Limits, Message, ModelId, RefMode, ReplyCoding, WireTensor,
+    PROTOCOL_VERSION,
 };
 
 /// Largest handshake answer the client reads.
@@ -299,8 +300,8 @@ impl QuicBackend {
             server_model,
             sent_observer: std::sync::Mutex::new(None),
             codec: std::sync::Mutex::new(ClientCodec {
-                // The client's references are its own memory, as large as a step's traffic.
-                end: CodecEnd::new(usize::MAX, CLIENT_MAX_SLOTS),
+                // What the server's replies make the phone keep is bounded like a message.
+                end: CodecEnd::new(options.limits.max_message_bytes, CLIENT_MAX_SLOTS),
                 step: 0,
                 up_slot: 0,
                 down_slot: 0,
@@ -423,6 +424,21 @@ impl QuicBackend {
             reply_coding,
         };
         let (outputs, payload) = self.send_for_outputs(&msg, wanted).await?;
+        // A reply may only keep or apply the reference of the slot the request gave it: a server
+        // cannot make the phone hold references it did not ask for.
+        for (j, t) in outputs.iter().enumerate() {
+            let given = u32::try_from(j)
+                .ok()
+                .and_then(|j| reply_coding.first_slot.checked_add(j));
+            if let RefMode::Keep(slot) | RefMode::Residual(slot) = t.coding.reference {
+                if Some(slot) != given {
+                    return Err(self
+                        .who
+                        .protocol(format!("reply {j} uses reference slot {slot}"))
+                        .into());
+                }
+            }
+        }
         let outputs = {
             let mut codec = self.lock_codec()?;
             outputs
