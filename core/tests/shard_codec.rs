@@ -5,7 +5,7 @@
 use veil_core::vocab::precision::{ShardCodec, WireDtype};
 use veil_core::wire::codec::{decode_counted, encode_counted, WireError};
 use veil_core::wire::quant::{Quant, BLOCK};
-use veil_core::wire::references::{values, CodecEnd, SendAs};
+use veil_core::wire::references::{CodecEnd, SendAs};
 use veil_core::wire::{Coding, Compression, Limits, Message, RefMode, WireTensor};
 
 /// xorshift normals (Box–Muller) from `seed`.
@@ -48,7 +48,7 @@ fn carry(tx: &mut CodecEnd, rx: &mut CodecEnd, t: WireTensor, how: SendAs) -> (V
     };
     let t = rx.decode(outputs.remove(0)).expect("codec decode");
     assert_eq!(t.coding, Coding::default(), "decoded tensors are raw");
-    (values(&t).expect("values"), sent)
+    (t.values().expect("values"), sent)
 }
 
 fn rms(a: &[f32], b: &[f32]) -> f64 {

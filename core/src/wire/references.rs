@@ -124,7 +124,7 @@ impl CodecEnd {
         let residual = how.codec.residual();
         if how.exact {
             if residual {
-                let x = values(&t)?;
+                let x = t.values()?;
                 self.sent
                     .admit(how.slot, x.len(), self.max_bytes, self.max_slots)?;
                 self.sent.put(how.slot, t.shape.clone(), x);
@@ -138,7 +138,7 @@ impl CodecEnd {
             }
             return Ok(t);
         }
-        let x = values(&t)?;
+        let x = t.values()?;
         let shape = t.shape;
         if !residual {
             return Ok(coded(shape, quant.quantize(&x), quant, RefMode::None));
@@ -175,7 +175,7 @@ impl CodecEnd {
             (None, RefMode::Keep(slot)) => {
                 self.received
                     .admit(slot, n, self.max_bytes, self.max_slots)?;
-                let x = values(&t)?;
+                let x = t.values()?;
                 self.received.put(slot, t.shape.clone(), x);
                 Ok(WireTensor {
                     coding: Coding::default(),
@@ -328,9 +328,4 @@ fn dequantize(q: Quant, payload: &[u8], out: &mut [f32]) -> Result<()> {
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// The f32 values of a raw tensor (`WireTensor::values`).
-pub fn values(t: &WireTensor) -> Result<Vec<f32>> {
-    t.values()
 }
