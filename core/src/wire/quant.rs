@@ -112,7 +112,7 @@ impl Quant {
             // The MSE-optimal mean |x|. One bit moves every element by exactly ±s a step, so an
             // element changing faster than s falls behind (tests/shard_codec.rs measures it); a
             // larger scale (1.25 × RMS) follows a synthetic drift but scored 11.9 dB against
-            // 23.5 dB on the tiny model's activations (docs/BENCHMARKS.md).
+            // 23.5 dB on the tiny model (docs/BENCHMARKS.md, "Shard codecs", how measured).
             Quant::Sign => block.iter().map(|v| v.abs()).sum::<f32>() / block.len().max(1) as f32,
             _ => {
                 let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
