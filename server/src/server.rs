@@ -697,11 +697,14 @@ async fn serve_stream(
     let work = tokio::task::spawn_blocking(move || {
         let outputs = match work {
             Work::Shard(mut calls, coding) => {
-                // References are per session: a request decodes and codes under its lock.
-                let mut codec = codec
-                    .lock()
-                    .map_err(|_| veil_core::Error::Internal("codec state poisoned".into()))?;
-                codec.decode_calls(&mut calls)?;
+                // References are per session: a request decodes, and later codes its replies,
+                // under the session's lock; the compute between runs without it.
+                let lock = || {
+                    codec
+                        .lock()
+                        .map_err(|_| veil_core::Error::Internal("codec state poisoned".into()))
+                };
+                lock()?.decode_calls(&mut calls)?;
                 let exact: Vec<bool> = calls
                     .iter()
                     .filter(|c| c.reply)
@@ -711,7 +714,7 @@ async fn serve_stream(
                 let gone = || watched.close_reason().is_some();
                 let reply = executor.execute_until(&request, &gone)?;
                 let raw = reply_to_wire(&reply, &request, reply_dtype)?;
-                codec.encode_replies(raw, &exact, coding)?
+                lock()?.encode_replies(raw, &exact, coding)?
             }
             Work::EarlySteps(job) => {
                 let job = early_steps_from_wire(job, &device)?;
