@@ -59,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             negative_prompt: String::new(),
         },
         obfuscation_key_file: None,
+        device: "auto".into(),
     })?;
     let loaded = peak_rss_kib();
     let rt = tokio::runtime::Builder::new_current_thread().build()?;

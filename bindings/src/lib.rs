@@ -104,6 +104,10 @@ pub struct VeilConfig {
     /// `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
     #[uniffi(default)]
     pub obfuscation_key_file: Option<String>,
+    /// Where the phone's share runs: `auto` (Metal on Apple in a build with Metal, else the
+    /// CPU), `cpu` or `metal`; a Metal device that cannot be created falls back to the CPU.
+    #[uniffi(default = "auto")]
+    pub device: String,
 }
 
 /// Per-call overrides; `None` takes the client's default (a `None` seed is drawn at random).
@@ -308,6 +312,7 @@ impl From<VeilConfig> for sdk::VeilConfig {
                 negative_prompt: d.negative_prompt,
             },
             obfuscation_key_file: c.obfuscation_key_file.map(Into::into),
+            device: c.device,
         }
     }
 }

@@ -58,6 +58,7 @@ fn config(servers: Vec<ServerConfig>, steps: u32) -> VeilConfig {
             negative_prompt: String::new(),
         },
         obfuscation_key_file: None,
+        device: "auto".into(),
     }
 }
 

@@ -43,6 +43,14 @@ enum BenchTarget {
     Link(crate::link_bench::LinkBenchArgs),
     /// The obfuscated policy: server cost against K, phone traffic per switch point, utility.
     Obfuscated(crate::obf_bench::ObfBenchArgs),
+    /// The phone's peak memory, weights, start-up and CPU per step, servers in other processes.
+    Phone(crate::phone_bench::PhoneBenchArgs),
+    /// One shard server process of `bench phone` (internal).
+    #[command(hide = true)]
+    PhoneServer(crate::phone_bench::PhoneServerArgs),
+    /// The phone process of `bench phone` (internal).
+    #[command(hide = true)]
+    PhoneRun(crate::phone_bench::PhoneRunArgs),
 }
 
 #[derive(Args)]
@@ -83,9 +91,14 @@ struct UnetArgs {
     /// Diffusion timestep fed to the U-Net.
     #[arg(long, default_value_t = 500.0)]
     timestep: f64,
-    /// Query rows per attention chunk on the device (default: the runtime's).
+    /// Query rows per attention chunk on the device (default: the runtime's; the unfused
+    /// attention only).
     #[arg(long)]
     attention_chunk: Option<usize>,
+    /// The chunked attention that writes its scores to memory, instead of the fused kernel
+    /// (the state before issue 18, for comparison in one run).
+    #[arg(long)]
+    unfused_attention: bool,
     /// Also report time per op kind (timed runs only).
     #[arg(long)]
     profile: bool,
@@ -99,6 +112,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchTarget::Unet(u) => bench_unet(u),
         BenchTarget::Link(l) => crate::link_bench::run(l),
         BenchTarget::Obfuscated(o) => crate::obf_bench::run(o),
+        BenchTarget::Phone(p) => crate::phone_bench::run(p),
+        BenchTarget::PhoneServer(p) => crate::phone_bench::server(p),
+        BenchTarget::PhoneRun(p) => crate::phone_bench::phone(p),
     }
 }
 
@@ -108,7 +124,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// xorshift64* seeded through splitmix64 (never zero).
 struct Rng(u64);
 
-fn splitmix64(mut z: u64) -> u64 {
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -154,7 +170,7 @@ fn fill_chunk(out: &mut [f32], seed: u64, mean: f32, std: f32) {
 
 /// Fills `out` with N(mean, std²); chunk k uses seed (seed, k), so the result does not depend
 /// on how chunks are spread over threads.
-fn fill_normal(out: &mut [f32], seed: u64, mean: f32, std: f32, threads: usize) {
+pub(crate) fn fill_normal(out: &mut [f32], seed: u64, mean: f32, std: f32, threads: usize) {
     let mut chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(CHUNK).enumerate().collect();
     let chunk_seed = |k: usize| splitmix64(seed ^ splitmix64(k as u64));
     if threads <= 1 || chunks.len() < 2 {
@@ -225,7 +241,7 @@ fn random_weights(
 // Memory
 
 /// A `Vm*` line of /proc/self/status in MiB (Linux; None elsewhere).
-fn proc_status_mib(key: &str) -> Option<f64> {
+pub(crate) fn proc_status_mib(key: &str) -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -606,7 +622,10 @@ impl UnetModel {
             1,
             &device,
         )?;
-        let engine = CandleEngine::new(weights, device);
+        let mut engine = CandleEngine::new(weights, device);
+        if a.unfused_attention {
+            engine = engine.with_unfused_attention();
+        }
         let m = Self {
             unet,
             sample,

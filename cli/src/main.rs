@@ -11,14 +11,17 @@
 
 mod bench;
 mod codec_args;
+mod dataset_cmd;
 mod eval;
 mod eval_adherence;
 mod eval_attacks;
 mod eval_generations;
 mod eval_report;
 mod link_bench;
+mod model_cmd;
 mod obf_bench;
 mod obfuscation_args;
+mod phone_bench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +32,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use obfuscation_args::{obfuscation_key, ObfuscationArgs};
 use veil_core::client::guidance::GuidanceHalves;
-use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
+use veil_core::client::pipeline::{GenerateOptions, LoadRole, StableDiffusion};
 use veil_core::client::plan::{plan, PlanInput};
 use veil_core::model::config::{read_json, UNetConfig};
 use veil_core::model::scheduler::SchedulerKind;
@@ -37,6 +40,7 @@ use veil_core::model::unet::UNet;
 use veil_core::placement::{GnVariant, Policy, WireDtype};
 use veil_core::transport::{connect_backends, load_server_list, ClientOptions, QuicBackend};
 use veil_core::wire::identity::model_identity;
+use veil_core::wire::manifest::resolve_unet_identity;
 use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
 
 #[derive(Parser)]
@@ -59,15 +63,20 @@ enum Command {
     /// Time one U-Net forward pass with random weights (CPU).
     Bench(bench::BenchArgs),
     /// Write the procedural shapes dataset (PNGs + captions.jsonl), deterministic by seed.
-    Dataset(DatasetArgs),
+    Dataset(dataset_cmd::DatasetArgs),
     /// Score pictures against their captions (colour, shape, position, size of the main object).
-    Score(ScoreArgs),
+    Score(dataset_cmd::ScoreArgs),
     /// Evaluate every policy on a trained model: adherence, fidelity, link traffic, FLOPs and
     /// the attack suite; writes docs/EVAL.md and PNG grids.
     Eval(eval::EvalArgs),
     /// Detect sensitive attributes in a prompt and print the candidate prompts the obfuscated
     /// policy would send (order shuffled as it would be sent).
     Obfuscate(ObfuscateArgs),
+    /// Write `veil-manifest.json` into a model folder: every file's SHA-256 and the U-Net
+    /// shard identity, so phones start without reading the servers' weights.
+    Manifest(model_cmd::ManifestArgs),
+    /// Re-hash a model folder against its manifest.
+    Verify(model_cmd::VerifyArgs),
 }
 
 #[derive(Args)]
@@ -89,33 +98,6 @@ struct ObfuscateArgs {
     /// Print one JSON object: {"spans": [{category, text, start, end}…], "candidates": […]}.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Args)]
-struct DatasetArgs {
-    /// Output folder (created): 000000.png … and captions.jsonl.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    #[arg(long, default_value_t = 1000)]
-    count: u64,
-    /// Picture side in pixels.
-    #[arg(long, default_value_t = 64)]
-    side: usize,
-    /// Write the held-out evaluation split instead of training samples.
-    #[arg(long)]
-    held_out: bool,
-}
-
-#[derive(Args)]
-struct ScoreArgs {
-    /// PNG files to score.
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
-    /// The caption every image is scored against.
-    #[arg(long)]
-    caption: String,
 }
 
 #[derive(Args)]
@@ -196,6 +178,9 @@ struct GenerateArgs {
     latents: Option<PathBuf>,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
+    /// Where this device's share runs.
+    #[arg(long, value_enum, default_value_t)]
+    device: model_cmd::DeviceArg,
     /// Write time and traffic (per backend) as JSON.
     #[arg(long)]
     stats: Option<PathBuf>,
@@ -269,10 +254,12 @@ fn main() -> Result<()> {
         Command::Generate(a) => generate(*a),
         Command::Plan(a) => plan_cmd(a),
         Command::Bench(a) => bench::run(a),
-        Command::Dataset(a) => dataset_cmd(a),
-        Command::Score(a) => score_cmd(a),
+        Command::Dataset(a) => dataset_cmd::dataset(a),
+        Command::Score(a) => dataset_cmd::score(a),
         Command::Eval(a) => eval::run(a),
         Command::Obfuscate(a) => obfuscate_cmd(a),
+        Command::Manifest(a) => model_cmd::manifest(a),
+        Command::Verify(a) => model_cmd::verify(a),
     }
 }
 
@@ -329,75 +316,23 @@ fn obfuscate_cmd(a: ObfuscateArgs) -> Result<()> {
     Ok(())
 }
 
-fn dataset_cmd(a: DatasetArgs) -> Result<()> {
-    use std::io::Write;
-    if a.side < 16 {
-        bail!("--side must be at least 16 pixels");
-    }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let d = veil_eval::Dataset::new(a.seed, a.side);
-    let jsonl = a.out.join("captions.jsonl");
-    let mut captions = std::io::BufWriter::new(
-        std::fs::File::create(&jsonl).with_context(|| format!("creating {}", jsonl.display()))?,
-    );
-    let bar = ProgressBar::new(a.count);
-    for i in 0..a.count {
-        let (_, caption, img) = if a.held_out {
-            d.held_out(i)
-        } else {
-            d.sample(i)
-        };
-        let file = format!("{i:06}.png");
-        img.save(a.out.join(&file))
-            .with_context(|| format!("writing {file}"))?;
-        writeln!(
-            captions,
-            "{}",
-            serde_json::json!({"file": file, "caption": caption})
-        )?;
-        bar.inc(1);
-    }
-    captions.flush()?;
-    bar.finish_and_clear();
-    eprintln!(
-        "wrote {} {} pictures ({}x{}, seed {}) and {}",
-        a.count,
-        if a.held_out { "held-out" } else { "training" },
-        a.side,
-        a.side,
-        a.seed,
-        jsonl.display()
-    );
-    Ok(())
-}
-
-fn score_cmd(a: ScoreArgs) -> Result<()> {
-    for p in &a.images {
-        let img = image::open(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .to_rgb8();
-        let s = veil_eval::score(&img, &a.caption)?;
-        let found = veil_eval::detect(&img);
-        println!(
-            "{}",
-            serde_json::json!({
-                "image": p.display().to_string(),
-                "colour": s.colour, "shape": s.shape, "position": s.position, "size": s.size,
-                "detected": found.iter().map(|d| format!("{} {} {} {}",
-                    d.size.name(), d.colour.name(), d.shape.name(), d.position.phrase())).collect::<Vec<_>>(),
-            })
-        );
-    }
-    Ok(())
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
     let policy = a.placement.policy()?;
     let wire: WireDtype = a.placement.wire.parse()?;
     let scheduler: SchedulerKind = a.scheduler.parse()?;
-    let device = Device::Cpu;
+    let device = a.device.select()?;
+    // With remote servers this process is the phone: it reads only its own layers.
+    let role = match &a.server_list {
+        Some(path) if policy.needs_backends() => LoadRole::Phone {
+            policy,
+            servers: load_server_list(path)
+                .with_context(|| format!("reading server list {}", path.display()))?
+                .len(),
+        },
+        _ => LoadRole::Full,
+    };
     let sd = Arc::new(
-        StableDiffusion::load(&a.model, &device)
+        StableDiffusion::load_for(&a.model, &device, role)
             .with_context(|| format!("loading model folder {}", a.model.display()))?,
     );
     let opts = generate_options(&a, &sd, &device, policy, wire, scheduler)?;
@@ -581,7 +516,10 @@ async fn connect_quic(
         device: device.clone(),
         ..a.codec.client_options(wire, a.zstd)
     };
-    let model_id = model_identity(&sd.unet, sd.unet_engine.weights());
+    let model_id = match &a.server_list {
+        Some(_) => resolve_unet_identity(&a.model)?.0,
+        None => model_identity(&sd.unet, sd.unet_engine.weights()),
+    };
     let quic_backends = connect_backends(&specs, model_id, &options).await?;
     eprintln!(
         "connected to {} shard server{} over QUIC{}",

@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use veil_core::client::hybrid::EarlyStepsRunner;
 use veil_core::client::pipeline::StableDiffusion;
 use veil_core::model::config::ModelPaths;
 use veil_core::model::layers::ShardLayer;
 use veil_core::model::unet::UNet;
-use veil_core::model::weights::WeightFile;
+use veil_core::model::weights::load_unet_parameters;
 use veil_core::placement::backend::ShardExecutor;
 use veil_core::placement::engine::CandleEngine;
 use veil_core::wire::identity::{model_identity, shard_parameters};
@@ -41,18 +41,14 @@ impl std::fmt::Debug for ShardModel {
 
 impl ShardModel {
     /// Loads the shard-layer weights of a diffusers-layout model folder (`unet/config.json` and
-    /// `unet/diffusion_pytorch_model*.safetensors`; nothing else is read) onto `device`.
+    /// `unet/diffusion_pytorch_model*.safetensors`; nothing else is read) onto `device`, in
+    /// their stored precision.
     pub fn load(root: &Path, device: &Device) -> Result<Self, ServerError> {
         let paths = ModelPaths::new(root)?;
         let unet = UNet::new(&paths.unet_config()?)?;
-        let file = WeightFile::open_component(&paths.component("unet"), "diffusion_pytorch_model")?;
-        let weights = shard_parameters(&unet)
-            .into_iter()
-            .map(|(name, shape)| {
-                let t = file.load(&name, &shape, DType::F32, device)?;
-                Ok((name, t))
-            })
-            .collect::<Result<HashMap<_, _>, veil_core::Error>>()?;
+        // Stored precision (f16 stays f16, widened per op): half the memory of an f32 copy.
+        let weights =
+            load_unet_parameters(&paths.component("unet"), &shard_parameters(&unet), device)?;
         Ok(Self::from_weights(&unet, weights, device))
     }
 

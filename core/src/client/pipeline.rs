@@ -24,6 +24,7 @@ use crate::model::scheduler::{new_scheduler, SchedulerConfig};
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 pub use crate::model::weights::load_unet_weights;
+use crate::model::weights::{load_unet_parameters, NamedShape};
 use crate::placement::backend::{InProcessBackend, ShardBackend};
 use crate::placement::engine::CandleEngine;
 use crate::placement::policy::Policy;
@@ -43,8 +44,51 @@ pub struct StableDiffusion {
     pub device: Device,
 }
 
+/// What a process loads of a model folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadRole {
+    /// Everything, the U-Net in f32: local generation, in-process shard servers, the
+    /// `obfuscated` policy's server.
+    Full,
+    /// The phone of a generation under `policy` with `servers` shard servers: the text encoder,
+    /// the VAE decoder, and only the U-Net layers the policy's table runs on the device (all of
+    /// them where the phone runs whole U-Net calls: `local`, `obfuscated`, or a guided half it
+    /// keeps for want of servers), each in its stored precision.
+    Phone { policy: Policy, servers: usize },
+}
+
+impl LoadRole {
+    /// The U-Net parameters this role reads, sorted by name.
+    pub fn unet_parameters(&self, unet: &UNet) -> Vec<NamedShape> {
+        let LoadRole::Phone { policy, servers } = *self else {
+            return unet.parameters();
+        };
+        let placement = policy.placement();
+        let keeps_a_half = crate::client::guidance::halves_apart(policy, None, true)
+            && half_groups(servers).1.is_empty();
+        if !placement.offloads() || policy == Policy::Obfuscated || keeps_a_half {
+            return unet.parameters();
+        }
+        let mut v: Vec<NamedShape> = unet
+            .all_layers()
+            .iter()
+            .filter(|l| placement.on_device(l))
+            .flat_map(|l| l.params())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
 impl StableDiffusion {
     pub fn load(root: &Path, device: &Device) -> Result<Self> {
+        Self::load_for(root, device, LoadRole::Full)
+    }
+
+    /// Loads what `role` needs of a diffusers-layout folder (see `LoadRole`); the VAE encoder
+    /// is read only for `LoadRole::Full`.
+    pub fn load_for(root: &Path, device: &Device, role: LoadRole) -> Result<Self> {
         let paths = ModelPaths::new(root)?;
         let te_cfg = paths.text_encoder_config()?;
         let tokenizer = ClipTokenizer::from_dir(
@@ -53,8 +97,20 @@ impl StableDiffusion {
         )?;
         let text_encoder = ClipTextEncoder::load(&paths.component("text_encoder"), device)?;
         let unet = UNet::new(&paths.unet_config()?)?;
-        let weights = load_unet_weights(&paths.component("unet"), &unet, device)?;
-        let vae = Vae::load(&paths.component("vae"), device)?;
+        let (weights, vae) = match role {
+            LoadRole::Full => (
+                load_unet_weights(&paths.component("unet"), &unet, device)?,
+                Vae::load(&paths.component("vae"), device)?,
+            ),
+            LoadRole::Phone { .. } => (
+                load_unet_parameters(
+                    &paths.component("unet"),
+                    &role.unet_parameters(&unet),
+                    device,
+                )?,
+                Vae::load_decoder(&paths.component("vae"), device)?,
+            ),
+        };
         let scheduler_config =
             SchedulerConfig::from_file(paths.component("scheduler").join("scheduler_config.json"))?;
         Ok(Self {

@@ -6,8 +6,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::model::stored::{embedding, layer_norm, linear, Embedding, Linear};
 use tokenizers::Tokenizer;
 
 use crate::model::config::{read_json, ClipTextConfig};
@@ -259,7 +261,8 @@ impl ClipTextEncoder {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
         let file = Arc::new(WeightFile::open_component(dir, "model")?);
-        let (vb, slot) = file.var_builder(DType::F32, device);
+        let stored = file.storage_dtype();
+        let (vb, slot) = file.var_builder(stored, device);
         Self::new(vb, &config).map_err(|e| match e {
             Error::Tensor(t) => slot.resolve(t),
             other => other,

@@ -4,8 +4,11 @@
 
 pub mod clip;
 pub mod config;
+pub mod device;
+pub mod flash_attention;
 pub mod ops;
 pub mod scheduler;
+pub mod stored;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+
+use crate::model::stored::{conv2d, group_norm, Conv2d, Linear};
 
 use crate::model::config::{read_json, VaeConfig};
 use crate::model::weights::WeightFile;
@@ -80,7 +82,7 @@ fn attn_linear(vb: VarBuilder, c: usize) -> Result<Linear> {
         _ => vb.get((c, c), "weight")?,
     };
     let bias = vb.get(c, "bias")?;
-    Ok(Linear::new(weight, Some(bias)))
+    Ok(Linear::new(weight, Some(bias))?)
 }
 
 /// The single-head self-attention of the VAE mid block (diffusers `Attention` with
@@ -121,6 +123,22 @@ impl Attention {
             .reshape((b, c, n))?
             .transpose(1, 2)?
             .contiguous()?;
+        if hs.device().is_cpu() && hs.dtype() == DType::F32 {
+            // One head of all the channels: the fused kernel's scale 1/√d is 1/√channels.
+            let (q, k, v) = (
+                self.q.forward(&hs)?,
+                self.k.forward(&hs)?,
+                self.v.forward(&hs)?,
+            );
+            let o = super::flash_attention::attention(&q, &k, &v, 1)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let o = self
+                .out
+                .forward(&o)?
+                .transpose(1, 2)?
+                .reshape((b, c, h, w))?;
+            return o + x;
+        }
         let scale = 1.0 / (self.channels as f64).sqrt();
         let q = (self.q.forward(&hs)? * scale)?;
         let k_t = self.k.forward(&hs)?.transpose(1, 2)?.contiguous()?;
@@ -317,7 +335,8 @@ impl Decoder {
 /// diffusers' `AutoencoderKL`.
 pub struct Vae {
     pub config: VaeConfig,
-    encoder: Encoder,
+    /// None where only the decoder was loaded (`Vae::load_decoder`: the phone's text-to-image).
+    encoder: Option<Encoder>,
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
@@ -368,9 +387,18 @@ fn check_input(x: &Tensor, channels: usize, what: &str) -> Result<()> {
 impl Vae {
     /// Builds from a `VarBuilder` holding diffusers' `AutoencoderKL` parameter names.
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        Self::build(vb, config, true)
+    }
+
+    /// Builds the decoder half only: no encoder parameter is read.
+    pub fn new_decoder(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        Self::build(vb, config, false)
+    }
+
+    fn build(vb: VarBuilder, config: &VaeConfig, with_encoder: bool) -> Result<Self> {
         validate(config)?;
         let lc = config.latent_channels;
-        let quant_conv = if config.use_quant_conv {
+        let quant_conv = if config.use_quant_conv && with_encoder {
             Some(conv(2 * lc, 2 * lc, 1, 1, vb.pp("quant_conv"))?)
         } else {
             None
@@ -382,7 +410,10 @@ impl Vae {
         };
         Ok(Self {
             config: config.clone(),
-            encoder: Encoder::new(vb.pp("encoder"), config)?,
+            encoder: match with_encoder {
+                true => Some(Encoder::new(vb.pp("encoder"), config)?),
+                false => None,
+            },
             decoder: Decoder::new(vb.pp("decoder"), config)?,
             quant_conv,
             post_quant_conv,
@@ -392,10 +423,20 @@ impl Vae {
     /// Loads `vae/` of a model folder (`config.json` + `diffusion_pytorch_model.safetensors`),
     /// with missing files, tensors and shape mismatches reported by name.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_parts(dir, device, true)
+    }
+
+    /// `load`, the decoder only (what text-to-image needs on the phone).
+    pub fn load_decoder(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_parts(dir, device, false)
+    }
+
+    fn load_parts(dir: &Path, device: &Device, with_encoder: bool) -> Result<Self> {
         let config: VaeConfig = read_json(&dir.join("config.json"))?;
         let file = Arc::new(WeightFile::open_component(dir, "diffusion_pytorch_model")?);
-        let (vb, slot) = file.var_builder(DType::F32, device);
-        Self::new(vb, &config).map_err(|e| match e {
+        let stored = file.storage_dtype();
+        let (vb, slot) = file.var_builder(stored, device);
+        Self::build(vb, &config, with_encoder).map_err(|e| match e {
             Error::Tensor(t) => slot.resolve(t),
             other => other,
         })
@@ -417,7 +458,10 @@ impl Vae {
     /// `vae.encode(x).latent_dist.mean`), before any scaling.
     pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
         check_input(image, self.config.in_channels, "image")?;
-        let moments = self.encoder.forward(image)?;
+        let encoder = self.encoder.as_ref().ok_or_else(|| {
+            Error::Unsupported("this VAE was loaded without its encoder (load_decoder)".into())
+        })?;
+        let moments = encoder.forward(image)?;
         let moments = match &self.quant_conv {
             Some(c) => c.forward(&moments)?,
             None => moments,

@@ -1,6 +1,8 @@
-//! Weight loading from safetensors files of a diffusers-layout folder, memory-mapped, f32 or f16
-//! on disk, converted to the compute dtype on load. Every miss names the tensor and the file;
-//! every shape mismatch names both shapes. `RecordingBackend` lets tests see exactly which
+//! Weight loading from safetensors files of a diffusers-layout folder, memory-mapped, f32, f16 or
+//! bf16 on disk. Matrices and kernels can stay in their stored precision (`load_stored`; the
+//! layers that hold them convert per use, which is exact: f16 and bf16 widen to f32 without
+//! rounding), so an f16 checkpoint costs the phone half the memory of converting it on load.
+//! Every miss names the tensor and the file; every shape mismatch names both shapes. `RecordingBackend` lets tests see exactly which
 //! parameters a model asks for, without allocating the weights.
 
 use std::collections::HashMap;
@@ -99,6 +101,37 @@ impl WeightFile {
 
     /// Loads `name`, checks its shape, converts to `dtype`.
     pub fn load(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.check(name, shape)?;
+        Ok(self.tensors.load(name, dev)?.to_dtype(dtype)?)
+    }
+
+    /// Loads `name` and checks its shape; a matrix or kernel (two or more dimensions) stored as
+    /// f16 or bf16 stays so, anything else becomes f32 (biases and norms are small, and f32
+    /// spares every op a conversion).
+    pub fn load_stored(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
+        self.check(name, shape)?;
+        let t = self.tensors.load(name, dev)?;
+        let keep = shape.len() >= 2 && matches!(t.dtype(), DType::F16 | DType::BF16);
+        Ok(if keep { t } else { t.to_dtype(DType::F32)? })
+    }
+
+    /// The precision this file's parameters are stored in: f16 or bf16 when every floating
+    /// tensor is, else f32. A `VarBuilder` of that dtype hands out tensors without converting.
+    pub fn storage_dtype(&self) -> DType {
+        let mut seen = self
+            .tensors
+            .tensors()
+            .into_iter()
+            .filter_map(|(_, v)| DType::try_from(v.dtype()).ok())
+            .filter(|d| d.is_float());
+        match seen.next() {
+            Some(DType::F16) if seen.all(|d| d == DType::F16) => DType::F16,
+            Some(DType::BF16) if seen.all(|d| d == DType::BF16) => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
         let view = self.tensors.get(name).map_err(|_| Error::MissingTensor {
             name: name.to_string(),
             location: self.location.clone(),
@@ -110,7 +143,7 @@ impl WeightFile {
                 actual: view.shape().to_vec(),
             });
         }
-        Ok(self.tensors.load(name, dev)?.to_dtype(dtype)?)
+        Ok(())
     }
 
     /// A candle `VarBuilder` over this file whose misses and shape errors keep their typed
@@ -264,7 +297,7 @@ impl SimpleBackend for RecordingBackend {
     }
 }
 
-/// Loads exactly the parameters `unet` asks for from `unet/`, checking every shape.
+/// Loads exactly the parameters `unet` asks for from `unet/`, checking every shape, in f32.
 pub fn load_unet_weights(
     dir: &Path,
     unet: &UNet,
@@ -277,5 +310,19 @@ pub fn load_unet_weights(
             let t = file.load(&name, &shape, DType::F32, device)?;
             Ok((name, t))
         })
+        .collect()
+}
+
+/// Loads the listed U-Net parameters from `unet/` in their stored precision (`load_stored`),
+/// checking every shape; nothing else in the file is read.
+pub fn load_unet_parameters(
+    dir: &Path,
+    parameters: &[NamedShape],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let file = WeightFile::open_component(dir, "diffusion_pytorch_model")?;
+    parameters
+        .iter()
+        .map(|(name, shape)| Ok((name.clone(), file.load_stored(name, shape, device)?)))
         .collect()
 }

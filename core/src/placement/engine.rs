@@ -18,20 +18,38 @@ pub use crate::vocab::precision::{Pad, WireDtype};
 pub struct CandleEngine {
     weights: HashMap<String, Tensor>,
     device: Device,
+    /// Attention on the CPU in f32 through `model::flash_attention` (the default).
+    fused_attention: bool,
 }
 
 impl CandleEngine {
     pub fn new(weights: HashMap<String, Tensor>, device: Device) -> Self {
-        Self { weights, device }
+        Self {
+            weights,
+            device,
+            fused_attention: true,
+        }
+    }
+    /// The chunked, unfused attention everywhere (`veil bench unet --unfused-attention`
+    /// compares the two in one run).
+    pub fn with_unfused_attention(mut self) -> Self {
+        self.fused_attention = false;
+        self
     }
     pub fn device(&self) -> &Device {
         &self.device
     }
-    fn w(&self, name: &str, suffix: &str) -> Result<&Tensor> {
+    /// A parameter in f32: one stored as f16 or bf16 (`WeightFile::load_stored`) is widened
+    /// here, per use, which is exact; an f32 one is shared, not copied.
+    fn w(&self, name: &str, suffix: &str) -> Result<Tensor> {
         let key = format!("{name}.{suffix}");
-        self.weights.get(&key).ok_or(Error::MissingTensor {
+        let t = self.weights.get(&key).ok_or(Error::MissingTensor {
             name: key,
             location: "engine weights".into(),
+        })?;
+        Ok(match t.dtype() {
+            DType::F32 => t.clone(),
+            _ => t.to_dtype(DType::F32)?,
         })
     }
     /// A smaller engine that holds only the listed layers' weights (what a shard server needs).
@@ -50,6 +68,7 @@ impl CandleEngine {
         Self {
             weights,
             device: self.device.clone(),
+            fused_attention: self.fused_attention,
         }
     }
     pub fn weights(&self) -> &HashMap<String, Tensor> {
@@ -73,20 +92,20 @@ impl Engine for CandleEngine {
         let b = self.w(&c.name, "bias")?;
         let symmetric = pad.top == pad.bottom && pad.top == pad.left && pad.left == pad.right;
         let y = if symmetric {
-            x.conv2d(w, pad.top, c.stride, 1, 1)?
+            x.conv2d(&w, pad.top, c.stride, 1, 1)?
         } else {
             let x = x
                 .pad_with_zeros(2, pad.top, pad.bottom)?
                 .pad_with_zeros(3, pad.left, pad.right)?;
-            x.conv2d(w, 0, c.stride, 1, 1)?
+            x.conv2d(&w, 0, c.stride, 1, 1)?
         };
         Ok(y.broadcast_add(&b.reshape((1, c.out_channels, 1, 1))?)?)
     }
 
     fn linear(&self, l: &LinearSpec, x: &Tensor) -> Result<Tensor> {
-        let w = self.w(&l.name, "weight")?.clone();
+        let w = self.w(&l.name, "weight")?;
         let b = if l.bias {
-            Some(self.w(&l.name, "bias")?.clone())
+            Some(self.w(&l.name, "bias")?)
         } else {
             None
         };
@@ -147,8 +166,8 @@ impl Engine for CandleEngine {
     }
 
     fn layer_norm(&self, l: &LayerNormSpec, x: &Tensor) -> Result<Tensor> {
-        let w = self.w(&l.name, "weight")?.clone();
-        let b = self.w(&l.name, "bias")?.clone();
+        let w = self.w(&l.name, "weight")?;
+        let b = self.w(&l.name, "bias")?;
         Ok(candle_nn::LayerNorm::new(w, b, l.eps).forward(x)?)
     }
 
@@ -160,6 +179,10 @@ impl Engine for CandleEngine {
         heads: usize,
         chunk: usize,
     ) -> Result<Tensor> {
+        // On the CPU in f32: the fused kernel (no score matrix in memory, no head transposes).
+        if self.fused_attention && q.device().is_cpu() && q.dtype() == DType::F32 {
+            return crate::model::flash_attention::attention(q, k, v, heads);
+        }
         let (b, tq, c) = q.dims3()?;
         let (_, tk, _) = k.dims3()?;
         let d = c / heads;

@@ -4,7 +4,7 @@
 //! something else; the claims a policy makes (its halo bound) are read from its table.
 
 use crate::vocab::error::{Error, Result};
-use crate::vocab::layers::Role;
+use crate::vocab::layers::{Role, ShardLayer};
 
 /// How GroupNorm is split under `ppidm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,6 +156,18 @@ impl Placement {
             Role::Projection => self.projection,
             Role::TimeEmbedding => self.time_embedding,
             Role::Other => LayerPlace::Device,
+        }
+    }
+
+    /// Whether the phone runs `layer` itself (and so needs its weights) under this table:
+    /// convolutions placed on the device, GroupNorm unless the strips apply it (PPIGN's row
+    /// blocks return statistics; the phone applies the affine), per-token layers by role.
+    pub fn on_device(&self, layer: &ShardLayer) -> bool {
+        match layer {
+            ShardLayer::Conv2d(_) => self.conv == ConvPlace::Device,
+            ShardLayer::GroupNorm(_) => self.group_norm != GnPlace::Strips,
+            ShardLayer::Linear(l) => self.layer(l.role) == LayerPlace::Device,
+            ShardLayer::LayerNorm(l) => self.layer(l.role) == LayerPlace::Device,
         }
     }
 

@@ -6,14 +6,14 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::client::options::ObfuscationOptions;
-use crate::client::pipeline::{image_to_png, GenerateOptions, StableDiffusion};
+use crate::client::pipeline::{image_to_png, GenerateOptions, LoadRole, StableDiffusion};
 use crate::obfuscation::ObfuscationKey;
 use crate::placement::backend::ShardBackend;
 use crate::transport::{compression_for, connect_backends, ClientOptions, QuicBackend};
-use crate::wire::identity::model_identity;
+use crate::wire::manifest::resolve_unet_identity;
 use crate::wire::ModelId;
 
 use super::config::{check_generation, parse_scheduler, GenerationOptions, Validated, VeilConfig};
@@ -128,9 +128,18 @@ impl Veil {
                 message: format!("model folder {} does not exist", config.model_dir.display()),
             });
         }
-        let device = Device::Cpu;
-        let sd = StableDiffusion::load(&config.model_dir, &device).map_err(VeilError::from_load)?;
-        let model_id = model_identity(&sd.unet, sd.unet_engine.weights());
+        let (device, _fallback) = config.device.select().map_err(VeilError::from_load)?;
+        // Only what the phone runs is read (`LoadRole::Phone`); the identity the handshake
+        // carries comes from the folder's manifest, so the servers' weights stay unread.
+        let role = LoadRole::Phone {
+            policy: config.policy,
+            servers: config.servers.len(),
+        };
+        let sd = StableDiffusion::load_for(&config.model_dir, &device, role)
+            .map_err(VeilError::from_load)?;
+        let (model_id, source) =
+            resolve_unet_identity(&config.model_dir).map_err(VeilError::from_load)?;
+        tracing::debug!(?source, "model identity");
         let veil = Self {
             inner: Arc::new(Inner {
                 sd,

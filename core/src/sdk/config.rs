@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::model::device::DeviceChoice;
 use crate::model::scheduler::SchedulerKind;
 use crate::placement::engine::WireDtype;
 use crate::placement::policy::{GnVariant, Policy};
@@ -117,6 +118,10 @@ pub struct VeilConfig {
     /// intersect them. (The SDK does not offer the `obfuscated` policy yet; the key is read,
     /// checked and handed to every generation now, so an app can ship its key file before.)
     pub obfuscation_key_file: Option<PathBuf>,
+    /// Where the phone's share runs: `auto` (Metal on Apple targets in a build with the
+    /// `metal` feature, else the CPU), `cpu` or `metal`. A Metal device that cannot be created
+    /// falls back to the CPU with the reason logged.
+    pub device: String,
 }
 
 impl VeilConfig {
@@ -135,6 +140,7 @@ impl VeilConfig {
             connect_timeout_seconds: 10.0,
             defaults: GenerationDefaults::default(),
             obfuscation_key_file: None,
+            device: "auto".into(),
         }
     }
 }
@@ -155,6 +161,7 @@ pub(crate) struct Validated {
     pub defaults: GenerationDefaults,
     pub scheduler: SchedulerKind,
     pub obfuscation_key_file: Option<PathBuf>,
+    pub device: DeviceChoice,
 }
 
 /// The zstd levels the codec accepts.
@@ -247,6 +254,13 @@ impl VeilConfig {
                 policy.name()
             )));
         }
+        let device: DeviceChoice = self
+            .device
+            .parse()
+            .map_err(|e: crate::vocab::error::Error| VeilError::config(e.to_string()))?;
+        device
+            .check()
+            .map_err(|e| VeilError::config(e.to_string()))?;
         let d = &self.defaults;
         check_generation(d.steps, d.guidance)?;
         let scheduler = parse_scheduler(&d.scheduler)?;
@@ -273,6 +287,7 @@ impl VeilConfig {
             defaults: d.clone(),
             scheduler,
             obfuscation_key_file: self.obfuscation_key_file.clone(),
+            device,
         })
     }
 }

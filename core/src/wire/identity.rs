@@ -34,10 +34,17 @@ pub fn shard_parameters(unet: &UNet) -> Vec<(String, Vec<usize>)> {
 /// is missing from `weights`, or cannot be read as f32, hashes as its name followed by an
 /// all-ones marker instead of dimensions and data, so such a holder never matches a complete one.
 pub fn model_identity(unet: &UNet, weights: &HashMap<String, Tensor>) -> ModelId {
+    identity_of(unet, |name| weights.get(name).cloned())
+}
+
+/// The model identity of the shard parameters `fetch` hands out one at a time (a tensor may be
+/// dropped as soon as it is hashed, so a manifest of SD1.5 does not hold its 3.4 GB at once).
+/// `None` for a missing parameter (see `model_identity`).
+pub fn identity_of(unet: &UNet, mut fetch: impl FnMut(&str) -> Option<Tensor>) -> ModelId {
     let mut h = Sha256::new();
     for (name, _) in shard_parameters(unet) {
         h.update(name.as_bytes());
-        let values = weights.get(&name).and_then(|t| {
+        let values = fetch(&name).and_then(|t| {
             let dims = t.dims().to_vec();
             t.to_dtype(DType::F32)
                 .and_then(|t| t.flatten_all())

@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod convert;
 pub mod identity;
+pub mod manifest;
 pub mod quant;
 pub mod references;
 

@@ -1643,6 +1643,11 @@ public struct VeilConfig: Equatable, Hashable {
      * `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
      */
     public var obfuscationKeyFile: String?
+    /**
+     * Where the phone's share runs: `auto` (Metal on Apple in a build with Metal, else the
+     * CPU), `cpu` or `metal`; a Metal device that cannot be created falls back to the CPU.
+     */
+    public var device: String
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1678,7 +1683,11 @@ public struct VeilConfig: Equatable, Hashable {
          * survives updates (Android `filesDir`, iOS Application Support), one per user. A file
          * that is not a key fails with `InvalidConfig` and is never replaced. See
          * `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
-         */obfuscationKeyFile: String? = nil) {
+         */obfuscationKeyFile: String? = nil, 
+        /**
+         * Where the phone's share runs: `auto` (Metal on Apple in a build with Metal, else the
+         * CPU), `cpu` or `metal`; a Metal device that cannot be created falls back to the CPU.
+         */device: String = "auto") {
         self.modelDir = modelDir
         self.servers = servers
         self.policy = policy
@@ -1691,6 +1700,7 @@ public struct VeilConfig: Equatable, Hashable {
         self.connectTimeoutSeconds = connectTimeoutSeconds
         self.defaults = defaults
         self.obfuscationKeyFile = obfuscationKeyFile
+        self.device = device
     }
 
     
@@ -1720,7 +1730,8 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
                 requestTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
                 connectTimeoutSeconds: FfiConverterDouble.read(from: &buf), 
                 defaults: FfiConverterTypeGenerationDefaults.read(from: &buf), 
-                obfuscationKeyFile: FfiConverterOptionString.read(from: &buf)
+                obfuscationKeyFile: FfiConverterOptionString.read(from: &buf), 
+                device: FfiConverterString.read(from: &buf)
         )
     }
 
@@ -1737,6 +1748,7 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
         FfiConverterDouble.write(value.connectTimeoutSeconds, into: &buf)
         FfiConverterTypeGenerationDefaults.write(value.defaults, into: &buf)
         FfiConverterOptionString.write(value.obfuscationKeyFile, into: &buf)
+        FfiConverterString.write(value.device, into: &buf)
     }
 }
 

@@ -221,6 +221,19 @@ impl UNet {
             .collect()
     }
 
+    /// Every layer, attention's own included, as a layer spec.
+    pub fn all_layers(&self) -> Vec<ShardLayer> {
+        self.layers()
+            .iter()
+            .map(|l| match *l {
+                LayerRef::Conv2d(c) => ShardLayer::Conv2d(c.clone()),
+                LayerRef::GroupNorm(g) => ShardLayer::GroupNorm(g.clone()),
+                LayerRef::Linear(l) => ShardLayer::Linear(l.clone()),
+                LayerRef::LayerNorm(l) => ShardLayer::LayerNorm(l.clone()),
+            })
+            .collect()
+    }
+
     /// Every parameter (name, shape) this U-Net needs, sorted by name.
     pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
         let mut v: Vec<_> = self.layers().iter().flat_map(LayerRef::params).collect();

@@ -2665,6 +2665,12 @@ data class VeilConfig (
      * `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
      */
     var `obfuscationKeyFile`: kotlin.String? = null 
+    , 
+    /**
+     * Where the phone's share runs: `auto` (Metal on Apple in a build with Metal, else the
+     * CPU), `cpu` or `metal`; a Metal device that cannot be created falls back to the CPU.
+     */
+    var `device`: kotlin.String = "auto" 
     
 ){
     
@@ -2693,6 +2699,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterDouble.read(buf),
             FfiConverterTypeGenerationDefaults.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterString.read(buf),
         )
     }
 
@@ -2708,7 +2715,8 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterDouble.allocationSize(value.`requestTimeoutSeconds`) +
             FfiConverterDouble.allocationSize(value.`connectTimeoutSeconds`) +
             FfiConverterTypeGenerationDefaults.allocationSize(value.`defaults`) +
-            FfiConverterOptionalString.allocationSize(value.`obfuscationKeyFile`)
+            FfiConverterOptionalString.allocationSize(value.`obfuscationKeyFile`) +
+            FfiConverterString.allocationSize(value.`device`)
     )
 
     override fun write(value: VeilConfig, buf: ByteBuffer) {
@@ -2724,6 +2732,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterDouble.write(value.`connectTimeoutSeconds`, buf)
             FfiConverterTypeGenerationDefaults.write(value.`defaults`, buf)
             FfiConverterOptionalString.write(value.`obfuscationKeyFile`, buf)
+            FfiConverterString.write(value.`device`, buf)
     }
 }
 

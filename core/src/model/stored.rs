@@ -1,0 +1,131 @@
+//! Layers of the text encoder and the VAE whose large weights (matrices, kernels, embedding
+//! tables) stay in the checkpoint's precision and are widened to the input's dtype per use:
+//! f16 and bf16 widen to f32 exactly, so an f16 checkpoint gives the same numbers as converting
+//! it on load, at half the resident memory. Norm parameters and biases are small and become f32
+//! on load. Build them from a `VarBuilder` whose dtype is the file's `storage_dtype`.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+
+/// `t` in `dtype`: shared when it already is, widened (one temporary) when not.
+fn widened(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
+    }
+}
+
+fn small(t: Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)
+}
+
+/// `y = x Wᵀ + b`, W in its stored precision.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// From a weight `[out, in]` (any float dtype) and an optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight,
+            bias: bias.map(small).transpose()?,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = widened(&self.weight, x.dtype())?;
+        candle_nn::Linear::new(w, self.bias.clone()).forward(x)
+    }
+}
+
+/// `name.weight` [out, in] and `name.bias` [out].
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Linear::new(weight, Some(bias))
+}
+
+/// A 2-D convolution, kernel in its stored precision.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: Conv2dConfig,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = widened(&self.weight, x.dtype())?;
+        candle_nn::Conv2d::new(w, self.bias.clone(), self.config).forward(x)
+    }
+}
+
+/// `name.weight` [out, in, k, k] and `name.bias` [out].
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    config: Conv2dConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let weight = vb.get(
+        (
+            out_channels,
+            in_channels / config.groups.max(1),
+            kernel,
+            kernel,
+        ),
+        "weight",
+    )?;
+    let bias = small(vb.get(out_channels, "bias")?)?;
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
+        config,
+    })
+}
+
+/// A lookup table in its stored precision; looked-up rows come out in f32.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Tensor,
+    hidden: usize,
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.hidden);
+        let rows = self.table.index_select(&ids.flatten_all()?, 0)?;
+        small(rows)?.reshape(dims)
+    }
+}
+
+/// `name.weight` [entries, hidden].
+pub fn embedding(entries: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Embedding> {
+    Ok(Embedding {
+        table: vb.get((entries, hidden), "weight")?,
+        hidden,
+    })
+}
+
+/// candle's LayerNorm with its parameters in f32.
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    candle_nn::layer_norm(size, eps, vb.to_dtype(DType::F32))
+}
+
+/// candle's GroupNorm with its parameters in f32.
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> candle_core::Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb.to_dtype(DType::F32))
+}
