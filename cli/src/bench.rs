@@ -95,10 +95,10 @@ struct UnetArgs {
     /// attention only).
     #[arg(long)]
     attention_chunk: Option<usize>,
-    /// The chunked attention that writes its scores to memory, instead of the fused kernel
-    /// (the state before issue 18, for comparison in one run).
+    /// candle's chunked attention (scores in memory) and convolution instead of our fused
+    /// attention and im2col convolution (the state before issue 18, compared in one run).
     #[arg(long)]
-    unfused_attention: bool,
+    candle_kernels: bool,
     /// Also report time per op kind (timed runs only).
     #[arg(long)]
     profile: bool,
@@ -623,8 +623,8 @@ impl UnetModel {
             &device,
         )?;
         let mut engine = CandleEngine::new(weights, device);
-        if a.unfused_attention {
-            engine = engine.with_unfused_attention();
+        if a.candle_kernels {
+            engine = engine.with_candle_kernels();
         }
         let m = Self {
             unet,

@@ -4,6 +4,8 @@
 
 pub mod clip;
 pub mod config;
+pub mod cpu_conv;
+pub mod cpu_ops;
 pub mod device;
 pub mod flash_attention;
 pub mod ops;

@@ -62,7 +62,24 @@ pub struct Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = widened(&self.weight, x.dtype())?;
-        candle_nn::Conv2d::new(w, self.bias.clone(), self.config).forward(x)
+        let c = self.config;
+        if x.device().is_cpu() && x.dtype() == DType::F32 && c.groups == 1 && c.dilation == 1 {
+            // Our im2col convolution (`cpu_conv`): no per-call kernel re-layout.
+            let bias = match &self.bias {
+                Some(b) => b.clone(),
+                None => Tensor::zeros(w.dim(0)?, DType::F32, x.device())?,
+            };
+            let p = c.padding;
+            let pad = crate::vocab::precision::Pad {
+                top: p,
+                bottom: p,
+                left: p,
+                right: p,
+            };
+            return super::cpu_conv::conv2d(x, &w, &bias, pad, c.stride)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()));
+        }
+        candle_nn::Conv2d::new(w, self.bias.clone(), c).forward(x)
     }
 }
 

@@ -18,8 +18,9 @@ pub use crate::vocab::precision::{Pad, WireDtype};
 pub struct CandleEngine {
     weights: HashMap<String, Tensor>,
     device: Device,
-    /// Attention on the CPU in f32 through `model::flash_attention` (the default).
-    fused_attention: bool,
+    /// On the CPU in f32, our kernels (`model::flash_attention`, `model::cpu_conv`; the default)
+    /// instead of candle's chunked attention and convolution.
+    cpu_kernels: bool,
 }
 
 impl CandleEngine {
@@ -27,13 +28,12 @@ impl CandleEngine {
         Self {
             weights,
             device,
-            fused_attention: true,
+            cpu_kernels: true,
         }
     }
-    /// The chunked, unfused attention everywhere (`veil bench unet --unfused-attention`
-    /// compares the two in one run).
-    pub fn with_unfused_attention(mut self) -> Self {
-        self.fused_attention = false;
+    /// candle's ops everywhere (`veil bench unet --candle-kernels` compares the two in one run).
+    pub fn with_candle_kernels(mut self) -> Self {
+        self.cpu_kernels = false;
         self
     }
     pub fn device(&self) -> &Device {
@@ -68,7 +68,7 @@ impl CandleEngine {
         Self {
             weights,
             device: self.device.clone(),
-            fused_attention: self.fused_attention,
+            cpu_kernels: self.cpu_kernels,
         }
     }
     pub fn weights(&self) -> &HashMap<String, Tensor> {
@@ -90,6 +90,9 @@ impl Engine for CandleEngine {
     fn conv2d(&self, c: &Conv2dSpec, x: &Tensor, pad: Pad) -> Result<Tensor> {
         let w = self.w(&c.name, "weight")?;
         let b = self.w(&c.name, "bias")?;
+        if self.cpu_kernels && x.device().is_cpu() && x.dtype() == DType::F32 {
+            return crate::model::cpu_conv::conv2d(x, &w, &b, pad, c.stride);
+        }
         let symmetric = pad.top == pad.bottom && pad.top == pad.left && pad.left == pad.right;
         let y = if symmetric {
             x.conv2d(&w, pad.top, c.stride, 1, 1)?
@@ -109,7 +112,19 @@ impl Engine for CandleEngine {
         } else {
             None
         };
-        Ok(candle_nn::Linear::new(w, b).forward(x)?)
+        let lin = candle_nn::Linear::new(w, b);
+        if x.rank() <= 2 {
+            return Ok(lin.forward(x)?);
+        }
+        // Rows of every batch in one GEMM: candle's 3-D path runs one per batch element, each
+        // streaming the whole weight again.
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / l.in_features.max(1);
+        let y = lin.forward(&x.contiguous()?.reshape((rows, l.in_features))?)?;
+        if let Some(last) = dims.last_mut() {
+            *last = l.out_features;
+        }
+        Ok(y.reshape(dims)?)
     }
 
     fn group_norm_stats(&self, g: &GroupNormSpec, x: &Tensor) -> Result<Tensor> {
@@ -180,7 +195,7 @@ impl Engine for CandleEngine {
         chunk: usize,
     ) -> Result<Tensor> {
         // On the CPU in f32: the fused kernel (no score matrix in memory, no head transposes).
-        if self.fused_attention && q.device().is_cpu() && q.dtype() == DType::F32 {
+        if self.cpu_kernels && q.device().is_cpu() && q.dtype() == DType::F32 {
             return crate::model::flash_attention::attention(q, k, v, heads);
         }
         let (b, tq, c) = q.dims3()?;
@@ -216,6 +231,13 @@ impl Engine for CandleEngine {
     }
 
     fn geglu(&self, x: &Tensor, kind: GeluKind) -> Result<Tensor> {
+        if self.cpu_kernels
+            && kind == GeluKind::Erf
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+        {
+            return crate::model::cpu_ops::geglu_erf(x);
+        }
         let n = x.dim(D::Minus1)? / 2;
         let h = x.narrow(D::Minus1, 0, n)?;
         let g = x.narrow(D::Minus1, n, n)?;
