@@ -8,9 +8,10 @@
 //! every output pixel of every image (in tiles that bound the im2col buffer), and the bias is
 //! the GEMM's initial destination.
 
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_ops::f32s;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::precision::Pad;
 
@@ -107,21 +108,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: &Tensor, pad: Pad, stride: usize) ->
     } else {
         y.transpose(0, 1)?.contiguous()?
     })
-}
-
-/// The contiguous f32 values of a CPU tensor.
-fn f32s<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        return Err(Error::Unsupported(
-            "the CPU conv2d on a non-CPU tensor".into(),
-        ));
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::InvalidArgument("conv2d of a strided tensor".into()))?;
-    data.get(start..end)
-        .ok_or_else(|| Error::InvalidArgument("conv2d: layout beyond storage".into()))
 }
 
 struct Geometry {

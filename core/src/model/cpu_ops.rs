@@ -2,13 +2,28 @@
 //! exponential of the fused attention's softmax, and GEGLU (candle's erf is a scalar call per
 //! element, and its GEGLU is three passes: two narrows and a product).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Layout, Storage, Tensor, D};
 use rayon::prelude::*;
 
 use crate::vocab::error::{Error, Result};
 
 /// Values per parallel work item of the element-wise kernels.
 const CHUNK: usize = 1 << 14;
+
+/// The contiguous f32 values of a CPU tensor (the kernels read their operands in place).
+pub(crate) fn f32s<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        return Err(Error::Unsupported(
+            "a CPU kernel on a non-CPU tensor".into(),
+        ));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::InvalidArgument("a CPU kernel on a strided tensor".into()))?;
+    data.get(start..end)
+        .ok_or_else(|| Error::InvalidArgument("a tensor's layout beyond its storage".into()))
+}
 
 /// h · gelu(g) for x = [h | g] split on the last dimension (diffusers' GEGLU with the exact,
 /// erf-based GELU): x [.., 2n] (f32, CPU) gives [.., n].

@@ -9,10 +9,10 @@
 //! from [B, T, C] (head h is columns h·d..(h+1)·d), so neither the heads' transposes nor the
 //! scores are ever written out, and each item writes its own rows of the [B, Tq, C] output.
 
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_ops::fast_exp;
+use super::cpu_ops::{f32s, fast_exp};
 use crate::vocab::error::{Error, Result};
 
 /// Queries per work item.
@@ -72,21 +72,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         });
     drop((qg, kg, vg));
     Ok(Tensor::from_vec(out, (b, tq, c), &Device::Cpu)?)
-}
-
-/// The contiguous f32 values of a CPU tensor.
-fn f32s<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        return Err(Error::Unsupported(
-            "fused attention on a non-CPU tensor".into(),
-        ));
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::InvalidArgument("fused attention of a strided tensor".into()))?;
-    data.get(start..end)
-        .ok_or_else(|| Error::InvalidArgument("fused attention: layout beyond storage".into()))
 }
 
 struct Shape {
