@@ -9,6 +9,7 @@
 //! - `TlsIdentity` creates and keeps the certificate; `config` reads the TOML config.
 //! - `spawn_local` starts N servers on loopback with fresh certificates and tokens.
 
+mod answer;
 pub mod config;
 pub mod limits;
 mod metrics;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint, ReadToEndError, RecvStream, SendStream, VarInt};
+use quinn::{Connection, Endpoint, ReadToEndError, RecvStream, VarInt};
 use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -18,7 +18,7 @@ use veil_core::placement::engine::WireDtype;
 use veil_core::transport::quic::close_code;
 use veil_core::transport::tls::{server_config, TransportTuning};
 use veil_core::transport::Fingerprint;
-use veil_core::wire::codec::{decode, encode, WireError};
+use veil_core::wire::codec::{decode, WireError};
 use veil_core::wire::convert::{calls_from_wire, early_steps_from_wire, reply_to_wire};
 use veil_core::wire::references::{exact_reply, CodecEnd};
 use veil_core::wire::{
@@ -26,6 +26,7 @@ use veil_core::wire::{
     WireTensor, PROTOCOL_VERSION,
 };
 
+use crate::answer::{answer, error_msg, refuse, send_answer, ReplyStream};
 use crate::limits::PendingHellos;
 pub use crate::limits::{ServerLimits, DEFAULT_MEMORY_BUDGET_BYTES};
 use crate::model::ShardModel;
@@ -42,10 +43,6 @@ const PRE_AUTH_WINDOW: u32 = 2 * MAX_HELLO_BYTES as u32;
 /// The connection window after the Welcome: tens of MiB keep bulk tensor streams from stalling
 /// (the per-stream window, set for every connection, is `TransportTuning`'s 16 MiB).
 const SESSION_CONNECTION_WINDOW: u32 = 64 << 20;
-/// Longest error message sent (the codec's string limit is 64 KiB).
-const MAX_ERROR_MESSAGE: usize = 1024;
-/// How long the server waits for an error answer to be acknowledged before closing.
-const ERROR_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything a server needs besides its model.
 #[derive(Debug, Clone)]
@@ -360,55 +357,6 @@ async fn accept_loop(endpoint: Endpoint, ctx: Arc<Ctx>, mut stop: watch::Receive
     }
 }
 
-/// Sends `msg` on `send`, finishes, and waits (briefly) for the peer to acknowledge it.
-async fn answer(send: &mut SendStream, msg: &Message, compression: Compression) -> Option<usize> {
-    let bytes = match encode(msg, compression) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!("cannot encode an answer: {e}");
-            encode(
-                &Message::Error {
-                    code: ErrorCode::Internal,
-                    message: format!("cannot encode the reply: {e}"),
-                },
-                Compression::None,
-            )
-            .ok()?
-        }
-    };
-    send.write_all(&bytes).await.ok()?;
-    send.finish().ok()?;
-    Some(bytes.len())
-}
-
-/// An error answer: the first line of `message` (candle errors may carry a backtrace, which
-/// is the server's business, not the client's), at most `MAX_ERROR_MESSAGE` bytes.
-fn error_msg(code: ErrorCode, message: impl std::fmt::Display) -> Message {
-    let full = message.to_string();
-    let mut message = full
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim_end()
-        .to_string();
-    if message.len() > MAX_ERROR_MESSAGE {
-        let mut cut = MAX_ERROR_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
-    Message::Error { code, message }
-}
-
-/// Answers with an error, lets it reach the client, then closes the connection.
-async fn refuse(conn: &Connection, mut send: SendStream, msg: Message, code: u32, why: &[u8]) {
-    if answer(&mut send, &msg, Compression::None).await.is_some() {
-        let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
-    }
-    conn.close(VarInt::from_u32(code), why);
-}
-
 /// Which configured token `given` is, comparing against every one in constant time (no early
 /// exit on a match or a mismatch).
 fn token_index(tokens: &[String], given: &str) -> Option<usize> {
@@ -469,7 +417,7 @@ async fn serve_connection(conn: Connection, ctx: &Arc<Ctx>) {
                 let executor = executor.clone();
                 let codec = codec.clone();
                 tokio::spawn(async move {
-                    serve_stream(&conn, send, recv, &ctx, executor, codec).await;
+                    serve_stream(&conn, ReplyStream::new(send), recv, &ctx, executor, codec).await;
                 });
             }
             Err(e) => {
@@ -489,7 +437,7 @@ async fn handshake(
     let first = tokio::time::timeout(ctx.limits.handshake_timeout, async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
         let buf = recv.read_to_end(MAX_HELLO_BYTES).await;
-        Some((send, buf))
+        Some((ReplyStream::new(send), buf))
     })
     .await;
     let (send, buf) = match first {
@@ -621,7 +569,7 @@ async fn handshake(
 }
 
 /// Refuses a Hello with `Busy` (counted as a refused handshake) and closes the connection.
-async fn refuse_busy(conn: &Connection, send: SendStream, ctx: &Ctx, message: String, why: &[u8]) {
+async fn refuse_busy(conn: &Connection, send: ReplyStream, ctx: &Ctx, message: String, why: &[u8]) {
     bump(&ctx.stats.refused);
     let msg = error_msg(ErrorCode::Busy, message);
     refuse(conn, send, msg, close_code::REFUSED, why).await;
@@ -657,7 +605,7 @@ enum Work {
 
 async fn serve_stream(
     conn: &Connection,
-    send: SendStream,
+    send: ReplyStream,
     mut recv: RecvStream,
     ctx: &Arc<Ctx>,
     executor: Arc<ShardExecutor<CandleEngine>>,
@@ -676,7 +624,7 @@ async fn serve_stream(
         ctx.queued.fetch_sub(1, Ordering::AcqRel);
         bump(&ctx.stats.busy);
         let msg = error_msg(ErrorCode::Busy, "the server's compute queue is full");
-        send_answer(send, msg, compression, ctx).await;
+        send_answer(send, msg, compression, &ctx.stats.bytes_out).await;
         return;
     }
     let turn = ctx.compute.clone().acquire_owned().await;
@@ -745,7 +693,7 @@ async fn serve_stream(
             error_msg(ErrorCode::Internal, "the request failed inside the server")
         }
     };
-    send_answer(send, msg, compression, ctx).await;
+    send_answer(send, msg, compression, &ctx.stats.bytes_out).await;
 }
 
 enum Paced {
@@ -781,10 +729,10 @@ async fn read_paced(recv: &mut RecvStream, max: usize, l: &ServerLimits) -> Resu
 /// with an error, closes the connection and returns None.
 async fn read_work(
     conn: &Connection,
-    send: SendStream,
+    send: ReplyStream,
     recv: &mut RecvStream,
     ctx: &Arc<Ctx>,
-) -> Option<(Work, WireDtype, Compression, SendStream)> {
+) -> Option<(Work, WireDtype, Compression, ReplyStream)> {
     let remote = conn.remote_address();
     let limits = ctx.limits.wire();
     let buf = match read_paced(recv, limits.max_message_bytes, &ctx.limits).await {
@@ -873,29 +821,6 @@ fn clamp_reply_compression(c: Compression) -> Compression {
     }
 }
 
-/// Encodes (off the async workers: zstd on large replies is CPU work) and sends an answer.
-async fn send_answer(mut send: SendStream, msg: Message, compression: Compression, ctx: &Ctx) {
-    let compression = if matches!(msg, Message::Reply { .. }) {
-        compression
-    } else {
-        Compression::None
-    };
-    let encoded = tokio::task::spawn_blocking(move || encode(&msg, compression)).await;
-    let bytes = match encoded {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => match encode(&error_msg(ErrorCode::Internal, e), Compression::None) {
-            Ok(b) => b,
-            Err(_) => return,
-        },
-        Err(_) => return,
-    };
-    if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
-        ctx.stats
-            .bytes_out
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -909,21 +834,5 @@ mod tests {
             assert_eq!(token_index(&tokens, bad), None, "{bad}");
         }
         assert_eq!(token_index(&[], "alpha"), None);
-    }
-
-    #[test]
-    fn error_messages_are_bounded() {
-        let long = "é".repeat(4000);
-        match error_msg(ErrorCode::BadRequest, long) {
-            Message::Error { message, .. } => assert!(message.len() <= MAX_ERROR_MESSAGE),
-            _ => panic!("not an error"),
-        }
-        match error_msg(
-            ErrorCode::BadRequest,
-            "shape mismatch\n   0: backtrace frame",
-        ) {
-            Message::Error { message, .. } => assert_eq!(message, "shape mismatch"),
-            _ => panic!("not an error"),
-        }
     }
 }

@@ -409,6 +409,17 @@ impl QuicBackend {
                 self.options.limits.max_message_bytes
             )),
             ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => self.who.lost(&c),
+            ReadToEndError::Read(quinn::ReadError::Reset(code)) => {
+                // The server abandoned the request (it is going down, or its task died): the
+                // session's state is unknown, so end it like a timeout does.
+                self.conn
+                    .close(VarInt::from_u32(close_code::TIMEOUT), b"reply abandoned");
+                TransportError::ConnectionLost {
+                    server: self.who.server,
+                    address: self.who.address.clone(),
+                    message: format!("the server abandoned the reply (stream reset, code {code})"),
+                }
+            }
             ReadToEndError::Read(other) => self.who.protocol(format!("reply stream: {other}")),
         }
     }
