@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 address: s.address,
                 fingerprint: s.fingerprint.to_string(),
                 token: s.token,
+                tenant: None,
             })
             .collect(),
         None => Vec::new(),

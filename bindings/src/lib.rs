@@ -38,12 +38,15 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, VeilError> {
         })
 }
 
-/// One shard server: `host:port`, the pinned `sha256:` certificate fingerprint, the token.
+/// One shard server: `host:port`, the pinned `sha256:` certificate fingerprint, the token, and
+/// optionally its tenant (servers with the same tenant are replicas of one strip).
 #[derive(uniffi::Record, Clone)]
 pub struct ServerConfig {
     pub address: String,
     pub fingerprint: String,
     pub token: String,
+    #[uniffi(default)]
+    pub tenant: Option<String>,
 }
 
 /// Defaults for every generation of a client.
@@ -285,6 +288,7 @@ impl From<ServerConfig> for sdk::ServerConfig {
             address: s.address,
             fingerprint: s.fingerprint,
             token: s.token,
+            tenant: s.tenant,
         }
     }
 }

@@ -38,7 +38,7 @@ use veil_core::model::config::{read_json, UNetConfig};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::model::unet::UNet;
 use veil_core::placement::{GnVariant, Policy, WireDtype};
-use veil_core::transport::{connect_backends, load_server_list, ClientOptions, QuicBackend};
+use veil_core::transport::{connect_strips, load_server_list, ClientOptions, ReplicaSet};
 use veil_core::wire::identity::model_identity;
 use veil_core::wire::manifest::resolve_unet_identity;
 use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
@@ -449,7 +449,7 @@ async fn run_generation(
     let policy = opts.policy;
     let obfuscated = policy == Policy::Obfuscated;
     let mut cluster: Option<LocalCluster> = None;
-    let mut quic_backends: Vec<Arc<QuicBackend>> = Vec::new();
+    let mut quic_backends: Vec<Arc<ReplicaSet>> = Vec::new();
     let backends = if !policy.needs_backends() {
         vec![]
     } else if quic {
@@ -468,10 +468,7 @@ async fn run_generation(
         .await;
     let wire_bytes = quic_backends.iter().fold((0u64, 0u64), |(s, r), b| {
         let t = b.traffic();
-        (
-            s + t.bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
-            r + t.bytes_received.load(std::sync::atomic::Ordering::Relaxed),
-        )
+        (s + t.bytes_sent, r + t.bytes_received)
     });
     for b in &quic_backends {
         b.close().await;
@@ -490,7 +487,7 @@ async fn connect_quic(
     wire: WireDtype,
     device: &Device,
     obfuscated: bool,
-) -> Result<(Option<LocalCluster>, Vec<Arc<QuicBackend>>)> {
+) -> Result<(Option<LocalCluster>, Vec<Arc<ReplicaSet>>)> {
     let mut cluster: Option<LocalCluster> = None;
     let specs = match (&a.server_list, a.local_servers) {
         (Some(path), _) => load_server_list(path)
@@ -520,9 +517,9 @@ async fn connect_quic(
         Some(_) => resolve_unet_identity(&a.model)?.0,
         None => model_identity(&sd.unet, sd.unet_engine.weights()),
     };
-    let quic_backends = connect_backends(&specs, model_id, &options).await?;
+    let quic_backends = connect_strips(&specs, model_id, &options).await?;
     eprintln!(
-        "connected to {} shard server{} over QUIC{}",
+        "connected to {} strip{} of shard servers over QUIC{}",
         quic_backends.len(),
         if quic_backends.len() == 1 { "" } else { "s" },
         if cluster.is_some() { " (local)" } else { "" }

@@ -426,6 +426,7 @@ pub fn phone(a: PhoneRunArgs) -> Result<()> {
                     address: s["address"].as_str().unwrap_or_default().into(),
                     fingerprint: s["fingerprint"].as_str().unwrap_or_default().into(),
                     token: s["token"].as_str().unwrap_or_default().into(),
+                    tenant: None,
                 })
                 .collect()
         }
@@ -510,6 +511,7 @@ async fn run_full(
                 address: s.address.clone(),
                 fingerprint: s.fingerprint.parse()?,
                 token: s.token.clone(),
+                tenant: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -100,6 +100,7 @@ pub fn spawn_local(
             address: server.local_addr().to_string(),
             fingerprint: server.fingerprint(),
             token,
+            tenant: None,
         });
         servers.push(server);
     }

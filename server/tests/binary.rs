@@ -127,6 +127,7 @@ async fn serves_a_client_and_stops_on_sigterm() {
         address: addr.expect("address"),
         fingerprint: fp,
         token: "tenant-b-0123456789abcdef0123456789abcdef".into(),
+        tenant: None,
     };
     let backends = connect_all(&[spec], id, &ClientOptions::default())
         .await
@@ -286,6 +287,7 @@ async fn sighup_reloads_the_tenant_tokens() {
         address: address.clone(),
         fingerprint: fp,
         token: token.to_string(),
+        tenant: None,
     };
     let connects = |token: &'static str| {
         let spec = with(token);

@@ -279,6 +279,7 @@ fn servers(c: &LocalCluster) -> Vec<ServerConfig> {
             address: s.address.clone(),
             fingerprint: s.fingerprint.to_string(),
             token: s.token.clone(),
+            tenant: None,
         })
         .collect()
 }

@@ -26,7 +26,9 @@ use veil_server::{spawn_local, ServerLimits, ShardModel};
 use veil_tests::{psnr, random_weights};
 
 mod common;
-use common::{conv_request, exchange, limits, load, model_id, raw_session, shard_model};
+use common::{
+    conv_request, exchange, limits, load, model_id, raw_session, shard_model, spawn_killable,
+};
 
 const PROMPT: &str = "a small red circle at the top left on a white background";
 
@@ -327,38 +329,6 @@ async fn handshake_failures_are_typed() {
 
 fn hex(id: &ModelId) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A server on its own runtime thread that can be killed like a crashed process: its runtime is
-/// torn down without closing the endpoint, so clients get no CONNECTION_CLOSE — only silence.
-struct Killable {
-    spec: ServerSpec,
-    kill: std::sync::mpsc::Sender<()>,
-}
-
-fn spawn_killable(model: Arc<ShardModel>) -> Killable {
-    let (spec_tx, spec_rx) = std::sync::mpsc::channel();
-    let (kill, kill_rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let cluster = rt
-            .block_on(async { spawn_local(1, model, limits()) })
-            .expect("server");
-        spec_tx.send(cluster.specs[0].clone()).expect("spec");
-        let _ = kill_rx.recv();
-        // No graceful close: forget the handles (their Drop would send CONNECTION_CLOSE) and
-        // drop every task of the runtime, sockets' readers included.
-        std::mem::forget(cluster);
-        rt.shutdown_background();
-    });
-    Killable {
-        spec: spec_rx.recv().expect("killable server started"),
-        kill,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

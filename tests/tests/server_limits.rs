@@ -174,6 +174,7 @@ async fn the_metrics_endpoint_counts_sessions_requests_and_refusals() {
         address: server.local_addr().to_string(),
         fingerprint: server.fingerprint(),
         token,
+        tenant: None,
     };
     assert_eq!(
         http_get(at, "/healthz").await,

@@ -12,7 +12,7 @@ use crate::client::options::ObfuscationOptions;
 use crate::client::pipeline::{image_to_png, GenerateOptions, LoadRole, StableDiffusion};
 use crate::obfuscation::ObfuscationKey;
 use crate::placement::backend::ShardBackend;
-use crate::transport::{compression_for, connect_backends, ClientOptions, QuicBackend};
+use crate::transport::{compression_for, connect_strips, ClientOptions, ReplicaSet};
 use crate::wire::manifest::resolve_unet_identity;
 use crate::wire::ModelId;
 
@@ -244,7 +244,7 @@ impl Inner {
         })
     }
 
-    async fn connect(&self) -> Result<Vec<Arc<QuicBackend>>, VeilError> {
+    async fn connect(&self) -> Result<Vec<Arc<ReplicaSet>>, VeilError> {
         if !self.config.policy.needs_backends() {
             return Ok(Vec::new());
         }
@@ -259,7 +259,7 @@ impl Inner {
             device: self.sd.device.clone(),
             ..ClientOptions::default()
         };
-        Ok(connect_backends(&c.servers, self.model_id, &options).await?)
+        Ok(connect_strips(&c.servers, self.model_id, &options).await?)
     }
 
     async fn generate(
@@ -289,7 +289,7 @@ impl Inner {
             .await;
         // Close every session whatever happened: the servers drop our handles at once.
         futures::future::join_all(quic.iter().map(|b| b.close())).await;
-        let addresses: Vec<String> = quic.iter().map(|b| b.address().to_string()).collect();
+        let addresses: Vec<String> = quic.iter().map(|b| b.address()).collect();
         let generation = result.map_err(|e| VeilError::from_generation(e, &addresses))?;
         let png = image_to_png(&generation.image)?;
         let s = &generation.stats;
@@ -301,13 +301,13 @@ impl Inner {
                 let t = b.traffic();
                 ServerTraffic {
                     server: i as u32,
-                    address: b.address().to_string(),
+                    address: b.address(),
                     bytes_up: a.bytes_up_of(i),
                     bytes_down: a.bytes_down_of(i),
-                    wire_bytes_sent: t.bytes_sent.load(Ordering::Relaxed),
-                    wire_bytes_received: t.bytes_received.load(Ordering::Relaxed),
-                    requests: t.requests.load(Ordering::Relaxed),
-                    busy_seconds: t.busy_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+                    wire_bytes_sent: t.bytes_sent,
+                    wire_bytes_received: t.bytes_received,
+                    requests: t.requests,
+                    busy_seconds: t.busy_nanos as f64 * 1e-9,
                 }
             })
             .collect();

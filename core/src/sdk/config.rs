@@ -12,7 +12,7 @@ use crate::vocab::precision::ShardCodec;
 
 use super::error::VeilError;
 
-/// One shard server: the same three fields as a `[[server]]` table of `servers.toml`.
+/// One shard server: the fields of a `[[server]]` table of `servers.toml`.
 #[derive(Clone, PartialEq)]
 pub struct ServerConfig {
     /// `host:port`.
@@ -21,6 +21,9 @@ pub struct ServerConfig {
     pub fingerprint: String,
     /// The tenant's bearer token.
     pub token: String,
+    /// The tenant: servers with the same tenant are replicas of one strip (None: a strip of
+    /// its own).
+    pub tenant: Option<String>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -29,6 +32,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("address", &self.address)
             .field("fingerprint", &self.fingerprint)
             .field("token", &"<redacted>")
+            .field("tenant", &self.tenant)
             .finish()
     }
 }
@@ -232,6 +236,12 @@ impl VeilConfig {
                 address: s.address.trim().to_string(),
                 fingerprint,
                 token: s.token.trim().to_string(),
+                tenant: s
+                    .tenant
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string),
             });
         }
         let wire: WireDtype = self
@@ -318,6 +328,7 @@ mod tests {
             address: "127.0.0.1:4433".into(),
             fingerprint: format!("sha256:{}", "ab".repeat(32)),
             token: "t".into(),
+            tenant: None,
         }
     }
 

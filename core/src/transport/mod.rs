@@ -4,8 +4,12 @@
 //! - `servers`: `servers.toml` and `ServerSpec` (address, pinned fingerprint, token).
 //! - `tls`: the pinned-certificate verifier, rustls/QUIC configs of both ends, transport tuning.
 //! - `quic`: `QuicBackend` (one connection = one session) and `connect_all`.
+//! - `replicas`: `ReplicaSet`, one strip's replicas of one tenant as one backend, with failover
+//!   (`connect_strips`).
 
+mod handshake;
 pub mod quic;
+pub mod replicas;
 pub mod servers;
 pub mod tls;
 
@@ -14,6 +18,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 pub use quic::{compression_for, connect_backends, ClientOptions, QuicBackend, SentObserver};
+pub use replicas::{connect_strips, group_strips, ReplicaSet, TrafficTotals};
 pub use servers::{load_server_list, parse_server_list, read_token_file, ServerSpec};
 pub use tls::{Fingerprint, TransportTuning};
 

@@ -2,32 +2,27 @@
 //! `ShardBackend`. The connection is the session: tensors the server holds by handle live as
 //! long as it does.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use candle_core::{Device, Tensor};
-use quinn::{Connection, ConnectionError, Endpoint, ReadToEndError, VarInt, WriteError};
+use quinn::{Connection, Endpoint, ReadToEndError, VarInt, WriteError};
 
+pub use crate::transport::handshake::connect_quic;
+use crate::transport::handshake::{hello, kind_name, open_connection, Who};
 use crate::transport::servers::ServerSpec;
-use crate::transport::tls::{client_config, Fingerprint, PinnedVerifier, TransportTuning};
+use crate::transport::tls::TransportTuning;
 use crate::transport::TransportError;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::job::EarlySteps;
 use crate::vocab::ops::{PayloadBytes, ShardBackend, ShardReply, ShardRequest};
 use crate::vocab::precision::{ShardCodec, WireDtype};
-use crate::wire::codec::{decode, decode_counted, encode, encode_counted, WireError};
+use crate::wire::codec::{decode_counted, encode_counted, WireError};
 use crate::wire::convert::{early_steps_to_wire, request_to_wire};
 use crate::wire::references::{coded_inputs, CodecEnd, SendAs};
-use crate::wire::{
-    Compression, ErrorCode, Limits, Message, ModelId, RefMode, ReplyCoding, WireTensor,
-    PROTOCOL_VERSION,
-};
-
-/// Largest handshake answer the client reads.
-const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
+use crate::wire::{Compression, Limits, Message, ModelId, RefMode, ReplyCoding, WireTensor};
 
 /// Application close codes (QUIC CONNECTION_CLOSE) used by client and server.
 pub mod close_code {
@@ -66,6 +61,9 @@ pub struct ClientOptions {
     pub limits: Limits,
     /// Where reply tensors are placed.
     pub device: Device,
+    /// Most tensor bytes a strip with replicas keeps to rebuild a session on another replica
+    /// (`replicas`); past it, failover waits for the next step without live handles.
+    pub max_replay_bytes: u64,
 }
 
 impl Default for ClientOptions {
@@ -80,6 +78,7 @@ impl Default for ClientOptions {
             tuning: TransportTuning::default(),
             limits: Limits::default(),
             device: Device::Cpu,
+            max_replay_bytes: 256 << 20,
         }
     }
 }
@@ -95,92 +94,6 @@ pub fn compression_for(_wire: WireDtype, zstd_level: i32) -> Compression {
     } else {
         Compression::ZstdByteSplit(zstd_level)
     }
-}
-
-/// Identifies a server in errors.
-#[derive(Debug, Clone)]
-struct Who {
-    server: usize,
-    address: String,
-}
-
-impl Who {
-    fn unreachable(&self, message: impl Into<String>) -> TransportError {
-        TransportError::Unreachable {
-            server: self.server,
-            address: self.address.clone(),
-            message: message.into(),
-        }
-    }
-    fn protocol(&self, message: impl Into<String>) -> TransportError {
-        TransportError::Protocol {
-            server: self.server,
-            address: self.address.clone(),
-            message: message.into(),
-        }
-    }
-    fn timeout(&self, d: Duration) -> TransportError {
-        TransportError::Timeout {
-            server: self.server,
-            address: self.address.clone(),
-            seconds: d.as_secs_f64(),
-        }
-    }
-    fn lost(&self, e: &ConnectionError) -> TransportError {
-        match e {
-            ConnectionError::ApplicationClosed(c) => TransportError::ConnectionLost {
-                server: self.server,
-                address: self.address.clone(),
-                message: format!(
-                    "closed by the server (code {}: {})",
-                    c.error_code,
-                    String::from_utf8_lossy(&c.reason)
-                ),
-            },
-            ConnectionError::TimedOut => TransportError::ConnectionLost {
-                server: self.server,
-                address: self.address.clone(),
-                message: "no packet from the server within the idle timeout".into(),
-            },
-            other => TransportError::ConnectionLost {
-                server: self.server,
-                address: self.address.clone(),
-                message: other.to_string(),
-            },
-        }
-    }
-    /// An `Error` message from the server.
-    fn server_error(&self, code: ErrorCode, message: String) -> TransportError {
-        match code {
-            ErrorCode::AuthFailed => TransportError::AuthFailed {
-                server: self.server,
-                address: self.address.clone(),
-            },
-            ErrorCode::ModelMismatch => TransportError::ModelMismatch {
-                server: self.server,
-                address: self.address.clone(),
-                expected: String::new(),
-                actual: first_hex64(&message).unwrap_or_else(|| "unknown".into()),
-            },
-            ErrorCode::VersionMismatch | ErrorCode::Malformed | ErrorCode::WrongState => {
-                self.protocol(format!("server answered {code:?}: {message}"))
-            }
-            ErrorCode::BadRequest | ErrorCode::Busy | ErrorCode::Internal => {
-                TransportError::ServerError {
-                    server: self.server,
-                    address: self.address.clone(),
-                    message: format!("{code:?}: {message}"),
-                }
-            }
-        }
-    }
-}
-
-/// The first run of exactly 64 hex digits in `s` (a model id in a server's message).
-fn first_hex64(s: &str) -> Option<String> {
-    s.split(|c: char| !c.is_ascii_hexdigit())
-        .find(|w| w.len() == 64)
-        .map(str::to_ascii_lowercase)
 }
 
 /// Bytes a `QuicBackend` moved (QUIC stream payloads, i.e. encoded messages after compression).
@@ -573,17 +486,6 @@ impl ShardBackend<Tensor> for QuicBackend {
     }
 }
 
-pub(crate) fn kind_name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "Hello",
-        Message::Welcome { .. } => "Welcome",
-        Message::Request { .. } => "Request",
-        Message::EarlySteps { .. } => "EarlySteps",
-        Message::Reply { .. } => "Reply",
-        Message::Error { .. } => "Error",
-    }
-}
-
 /// Resets a send stream that was not finished.
 struct ResetOnDrop(Option<quinn::SendStream>);
 
@@ -592,143 +494,6 @@ impl Drop for ResetOnDrop {
         if let Some(mut s) = self.0.take() {
             let _ = s.reset(VarInt::from_u32(0));
         }
-    }
-}
-
-/// Resolves `host:port`.
-async fn resolve(who: &Who) -> Result<SocketAddr, TransportError> {
-    let mut addrs = tokio::net::lookup_host(who.address.as_str())
-        .await
-        .map_err(|e| who.unreachable(format!("cannot resolve: {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| who.unreachable("the name resolves to no address"))
-}
-
-/// The host part of `host:port` (for SNI; the pinned verifier ignores it).
-fn host_of(address: &str) -> &str {
-    let host = match address.rsplit_once(':') {
-        Some((h, _)) => h,
-        None => address,
-    };
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
-/// A QUIC connection with a verified, pinned certificate (no Veil handshake yet). Also what a
-/// test needs to speak raw frames to a server.
-pub async fn connect_quic(
-    index: usize,
-    address: &str,
-    pin: Fingerprint,
-    tuning: &TransportTuning,
-) -> Result<(Endpoint, Connection), TransportError> {
-    let who = Who {
-        server: index,
-        address: address.to_string(),
-    };
-    open_connection(&who, pin, tuning).await
-}
-
-async fn open_connection(
-    who: &Who,
-    pin: Fingerprint,
-    tuning: &TransportTuning,
-) -> Result<(Endpoint, Connection), TransportError> {
-    let addr = resolve(who).await?;
-    let bind: SocketAddr = if addr.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let endpoint = Endpoint::client(bind)
-        .map_err(|e| who.unreachable(format!("cannot open a UDP socket: {e}")))?;
-    let (config, verifier) = client_config(pin, tuning).map_err(|e| who.protocol(e.to_string()))?;
-    // SNI: the host when it is a valid name or address (the pinned verifier ignores it).
-    let host = host_of(&who.address);
-    let sni = match rustls::pki_types::ServerName::try_from(host) {
-        Ok(_) => host,
-        Err(_) => "veil-shard",
-    };
-    let connecting = endpoint
-        .connect_with(config, addr, sni)
-        .map_err(|e| who.unreachable(e.to_string()))?;
-    match connecting.await {
-        Ok(conn) => Ok((endpoint, conn)),
-        Err(e) => Err(handshake_error(who, &verifier, pin, e)),
-    }
-}
-
-fn handshake_error(
-    who: &Who,
-    verifier: &PinnedVerifier,
-    pin: Fingerprint,
-    e: ConnectionError,
-) -> TransportError {
-    if let Some(actual) = verifier.mismatch() {
-        return TransportError::CertificateMismatch {
-            server: who.server,
-            address: who.address.clone(),
-            expected: pin.hex(),
-            actual: actual.hex(),
-        };
-    }
-    match e {
-        ConnectionError::TimedOut => who.unreachable("no answer to the QUIC handshake"),
-        ConnectionError::TransportError(t) => {
-            who.protocol(format!("QUIC/TLS handshake failed: {t}"))
-        }
-        ConnectionError::ConnectionClosed(c) => {
-            who.protocol(format!("handshake aborted by the server: {c}"))
-        }
-        other => who.unreachable(other.to_string()),
-    }
-}
-
-/// Hello → Welcome on the first stream; returns the server's model identity.
-async fn hello(
-    who: &Who,
-    conn: &Connection,
-    token: &str,
-    model_id: ModelId,
-    limits: &Limits,
-) -> Result<ModelId, TransportError> {
-    let msg = Message::Hello {
-        version: PROTOCOL_VERSION,
-        token: token.to_string(),
-        model_id,
-    };
-    let bytes = encode(&msg, Compression::None)
-        .map_err(|e| who.protocol(format!("cannot encode the handshake: {e}")))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| who.lost(&e))?;
-    send.write_all(&bytes).await.map_err(|e| match e {
-        WriteError::ConnectionLost(c) => who.lost(&c),
-        other => who.protocol(other.to_string()),
-    })?;
-    let _ = send.finish();
-    let buf = match recv.read_to_end(MAX_HANDSHAKE_BYTES).await {
-        Ok(b) => b,
-        Err(ReadToEndError::Read(quinn::ReadError::ConnectionLost(c))) => return Err(who.lost(&c)),
-        Err(e) => return Err(who.protocol(format!("handshake answer: {e}"))),
-    };
-    let small = Limits {
-        max_message_bytes: MAX_HANDSHAKE_BYTES,
-        ..*limits
-    };
-    match decode(&buf, &small) {
-        Ok(Message::Welcome { version, model_id }) => {
-            if version != PROTOCOL_VERSION {
-                return Err(who.protocol(format!(
-                    "server speaks protocol {version}, this client {PROTOCOL_VERSION}"
-                )));
-            }
-            Ok(model_id)
-        }
-        Ok(Message::Error { code, message }) => Err(who.server_error(code, message)),
-        Ok(other) => Err(who.protocol(format!("expected Welcome, got {}", kind_name(&other)))),
-        Err(WireError::UnsupportedVersion(v)) => Err(who.protocol(format!(
-            "server speaks protocol {v}, this client {PROTOCOL_VERSION}"
-        ))),
-        Err(e) => Err(who.protocol(format!("undecodable handshake answer: {e}"))),
     }
 }
 
@@ -779,16 +544,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn helpers() {
-        assert_eq!(host_of("127.0.0.1:4433"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:4433"), "::1");
-        assert_eq!(host_of("shard.example:1"), "shard.example");
-        let id = "ab".repeat(32);
-        assert_eq!(
-            first_hex64(&format!("server holds model {id}, not yours")),
-            Some(id)
-        );
-        assert_eq!(first_hex64("no id here"), None);
+    fn the_cli_zstd_level_means_byte_split_zstd() {
         assert_eq!(compression_for(WireDtype::F32, 0), Compression::None);
         assert_eq!(
             compression_for(WireDtype::F32, 3),

@@ -5,9 +5,12 @@
 //! address = "shard-a.example.net:4433"
 //! fingerprint = "sha256:<64 hex digits>"   # printed by `veil-server` at start
 //! token = "tenant token"                    # or: token_file = "tokens/a.txt"
+//! tenant = "a"                              # optional: entries sharing it are replicas
 //! ```
 //!
-//! The order of the `[[server]]` tables is the order of the strips. A relative `token_file` is
+//! The order of the `[[server]]` tables is the order of the strips; entries with the same
+//! `tenant` are replicas of one strip (at the place of the first), of which a session uses one
+//! and fails over to another (`replicas`). A relative `token_file` is
 //! resolved against the folder of `servers.toml`; its first non-empty line is the token.
 
 use std::path::{Path, PathBuf};
@@ -26,6 +29,8 @@ pub struct ServerSpec {
     pub fingerprint: Fingerprint,
     /// The tenant's bearer token.
     pub token: String,
+    /// The tenant running it: servers with the same tenant are replicas of one strip.
+    pub tenant: Option<String>,
 }
 
 impl std::fmt::Debug for ServerSpec {
@@ -34,6 +39,7 @@ impl std::fmt::Debug for ServerSpec {
             .field("address", &self.address)
             .field("fingerprint", &self.fingerprint)
             .field("token", &"<redacted>")
+            .field("tenant", &self.tenant)
             .finish()
     }
 }
@@ -52,6 +58,7 @@ struct ServerEntry {
     fingerprint: String,
     token: Option<String>,
     token_file: Option<PathBuf>,
+    tenant: Option<String>,
 }
 
 /// Parses `servers.toml` text; `base` resolves relative `token_file`s; `path` names the file in
@@ -96,6 +103,10 @@ pub fn parse_server_list(text: &str, base: &Path, path: &Path) -> Result<Vec<Ser
                 address: e.address.trim().to_string(),
                 fingerprint,
                 token,
+                tenant: e
+                    .tenant
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty()),
             })
         })
         .collect()
@@ -139,7 +150,8 @@ mod tests {
         std::fs::write(dir.join("b.token"), "# tenant b\n\n  secret-b  \n").expect("token");
         let text = format!(
             "[[server]]\naddress = \"10.0.0.1:4433\"\nfingerprint = \"{FP}\"\ntoken = \"a\"\n\
-             [[server]]\naddress = \"shard-b:4433\"\nfingerprint = \"{FP}\"\ntoken_file = \"b.token\"\n"
+             [[server]]\naddress = \"shard-b:4433\"\nfingerprint = \"{FP}\"\ntoken_file = \"b.token\"\n\
+             tenant = \" b \"\n"
         );
         let specs = parse_server_list(&text, &dir, Path::new("servers.toml")).expect("parse");
         assert_eq!(specs.len(), 2);
@@ -148,6 +160,8 @@ mod tests {
         assert_eq!(specs[1].address, "shard-b:4433");
         assert_eq!(specs[1].token, "secret-b");
         assert_eq!(specs[1].fingerprint.to_string(), FP);
+        assert_eq!(specs[0].tenant, None);
+        assert_eq!(specs[1].tenant.as_deref(), Some("b"));
         assert!(!format!("{:?}", specs[1]).contains("secret"));
         let _ = std::fs::remove_dir_all(&dir);
 

@@ -242,6 +242,13 @@ pub trait ShardBackend<T: Send + Sync + 'static>: Send + Sync {
         let _ = step;
     }
 
+    /// Told before `begin_step`: handles the runtime has dropped whose `Release` has not been
+    /// sent yet (it goes out with a later request). A backend that can rebuild a session on
+    /// another server (replicas) need not rebuild these.
+    fn dropped(&self, handles: &[HandleId]) {
+        let _ = handles;
+    }
+
     /// The `obfuscated` policy's job (its own message, not a shard op): the first k denoising
     /// steps of K candidate prompts, answered with the K latents. Only a server that holds the
     /// whole model runs it; a shard-only one refuses.

@@ -1454,19 +1454,22 @@ public func FfiConverterTypeGenerationStats_lower(_ value: GenerationStats) -> R
 
 
 /**
- * One shard server: `host:port`, the pinned `sha256:` certificate fingerprint, the token.
+ * One shard server: `host:port`, the pinned `sha256:` certificate fingerprint, the token, and
+ * optionally its tenant (servers with the same tenant are replicas of one strip).
  */
 public struct ServerConfig: Equatable, Hashable {
     public var address: String
     public var fingerprint: String
     public var token: String
+    public var tenant: String?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(address: String, fingerprint: String, token: String) {
+    public init(address: String, fingerprint: String, token: String, tenant: String? = nil) {
         self.address = address
         self.fingerprint = fingerprint
         self.token = token
+        self.tenant = tenant
     }
 
     
@@ -1487,7 +1490,8 @@ public struct FfiConverterTypeServerConfig: FfiConverterRustBuffer {
             try ServerConfig(
                 address: FfiConverterString.read(from: &buf), 
                 fingerprint: FfiConverterString.read(from: &buf), 
-                token: FfiConverterString.read(from: &buf)
+                token: FfiConverterString.read(from: &buf), 
+                tenant: FfiConverterOptionString.read(from: &buf)
         )
     }
 
@@ -1495,6 +1499,7 @@ public struct FfiConverterTypeServerConfig: FfiConverterRustBuffer {
         FfiConverterString.write(value.address, into: &buf)
         FfiConverterString.write(value.fingerprint, into: &buf)
         FfiConverterString.write(value.token, into: &buf)
+        FfiConverterOptionString.write(value.tenant, into: &buf)
     }
 }
 

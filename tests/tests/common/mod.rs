@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use veil_core::client::pipeline::StableDiffusion;
 use veil_core::wire::identity::model_identity;
-use veil_server::{ServerLimits, ShardModel};
+use veil_server::{spawn_local, ServerLimits, ShardModel};
 use veil_tests::tiny_model;
 
 use candle_core::Tensor;
@@ -116,5 +116,37 @@ pub fn limits() -> ServerLimits {
         max_tensor_bytes: 4 << 20,
         idle_timeout: Duration::from_secs(10),
         ..ServerLimits::default()
+    }
+}
+
+/// A server on its own runtime thread that can be killed like a crashed process: its runtime is
+/// torn down without closing the endpoint, so clients get no CONNECTION_CLOSE — only silence.
+pub struct Killable {
+    pub spec: ServerSpec,
+    pub kill: std::sync::mpsc::Sender<()>,
+}
+
+pub fn spawn_killable(model: Arc<ShardModel>) -> Killable {
+    let (spec_tx, spec_rx) = std::sync::mpsc::channel();
+    let (kill, kill_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let cluster = rt
+            .block_on(async { spawn_local(1, model, limits()) })
+            .expect("server");
+        spec_tx.send(cluster.specs[0].clone()).expect("spec");
+        let _ = kill_rx.recv();
+        // No graceful close: forget the handles (their Drop would send CONNECTION_CLOSE) and
+        // drop every task of the runtime, sockets' readers included.
+        std::mem::forget(cluster);
+        rt.shutdown_background();
+    });
+    Killable {
+        spec: spec_rx.recv().expect("killable server started"),
+        kill,
     }
 }

@@ -39,7 +39,9 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
     fn note_unet_call(&mut self) {
         self.acct.unet_calls += 1;
         self.calls += 1;
+        let dropped = self.released.lock().map(|r| r.clone()).unwrap_or_default();
         for b in self.backends {
+            b.dropped(&dropped);
             b.begin_step(self.calls - 1);
         }
     }

@@ -2490,7 +2490,8 @@ public object FfiConverterTypeGenerationStats: FfiConverterRustBuffer<Generation
 
 
 /**
- * One shard server: `host:port`, the pinned `sha256:` certificate fingerprint, the token.
+ * One shard server: `host:port`, the pinned `sha256:` certificate fingerprint, the token, and
+ * optionally its tenant (servers with the same tenant are replicas of one strip).
  */
 data class ServerConfig (
     var `address`: kotlin.String
@@ -2498,6 +2499,8 @@ data class ServerConfig (
     var `fingerprint`: kotlin.String
     , 
     var `token`: kotlin.String
+    , 
+    var `tenant`: kotlin.String? = null 
     
 ){
     
@@ -2517,19 +2520,22 @@ public object FfiConverterTypeServerConfig: FfiConverterRustBuffer<ServerConfig>
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
+            FfiConverterOptionalString.read(buf),
         )
     }
 
     override fun allocationSize(value: ServerConfig) = (
             FfiConverterString.allocationSize(value.`address`) +
             FfiConverterString.allocationSize(value.`fingerprint`) +
-            FfiConverterString.allocationSize(value.`token`)
+            FfiConverterString.allocationSize(value.`token`) +
+            FfiConverterOptionalString.allocationSize(value.`tenant`)
     )
 
     override fun write(value: ServerConfig, buf: ByteBuffer) {
             FfiConverterString.write(value.`address`, buf)
             FfiConverterString.write(value.`fingerprint`, buf)
             FfiConverterString.write(value.`token`, buf)
+            FfiConverterOptionalString.write(value.`tenant`, buf)
     }
 }
 
