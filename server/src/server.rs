@@ -218,6 +218,11 @@ impl ShardServer {
         Ok(())
     }
 
+    /// Bytes of the memory budget in use now: running ops and tensors sessions keep.
+    pub fn memory_in_use(&self) -> u64 {
+        self.ctx.budget.used()
+    }
+
     /// Sessions open now.
     pub fn active_sessions(&self) -> usize {
         self.ctx

@@ -452,3 +452,130 @@ async fn hostile_requests_are_refused_at_once_and_the_server_lives_within_its_bu
     drop(conn);
     endpoint.close(0u32.into(), b"done");
 }
+
+/// Honest requests over the layer table of the `request_execute` fuzz target (its seeds, with
+/// the hostile ones above): a kept stride-1 convolution, the stride-2 one on its handle, a
+/// GroupNorm's statistics and application, a LayerNorm and the GEGLU projection.
+fn honest_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let x = veil_tests::randn(&[1, 4, 8, 8], 5);
+    let tokens = veil_tests::randn(&[1, 16, 8], 6);
+    let two = veil_tests::randn(&[1, 2, 8, 8], 7);
+    vec![
+        (
+            "conv_keep_then_downsample",
+            request_bytes(&ShardRequest {
+                calls: vec![
+                    call(
+                        ShardOp::Conv2d {
+                            layer: "conv_in".into(),
+                            input: Operand::Inline(x),
+                            pad: Pad {
+                                top: 1,
+                                bottom: 1,
+                                left: 1,
+                                right: 1,
+                            },
+                        },
+                        Some(7),
+                    ),
+                    call(
+                        ShardOp::Conv2d {
+                            layer: "down_blocks.0.downsamplers.0.conv".into(),
+                            input: Operand::Handle(7),
+                            pad: no_pad(),
+                        },
+                        None,
+                    ),
+                    call(ShardOp::Release { handle: 7 }, None),
+                ],
+            }),
+        ),
+        (
+            "group_norm",
+            request_bytes(&ShardRequest {
+                calls: vec![
+                    call(
+                        ShardOp::GroupNormStats {
+                            layer: NORM_2.into(),
+                            input: Operand::Inline(two.clone()),
+                        },
+                        None,
+                    ),
+                    call(
+                        ShardOp::GroupNormApply {
+                            layer: NORM_2.into(),
+                            input: Operand::Inline(two),
+                            moments: Operand::Inline(zeros(&[1, 2, 2])),
+                        },
+                        None,
+                    ),
+                ],
+            }),
+        ),
+        (
+            "layer_norm_and_geglu",
+            request_bytes(&ShardRequest {
+                calls: vec![
+                    call(
+                        ShardOp::LayerNorm {
+                            layer: "mid_block.attentions.0.transformer_blocks.0.norm3".into(),
+                            input: Operand::Inline(tokens),
+                        },
+                        Some(3),
+                    ),
+                    call(
+                        ShardOp::Linear {
+                            layer: "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"
+                                .into(),
+                            input: Operand::Handle(3),
+                        },
+                        None,
+                    ),
+                ],
+            }),
+        ),
+    ]
+}
+
+const NORM_2: &str = "down_blocks.0.resnets.0.norm1";
+
+/// The seeds of `fuzz/fuzz_targets/request_execute.rs` (those up to 16 KiB: the fuzzer mutates
+/// small inputs best): written when `VEIL_WRITE_FUZZ_SEEDS` is set, else the committed ones must
+/// be exactly these requests.
+#[test]
+fn request_execute_fuzz_seeds() {
+    let dir = veil_tests::repo_root().join("fuzz/seeds/request_execute");
+    let mut seeds = honest_seeds();
+    let hostile = cases();
+    assert_eq!(hostile.len(), HOSTILE_NAMES.len());
+    seeds.extend(
+        HOSTILE_NAMES
+            .into_iter()
+            .zip(hostile.into_iter().map(|(_, b)| b)),
+    );
+    seeds.retain(|(_, b)| b.len() <= 16 << 10);
+    assert!(seeds.len() >= 10, "{} seeds", seeds.len());
+    for (name, bytes) in &seeds {
+        let path = dir.join(name);
+        if std::env::var_os("VEIL_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).expect("seed dir");
+            std::fs::write(&path, bytes).expect("write seed");
+        }
+        let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(&committed, bytes, "{name}: the committed seed differs");
+    }
+}
+
+const HOSTILE_NAMES: [&str; 11] = [
+    "hostile_conv_1x3_stride2",
+    "hostile_huge_padding",
+    "hostile_upsample_petabyte",
+    "hostile_timestep_embedding",
+    "hostile_attention_scores",
+    "hostile_attention_0_heads",
+    "hostile_group_norm_rank3",
+    "hostile_conv_rank2",
+    "hostile_cat_of_kept",
+    "hostile_early_steps",
+    "hostile_zstd_bomb",
+];

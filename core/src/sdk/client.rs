@@ -1,7 +1,8 @@
 //! `Veil`: the client an app keeps for its lifetime. It loads the model once; each `generate`
-//! connects to the shard servers (one QUIC session per generation, so concurrent generations
-//! never share server state), runs the denoising loop off the async executor, and closes the
-//! sessions whatever happens.
+//! takes sessions with the shard servers (those the last generation kept, else new ones; two
+//! concurrent generations never share one, so never share server state), runs the denoising loop
+//! off the async executor, then keeps the sessions for the next generation (`sessions`) or, after
+//! an error, closes them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,13 +13,14 @@ use crate::client::options::ObfuscationOptions;
 use crate::client::pipeline::{image_to_png, GenerateOptions, LoadRole, StableDiffusion};
 use crate::obfuscation::ObfuscationKey;
 use crate::placement::backend::ShardBackend;
-use crate::transport::{compression_for, connect_strips, ClientOptions, ReplicaSet};
+use crate::transport::{compression_for, ClientOptions, ReplicaSet, TrafficTotals};
 use crate::wire::manifest::resolve_unet_identity;
 use crate::wire::ModelId;
 
 use super::config::{check_generation, parse_scheduler, GenerationOptions, Validated, VeilConfig};
 use super::error::VeilError;
 use super::key::load_or_create_obfuscation_key;
+use super::sessions::Sessions;
 
 /// Told after every denoising step, from the thread running the generation (not the caller's
 /// thread); keep it quick and thread-safe.
@@ -102,6 +104,8 @@ struct Inner {
     /// The user's obfuscation key, read from (or created at) `obfuscation_key_file`; `None`:
     /// the per-process key.
     obfuscation_key: Option<Arc<ObfuscationKey>>,
+    /// The endpoint and the sessions kept between generations.
+    sessions: Sessions,
 }
 
 impl std::fmt::Debug for Veil {
@@ -146,6 +150,7 @@ impl Veil {
                 model_id,
                 config,
                 obfuscation_key,
+                sessions: Sessions::default(),
             }),
         };
         // A default size the model cannot take is a config error, not a first-generate error.
@@ -155,6 +160,12 @@ impl Veil {
             .latent_size(w, h)
             .map_err(|e| VeilError::config(format!("defaults: {e}")))?;
         Ok(veil)
+    }
+
+    /// Ends the sessions kept for the next generation (an app going to the background); the
+    /// next `generate` connects again. Dropping the `Veil` ends them too.
+    pub async fn disconnect(&self) {
+        self.inner.sessions.close().await;
     }
 
     /// The placement policy's name.
@@ -257,9 +268,13 @@ impl Inner {
             request_timeout: c.request_timeout,
             connect_timeout: c.connect_timeout,
             device: self.sd.device.clone(),
+            endpoint: self.sessions.endpoint(),
             ..ClientOptions::default()
         };
-        Ok(connect_strips(&c.servers, self.model_id, &options).await?)
+        Ok(self
+            .sessions
+            .checkout(&c.servers, self.model_id, &options)
+            .await?)
     }
 
     async fn generate(
@@ -274,6 +289,7 @@ impl Inner {
             return Err(VeilError::Cancelled);
         }
         let quic = self.connect().await?;
+        let before: Vec<TrafficTotals> = quic.iter().map(|b| b.traffic()).collect();
         let backends: Vec<Arc<dyn ShardBackend<Tensor>>> = quic
             .iter()
             .map(|b| b.clone() as Arc<dyn ShardBackend<Tensor>>)
@@ -287,28 +303,33 @@ impl Inner {
             .sd
             .generate_cancellable(&opts, &backends, &mut report, &|| cancel.is_cancelled())
             .await;
-        // Close every session whatever happened: the servers drop our handles at once.
-        futures::future::join_all(quic.iter().map(|b| b.close())).await;
         let addresses: Vec<String> = quic.iter().map(|b| b.address()).collect();
+        let traffic: Vec<TrafficTotals> = quic
+            .iter()
+            .zip(&before)
+            .map(|(b, t0)| b.traffic().since(t0))
+            .collect();
+        // Kept for the next generation unless something went wrong on the way (then closed:
+        // the servers drop our handles at once).
+        let reusable = matches!(result, Ok(_) | Err(crate::vocab::error::Error::Cancelled));
+        self.sessions.checkin(quic, reusable).await;
         let generation = result.map_err(|e| VeilError::from_generation(e, &addresses))?;
         let png = image_to_png(&generation.image)?;
         let s = &generation.stats;
         let a = &generation.accounting;
-        let per_server = quic
-            .iter()
+        let per_server = addresses
+            .into_iter()
+            .zip(traffic)
             .enumerate()
-            .map(|(i, b)| {
-                let t = b.traffic();
-                ServerTraffic {
-                    server: i as u32,
-                    address: b.address(),
-                    bytes_up: a.bytes_up_of(i),
-                    bytes_down: a.bytes_down_of(i),
-                    wire_bytes_sent: t.bytes_sent,
-                    wire_bytes_received: t.bytes_received,
-                    requests: t.requests,
-                    busy_seconds: t.busy_nanos as f64 * 1e-9,
-                }
+            .map(|(i, (address, t))| ServerTraffic {
+                server: i as u32,
+                address,
+                bytes_up: a.bytes_up_of(i),
+                bytes_down: a.bytes_down_of(i),
+                wire_bytes_sent: t.bytes_sent,
+                wire_bytes_received: t.bytes_received,
+                requests: t.requests,
+                busy_seconds: t.busy_nanos as f64 * 1e-9,
             })
             .collect();
         Ok(GeneratedImage {

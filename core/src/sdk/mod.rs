@@ -13,6 +13,7 @@ mod client;
 mod config;
 mod error;
 mod key;
+mod sessions;
 
 pub use client::{
     CancelHandle, GeneratedImage, GenerationStats, ProgressListener, ServerTraffic, Veil,

@@ -132,22 +132,39 @@ pub async fn connect_quic(
         server: index,
         address: address.to_string(),
     };
-    open_connection(&who, pin, tuning).await
+    open_connection(&who, pin, tuning, None)
+        .await
+        .map(|(e, c, _)| (e, c))
 }
 
-pub(crate) async fn open_connection(
-    who: &Who,
-    pin: Fingerprint,
-    tuning: &TransportTuning,
-) -> Result<(Endpoint, Connection), TransportError> {
-    let addr = resolve(who).await?;
-    let bind: SocketAddr = if addr.is_ipv4() {
+/// A client endpoint (a UDP socket on an ephemeral port) for IPv4 or IPv6 servers; one can
+/// carry every connection of a client (`ClientOptions::endpoint`).
+pub fn client_endpoint(ipv4: bool) -> Result<Endpoint, String> {
+    let bind: SocketAddr = if ipv4 {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
         SocketAddr::from(([0u16; 8], 0))
     };
-    let endpoint = Endpoint::client(bind)
-        .map_err(|e| who.unreachable(format!("cannot open a UDP socket: {e}")))?;
+    Endpoint::client(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))
+}
+
+/// A pinned QUIC connection to `who`, on `shared` when given and of the server's address
+/// family (else on an endpoint of its own); also says whether the endpoint is the shared one.
+pub(crate) async fn open_connection(
+    who: &Who,
+    pin: Fingerprint,
+    tuning: &TransportTuning,
+    shared: Option<&Endpoint>,
+) -> Result<(Endpoint, Connection, bool), TransportError> {
+    let addr = resolve(who).await?;
+    let family_of = |e: &Endpoint| e.local_addr().map(|a| a.is_ipv4() == addr.is_ipv4());
+    let (endpoint, is_shared) = match shared {
+        Some(e) if family_of(e).unwrap_or(false) => (e.clone(), true),
+        _ => (
+            client_endpoint(addr.is_ipv4()).map_err(|e| who.unreachable(e))?,
+            false,
+        ),
+    };
     let (config, verifier) = client_config(pin, tuning).map_err(|e| who.protocol(e.to_string()))?;
     // SNI: the host when it is a valid name or address (the pinned verifier ignores it).
     let host = host_of(&who.address);
@@ -159,7 +176,7 @@ pub(crate) async fn open_connection(
         .connect_with(config, addr, sni)
         .map_err(|e| who.unreachable(e.to_string()))?;
     match connecting.await {
-        Ok(conn) => Ok((endpoint, conn)),
+        Ok(conn) => Ok((endpoint, conn, is_shared)),
         Err(e) => Err(handshake_error(who, &verifier, pin, e)),
     }
 }

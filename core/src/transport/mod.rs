@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+pub use handshake::client_endpoint;
 pub use quic::{compression_for, connect_backends, ClientOptions, QuicBackend, SentObserver};
 pub use replicas::{connect_strips, group_strips, ReplicaSet, TrafficTotals};
 pub use servers::{load_server_list, parse_server_list, read_token_file, ServerSpec};

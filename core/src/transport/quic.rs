@@ -61,6 +61,9 @@ pub struct ClientOptions {
     pub limits: Limits,
     /// Where reply tensors are placed.
     pub device: Device,
+    /// The client endpoint (UDP socket) to open connections on, shared by all of a client's
+    /// connections (`handshake::client_endpoint`); None: each connection opens its own.
+    pub endpoint: Option<Endpoint>,
     /// Most tensor bytes a strip with replicas keeps to rebuild a session on another replica
     /// (`replicas`); past it, failover waits for the next step without live handles.
     pub max_replay_bytes: u64,
@@ -78,6 +81,7 @@ impl Default for ClientOptions {
             tuning: TransportTuning::default(),
             limits: Limits::default(),
             device: Device::Cpu,
+            endpoint: None,
             max_replay_bytes: 256 << 20,
         }
     }
@@ -130,6 +134,8 @@ pub struct QuicBackend {
     conn: Connection,
     // Kept so the endpoint (its socket and driver) lives as long as the connection.
     endpoint: Endpoint,
+    /// The endpoint is the client's shared one (`ClientOptions::endpoint`).
+    shared_endpoint: bool,
     options: ClientOptions,
     traffic: Traffic,
     sent_observer: std::sync::Mutex<Option<SentObserver>>,
@@ -160,9 +166,14 @@ impl QuicBackend {
             address: spec.address.clone(),
         };
         let deadline = options.connect_timeout;
-        let (endpoint, conn) = tokio::time::timeout(
+        let (endpoint, conn, shared_endpoint) = tokio::time::timeout(
             deadline,
-            open_connection(&who, spec.fingerprint, &options.tuning),
+            open_connection(
+                &who,
+                spec.fingerprint,
+                &options.tuning,
+                options.endpoint.as_ref(),
+            ),
         )
         .await
         .map_err(|_| who.unreachable(format!("no QUIC handshake within {deadline:?}")))??;
@@ -208,6 +219,7 @@ impl QuicBackend {
             who,
             conn,
             endpoint,
+            shared_endpoint,
             options: options.clone(),
             traffic: Traffic::default(),
             server_model,
@@ -252,11 +264,19 @@ impl QuicBackend {
     }
 
     /// Ends the session (the server forgets its handles) and waits briefly for the close to be
-    /// sent.
+    /// sent (a shared endpoint goes on sending it by itself: waiting for it to be idle would
+    /// wait for every other connection).
     pub async fn close(&self) {
         self.conn
             .close(VarInt::from_u32(close_code::DONE), b"session done");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if !self.shared_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        }
+    }
+
+    /// The session is still open (no close from either side, no idle timeout).
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
     }
 
     /// Sends one encoded message on a new stream and returns the decoded answer and its tensor

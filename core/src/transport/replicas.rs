@@ -12,7 +12,7 @@
 //! the next quiescent step boundary, and a failure gives the typed error a single server does.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -22,7 +22,7 @@ use crate::transport::quic::{ClientOptions, QuicBackend};
 use crate::transport::servers::ServerSpec;
 use crate::vocab::error::{Error, Result, TransportError};
 use crate::vocab::job::EarlySteps;
-use crate::vocab::ops::{HandleId, ShardBackend, ShardOp, ShardReply, ShardRequest};
+use crate::vocab::ops::{HandleId, ShardBackend, ShardCall, ShardOp, ShardReply, ShardRequest};
 use crate::wire::ModelId;
 
 /// Encoded bytes, requests and waiting time summed over every connection a strip used.
@@ -34,13 +34,28 @@ pub struct TrafficTotals {
     pub busy_nanos: u64,
 }
 
+impl TrafficTotals {
+    /// What moved since `earlier` (a session kept across generations counts them all).
+    pub fn since(&self, earlier: &TrafficTotals) -> TrafficTotals {
+        TrafficTotals {
+            bytes_sent: self.bytes_sent.saturating_sub(earlier.bytes_sent),
+            bytes_received: self.bytes_received.saturating_sub(earlier.bytes_received),
+            requests: self.requests.saturating_sub(earlier.requests),
+            busy_nanos: self.busy_nanos.saturating_sub(earlier.busy_nanos),
+        }
+    }
+}
+
 enum Entry {
     Begin(u64),
     Request(ShardRequest<Tensor>),
 }
 
-/// What a new replica must be sent to hold what the failed one held.
+/// The handles the session holds, and (with replicas) what a new replica must be sent to hold
+/// what the failed one held.
 struct ReplayLog {
+    /// Whether requests are kept (a strip with replicas) or only handles tracked.
+    keep_entries: bool,
     entries: Vec<Entry>,
     bytes: u64,
     max_bytes: u64,
@@ -61,8 +76,9 @@ fn request_bytes(r: &ShardRequest<Tensor>) -> u64 {
 }
 
 impl ReplayLog {
-    fn new(max_bytes: u64) -> Self {
+    fn new(keep_entries: bool, max_bytes: u64) -> Self {
         Self {
+            keep_entries,
             entries: Vec::new(),
             bytes: 0,
             max_bytes,
@@ -81,7 +97,7 @@ impl ReplayLog {
             self.live.clear();
             self.dropped.clear();
         }
-        if !self.overflowed {
+        if self.keep_entries && !self.overflowed {
             self.entries.push(Entry::Begin(step));
         }
     }
@@ -97,7 +113,7 @@ impl ReplayLog {
                 self.live.insert(h);
             }
         }
-        if self.overflowed {
+        if !self.keep_entries || self.overflowed {
             return;
         }
         self.bytes = self.bytes.saturating_add(request_bytes(request));
@@ -126,12 +142,15 @@ pub struct ReplicaSet {
     /// Replicas that failed during this session, and every connection used (for traffic).
     failed: Mutex<Vec<bool>>,
     used: Mutex<Vec<Arc<QuicBackend>>>,
-    /// None with a single replica: nothing to replay on.
-    log: Option<Mutex<ReplayLog>>,
+    /// Live handles; with replicas also the requests to replay.
+    log: Mutex<ReplayLog>,
     /// Serialises failovers (two requests failing together switch once).
     switching: tokio::sync::Mutex<()>,
     failovers: AtomicU32,
     replayed: AtomicU32,
+    /// The session was kept from an earlier generation and has not answered since: a dead one
+    /// (a server that crashed silently) is reconnected once, even without replicas.
+    kept: AtomicBool,
 }
 
 fn poisoned() -> Error {
@@ -156,7 +175,7 @@ impl ReplicaSet {
             match QuicBackend::connect(index, &replicas[r], model_id, options).await {
                 Ok(b) => {
                     let backend = Arc::new(b);
-                    let log = (n > 1).then(|| Mutex::new(ReplayLog::new(options.max_replay_bytes)));
+                    let log = Mutex::new(ReplayLog::new(n > 1, options.max_replay_bytes));
                     return Ok(Self {
                         index,
                         model_id,
@@ -171,6 +190,7 @@ impl ReplicaSet {
                         switching: tokio::sync::Mutex::new(()),
                         failovers: AtomicU32::new(0),
                         replayed: AtomicU32::new(0),
+                        kept: AtomicBool::new(false),
                         replicas,
                     });
                 }
@@ -233,15 +253,98 @@ impl ReplicaSet {
         t
     }
 
+    /// The serving connection is still open: the strip can serve another generation.
+    pub fn is_open(&self) -> bool {
+        self.active().is_ok_and(|b| b.is_open())
+    }
+
+    /// A generation is over and the session will serve another: the handles the server still
+    /// holds (those whose release the runtime had not sent yet) are released in one request,
+    /// and the log starts afresh. An error means the session is not fit for reuse.
+    pub async fn end_generation(&self) -> Result<()> {
+        let live: Vec<HandleId> = {
+            let mut l = self.log.lock().map_err(|_| poisoned())?;
+            let live = l.live.iter().copied().collect();
+            *l = ReplayLog::new(l.keep_entries, l.max_bytes);
+            live
+        };
+        let active = self.active()?;
+        // Requests carry at most `Limits::max_calls` (1024) calls.
+        for chunk in live.chunks(512) {
+            let request = ShardRequest {
+                calls: chunk
+                    .iter()
+                    .map(|&handle| ShardCall {
+                        op: ShardOp::Release { handle },
+                        keep_as: None,
+                        reply: false,
+                    })
+                    .collect(),
+            };
+            active.execute(request).await?;
+        }
+        self.kept.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A kept session failed on its first request of a new generation (nothing to replay yet):
+    /// connects again, to any replica (the same one first), instead of failing the generation.
+    async fn reconnect_kept(&self, old: &Arc<QuicBackend>, cause: Error) -> Result<()> {
+        let _turn = self.switching.lock().await;
+        let first = {
+            let a = self.active.lock().map_err(|_| poisoned())?;
+            if !Arc::ptr_eq(&a.backend, old) {
+                return Ok(());
+            }
+            a.replica
+        };
+        self.kept.store(false, Ordering::Relaxed);
+        old.close().await;
+        let n = self.replicas.len();
+        for k in 0..n {
+            let r = (first + k) % n;
+            let spec = &self.replicas[r];
+            match QuicBackend::connect(self.index, spec, self.model_id, &self.options).await {
+                Ok(b) => {
+                    tracing::info!(strip = self.index, replica = %spec.address, "the kept session was dead ({cause}); reconnected");
+                    let backend = Arc::new(b);
+                    if let Ok(mut u) = self.used.lock() {
+                        u.push(backend.clone());
+                    }
+                    *self.active.lock().map_err(|_| poisoned())? = Active {
+                        backend,
+                        replica: r,
+                    };
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(strip = self.index, replica = %spec.address, "cannot reconnect: {e}")
+                }
+            }
+        }
+        Err(cause)
+    }
+
     /// Ends the session on every connection still open.
     pub async fn close(&self) {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
         futures::future::join_all(used.iter().map(|b| b.close())).await;
     }
 
+    /// Whether `e` is a kept session found dead on the first request of a generation.
+    fn kept_and_dead(&self, e: &Error) -> bool {
+        self.kept.load(Ordering::Relaxed)
+            && matches!(
+                e,
+                Error::Transport(
+                    TransportError::ConnectionLost { .. } | TransportError::Timeout { .. }
+                )
+            )
+    }
+
     /// Whether `e`, from the active replica, is worth another replica.
     fn may_fail_over(&self, e: &Error) -> bool {
-        self.log.is_some()
+        self.replicas.len() > 1
             && match e {
                 Error::Transport(t) => !fatal(t),
                 _ => false,
@@ -327,11 +430,8 @@ impl ReplicaSet {
 
     /// A copy of the log (None when it overflowed).
     fn replay_entries(&self) -> Result<Option<Vec<ReplayItem>>> {
-        let Some(log) = &self.log else {
-            return Ok(None);
-        };
-        let log = log.lock().map_err(|_| poisoned())?;
-        if log.overflowed {
+        let log = self.log.lock().map_err(|_| poisoned())?;
+        if !log.keep_entries || log.overflowed {
             return Ok(None);
         }
         Ok(Some(
@@ -382,11 +482,11 @@ impl ShardBackend<Tensor> for ReplicaSet {
             let active = self.active()?;
             match active.execute(request.clone()).await {
                 Ok(reply) => {
-                    if let Some(log) = &self.log {
-                        log.lock().map_err(|_| poisoned())?.record(&request);
-                    }
+                    self.kept.store(false, Ordering::Relaxed);
+                    self.log.lock().map_err(|_| poisoned())?.record(&request);
                     return Ok(reply);
                 }
+                Err(e) if self.kept_and_dead(&e) => self.reconnect_kept(&active, e).await?,
                 Err(e) if self.may_fail_over(&e) => self.fail_over(&active, e).await?,
                 Err(e) => return Err(e),
             }
@@ -394,10 +494,8 @@ impl ShardBackend<Tensor> for ReplicaSet {
     }
 
     fn begin_step(&self, step: u64) {
-        if let Some(log) = &self.log {
-            if let Ok(mut l) = log.lock() {
-                l.begin(step);
-            }
+        if let Ok(mut l) = self.log.lock() {
+            l.begin(step);
         }
         if let Ok(a) = self.active() {
             a.begin_step(step);
@@ -405,10 +503,8 @@ impl ShardBackend<Tensor> for ReplicaSet {
     }
 
     fn dropped(&self, handles: &[HandleId]) {
-        if let Some(log) = &self.log {
-            if let Ok(mut l) = log.lock() {
-                l.dropped.extend(handles.iter().copied());
-            }
+        if let Ok(mut l) = self.log.lock() {
+            l.dropped.extend(handles.iter().copied());
         }
     }
 
@@ -416,7 +512,11 @@ impl ShardBackend<Tensor> for ReplicaSet {
         loop {
             let active = self.active()?;
             match active.early_steps(job.clone()).await {
-                Ok(t) => return Ok(t),
+                Ok(t) => {
+                    self.kept.store(false, Ordering::Relaxed);
+                    return Ok(t);
+                }
+                Err(e) if self.kept_and_dead(&e) => self.reconnect_kept(&active, e).await?,
                 Err(e) if self.may_fail_over(&e) => self.fail_over(&active, e).await?,
                 Err(e) => return Err(e),
             }
@@ -477,7 +577,7 @@ pub async fn connect_strips(
 mod tests {
     use super::*;
     use crate::transport::tls::Fingerprint;
-    use crate::vocab::ops::{Operand, ShardCall};
+    use crate::vocab::ops::Operand;
 
     fn spec(address: &str, tenant: Option<&str>) -> ServerSpec {
         ServerSpec {
@@ -537,7 +637,7 @@ mod tests {
 
     #[test]
     fn the_log_keeps_what_live_handles_need_and_forgets_at_quiet_boundaries() {
-        let mut log = ReplayLog::new(1 << 20);
+        let mut log = ReplayLog::new(true, 1 << 20);
         log.begin(0);
         log.record(&keep(1, 4));
         log.record(&keep(2, 4));
@@ -555,7 +655,7 @@ mod tests {
         assert!(log.live.is_empty());
 
         // Past the byte bound the log stops (no replay) until the next quiet boundary.
-        let mut log = ReplayLog::new(64);
+        let mut log = ReplayLog::new(true, 64);
         log.begin(0);
         log.record(&keep(1, 8)); // 32 bytes
         log.record(&keep(2, 16)); // 64 more: over
