@@ -230,6 +230,9 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
         )?;
         // The bound address on stdout too, for `--listen 127.0.0.1:0` (tests, local clusters).
         println!("listening {}", server.local_addr());
+        if let Some(m) = server.metrics_addr() {
+            println!("metrics {m}");
+        }
         tracing::info!(
             addr = %server.local_addr(),
             tokens = "configured",

@@ -4,6 +4,9 @@
 // Each test file that includes this module uses a subset of it.
 #![allow(dead_code)]
 
+pub mod hostile;
+pub mod process;
+
 use std::sync::Arc;
 use std::time::Duration;
 
