@@ -40,7 +40,7 @@ use veil_core::model::unet::UNet;
 use veil_core::placement::{GnVariant, Policy, WireDtype};
 use veil_core::transport::{connect_strips, load_server_list, ClientOptions, ReplicaSet};
 use veil_core::wire::identity::model_identity;
-use veil_core::wire::manifest::resolve_unet_identity;
+use veil_core::wire::manifest::{component_hashes, full_model_identity, resolve_unet_identity};
 use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
 
 #[derive(Parser)]
@@ -77,6 +77,9 @@ enum Command {
     Manifest(model_cmd::ManifestArgs),
     /// Re-hash a model folder against its manifest.
     Verify(model_cmd::VerifyArgs),
+    /// PSNR (capped at 100 dB for identical pictures) and the largest pixel difference between two
+    /// pictures of the same size.
+    Compare(model_cmd::CompareArgs),
 }
 
 #[derive(Args)]
@@ -260,6 +263,7 @@ fn main() -> Result<()> {
         Command::Obfuscate(a) => obfuscate_cmd(a),
         Command::Manifest(a) => model_cmd::manifest(a),
         Command::Verify(a) => model_cmd::verify(a),
+        Command::Compare(a) => model_cmd::compare(a),
     }
 }
 
@@ -495,7 +499,9 @@ async fn connect_quic(
         (None, Some(n)) => {
             let mut model = ShardModel::from_engine(&sd.unet, &sd.unet_engine);
             if obfuscated {
-                model = model.with_denoiser(sd.clone());
+                model = model
+                    .with_denoiser(sd.clone())
+                    .with_full_identity(&component_hashes(&a.model)?);
             }
             let n = if obfuscated { 1 } else { n };
             let c = spawn_local(n, Arc::new(model), ServerLimits::default())
@@ -513,9 +519,15 @@ async fn connect_quic(
         device: device.clone(),
         ..a.codec.client_options(wire, a.zstd)
     };
-    let model_id = match &a.server_list {
+    let unet_id = match &a.server_list {
         Some(_) => resolve_unet_identity(&a.model)?.0,
         None => model_identity(&sd.unet, sd.unet_engine.weights()),
+    };
+    // A full-model server answers for the text encoder, tokenizer and scheduler too.
+    let model_id = if obfuscated {
+        full_model_identity(&unet_id, &component_hashes(&a.model)?)
+    } else {
+        unet_id
     };
     let quic_backends = connect_strips(&specs, model_id, &options).await?;
     eprintln!(

@@ -1,5 +1,5 @@
 //! `veil manifest DIR` and `veil verify DIR` (the model manifest, `veil_core::wire::manifest`),
-//! and the `--device` flag.
+//! `veil compare A.png B.png`, and the `--device` flag.
 
 use std::path::PathBuf;
 
@@ -105,4 +105,53 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         a.dir.display(),
         v.mismatches.len()
     )
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// The reference picture (PNG).
+    pub reference: PathBuf,
+    /// The picture compared with it (same size).
+    pub other: PathBuf,
+    /// Fail (exit 1) when the PSNR is below this many dB.
+    #[arg(long)]
+    pub min_psnr: Option<f64>,
+}
+
+/// `veil compare A.png B.png`: PSNR (and the largest pixel difference) between two pictures,
+/// e.g. the same generation with servers on a GPU and on the CPU (scripts/check-cuda.sh).
+pub fn compare(a: CompareArgs) -> Result<()> {
+    let open = |p: &PathBuf| -> Result<image::RgbImage> {
+        Ok(image::open(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .to_rgb8())
+    };
+    let (x, y) = (open(&a.reference)?, open(&a.other)?);
+    if x.dimensions() != y.dimensions() {
+        bail!(
+            "sizes differ: {:?} and {:?}",
+            x.dimensions(),
+            y.dimensions()
+        );
+    }
+    let max_diff = x
+        .as_raw()
+        .iter()
+        .zip(y.as_raw())
+        .map(|(p, q)| p.abs_diff(*q))
+        .max()
+        .unwrap_or(0);
+    let psnr = veil_eval::metrics::psnr(
+        &veil_eval::metrics::Picture::from_rgb(&x),
+        &veil_eval::metrics::Picture::from_rgb(&y),
+        None,
+    )?;
+    let db = psnr.unwrap_or(f64::INFINITY);
+    println!("psnr_db {db:.2} max_pixel_difference {max_diff}");
+    if let Some(min) = a.min_psnr {
+        if db < min {
+            bail!("PSNR {db:.2} dB is below {min} dB");
+        }
+    }
+    Ok(())
 }

@@ -551,3 +551,44 @@ fn a_key_file_keeps_the_candidate_set_across_runs() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+#[test]
+fn compare_prints_the_psnr_and_enforces_a_floor() {
+    let (a, b) = (tmp("cmp-a.png"), tmp("cmp-b.png"));
+    let mut x = image::RgbImage::new(8, 8);
+    x.put_pixel(1, 1, image::Rgb([200, 10, 10]));
+    x.save(&a).expect("a");
+    let mut y = x.clone();
+    y.put_pixel(2, 2, image::Rgb([20, 0, 0]));
+    y.save(&b).expect("b");
+    let same = veil()
+        .args(["compare"])
+        .arg(&a)
+        .arg(&a)
+        .output()
+        .expect("run");
+    assert!(same.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&same.stdout).trim(),
+        "psnr_db 100.00 max_pixel_difference 0"
+    );
+    let differ = veil()
+        .args(["compare"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .expect("run");
+    let out = String::from_utf8_lossy(&differ.stdout).to_string();
+    // One channel of one of 64 pixels off by 20: MSE = 400 / 192, PSNR = 10·log10(255² / MSE).
+    assert!(out.contains("max_pixel_difference 20"), "{out}");
+    assert!(out.contains("psnr_db 44.94"), "{out}");
+    let floor = veil()
+        .args(["compare", "--min-psnr", "50"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .expect("run");
+    assert!(!floor.status.success(), "a PSNR under the floor fails");
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+}

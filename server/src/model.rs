@@ -12,6 +12,7 @@ use veil_core::model::config::ModelPaths;
 use veil_core::model::layers::ShardLayer;
 use veil_core::model::unet::UNet;
 use veil_core::model::weights::load_unet_parameters;
+use veil_core::wire::manifest::{full_model_identity, hash_components};
 use veil_core::placement::backend::ShardExecutor;
 use veil_core::placement::engine::CandleEngine;
 use veil_core::wire::identity::{model_identity, shard_parameters};
@@ -70,7 +71,18 @@ impl ShardModel {
     /// `obfuscated` policy's early steps (tokenizer, text encoder, U-Net, scheduler).
     pub fn load_full(root: &Path, device: &Device) -> Result<Self, ServerError> {
         let sd = Arc::new(StableDiffusion::load(root, device)?);
-        Ok(Self::from_engine(&sd.unet, &sd.unet_engine).with_denoiser(sd))
+        let components = hash_components(root)?;
+        Ok(Self::from_engine(&sd.unet, &sd.unet_engine)
+            .with_denoiser(sd)
+            .with_full_identity(&components))
+    }
+
+    /// Presents the full-model identity (`wire::manifest::full_model_identity`): the U-Net's
+    /// shard identity and the files of the text encoder, tokenizer and scheduler, whose
+    /// answers to the `obfuscated` policy's early steps depend on them too.
+    pub fn with_full_identity(mut self, components: &[(String, String)]) -> Self {
+        self.id = full_model_identity(&self.id, components);
+        self
     }
 
     /// Lets this model's sessions run early steps with `runner`.

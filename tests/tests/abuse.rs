@@ -16,8 +16,8 @@ use veil_core::wire::{ErrorCode, Message};
 
 mod common;
 use common::hostile::{call, cases, many_handles, no_pad};
-use common::process::{sample_peak, Server, BUDGET, MIB};
-use common::{conv_request, exchange, load, model_id, raw_session, request_bytes, zeros};
+use common::process::{identity, sample_peak, Server, BUDGET, MIB};
+use common::{conv_request, exchange, raw_session, request_bytes, zeros};
 
 /// An honest request (`conv_in` on an 8 × 8 latent) answered with a reply.
 async fn honest(conn: &quinn::Connection) -> bool {
@@ -31,7 +31,7 @@ async fn honest(conn: &quinn::Connection) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_are_refused_at_once_and_the_server_lives_within_its_budget() {
     let mut server = Server::start("abuse", false);
-    let id = model_id(&load());
+    let id = identity();
     let (mut endpoint, mut conn) = raw_session(&server.spec, id).await;
     assert!(honest(&conn).await, "an honest request before the abuse");
     let baseline = server.rss();

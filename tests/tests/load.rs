@@ -18,8 +18,8 @@ use veil_core::wire::{ErrorCode, Message, ModelId};
 
 mod common;
 use common::hostile::cases;
-use common::process::{sample_peak, Server, BUDGET, MIB};
-use common::{exchange, load, model_id, raw_session};
+use common::process::{identity, sample_peak, Server, BUDGET, MIB};
+use common::{exchange, load, raw_session};
 
 fn opts(seed: u64) -> GenerateOptions {
     GenerateOptions {
@@ -86,7 +86,7 @@ async fn settles(server: &Server) -> (u64, u64) {
 async fn sixteen_strict_clients_within_bounded_memory_that_is_given_back() {
     let mut server = Server::start("load16", true);
     let sd = Arc::new(load());
-    let id = model_id(&sd);
+    let id = identity();
     // Warm-up: the first generation's allocations are the baseline's, not the load's.
     generate(&sd, &server.spec, id, 1).await;
     let baseline = server.rss();
@@ -150,7 +150,7 @@ async fn sixteen_strict_clients_within_bounded_memory_that_is_given_back() {
 async fn honest_clients_beside_an_abuser_get_the_undisturbed_image() {
     let mut server = Server::start("load-abuse", true);
     let sd = Arc::new(load());
-    let id = model_id(&sd);
+    let id = identity();
     let undisturbed = generate(&sd, &server.spec, id, 42).await;
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicU64::new(0));

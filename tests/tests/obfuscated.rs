@@ -469,3 +469,52 @@ fn an_overpriced_early_steps_job_is_refused_before_running() {
     }
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A full-model server presents the identity of its U-Net *and* of its text encoder, tokenizer
+/// and scheduler files: the phone's (from the manifest) matches the server's (hashed from the
+/// files), and a server whose scheduler differs by one value presents another one.
+#[test]
+fn a_full_model_identity_covers_the_text_encoder_tokenizer_and_scheduler() {
+    use veil_core::wire::manifest::{hash_components, resolve_full_model_identity};
+    let phone = resolve_full_model_identity(&tiny_model()).expect("phone identity");
+    let server = ShardModel::load_full(&tiny_model(), &Device::Cpu).expect("full model");
+    assert_eq!(server.id(), phone);
+    let names: Vec<String> = hash_components(&tiny_model())
+        .expect("hashes")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for c in ["text_encoder/", "tokenizer/", "scheduler/"] {
+        assert!(names.iter().any(|n| n.starts_with(c)), "{c} in {names:?}");
+    }
+    // The same folder with another scheduler setting.
+    let copy = std::env::temp_dir().join(format!("veil-full-id-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    for entry in walk(&tiny_model()) {
+        let rel = entry.strip_prefix(tiny_model()).expect("relative");
+        let to = copy.join(rel);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("dir");
+        std::fs::copy(&entry, &to).expect("copy");
+    }
+    let cfg = copy.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&cfg).expect("scheduler config");
+    let changed = text.replacen("\"steps_offset\": 1", "\"steps_offset\": 0", 1);
+    assert_ne!(changed, text, "the tiny model's scheduler has steps_offset 1");
+    std::fs::write(&cfg, changed).expect("write");
+    let other = ShardModel::load_full(&copy, &Device::Cpu).expect("full model copy");
+    assert_ne!(other.id(), phone, "a different scheduler, the same identity");
+    let _ = std::fs::remove_dir_all(&copy);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

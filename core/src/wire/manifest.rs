@@ -343,3 +343,70 @@ pub fn resolve_unet_identity(root: &Path) -> Result<(ModelId, IdentitySource)> {
     }
     Ok((id, IdentitySource::Computed))
 }
+/// The components besides the U-Net whose files a full-model server's answers (the
+/// `obfuscated` policy's early steps) depend on.
+pub const FULL_MODEL_COMPONENTS: [&str; 3] = ["text_encoder", "tokenizer", "scheduler"];
+
+/// The SHA-256 of every file of `FULL_MODEL_COMPONENTS` in `root`, by relative name, sorted:
+/// from the manifest when the folder has one (a phone), else hashed now.
+pub fn component_hashes(root: &Path) -> Result<Vec<(String, String)>> {
+    components(root, true)
+}
+
+/// `component_hashes` from the files themselves, manifest or not: what a server that loaded
+/// them presents.
+pub fn hash_components(root: &Path) -> Result<Vec<(String, String)>> {
+    components(root, false)
+}
+
+fn components(root: &Path, trust_manifest: bool) -> Result<Vec<(String, String)>> {
+    let in_components = |rel: &str| {
+        FULL_MODEL_COMPONENTS
+            .iter()
+            .any(|c| rel.strip_prefix(c).is_some_and(|r| r.starts_with('/')))
+    };
+    let manifest = match trust_manifest {
+        true => Manifest::read(root)?,
+        false => None,
+    };
+    let mut out: Vec<(String, String)> = match manifest {
+        Some(m) => m
+            .files
+            .into_iter()
+            .filter(|f| in_components(&f.path))
+            .map(|f| (f.path, f.sha256))
+            .collect(),
+        None => model_files(root)?
+            .into_iter()
+            .map(|rel| (rel_name(&rel), rel))
+            .filter(|(name, _)| in_components(name))
+            .map(|(name, rel)| Ok((name, hash_file(&root.join(rel))?.1)))
+            .collect::<Result<_>>()?,
+    };
+    out.sort();
+    Ok(out)
+}
+
+/// The identity a full-model server presents (and a client of the `obfuscated` policy expects):
+/// SHA-256 over a version tag, the U-Net shard identity, then each component file's name and
+/// SHA-256 (`component_hashes`). A consistency check between honest parties (the same files on
+/// both ends), not attestation: a server can present any identity it likes.
+pub fn full_model_identity(unet: &ModelId, components: &[(String, String)]) -> ModelId {
+    let mut h = Sha256::new();
+    h.update(b"veil-full-model-1");
+    h.update(unet);
+    for (name, sha) in components {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(sha.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// `full_model_identity` of the model in `root` (the U-Net identity resolved as
+/// `resolve_unet_identity` does).
+pub fn resolve_full_model_identity(root: &Path) -> Result<ModelId> {
+    let (unet, _) = resolve_unet_identity(root)?;
+    Ok(full_model_identity(&unet, &component_hashes(root)?))
+}
+

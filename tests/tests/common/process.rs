@@ -11,6 +11,14 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use veil_core::transport::ServerSpec;
+use veil_core::wire::manifest::resolve_full_model_identity;
+use veil_core::wire::ModelId;
+
+/// The identity the server process presents (it runs `--full-model`): the phone's side of it,
+/// from the tiny model's manifest.
+pub fn identity() -> ModelId {
+    resolve_full_model_identity(&veil_tests::tiny_model()).expect("full-model identity")
+}
 
 pub const MIB: u64 = 1 << 20;
 /// What the server under test may hold for all sessions together, and one op's peak.
