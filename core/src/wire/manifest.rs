@@ -343,9 +343,10 @@ pub fn resolve_unet_identity(root: &Path) -> Result<(ModelId, IdentitySource)> {
     }
     Ok((id, IdentitySource::Computed))
 }
-/// The components besides the U-Net whose files a full-model server's answers (the
-/// `obfuscated` policy's early steps) depend on.
-pub const FULL_MODEL_COMPONENTS: [&str; 3] = ["text_encoder", "tokenizer", "scheduler"];
+/// The components whose files a full-model server's answers (the `obfuscated` policy's early
+/// steps) depend on beyond the shard layers: the U-Net's files (its attention weights), the
+/// text encoder, the tokenizer and the scheduler.
+pub const FULL_MODEL_COMPONENTS: [&str; 4] = ["unet", "text_encoder", "tokenizer", "scheduler"];
 
 /// The SHA-256 of every file of `FULL_MODEL_COMPONENTS` in `root`, by relative name, sorted:
 /// from the manifest when the folder has one (a phone), else hashed now.
