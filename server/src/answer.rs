@@ -113,14 +113,41 @@ pub(crate) async fn refuse(
     conn.close(VarInt::from_u32(code), why);
 }
 
+/// How fast a peer must take an answer: within `grace` plus one second per `min_rate` bytes
+/// (the pace requests must arrive at, `ServerLimits::request_grace` / `min_request_rate`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    pub grace: Duration,
+    pub min_rate: u64,
+}
+
+impl Pace {
+    fn deadline(&self, bytes: usize) -> Duration {
+        self.grace + Duration::from_secs_f64(bytes as f64 / self.min_rate.max(1) as f64)
+    }
+}
+
+/// Whether an answer went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    Done,
+    /// The stream or the connection failed (the peer went away).
+    Failed,
+    /// The peer did not take the answer at the pace (`Pace`): the stream was reset.
+    TooSlow,
+}
+
 /// Encodes (off the async workers: zstd on large replies is CPU work) and sends an answer;
-/// only replies are compressed. Counts the bytes sent in `bytes_out`.
+/// only replies are compressed. Counts the bytes sent in `bytes_out`. A peer that does not read
+/// its reply (flow control holds the write) cannot keep the reply's buffers past the pace's
+/// deadline: the stream is reset and `TooSlow` returned.
 pub(crate) async fn send_answer(
     mut send: ReplyStream,
     msg: Message,
     compression: Compression,
     bytes_out: &AtomicU64,
-) {
+    pace: Pace,
+) -> Sent {
     let compression = if matches!(msg, Message::Reply { .. }) {
         compression
     } else {
@@ -131,12 +158,17 @@ pub(crate) async fn send_answer(
         Ok(Ok(b)) => b,
         Ok(Err(e)) => match encode(&error_msg(ErrorCode::Internal, e), Compression::None) {
             Ok(b) => b,
-            Err(_) => return,
+            Err(_) => return Sent::Failed,
         },
-        Err(_) => return,
+        Err(_) => return Sent::Failed,
     };
-    if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
-        bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    match tokio::time::timeout(pace.deadline(bytes.len()), send.write_all(&bytes)).await {
+        Err(_) => Sent::TooSlow,
+        Ok(Ok(())) if send.finish().is_ok() => {
+            bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Sent::Done
+        }
+        Ok(_) => Sent::Failed,
     }
 }
 

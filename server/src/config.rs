@@ -21,6 +21,7 @@
 //! max_op_bytes = 4294967296         # one op's output and working memory, checked before it runs
 //! memory_budget_bytes = 17179869184 # all sessions' running ops and kept tensors together
 //! max_pending_hellos = 64           # connections owing their Hello; the oldest is closed beyond
+//! max_pending_hellos_per_ip = 16    # of them from one IP; beyond, that IP's oldest is closed
 //! max_sessions_per_token = 16      # one tenant token's sessions at once
 //! request_grace_secs = 10           # a request stream may take this long …
 //! min_request_rate = 65536          # … plus a second per this many bytes (slower: closed)
@@ -74,6 +75,7 @@ pub struct FileLimits {
     pub max_op_bytes: Option<u64>,
     pub memory_budget_bytes: Option<u64>,
     pub max_pending_hellos: Option<usize>,
+    pub max_pending_hellos_per_ip: Option<usize>,
     pub max_sessions_per_token: Option<usize>,
     pub request_grace_secs: Option<f64>,
     pub min_request_rate: Option<u64>,
@@ -249,6 +251,9 @@ impl Config {
             max_op_bytes: fl.max_op_bytes.unwrap_or(d.max_op_bytes),
             memory_budget_bytes: fl.memory_budget_bytes.unwrap_or(d.memory_budget_bytes),
             max_pending_hellos: fl.max_pending_hellos.unwrap_or(d.max_pending_hellos),
+            max_pending_hellos_per_ip: fl
+                .max_pending_hellos_per_ip
+                .unwrap_or(d.max_pending_hellos_per_ip),
             max_sessions_per_token: fl
                 .max_sessions_per_token
                 .unwrap_or(d.max_sessions_per_token),
@@ -268,6 +273,7 @@ impl Config {
             || limits.max_op_bytes == 0
             || limits.memory_budget_bytes == 0
             || limits.max_pending_hellos == 0
+            || limits.max_pending_hellos_per_ip == 0
             || limits.max_sessions_per_token == 0
             || limits.min_request_rate == 0
         {

@@ -1,6 +1,7 @@
 //! A server's resource limits, and the connections still owing their Hello (pre-auth
 //! admission: the oldest is closed when too many wait).
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -35,6 +36,9 @@ pub struct ServerLimits {
     /// Connections past the QUIC handshake still owing their Hello; beyond this the oldest is
     /// closed, so silent peers cannot lock honest clients out.
     pub max_pending_hellos: usize,
+    /// Of those, how many one source IP may hold; beyond it that IP's own oldest is closed, so
+    /// one address flooding handshakes evicts only its own connections, never other clients'.
+    pub max_pending_hellos_per_ip: usize,
     /// A request stream must arrive within `request_grace` plus one second per
     /// `min_request_rate` bytes; slower is closed as a slow peer.
     pub request_grace: Duration,
@@ -61,6 +65,7 @@ impl Default for ServerLimits {
             max_op_bytes: veil_core::placement::backend::DEFAULT_MAX_OP_BYTES,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             max_pending_hellos: 64,
+            max_pending_hellos_per_ip: 16,
             max_sessions_per_token: 16,
             request_grace: Duration::from_secs(10),
             min_request_rate: 64 << 10,
@@ -83,30 +88,42 @@ impl ServerLimits {
 
 /// Connections past the QUIC handshake that have not been welcomed yet, oldest first. Over the
 /// cap the oldest is closed: a peer that never sends its Hello holds a slot only until newer
-/// connections need it, and an honest client says Hello within a round trip.
+/// connections need it, and an honest client says Hello within a round trip. Over the per-IP
+/// cap the oldest *of that IP* is closed first, so a flood from one address evicts only itself.
 pub(crate) struct PendingHellos {
     cap: usize,
+    per_ip: usize,
     next: AtomicU64,
-    queue: std::sync::Mutex<std::collections::VecDeque<(u64, Connection)>>,
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, IpAddr, Connection)>>,
 }
 
 impl PendingHellos {
-    pub(crate) fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize, per_ip: usize) -> Self {
         Self {
             cap: cap.max(1),
+            per_ip: per_ip.max(1),
             next: AtomicU64::new(0),
             queue: Default::default(),
         }
     }
 
-    /// Registers `conn`, closing the oldest pending ones over the cap; returns its ticket.
+    /// Registers `conn`, closing the oldest pending ones over the caps; returns its ticket.
     pub(crate) fn admit(&self, conn: &Connection) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let ip = conn.remote_address().ip();
         let evicted: Vec<Connection> = match self.queue.lock() {
             Ok(mut q) => {
-                q.push_back((id, conn.clone()));
+                q.push_back((id, ip, conn.clone()));
+                let mut out = Vec::new();
+                let same = q.iter().filter(|(_, a, _)| *a == ip).count();
+                if same > self.per_ip {
+                    if let Some(i) = q.iter().position(|(_, a, _)| *a == ip) {
+                        out.extend(q.remove(i).map(|(_, _, c)| c));
+                    }
+                }
                 let over = q.len().saturating_sub(self.cap);
-                q.drain(..over).map(|(_, c)| c).collect()
+                out.extend(q.drain(..over).map(|(_, _, c)| c));
+                out
             }
             Err(_) => Vec::new(),
         };
@@ -124,7 +141,7 @@ impl PendingHellos {
 
     pub(crate) fn done(&self, id: u64) {
         if let Ok(mut q) = self.queue.lock() {
-            q.retain(|(i, _)| *i != id);
+            q.retain(|(i, _, _)| *i != id);
         }
     }
 }

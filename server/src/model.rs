@@ -12,10 +12,10 @@ use veil_core::model::config::ModelPaths;
 use veil_core::model::layers::ShardLayer;
 use veil_core::model::unet::UNet;
 use veil_core::model::weights::load_unet_parameters;
-use veil_core::wire::manifest::{full_model_identity, hash_components};
 use veil_core::placement::backend::ShardExecutor;
 use veil_core::placement::engine::CandleEngine;
 use veil_core::wire::identity::{model_identity, shard_parameters};
+use veil_core::wire::manifest::{full_model_identity, hash_components};
 use veil_core::wire::ModelId;
 
 use crate::ServerError;

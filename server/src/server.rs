@@ -26,7 +26,7 @@ use veil_core::wire::{
     WireTensor, PROTOCOL_VERSION,
 };
 
-use crate::answer::{answer, error_msg, refuse, send_answer, ReplyStream};
+use crate::answer::{answer, error_msg, refuse, send_answer, Pace, ReplyStream, Sent};
 use crate::limits::PendingHellos;
 pub use crate::limits::{ServerLimits, DEFAULT_MEMORY_BUDGET_BYTES};
 use crate::model::ShardModel;
@@ -149,7 +149,10 @@ impl ShardServer {
             limits: options.limits,
             sessions: Arc::new(Semaphore::new(options.limits.max_sessions)),
             budget: MemoryBudget::new(options.limits.memory_budget_bytes),
-            pending: PendingHellos::new(options.limits.max_pending_hellos),
+            pending: PendingHellos::new(
+                options.limits.max_pending_hellos,
+                options.limits.max_pending_hellos_per_ip,
+            ),
             compute: Arc::new(Semaphore::new(match options.limits.max_concurrent_work {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n,
@@ -629,7 +632,7 @@ async fn serve_stream(
         ctx.queued.fetch_sub(1, Ordering::AcqRel);
         bump(&ctx.stats.busy);
         let msg = error_msg(ErrorCode::Busy, "the server's compute queue is full");
-        send_answer(send, msg, compression, &ctx.stats.bytes_out).await;
+        reply(conn, send, msg, compression, ctx).await;
         return;
     }
     let turn = ctx.compute.clone().acquire_owned().await;
@@ -698,7 +701,27 @@ async fn serve_stream(
             error_msg(ErrorCode::Internal, "the request failed inside the server")
         }
     };
-    send_answer(send, msg, compression, &ctx.stats.bytes_out).await;
+    reply(conn, send, msg, compression, ctx).await;
+}
+
+/// Sends the answer of a request stream at the session's pace; a peer that does not take it in
+/// time is closed as a slow peer (its reply's buffers are not held for it).
+async fn reply(
+    conn: &Connection,
+    send: ReplyStream,
+    msg: Message,
+    compression: Compression,
+    ctx: &Ctx,
+) {
+    let pace = Pace {
+        grace: ctx.limits.request_grace,
+        min_rate: ctx.limits.min_request_rate,
+    };
+    if send_answer(send, msg, compression, &ctx.stats.bytes_out, pace).await == Sent::TooSlow {
+        bump(&ctx.stats.malformed);
+        tracing::warn!(remote = %conn.remote_address(), "closing: reply not read at the minimum pace");
+        conn.close(VarInt::from_u32(close_code::MALFORMED), b"too slow");
+    }
 }
 
 enum Paced {

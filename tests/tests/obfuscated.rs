@@ -499,10 +499,17 @@ fn a_full_model_identity_covers_the_text_encoder_tokenizer_and_scheduler() {
     let cfg = copy.join("scheduler/scheduler_config.json");
     let text = std::fs::read_to_string(&cfg).expect("scheduler config");
     let changed = text.replacen("\"steps_offset\": 1", "\"steps_offset\": 0", 1);
-    assert_ne!(changed, text, "the tiny model's scheduler has steps_offset 1");
+    assert_ne!(
+        changed, text,
+        "the tiny model's scheduler has steps_offset 1"
+    );
     std::fs::write(&cfg, changed).expect("write");
     let other = ShardModel::load_full(&copy, &Device::Cpu).expect("full model copy");
-    assert_ne!(other.id(), phone, "a different scheduler, the same identity");
+    assert_ne!(
+        other.id(),
+        phone,
+        "a different scheduler, the same identity"
+    );
     let _ = std::fs::remove_dir_all(&copy);
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use veil_core::placement::backend::{Operand, ShardCall, ShardOp, ShardRequest};
 use veil_core::placement::engine::Pad;
 use veil_core::transport::quic::connect_quic;
+use veil_core::transport::tls::client_config;
 use veil_core::transport::TransportTuning;
 use veil_core::wire::{ErrorCode, Message};
 use veil_server::{spawn_local, ServerLimits};
@@ -63,6 +64,112 @@ async fn silent_peers_do_not_lock_out_an_honest_client() {
         .count();
     assert!(open <= 16, "{open} silent peers still open");
     drop(silent);
+    cluster.shutdown().await;
+}
+
+/// One address flooding the server with silent handshakes evicts only its own connections: a
+/// client from another address (127.0.0.2) that connected before the flood and says its Hello
+/// only after it is still open and welcomed, while the flooding address keeps at most its
+/// per-IP share of pending connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_address_evicts_only_its_own_connections() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        max_sessions: 4,
+        max_pending_hellos: 64,
+        max_pending_hellos_per_ip: 8,
+        handshake_timeout: Duration::from_secs(30),
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let spec = &cluster.specs[0];
+    // The other address's client: QUIC handshake now, Hello after the flood.
+    let tuning = TransportTuning::default();
+    let (config, _) = client_config(spec.fingerprint, &tuning).expect("tls");
+    let endpoint = quinn::Endpoint::client("127.0.0.2:0".parse().expect("addr"))
+        .expect("an endpoint on 127.0.0.2");
+    let addr: std::net::SocketAddr = spec.address.parse().expect("server address");
+    let other = endpoint
+        .connect_with(config, addr, "veil-shard")
+        .expect("connect")
+        .await
+        .expect("QUIC handshake from 127.0.0.2");
+    let mut silent = Vec::new();
+    for _ in 0..128 {
+        silent.push(
+            connect_quic(0, &spec.address, spec.fingerprint, &tuning)
+                .await
+                .expect("a silent peer's QUIC handshake"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let open = silent
+        .iter()
+        .filter(|(_, c)| c.close_reason().is_none())
+        .count();
+    println!("{open} of 128 silent connections from 127.0.0.1 still open");
+    assert!(open <= 8, "{open} silent peers from one address still open");
+    assert!(
+        other.close_reason().is_none(),
+        "the flood evicted another address's connection"
+    );
+    match exchange(&other, &hello_bytes(spec, id)).await {
+        Some(Message::Welcome { .. }) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    drop(silent);
+    cluster.shutdown().await;
+}
+
+/// A client that asks for a 2 MiB reply and never reads it (its 64 KiB stream window holds the
+/// server's write) is closed as a slow peer once the pace's deadline passes (1 s grace plus a
+/// second per MiB here), instead of holding the reply's buffers for as long as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_not_read_is_cut_off() {
+    let sd = load();
+    let id = model_id(&sd);
+    let l = ServerLimits {
+        request_grace: Duration::from_secs(1),
+        min_request_rate: 1 << 20,
+        ..limits()
+    };
+    let cluster = spawn_local(1, shard_model(&sd), l).expect("server");
+    let spec = &cluster.specs[0];
+    let tuning = TransportTuning {
+        stream_window: 64 << 10,
+        connection_window: 128 << 10,
+        ..TransportTuning::default()
+    };
+    let (_endpoint, conn) = connect_quic(0, &spec.address, spec.fingerprint, &tuning)
+        .await
+        .expect("quic");
+    match exchange(&conn, &hello_bytes(spec, id)).await {
+        Some(Message::Welcome { .. }) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let request = request_bytes(&ShardRequest {
+        calls: vec![ShardCall::reply(ShardOp::Identity {
+            input: Operand::Inline(zeros(&[1, 512 << 10])),
+        })],
+    });
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    send.write_all(&request).await.expect("request");
+    send.finish().expect("finish");
+    let t = Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed within 10 s");
+    println!("closed after {:?}: {reason}", t.elapsed());
+    assert!(reason.to_string().contains("too slow"), "{reason}");
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    // The server is fine: a new session works.
+    let (_e, fresh) = raw_session(spec, id).await;
+    let input = Operand::Inline(zeros(&[1, 4, 4, 4]));
+    assert!(matches!(
+        exchange(&fresh, &conv_request("conv_in", input)).await,
+        Some(Message::Reply { .. })
+    ));
     cluster.shutdown().await;
 }
 

@@ -410,4 +410,3 @@ pub fn resolve_full_model_identity(root: &Path) -> Result<ModelId> {
     let (unet, _) = resolve_unet_identity(root)?;
     Ok(full_model_identity(&unet, &component_hashes(root)?))
 }
-
