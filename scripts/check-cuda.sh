@@ -36,7 +36,7 @@ fi
 cargo build --release -q -p veil-cli
 CUDA_ROOT="$PWD/target/cuda-root"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib64:${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+[[ $GPU_DEVICE == cuda* ]] && { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; }
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }

@@ -525,3 +525,33 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A job's working memory is reserved from the server's process-wide budget before it runs: a
+/// budget one byte short refuses it at once (a typed error, nothing run), one that holds it runs
+/// it and has everything back afterwards.
+#[test]
+fn an_early_steps_job_reserves_its_working_memory_from_the_budget() {
+    use std::collections::HashMap;
+    use veil_core::client::hybrid::EarlyStepsRunner;
+    use veil_core::placement::admission::MemoryBudget;
+    use veil_core::placement::backend::ShardExecutor;
+    use veil_core::placement::engine::CandleEngine;
+    let sd = load();
+    let j = job(&sd, 4, Accelerations::default(), 2);
+    let need = sd.working_bytes(&j).expect("priced");
+    let executor = |budget: &Arc<MemoryBudget>| {
+        ShardExecutor::new(CandleEngine::new(HashMap::new(), Device::Cpu), HashMap::new())
+            .with_denoiser(sd.clone())
+            .with_limits(1 << 30, 1 << 30, budget.clone())
+    };
+    let short = MemoryBudget::new(need - 1);
+    match executor(&short).early_steps(&j) {
+        Err(veil_core::Error::InvalidArgument(m)) => assert!(m.contains("memory budget"), "{m}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|t| t.dims().to_vec())),
+    }
+    let enough = MemoryBudget::new(need);
+    let latents = executor(&enough).early_steps(&j).expect("runs");
+    assert_eq!(latents.dims()[0], 4);
+    assert_eq!(short.used(), 0);
+    assert_eq!(enough.used(), 0);
+}

@@ -147,6 +147,43 @@ impl EarlyStepsRunner<Tensor> for StableDiffusion {
     fn run_early_steps(&self, job: &EarlySteps<Tensor>) -> Result<Tensor> {
         Ok(self.early_steps(job, &mut |_, _| {})?.latents)
     }
+
+    /// Per batch row: every skip activation the down path keeps for the up path, plus eight
+    /// maps of the largest level (an up block's concatenated input is twice its width, and a
+    /// resnet holds its input, normalised input, convolution output and residual at once), in
+    /// f32; times the rows (2K with guidance); plus one attention chunk.
+    fn working_bytes(&self, job: &EarlySteps<Tensor>) -> Result<u64> {
+        let dims = job.noise.dims();
+        let (h, w) = match dims {
+            [_, _, h, w] => (*h as u64, *w as u64),
+            _ => return Err(Error::InvalidArgument(format!("noise of shape {dims:?}"))),
+        };
+        let c = &self.unet.config;
+        let n = c.block_out_channels.len();
+        let (mut skips, mut largest) = (0u64, 0u64);
+        let (mut lh, mut lw) = (h, w);
+        skips = skips
+            .saturating_add(c.block_out_channels.first().copied().unwrap_or(0) as u64 * lh * lw);
+        for (i, &ch) in c.block_out_channels.iter().enumerate() {
+            let map = (ch as u64).saturating_mul(lh).saturating_mul(lw);
+            let layers = c.layers_per_block.get(i, n, "layers_per_block")? as u64;
+            skips = skips.saturating_add(map.saturating_mul(layers));
+            largest = largest.max(map);
+            if i + 1 < n {
+                lh = lh.div_ceil(2);
+                lw = lw.div_ceil(2);
+                skips = skips.saturating_add((ch as u64).saturating_mul(lh).saturating_mul(lw));
+            }
+        }
+        let rows =
+            (job.candidates.len() as u64).saturating_mul(if job.guidance > 1.0 { 2 } else { 1 });
+        let per_row = skips
+            .saturating_add(largest.saturating_mul(8))
+            .saturating_mul(4);
+        Ok(per_row
+            .saturating_mul(rows)
+            .saturating_add(EARLY_STEPS_ATTENTION_BYTES))
+    }
 }
 
 /// The server's FLOPs for a job, from shapes alone: FLOPs are linear in the batch, so one

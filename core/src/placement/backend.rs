@@ -97,9 +97,15 @@ impl<E: Engine> ShardExecutor<E> {
 
     /// Runs the `obfuscated` policy's early steps where this executor holds a runner for them;
     /// refuses on a shard-only server.
+    /// Its working memory (`EarlyStepsRunner::working_bytes`) is reserved from the process-wide
+    /// budget first: a job the budget cannot hold now is refused before it runs.
     pub fn early_steps(&self, job: &EarlySteps<E::T>) -> Result<E::T> {
         match &self.denoiser {
-            Some(d) => d.run_early_steps(job),
+            Some(d) => {
+                let bytes = d.working_bytes(job)?;
+                let _working = self.budget.reserve(bytes, "the early steps job")?;
+                d.run_early_steps(job)
+            }
             None => Err(crate::vocab::ops::shard_only()),
         }
     }

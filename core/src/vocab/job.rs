@@ -167,6 +167,14 @@ impl<T> EarlySteps<T> {
 pub trait EarlyStepsRunner<T>: Send + Sync {
     /// Returns the K candidates' latents [K, C, h, w] after `job.server_steps` steps.
     fn run_early_steps(&self, job: &EarlySteps<T>) -> Result<T>;
+
+    /// The memory a job's U-Net calls hold at their peak (activations kept for the skip
+    /// connections, working tensors, an attention chunk), from its shapes: what a server
+    /// reserves from its memory budget before running it.
+    fn working_bytes(&self, job: &EarlySteps<T>) -> Result<u64> {
+        let _ = job;
+        Ok(0)
+    }
 }
 
 impl Accelerations {
