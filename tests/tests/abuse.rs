@@ -214,8 +214,10 @@ fn request_execute_fuzz_seeds() {
     }
 }
 
-const HOSTILE_NAMES: [&str; 11] = [
+const HOSTILE_NAMES: [&str; 13] = [
     "hostile_conv_1x3_stride2",
+    "hostile_padding_overflow",
+    "hostile_to_spatial_overflow",
     "hostile_huge_padding",
     "hostile_upsample_petabyte",
     "hostile_timestep_embedding",

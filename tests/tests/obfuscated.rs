@@ -540,14 +540,20 @@ fn an_early_steps_job_reserves_its_working_memory_from_the_budget() {
     let j = job(&sd, 4, Accelerations::default(), 2);
     let need = sd.working_bytes(&j).expect("priced");
     let executor = |budget: &Arc<MemoryBudget>| {
-        ShardExecutor::new(CandleEngine::new(HashMap::new(), Device::Cpu), HashMap::new())
-            .with_denoiser(sd.clone())
-            .with_limits(1 << 30, 1 << 30, budget.clone())
+        ShardExecutor::new(
+            CandleEngine::new(HashMap::new(), Device::Cpu),
+            HashMap::new(),
+        )
+        .with_denoiser(sd.clone())
+        .with_limits(1 << 30, 1 << 30, budget.clone())
     };
     let short = MemoryBudget::new(need - 1);
     match executor(&short).early_steps(&j) {
         Err(veil_core::Error::InvalidArgument(m)) => assert!(m.contains("memory budget"), "{m}"),
-        other => panic!("expected a refusal, got {:?}", other.map(|t| t.dims().to_vec())),
+        other => panic!(
+            "expected a refusal, got {:?}",
+            other.map(|t| t.dims().to_vec())
+        ),
     }
     let enough = MemoryBudget::new(need);
     let latents = executor(&enough).early_steps(&j).expect("runs");

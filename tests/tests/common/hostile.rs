@@ -104,6 +104,27 @@ pub fn cases() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "the largest padding the wire carries on every side (2^32 − 1)",
+            one(ShardOp::Conv2d {
+                layer: DOWN.into(),
+                input: inline(&[1, 32, 4, 4]),
+                pad: Pad {
+                    top: u32::MAX as usize,
+                    bottom: u32::MAX as usize,
+                    left: u32::MAX as usize,
+                    right: u32::MAX as usize,
+                },
+            }),
+        ),
+        (
+            "tokens to a (2^32 − 1)² map of 32 channels (past 2^64 bytes)",
+            one(ShardOp::ToSpatial {
+                input: inline(&[1, 4, 32]),
+                h: u32::MAX as usize,
+                w: u32::MAX as usize,
+            }),
+        ),
+        (
             "padding of 2^20 rows and columns",
             one(ShardOp::Conv2d {
                 layer: DOWN.into(),
