@@ -8,6 +8,9 @@
 //! tenant = "a"                              # optional: entries sharing it are replicas
 //! ```
 //!
+//! The same schema as JSON: `{"server": [{"address": "…", "fingerprint": "…", "token": "…"}]}`
+//! (a list that starts with `{`).
+//!
 //! The order of the `[[server]]` tables is the order of the strips; entries with the same
 //! `tenant` are replicas of one strip (at the place of the first), of which a session uses one
 //! and fails over to another (`replicas`). A relative `token_file` is
@@ -61,14 +64,19 @@ struct ServerEntry {
     tenant: Option<String>,
 }
 
-/// Parses `servers.toml` text; `base` resolves relative `token_file`s; `path` names the file in
-/// errors.
+/// Parses a server list: `servers.toml` text, or the same schema as JSON
+/// (`{"server": [{"address": …, "fingerprint": …, "token": …, "tenant": …}]}`) when the text
+/// starts with `{`. `base` resolves relative `token_file`s; `path` names the file in errors.
 pub fn parse_server_list(text: &str, base: &Path, path: &Path) -> Result<Vec<ServerSpec>> {
     let err = |message: String| Error::Config {
         path: path.to_path_buf(),
         message,
     };
-    let list: ServerList = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+    let list: ServerList = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| err(format!("JSON server list: {e}")))?
+    } else {
+        toml::from_str(text).map_err(|e| err(e.to_string()))?
+    };
     if list.server.is_empty() {
         return Err(err("no [[server]] tables".into()));
     }
@@ -163,6 +171,14 @@ mod tests {
         assert_eq!(specs[0].tenant, None);
         assert_eq!(specs[1].tenant.as_deref(), Some("b"));
         assert!(!format!("{:?}", specs[1]).contains("secret"));
+        // The same list as JSON.
+        let json = format!(
+            r#"{{"server": [{{"address": "10.0.0.1:4433", "fingerprint": "{FP}", "token": "a"}},
+                {{"address": "shard-b:4433", "fingerprint": "{FP}", "token_file": "b.token",
+                  "tenant": " b "}}]}}"#
+        );
+        let from_json = parse_server_list(&json, &dir, Path::new("servers.json")).expect("json");
+        assert_eq!(from_json, specs);
         let _ = std::fs::remove_dir_all(&dir);
 
         for bad in [
