@@ -13,6 +13,7 @@ import kotlinx.coroutines.async
 import kotlinx.coroutines.awaitAll
 import kotlinx.coroutines.cancelAndJoin
 import kotlinx.coroutines.delay
+import kotlinx.coroutines.flow.buffer
 import kotlinx.coroutines.flow.toList
 import kotlinx.coroutines.launch
 import kotlinx.coroutines.runBlocking
@@ -133,6 +134,16 @@ suspend fun run(model: String, servers: List<ServerConfig>) = kotlinx.coroutines
     check(both.all { it.stats.steps == 4u } && !both[0].png.contentEquals(both[1].png)) { "concurrent generations" }
     val events = veil.generateFlow(PROMPT, GenerationOptions(steps = 3u)).toList()
     check(events.size == 4 && events.last() is GenerationEvent.Finished) { "flow events $events" }
+    // A slow collector still gets every step, in order (the generation waits for it), even with
+    // no buffer between them (a dropping sender loses the steps the collector is not waiting for).
+    val slow = mutableListOf<Int>()
+    veil.generateFlow(PROMPT, GenerationOptions(steps = STEPS.toUInt())).buffer(0).collect { e ->
+        if (e is GenerationEvent.Step) {
+            delay(250) // slower than a step
+            slow.add(e.progress.step)
+        }
+    }
+    check(slow == (1..STEPS).toList()) { "a slow collector got steps $slow" }
 
     // 5. A wrong token: AuthFailed naming the server.
     val wrong = servers.mapIndexed { i, s -> if (i == 1) s.copy(token = "not-the-token") else s }

@@ -13,6 +13,7 @@ import dev.veil.ffi.VeilClient
 import dev.veil.ffi.VeilConfig
 import kotlinx.coroutines.CancellationException
 import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.channels.trySendBlocking
 import kotlinx.coroutines.flow.Flow
 import kotlinx.coroutines.flow.channelFlow
 import kotlinx.coroutines.withContext
@@ -80,10 +81,14 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
         }
     }
 
-    /** [generate] as a cold Flow: a [GenerationEvent.Step] per step, then [GenerationEvent.Finished]. */
+    /**
+     * [generate] as a cold Flow: a [GenerationEvent.Step] per step, then
+     * [GenerationEvent.Finished]. Every step is delivered: a slow collector makes the generation
+     * thread wait (the step event is sent with back-pressure from that thread, never dropped).
+     */
     fun generateFlow(prompt: String, options: GenerationOptions = GenerationOptions()): Flow<GenerationEvent> =
         channelFlow {
-            val image = generate(prompt, options) { trySend(GenerationEvent.Step(it)) }
+            val image = generate(prompt, options) { trySendBlocking(GenerationEvent.Step(it)) }
             send(GenerationEvent.Finished(image))
         }
 
