@@ -245,7 +245,10 @@ async fn cancel_before_during_after_and_by_drop() {
             break;
         }
         settled = now;
-        assert!(std::time::Instant::now() < until, "still running 20 s after the drop");
+        assert!(
+            std::time::Instant::now() < until,
+            "still running 20 s after the drop"
+        );
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let later = rec.events.lock().unwrap().len();

@@ -10,28 +10,25 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
-use veil_core::model::scheduler::SchedulerKind;
-use veil_core::placement::{Policy, ShardBackend, WireDtype};
+use veil_core::placement::ShardBackend;
 use veil_core::transport::{connect_strips, ClientOptions, ReplicaSet, ServerSpec, TransportError};
 use veil_core::Error;
 use veil_server::{spawn_local, ShardServer};
 
 mod common;
-use common::{limits, load, model_id, shard_model, spawn_killable};
+use common::{limits, load, model_id, shard_model, spawn_killable, strict_64px, Killable};
 
 fn opts() -> GenerateOptions {
-    GenerateOptions {
-        prompt: "a small red circle at the top left on a white background".into(),
-        steps: 6,
-        guidance: 5.0,
-        seed: 23,
-        width: 64,
-        height: 64,
-        scheduler: SchedulerKind::Ddim,
-        policy: Policy::Strict,
-        wire: WireDtype::F32,
-        ..Default::default()
-    }
+    strict_64px(6, 23)
+}
+
+/// Tenant a with two killable replicas and tenant b with one server: `(a1, a2, b)`.
+fn two_tenants(sd: &StableDiffusion) -> (Killable, Killable, veil_server::LocalCluster) {
+    let model = shard_model(sd);
+    let a1 = spawn_killable(model.clone());
+    let a2 = spawn_killable(model.clone());
+    let b = spawn_local(1, model, limits()).expect("server b");
+    (a1, a2, b)
 }
 
 fn client() -> ClientOptions {
@@ -101,10 +98,7 @@ async fn run(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_serving_replica_mid_generation_still_yields_the_undisturbed_image() {
     let sd = load();
-    let model = shard_model(&sd);
-    let a1 = spawn_killable(model.clone());
-    let a2 = spawn_killable(model.clone());
-    let b = spawn_local(1, model, limits()).expect("server b");
+    let (a1, a2, b) = two_tenants(&sd);
     // Strip 0 is tenant a (two replicas), strip 1 tenant b (one).
     let specs = vec![
         of_tenant(&a1.spec, "a"),
@@ -230,10 +224,7 @@ async fn a_draining_replica_hands_its_strip_to_another_of_its_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_replica_gone_the_error_is_a_single_servers() {
     let sd = load();
-    let model = shard_model(&sd);
-    let a1 = spawn_killable(model.clone());
-    let a2 = spawn_killable(model.clone());
-    let b = spawn_local(1, model, limits()).expect("server b");
+    let (a1, a2, b) = two_tenants(&sd);
     let specs = vec![
         of_tenant(&a1.spec, "a"),
         of_tenant(&a2.spec, "a"),

@@ -11,29 +11,17 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use veil_core::client::pipeline::{GenerateOptions, StableDiffusion};
-use veil_core::model::scheduler::SchedulerKind;
-use veil_core::placement::{Policy, ShardBackend, WireDtype};
+use veil_core::placement::ShardBackend;
 use veil_core::transport::{connect_strips, ClientOptions, ServerSpec};
 use veil_core::wire::{ErrorCode, Message, ModelId};
 
 mod common;
 use common::hostile::cases;
 use common::process::{identity, sample_peak, Server, BUDGET, MIB};
-use common::{exchange, load, raw_session};
+use common::{exchange, load, raw_session, strict_64px};
 
 fn opts(seed: u64) -> GenerateOptions {
-    GenerateOptions {
-        prompt: "a small red circle at the top left on a white background".into(),
-        steps: 2,
-        guidance: 5.0,
-        seed,
-        width: 64,
-        height: 64,
-        scheduler: SchedulerKind::Ddim,
-        policy: Policy::Strict,
-        wire: WireDtype::F32,
-        ..Default::default()
-    }
+    strict_64px(2, seed)
 }
 
 fn seconds() -> u64 {

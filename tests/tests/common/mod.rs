@@ -153,3 +153,19 @@ pub fn spawn_killable(model: Arc<ShardModel>) -> Killable {
         kill,
     }
 }
+
+/// A `strict` generation of the tiny model at 64 px with DDIM over `steps` steps, f32 wire.
+pub fn strict_64px(steps: usize, seed: u64) -> veil_core::client::pipeline::GenerateOptions {
+    veil_core::client::pipeline::GenerateOptions {
+        prompt: "a small red circle at the top left on a white background".into(),
+        steps,
+        guidance: 5.0,
+        seed,
+        width: 64,
+        height: 64,
+        scheduler: veil_core::model::scheduler::SchedulerKind::Ddim,
+        policy: veil_core::placement::Policy::Strict,
+        wire: veil_core::placement::WireDtype::F32,
+        ..Default::default()
+    }
+}
