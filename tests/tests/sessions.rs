@@ -12,6 +12,8 @@ use veil_core::sdk::{CancelHandle, GenerationOptions, ServerConfig, Veil, VeilCo
 use veil_server::{ServerLimits, ServerOptions, ShardModel, ShardServer, TlsIdentity};
 use veil_tests::tiny_model;
 
+mod common;
+
 const TOKEN: &str = "session-reuse-0123456789abcdef0123456789abcdef";
 
 fn options(listen: SocketAddr, identity: &TlsIdentity) -> ServerOptions {
@@ -112,5 +114,59 @@ async fn generations_reuse_their_sessions_and_a_restarted_server_is_reconnected(
     client.disconnect().await;
     for s in servers {
         s.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+/// A kept session whose server died silently (no close frame: the session looks open) is found
+/// by the next generation's first request, which times out; the strip then connects again to a
+/// live replica of its tenant and the image is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_session_to_a_silently_dead_server_is_replaced() {
+    let sd = common::load();
+    let model = common::shard_model(&sd);
+    let replicas = [
+        common::spawn_killable(model.clone()),
+        common::spawn_killable(model),
+    ];
+    let servers = replicas
+        .iter()
+        .map(|k| ServerConfig {
+            address: k.spec.address.clone(),
+            fingerprint: k.spec.fingerprint.to_string(),
+            token: k.spec.token.clone(),
+            tenant: Some("a".into()),
+        })
+        .collect();
+    let mut cfg = VeilConfig::new(tiny_model(), servers);
+    cfg.defaults.steps = 3;
+    cfg.defaults.scheduler = "ddim".into();
+    cfg.request_timeout_seconds = 2.0;
+    cfg.connect_timeout_seconds = 2.0;
+    let client = Veil::new(cfg).expect("veil");
+    let first = client
+        .generate("a small red circle", &seed5(), None, &CancelHandle::new())
+        .await
+        .expect("first");
+    // Kill whichever replica serves: its session stays "open" on the phone.
+    let serving = first.stats.per_server[0].address.clone();
+    for k in &replicas {
+        if k.spec.address == serving {
+            let _ = k.kill.send(());
+        }
+    }
+    let t = std::time::Instant::now();
+    let second = client
+        .generate("a small red circle", &seed5(), None, &CancelHandle::new())
+        .await
+        .expect("the second generation goes on on the live replica");
+    println!("replaced the dead kept session in {:?}", t.elapsed());
+    assert_eq!(second.png, first.png);
+    assert_ne!(second.stats.per_server[0].address, serving);
+}
+
+fn seed5() -> GenerationOptions {
+    GenerationOptions {
+        seed: Some(5),
+        ..Default::default()
     }
 }

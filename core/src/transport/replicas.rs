@@ -288,7 +288,8 @@ impl ReplicaSet {
     }
 
     /// A kept session failed on its first request of a new generation (nothing to replay yet):
-    /// connects again, to any replica (the same one first), instead of failing the generation.
+    /// connects again, to any replica (the others first: this one was just found dead),
+    /// instead of failing the generation.
     async fn reconnect_kept(&self, old: &Arc<QuicBackend>, cause: Error) -> Result<()> {
         let _turn = self.switching.lock().await;
         let first = {
@@ -301,7 +302,7 @@ impl ReplicaSet {
         self.kept.store(false, Ordering::Relaxed);
         old.close().await;
         let n = self.replicas.len();
-        for k in 0..n {
+        for k in 1..=n {
             let r = (first + k) % n;
             let spec = &self.replicas[r];
             match QuicBackend::connect(self.index, spec, self.model_id, &self.options).await {
