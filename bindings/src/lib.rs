@@ -20,6 +20,22 @@ pub fn veil_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
+/// The servers of a server list: `servers.toml` text (or the same schema as JSON), the format
+/// the CLI reads too. A relative `token_file` is resolved against the current directory.
+#[uniffi::export]
+pub fn parse_server_list(text: String) -> Result<Vec<ServerConfig>, VeilError> {
+    let configs = sdk::parse_server_configs(&text, std::path::Path::new("."))?;
+    Ok(configs.into_iter().map(Into::into).collect())
+}
+
+/// The servers of a server-list file (`servers.toml` or its JSON form); a relative
+/// `token_file` is resolved against the file's folder.
+#[uniffi::export]
+pub fn read_server_list(path: String) -> Result<Vec<ServerConfig>, VeilError> {
+    let configs = sdk::read_server_configs(std::path::Path::new(&path))?;
+    Ok(configs.into_iter().map(Into::into).collect())
+}
+
 /// The runtime every client shares: two I/O workers (QUIC), model work on the blocking pool.
 fn runtime() -> Result<&'static tokio::runtime::Runtime, VeilError> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
@@ -278,6 +294,17 @@ impl From<sdk::VeilError> for VeilError {
             },
             E::Cancelled => Self::Cancelled,
             E::Internal { message } => Self::Internal { detail: message },
+        }
+    }
+}
+
+impl From<sdk::ServerConfig> for ServerConfig {
+    fn from(s: sdk::ServerConfig) -> Self {
+        Self {
+            address: s.address,
+            fingerprint: s.fingerprint,
+            token: s.token,
+            tenant: s.tenant,
         }
     }
 }

@@ -175,5 +175,22 @@ suspend fun run(model: String, servers: List<ServerConfig>) = kotlinx.coroutines
     } catch (e: VeilException.ModelLoad) {
         checks++
     }
+
+    // 7. The server list as servers.toml text (the CLI's format): the same servers, and the
+    // generation with them works; a broken list is a readable config error.
+    val toml = servers.joinToString("\n") {
+        "[[server]]\naddress = \"${it.address}\"\nfingerprint = \"${it.fingerprint}\"\ntoken = \"${it.token}\"\n"
+    }
+    val parsed = Veil.servers(toml)
+    check(parsed == servers) { "servers.toml gave $parsed" }
+    Veil.create(Veil.config(model, parsed)).use { fromToml ->
+        check(fromToml.generate(PROMPT, GenerationOptions(steps = 2u)).png.isNotEmpty()) { "no image" }
+    }
+    try {
+        Veil.servers("[[server]]\naddress = 1\n")
+        check(false) { "a broken server list accepted" }
+    } catch (e: VeilException.InvalidConfig) {
+        check(e.message.orEmpty().contains("server list")) { "message ${e.message}" }
+    }
     veil.close()
 }

@@ -201,6 +201,34 @@ pub(crate) fn parse_scheduler(name: &str) -> Result<SchedulerKind, VeilError> {
 }
 
 /// Checks a `host:port` shape without resolving the name (that happens at connect time).
+/// Reads a server list — `servers.toml` text, or the same schema as JSON — into the SDK's
+/// `ServerConfig`s: the one format the CLI, the SDK and the demos share. A relative
+/// `token_file` is resolved against `base` (a file's folder; the current directory for text).
+pub fn parse_server_configs(
+    text: &str,
+    base: &std::path::Path,
+) -> Result<Vec<ServerConfig>, VeilError> {
+    let specs =
+        crate::transport::parse_server_list(text, base, std::path::Path::new("server list"))
+            .map_err(|e| VeilError::config(e.to_string()))?;
+    Ok(specs
+        .into_iter()
+        .map(|s| ServerConfig {
+            address: s.address,
+            fingerprint: s.fingerprint.to_string(),
+            token: s.token,
+            tenant: s.tenant,
+        })
+        .collect())
+}
+
+/// `parse_server_configs` of a file (`servers.toml` or its JSON form).
+pub fn read_server_configs(path: &std::path::Path) -> Result<Vec<ServerConfig>, VeilError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| VeilError::config(format!("cannot read {}: {e}", path.display())))?;
+    parse_server_configs(&text, path.parent().unwrap_or(std::path::Path::new(".")))
+}
+
 fn check_address(i: usize, address: &str) -> Result<(), VeilError> {
     let a = address.trim();
     let port = a.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));

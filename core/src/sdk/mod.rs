@@ -18,6 +18,9 @@ mod sessions;
 pub use client::{
     CancelHandle, GeneratedImage, GenerationStats, ProgressListener, ServerTraffic, Veil,
 };
-pub use config::{GenerationDefaults, GenerationOptions, ServerConfig, VeilConfig};
+pub use config::{
+    parse_server_configs, read_server_configs, GenerationDefaults, GenerationOptions, ServerConfig,
+    VeilConfig,
+};
 pub use error::VeilError;
 pub use key::{load_or_create_obfuscation_key, read_obfuscation_key, KeyFileError};

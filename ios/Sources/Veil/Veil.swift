@@ -42,6 +42,17 @@ public final class Veil: Sendable {
         }.value
     }
 
+    /// The servers of a server list: `servers.toml` text (the format `veil --server-list`
+    /// reads; JSON of the same schema too). Throws `VeilError.InvalidConfig`.
+    public static func servers(toml: String) throws -> [ServerConfig] {
+        try parseServerList(text: toml)
+    }
+
+    /// The servers of a server-list file (relative `token_file`s from its folder).
+    public static func servers(file: URL) throws -> [ServerConfig] {
+        try readServerList(path: file.path)
+    }
+
     /// The placement policy in use.
     public var policy: String { client.policy() }
 

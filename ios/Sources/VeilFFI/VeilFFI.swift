@@ -2224,6 +2224,30 @@ fileprivate func uniffiFutureContinuationCallback(handle: UInt64, pollResult: In
     }
 }
 /**
+ * The servers of a server list: `servers.toml` text (or the same schema as JSON), the format
+ * the CLI reads too. A relative `token_file` is resolved against the current directory.
+ */
+public func parseServerList(text: String)throws  -> [ServerConfig]  {
+    return try  FfiConverterSequenceTypeServerConfig.lift(try rustCallWithError(FfiConverterTypeVeilError_lift) {
+        uniffiCallStatus in
+    uniffi_veil_ffi_fn_func_parse_server_list(
+        FfiConverterString.lower(text),uniffiCallStatus
+    )
+})
+}
+/**
+ * The servers of a server-list file (`servers.toml` or its JSON form); a relative
+ * `token_file` is resolved against the file's folder.
+ */
+public func readServerList(path: String)throws  -> [ServerConfig]  {
+    return try  FfiConverterSequenceTypeServerConfig.lift(try rustCallWithError(FfiConverterTypeVeilError_lift) {
+        uniffiCallStatus in
+    uniffi_veil_ffi_fn_func_read_server_list(
+        FfiConverterString.lower(path),uniffiCallStatus
+    )
+})
+}
+/**
  * The version of Veil these bindings were built from.
  */
 public func veilVersion() -> String  {

@@ -330,6 +330,16 @@ uint64_t uniffi_veil_ffi_fn_method_veilclient_generate(uint64_t ptr, RustBuffer 
 RustBuffer uniffi_veil_ffi_fn_method_veilclient_policy(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_PARSE_SERVER_LIST
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_PARSE_SERVER_LIST
+RustBuffer uniffi_veil_ffi_fn_func_parse_server_list(RustBuffer text, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_READ_SERVER_LIST
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_READ_SERVER_LIST
+RustBuffer uniffi_veil_ffi_fn_func_read_server_list(RustBuffer path, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_VEIL_VERSION
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_VEIL_VERSION
 RustBuffer uniffi_veil_ffi_fn_func_veil_version(RustCallStatus *_Nonnull out_status
@@ -594,6 +604,18 @@ void ffi_veil_ffi_rust_future_free_void(uint64_t handle
 #ifndef UNIFFI_FFIDEF_FFI_VEIL_FFI_RUST_FUTURE_COMPLETE_VOID
 #define UNIFFI_FFIDEF_FFI_VEIL_FFI_RUST_FUTURE_COMPLETE_VOID
 void ffi_veil_ffi_rust_future_complete_void(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_FUNC_PARSE_SERVER_LIST
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_FUNC_PARSE_SERVER_LIST
+uint16_t uniffi_veil_ffi_checksum_func_parse_server_list(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_FUNC_READ_SERVER_LIST
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_FUNC_READ_SERVER_LIST
+uint16_t uniffi_veil_ffi_checksum_func_read_server_list(void
+    
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_FUNC_VEIL_VERSION

@@ -11,6 +11,7 @@ import dev.veil.ffi.ProgressListener
 import dev.veil.ffi.ServerConfig
 import dev.veil.ffi.VeilClient
 import dev.veil.ffi.VeilConfig
+import dev.veil.ffi.parseServerList
 import kotlinx.coroutines.CancellationException
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.channels.trySendBlocking
@@ -39,6 +40,12 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
         /** Validates [config] and loads the model on [Dispatchers.IO]. */
         suspend fun create(config: VeilConfig): Veil =
             withContext(Dispatchers.IO) { Veil(VeilClient(config)) }
+
+        /**
+         * The servers of a server list: `servers.toml` text (the format `veil --server-list`
+         * reads; JSON of the same schema too). Throws [dev.veil.ffi.VeilException.InvalidConfig].
+         */
+        fun servers(serversToml: String): List<ServerConfig> = parseServerList(serversToml)
 
         /** A config with the recommended settings (strict placement, f32 wire). */
         fun config(

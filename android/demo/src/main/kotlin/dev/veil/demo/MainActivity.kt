@@ -38,8 +38,10 @@ import java.io.File
 
 class DemoViewModel : ViewModel() {
     var prompt by mutableStateOf("a small red circle at the top left on a white background")
-    /** One server per line: `host:port sha256:<fingerprint> token` (the servers.toml fields). */
-    var servers by mutableStateOf("")
+    /** The shard servers as `servers.toml` text, the format `veil --server-list` reads. */
+    var servers by mutableStateOf(
+        "[[server]]\naddress = \"10.0.2.2:4433\"\nfingerprint = \"sha256:…\"\ntoken = \"…\"\n"
+    )
     var progress by mutableStateOf(0f)
     var status by mutableStateOf("Ready")
     var image by mutableStateOf<ImageBitmap?>(null)
@@ -48,28 +50,37 @@ class DemoViewModel : ViewModel() {
     fun generate(modelDir: File, prepare: () -> Unit) {
         job = viewModelScope.launch {
             try {
-                val list = servers.lines().filter { it.isNotBlank() }.map {
-                    val (address, fingerprint, token) = it.trim().split(Regex("\\s+"), limit = 3)
-                    ServerConfig(address = address, fingerprint = fingerprint, token = token)
+                val veil = client(modelDir, Veil.servers(servers), prepare)
+                status = "Generating…"
+                val result = veil.generate(prompt) { p -> progress = p.fraction }
+                image = withContext(Dispatchers.Default) {
+                    BitmapFactory.decodeByteArray(result.png, 0, result.png.size).asImageBitmap()
                 }
-                status = "Loading the model…"
-                withContext(Dispatchers.IO) { prepare() }
-                Veil.create(Veil.config(modelDir.path, list)).use { veil ->
-                    status = "Generating…"
-                    val result = veil.generate(prompt) { p -> progress = p.fraction }
-                    image = withContext(Dispatchers.Default) {
-                        BitmapFactory.decodeByteArray(result.png, 0, result.png.size).asImageBitmap()
-                    }
-                    status = "Done in %.1f s, seed %d".format(result.stats.wallSeconds, result.seed.toLong())
-                }
+                status = "Done in %.1f s, seed %d".format(result.stats.wallSeconds, result.seed.toLong())
             } catch (e: VeilException) {
                 status = e.message ?: e.toString()
-            } catch (e: IllegalArgumentException) {
-                status = "Server lines are: host:port sha256:… token"
             } finally {
                 job = null
             }
         }
+    }
+
+    /** The model is loaded once and kept while the server list stays the same. */
+    private var loaded: Pair<List<ServerConfig>, Veil>? = null
+
+    private suspend fun client(modelDir: File, list: List<ServerConfig>, prepare: () -> Unit): Veil {
+        loaded?.let { (servers, veil) -> if (servers == list) return veil }
+        loaded?.second?.close()
+        loaded = null
+        status = "Loading the model…"
+        withContext(Dispatchers.IO) { prepare() }
+        val veil = Veil.create(Veil.config(modelDir.path, list))
+        loaded = list to veil
+        return veil
+    }
+
+    override fun onCleared() {
+        loaded?.second?.close()
     }
 
     /** Cancelling the coroutine cancels the Rust generation before its next step. */
@@ -107,7 +118,7 @@ fun DemoScreen(modelDir: File, prepare: () -> Unit, vm: DemoViewModel = viewMode
     Column(Modifier.padding(16.dp).verticalScroll(rememberScrollState())) {
         OutlinedTextField(vm.prompt, { vm.prompt = it }, Modifier.fillMaxWidth(), label = { Text("Prompt (stays on this phone)") })
         OutlinedTextField(vm.servers, { vm.servers = it }, Modifier.fillMaxWidth(), minLines = 2,
-            label = { Text("Servers: host:port sha256:… token, one per line") })
+            label = { Text("Servers (servers.toml)") })
         if (vm.job == null) {
             Button({ vm.generate(modelDir, prepare) }) { Text("Generate") }
         } else {

@@ -703,6 +703,10 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
+    external fun uniffi_veil_ffi_checksum_func_parse_server_list(
+    ): Int
+    external fun uniffi_veil_ffi_checksum_func_read_server_list(
+    ): Int
     external fun uniffi_veil_ffi_checksum_func_veil_version(
     ): Int
     external fun uniffi_veil_ffi_checksum_method_cancelhandle_cancel(
@@ -767,6 +771,10 @@ internal object UniffiLib {
     external fun uniffi_veil_ffi_fn_method_veilclient_generate(`ptr`: Long,`prompt`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,`listener`: RustBuffer.ByValue,`cancel`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_veil_ffi_fn_method_veilclient_policy(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_veil_ffi_fn_func_parse_server_list(`text`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_veil_ffi_fn_func_read_server_list(`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_veil_ffi_fn_func_veil_version(uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -3351,6 +3359,38 @@ public object FfiConverterSequenceTypeServerTraffic: FfiConverterRustBuffer<List
 
 
 
+
+        /**
+         * The servers of a server list: `servers.toml` text (or the same schema as JSON), the format
+         * the CLI reads too. A relative `token_file` is resolved against the current directory.
+         */
+    @Throws(VeilException::class) fun `parseServerList`(`text`: kotlin.String): List<ServerConfig> {
+            return FfiConverterSequenceTypeServerConfig.lift(
+    uniffiRustCallWithError(VeilException) { _status ->
+    UniffiLib.uniffi_veil_ffi_fn_func_parse_server_list(
+    
+        
+        FfiConverterString.lower(`text`),_status)
+}
+    )
+    }
+    
+
+        /**
+         * The servers of a server-list file (`servers.toml` or its JSON form); a relative
+         * `token_file` is resolved against the file's folder.
+         */
+    @Throws(VeilException::class) fun `readServerList`(`path`: kotlin.String): List<ServerConfig> {
+            return FfiConverterSequenceTypeServerConfig.lift(
+    uniffiRustCallWithError(VeilException) { _status ->
+    UniffiLib.uniffi_veil_ffi_fn_func_read_server_list(
+    
+        
+        FfiConverterString.lower(`path`),_status)
+}
+    )
+    }
+    
 
         /**
          * The version of Veil these bindings were built from.
