@@ -14,6 +14,9 @@ use veil_core::sdk;
 
 uniffi::setup_scaffolding!();
 
+mod log;
+pub use log::{set_log_sink, LogLevel, LogSink};
+
 /// The version of Veil these bindings were built from.
 #[uniffi::export]
 pub fn veil_version() -> String {

@@ -6,6 +6,7 @@ import dev.veil.Veil
 import dev.veil.ffi.CancelHandle
 import dev.veil.ffi.GenerationDefaults
 import dev.veil.ffi.GenerationOptions
+import dev.veil.ffi.LogLevel
 import dev.veil.ffi.ServerConfig
 import dev.veil.ffi.VeilException
 import kotlinx.coroutines.CompletableDeferred
@@ -145,7 +146,12 @@ suspend fun run(model: String, servers: List<ServerConfig>) = kotlinx.coroutines
     }
     check(slow == (1..STEPS).toList()) { "a slow collector got steps $slow" }
 
-    // 5. A wrong token: AuthFailed naming the server.
+    // 5. A wrong token: AuthFailed naming the server, and the core's warning about it reaches
+    // the app's log callback.
+    val logLines = java.util.concurrent.CopyOnWriteArrayList<String>()
+    check(Veil.setLogger(LogLevel.WARN) { level, target, message -> logLines.add("$level $target $message") }) {
+        "the log subscriber was not installed"
+    }
     val wrong = servers.mapIndexed { i, s -> if (i == 1) s.copy(token = "not-the-token") else s }
     Veil.create(Veil.config(model, wrong)).use { bad ->
         try {
@@ -154,6 +160,10 @@ suspend fun run(model: String, servers: List<ServerConfig>) = kotlinx.coroutines
         } catch (e: VeilException.AuthFailed) {
             check(e.server == 1u) { "AuthFailed for server ${e.server}" }
         }
+    }
+    Veil.setLogger(onLog = null)
+    check(logLines.any { it.startsWith("WARN veil_core::transport") && it.contains("refused the tenant token") }) {
+        "log lines $logLines"
     }
 
     // 6. Config errors before anything is loaded.

@@ -53,6 +53,16 @@ public final class Veil: Sendable {
         try readServerList(path: file.path)
     }
 
+    /// Forwards Veil's log lines at `level` and above to `onLog` (called from Veil's threads;
+    /// nil: stop). Returns false when the process already had another tracing subscriber.
+    @discardableResult
+    public static func setLogger(
+        level: LogLevel = .warn,
+        _ onLog: (@Sendable (LogLevel, String, String) -> Void)?
+    ) -> Bool {
+        setLogSink(sinkTo: onLog.map { ClosureLogSink($0) }, level: level)
+    }
+
     /// The placement policy in use.
     public var policy: String { client.policy() }
 
@@ -102,5 +112,18 @@ private final class ClosureListener: ProgressListener, @unchecked Sendable {
 
     func onProgress(step: UInt32, total: UInt32) {
         callback(GenerationProgress(step: Int(step), total: Int(total)))
+    }
+}
+
+/// Adapts a closure to the generated `LogSink` protocol.
+private final class ClosureLogSink: LogSink, @unchecked Sendable {
+    private let callback: @Sendable (LogLevel, String, String) -> Void
+
+    init(_ callback: @escaping @Sendable (LogLevel, String, String) -> Void) {
+        self.callback = callback
+    }
+
+    func log(level: LogLevel, target: String, message: String) {
+        callback(level, target, message)
     }
 }

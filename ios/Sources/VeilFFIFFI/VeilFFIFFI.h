@@ -250,6 +250,13 @@ typedef void (*UniffiCallbackInterfaceProgressListenerMethod0)(uint64_t, uint32_
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
+typedef void (*UniffiCallbackInterfaceLogSinkMethod0)(uint64_t, RustBuffer, RustBuffer, RustBuffer, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_PROGRESS_LISTENER
 #define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_PROGRESS_LISTENER
 typedef struct UniffiVTableCallbackInterfaceProgressListener {
@@ -257,6 +264,15 @@ typedef struct UniffiVTableCallbackInterfaceProgressListener {
     UniffiCallbackInterfaceClone _Nonnull uniffiClone;
     UniffiCallbackInterfaceProgressListenerMethod0 _Nonnull onProgress;
 } UniffiVTableCallbackInterfaceProgressListener;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOG_SINK
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOG_SINK
+typedef struct UniffiVTableCallbackInterfaceLogSink {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceLogSinkMethod0 _Nonnull log;
+} UniffiVTableCallbackInterfaceLogSink;
 
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_CLONE_CANCELHANDLE
@@ -330,6 +346,26 @@ uint64_t uniffi_veil_ffi_fn_method_veilclient_generate(uint64_t ptr, RustBuffer 
 RustBuffer uniffi_veil_ffi_fn_method_veilclient_policy(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_CLONE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_CLONE_LOGSINK
+uint64_t uniffi_veil_ffi_fn_clone_logsink(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FREE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FREE_LOGSINK
+void uniffi_veil_ffi_fn_free_logsink(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_INIT_CALLBACK_VTABLE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_INIT_CALLBACK_VTABLE_LOGSINK
+void uniffi_veil_ffi_fn_init_callback_vtable_logsink(const UniffiVTableCallbackInterfaceLogSink* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_LOGSINK_LOG
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_LOGSINK_LOG
+void uniffi_veil_ffi_fn_method_logsink_log(uint64_t ptr, RustBuffer level, RustBuffer target, RustBuffer message, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_PARSE_SERVER_LIST
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_PARSE_SERVER_LIST
 RustBuffer uniffi_veil_ffi_fn_func_parse_server_list(RustBuffer text, RustCallStatus *_Nonnull out_status
@@ -344,6 +380,11 @@ RustBuffer uniffi_veil_ffi_fn_func_read_server_list(RustBuffer path, RustCallSta
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_VEIL_VERSION
 RustBuffer uniffi_veil_ffi_fn_func_veil_version(RustCallStatus *_Nonnull out_status
     
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_SET_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_SET_LOG_SINK
+int8_t uniffi_veil_ffi_fn_func_set_log_sink(RustBuffer sink_to, RustBuffer level, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_FFI_VEIL_FFI_RUSTBUFFER_ALLOC
@@ -624,6 +665,12 @@ uint16_t uniffi_veil_ffi_checksum_func_veil_version(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_FUNC_SET_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_FUNC_SET_LOG_SINK
+uint16_t uniffi_veil_ffi_checksum_func_set_log_sink(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_CANCELHANDLE_CANCEL
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_CANCELHANDLE_CANCEL
 uint16_t uniffi_veil_ffi_checksum_method_cancelhandle_cancel(void
@@ -651,6 +698,12 @@ uint16_t uniffi_veil_ffi_checksum_method_veilclient_generate(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_VEILCLIENT_POLICY
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_VEILCLIENT_POLICY
 uint16_t uniffi_veil_ffi_checksum_method_veilclient_policy(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_LOGSINK_LOG
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_LOGSINK_LOG
+uint16_t uniffi_veil_ffi_checksum_method_logsink_log(void
     
 );
 #endif

@@ -11,7 +11,10 @@ import dev.veil.ffi.ProgressListener
 import dev.veil.ffi.ServerConfig
 import dev.veil.ffi.VeilClient
 import dev.veil.ffi.VeilConfig
+import dev.veil.ffi.LogLevel
+import dev.veil.ffi.LogSink
 import dev.veil.ffi.parseServerList
+import dev.veil.ffi.setLogSink
 import kotlinx.coroutines.CancellationException
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.channels.trySendBlocking
@@ -46,6 +49,20 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
          * reads; JSON of the same schema too). Throws [dev.veil.ffi.VeilException.InvalidConfig].
          */
         fun servers(serversToml: String): List<ServerConfig> = parseServerList(serversToml)
+
+        /**
+         * Forwards Veil's log lines at [level] and above to [onLog] (from Veil's threads; null:
+         * stop). Returns false when the process already had another tracing subscriber.
+         */
+        fun setLogger(level: LogLevel = LogLevel.WARN, onLog: ((LogLevel, String, String) -> Unit)?): Boolean =
+            setLogSink(
+                onLog?.let { f ->
+                    object : LogSink {
+                        override fun log(level: LogLevel, target: String, message: String) = f(level, target, message)
+                    }
+                },
+                level,
+            )
 
         /** A config with the recommended settings (strict placement, f32 wire). */
         fun config(
