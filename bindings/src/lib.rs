@@ -239,6 +239,26 @@ pub enum VeilError {
     Internal { detail: String },
 }
 
+#[uniffi::export]
+impl VeilError {
+    /// A sentence for the user (the same text as Rust's `Display`).
+    pub fn describe(&self) -> String {
+        self.to_string()
+    }
+
+    /// Whether trying the same generation again may succeed (a server unreachable, busy, lost
+    /// or slow); false for what needs a change first (config, token, certificate, model).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::ServerFailed { .. }
+                | Self::ConnectionLost { .. }
+                | Self::Timeout { .. }
+        )
+    }
+}
+
 impl From<sdk::VeilError> for VeilError {
     fn from(e: sdk::VeilError) -> Self {
         use sdk::VeilError as E;

@@ -159,9 +159,22 @@ suspend fun run(model: String, servers: List<ServerConfig>) = kotlinx.coroutines
             check(false) { "wrong token accepted" }
         } catch (e: VeilException.AuthFailed) {
             check(e.server == 1u) { "AuthFailed for server ${e.server}" }
+            val text = e.describe()
+            check(text.startsWith("server 1 (") && text.endsWith(") refused the token")) { "describe: $text" }
+            check(!e.isRetryable()) { "a refused token is not worth retrying" }
         }
     }
     Veil.setLogger(onLog = null)
+    // An unreachable server: a readable error, worth retrying.
+    val gone = servers.mapIndexed { i, s -> if (i == 0) s.copy(address = "127.0.0.1:9") else s }
+    Veil.create(Veil.config(model, gone).copy(connectTimeoutSeconds = 1.0)).use { bad ->
+        try {
+            bad.generate(PROMPT)
+            check(false) { "an unreachable server accepted" }
+        } catch (e: VeilException) {
+            check(e.isRetryable() && e.describe().contains("127.0.0.1:9")) { "unreachable: ${e.describe()}" }
+        }
+    }
     check(logLines.any { it.startsWith("WARN veil_core::transport") && it.contains("refused the tenant token") }) {
         "log lines $logLines"
     }

@@ -127,3 +127,9 @@ private final class ClosureLogSink: LogSink, @unchecked Sendable {
         callback(level, target, message)
     }
 }
+
+/// Readable errors: `error.localizedDescription` is the sentence Rust gives (`describe()`), and
+/// `isRetryable()` says whether trying again may help.
+extension VeilError: LocalizedError {
+    public var errorDescription: String? { describe() }
+}

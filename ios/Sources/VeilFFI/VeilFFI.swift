@@ -2114,6 +2114,31 @@ enum VeilError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     )
 
     
+    /**
+     * A sentence for the user (the same text as Rust's `Display`).
+     */
+public func describe() -> String  {
+    return try!  FfiConverterString.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_veil_ffi_fn_method_veilerror_describe(
+            FfiConverterTypeVeilError_lower(self),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Whether trying the same generation again may succeed (a server unreachable, busy, lost
+     * or slow); false for what needs a change first (config, token, certificate, model).
+     */
+public func isRetryable() -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_veil_ffi_fn_method_veilerror_is_retryable(
+            FfiConverterTypeVeilError_lower(self),uniffiCallStatus
+    )
+})
+}
+    
 
     
 

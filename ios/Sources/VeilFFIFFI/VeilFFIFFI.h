@@ -366,6 +366,16 @@ void uniffi_veil_ffi_fn_init_callback_vtable_logsink(const UniffiVTableCallbackI
 void uniffi_veil_ffi_fn_method_logsink_log(uint64_t ptr, RustBuffer level, RustBuffer target, RustBuffer message, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_DESCRIBE
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_DESCRIBE
+RustBuffer uniffi_veil_ffi_fn_method_veilerror_describe(RustBuffer ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_IS_RETRYABLE
+#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_IS_RETRYABLE
+int8_t uniffi_veil_ffi_fn_method_veilerror_is_retryable(RustBuffer ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_PARSE_SERVER_LIST
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_PARSE_SERVER_LIST
 RustBuffer uniffi_veil_ffi_fn_func_parse_server_list(RustBuffer text, RustCallStatus *_Nonnull out_status

@@ -36,7 +36,8 @@ sealed interface GenerationEvent {
 /**
  * A Veil client: the model is loaded once by [create]; [generate] may then run any number of
  * times, concurrently too. Failures are [dev.veil.ffi.VeilException] subclasses (InvalidConfig,
- * ModelLoad, AuthFailed, CertificateMismatch, Cancelled, …).
+ * ModelLoad, AuthFailed, CertificateMismatch, Cancelled, …); `e.describe()` is a sentence for the
+ * user and `e.isRetryable()` says whether trying again may help.
  */
 class Veil private constructor(private val client: VeilClient) : AutoCloseable {
     companion object {

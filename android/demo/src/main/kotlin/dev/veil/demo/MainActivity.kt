@@ -58,7 +58,7 @@ class DemoViewModel : ViewModel() {
                 }
                 status = "Done in %.1f s, seed %d".format(result.stats.wallSeconds, result.seed.toLong())
             } catch (e: VeilException) {
-                status = e.message ?: e.toString()
+                status = e.describe() + if (e.isRetryable()) " (try again)" else ""
             } finally {
                 job = null
             }

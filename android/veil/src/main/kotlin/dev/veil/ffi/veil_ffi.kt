@@ -807,6 +807,10 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_veil_ffi_fn_method_logsink_log(`ptr`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_veil_ffi_fn_method_veilerror_describe(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_veil_ffi_fn_method_veilerror_is_retryable(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_veil_ffi_fn_func_parse_server_list(`text`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_veil_ffi_fn_func_read_server_list(`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -3283,6 +3287,33 @@ sealed class VeilException: kotlin.Exception() {
         ) : VeilException() {
         override val message
             get() = "detail=${ `detail` }"
+    }
+    
+
+    
+        /**
+         * A sentence for the user (the same text as Rust's `Display`).
+         */ fun `describe`(): kotlin.String {
+            return FfiConverterString.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_veil_ffi_fn_method_veilerror_describe(FfiConverterTypeVeilError.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
+        /**
+         * Whether trying the same generation again may succeed (a server unreachable, busy, lost
+         * or slow); false for what needs a change first (config, token, certificate, model).
+         */ fun `isRetryable`(): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_veil_ffi_fn_method_veilerror_is_retryable(FfiConverterTypeVeilError.lower(this),
+        _status)
+}
+    )
     }
     
 
