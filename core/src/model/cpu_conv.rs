@@ -8,10 +8,10 @@
 //! every output pixel of every image (in tiles that bound the im2col buffer), and the bias is
 //! the GEMM's initial destination.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_ops::f32s;
+use super::cpu_ops::{f32s, require_cpu_f32};
 use crate::vocab::error::{Error, Result};
 use crate::vocab::precision::Pad;
 
@@ -33,14 +33,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: &Tensor, pad: Pad, stride: usize) ->
             bias.dims()
         )));
     }
-    if [x, w, bias]
-        .iter()
-        .any(|t| t.dtype() != DType::F32 || !t.device().is_cpu())
-    {
-        return Err(Error::Unsupported(
-            "the CPU conv2d runs on f32 CPU tensors".into(),
-        ));
-    }
+    require_cpu_f32(&[x, w, bias], "the CPU conv2d")?;
     let g = Geometry {
         ci,
         h,
@@ -164,6 +157,7 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn randn(dims: &[usize], seed: u64) -> Tensor {
         let n: usize = dims.iter().product();

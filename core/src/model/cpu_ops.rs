@@ -25,14 +25,24 @@ pub(crate) fn f32s<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32
         .ok_or_else(|| Error::InvalidArgument("a tensor's layout beyond its storage".into()))
 }
 
+/// Refuses `kernel` on operands that are not f32 tensors on the CPU (what every kernel here
+/// reads in place).
+pub(crate) fn require_cpu_f32(operands: &[&Tensor], kernel: &str) -> Result<()> {
+    if operands
+        .iter()
+        .any(|t| t.dtype() != DType::F32 || !t.device().is_cpu())
+    {
+        return Err(Error::Unsupported(format!(
+            "{kernel} runs on f32 CPU tensors"
+        )));
+    }
+    Ok(())
+}
+
 /// h · gelu(g) for x = [h | g] split on the last dimension (diffusers' GEGLU with the exact,
 /// erf-based GELU): x [.., 2n] (f32, CPU) gives [.., n].
 pub fn geglu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        return Err(Error::Unsupported(
-            "the CPU GEGLU runs on f32 CPU tensors".into(),
-        ));
-    }
+    require_cpu_f32(&[x], "the CPU GEGLU")?;
     let two_n = x.dim(D::Minus1)?;
     if two_n % 2 != 0 {
         return Err(Error::InvalidArgument(format!(
@@ -44,7 +54,9 @@ pub fn geglu_erf(x: &Tensor) -> Result<Tensor> {
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let xs = f32s(&storage, layout)?;
     let mut out = vec![0f32; xs.len() / 2];
     let rows_per_item = (CHUNK / n.max(1)).max(1);
     out.par_chunks_mut(rows_per_item * n.max(1))

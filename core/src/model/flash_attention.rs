@@ -9,10 +9,10 @@
 //! from [B, T, C] (head h is columns h·d..(h+1)·d), so neither the heads' transposes nor the
 //! scores are ever written out, and each item writes its own rows of the [B, Tq, C] output.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_ops::{f32s, fast_exp};
+use super::cpu_ops::{f32s, fast_exp, require_cpu_f32};
 use crate::vocab::error::{Error, Result};
 
 /// Queries per work item.
@@ -33,14 +33,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             v.dims()
         )));
     }
-    if [q, k, v]
-        .iter()
-        .any(|t| t.dtype() != DType::F32 || !t.device().is_cpu())
-    {
-        return Err(Error::Unsupported(
-            "fused attention runs on f32 CPU tensors".into(),
-        ));
-    }
+    require_cpu_f32(&[q, k, v], "fused attention")?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (qg, ql) = q.storage_and_layout();
     let (kg, kl) = k.storage_and_layout();
@@ -255,6 +248,7 @@ unsafe fn exp_shifted_avx2(row: &mut [f32], m: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn randn(shape: (usize, usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1 * shape.2;
