@@ -140,10 +140,12 @@ async fn killing_the_serving_replica_mid_generation_still_yields_the_undisturbed
         started.elapsed().as_secs_f64()
     );
     assert_eq!(strips[0].failovers(), 1);
-    assert_eq!(
-        strips[0].replayed_requests(),
-        3,
-        "the new replica is rebuilt from the step's first three requests"
+    // The kill reaches the server's thread asynchronously: it dies on the 4th request of the
+    // step or soon after, so at least the step's first three requests are replayed.
+    let replayed = strips[0].replayed_requests();
+    assert!(
+        replayed >= 3,
+        "the new replica was rebuilt from {replayed} requests, not the step's first ones"
     );
     assert_ne!(strips[0].address(), killed);
     assert_eq!(strips[1].failovers(), 0, "strip 1 never moves");
