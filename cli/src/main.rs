@@ -492,6 +492,12 @@ async fn connect_quic(
     device: &Device,
     obfuscated: bool,
 ) -> Result<(Option<LocalCluster>, Vec<Arc<ReplicaSet>>)> {
+    // A full-model server's identity covers these files: hashed (without a manifest) once.
+    let components = if obfuscated {
+        component_hashes(&a.model)?
+    } else {
+        Vec::new()
+    };
     let mut cluster: Option<LocalCluster> = None;
     let specs = match (&a.server_list, a.local_servers) {
         (Some(path), _) => load_server_list(path)
@@ -501,7 +507,7 @@ async fn connect_quic(
             if obfuscated {
                 model = model
                     .with_denoiser(sd.clone())
-                    .with_full_identity(&component_hashes(&a.model)?);
+                    .with_full_identity(&components);
             }
             let n = if obfuscated { 1 } else { n };
             let c = spawn_local(n, Arc::new(model), ServerLimits::default())
@@ -525,7 +531,7 @@ async fn connect_quic(
     };
     // A full-model server answers for the text encoder, tokenizer and scheduler too.
     let model_id = if obfuscated {
-        full_model_identity(&unet_id, &component_hashes(&a.model)?)
+        full_model_identity(&unet_id, &components)
     } else {
         unet_id
     };

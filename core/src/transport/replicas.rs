@@ -364,16 +364,16 @@ impl ReplicaSet {
             a.replica
         };
         self.mark_failed(old_replica);
+        // The log does not change while the strip is switching: one copy serves every candidate.
+        let Some(replay) = self.replay_entries()? else {
+            return Err(cause); // the log overflowed: nothing can be rebuilt
+        };
         let n = self.replicas.len();
         for k in 1..n {
             let r = (old_replica + k) % n;
             if self.failed.lock().map_err(|_| poisoned())?[r] {
                 continue;
             }
-            let replay = match self.replay_entries()? {
-                Some(e) => e,
-                None => break, // the log overflowed: nothing can be rebuilt
-            };
             let spec = &self.replicas[r];
             let backend = match QuicBackend::connect(self.index, spec, self.model_id, &self.options)
                 .await
