@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use veil_ffi::{GenerationDefaults, GenerationOptions, ServerConfig, VeilClient, VeilConfig};
+use veil_ffi::{GenerationOptions, Policy, ServerConfig, VeilClient, VeilConfig};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -25,7 +25,7 @@ fn peak_rss_kib() -> Option<u64> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let model = arg(&args, "--model").unwrap_or_else(|| "models/tiny-random".into());
-    let policy = arg(&args, "--policy").unwrap_or_else(|| "strict".into());
+    let policy: Policy = arg(&args, "--policy").map_or(Ok(Policy::Strict), |p| p.parse())?;
     let steps: u32 = arg(&args, "--steps").map_or(Ok(20), |s| s.parse())?;
     let servers = match arg(&args, "--servers") {
         Some(p) => veil_core::transport::load_server_list(std::path::Path::new(&p))?
@@ -40,28 +40,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => Vec::new(),
     };
     let before = peak_rss_kib();
-    let client = VeilClient::new(VeilConfig {
-        model_dir: model,
-        servers,
-        policy,
-        wire: "f32".into(),
-        zstd_level: 0,
-        compress: "none".into(),
-        exact_steps: 1,
-        stale_sync: false,
-        request_timeout_seconds: 120.0,
-        connect_timeout_seconds: 10.0,
-        defaults: GenerationDefaults {
-            steps,
-            guidance: 5.0,
-            width: None,
-            height: None,
-            scheduler: "ddim".into(),
-            negative_prompt: String::new(),
-        },
-        obfuscation_key_file: None,
-        device: "auto".into(),
-    })?;
+    let mut config = VeilConfig::new(model, servers);
+    config.policy = policy;
+    config.allow_research_policies = true;
+    config.defaults.steps = steps;
+    let client = VeilClient::new(config)?;
     let loaded = peak_rss_kib();
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let client2 = Arc::clone(&client);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use candle_core::Device;
 use veil_ffi::{
-    CancelHandle, GeneratedImage, GenerationDefaults, GenerationOptions, ProgressListener,
-    ServerConfig, VeilClient, VeilConfig, VeilError,
+    CancelHandle, GeneratedImage, GenerationOptions, Preview, ProgressListener, ServerConfig,
+    VeilClient, VeilConfig, VeilError,
 };
 use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
 
@@ -39,28 +39,11 @@ fn servers(c: &LocalCluster) -> Vec<ServerConfig> {
 }
 
 fn config(servers: Vec<ServerConfig>, steps: u32) -> VeilConfig {
-    VeilConfig {
-        model_dir: model_dir().to_string_lossy().into_owned(),
-        servers,
-        policy: "strict".into(),
-        wire: "f32".into(),
-        zstd_level: 0,
-        compress: "none".into(),
-        exact_steps: 1,
-        stale_sync: false,
-        request_timeout_seconds: 60.0,
-        connect_timeout_seconds: 5.0,
-        defaults: GenerationDefaults {
-            steps,
-            guidance: 5.0,
-            width: None,
-            height: None,
-            scheduler: "ddim".into(),
-            negative_prompt: String::new(),
-        },
-        obfuscation_key_file: None,
-        device: "auto".into(),
-    }
+    let mut c = VeilConfig::new(model_dir(), servers);
+    c.request_timeout_seconds = 60.0;
+    c.connect_timeout_seconds = 5.0;
+    c.defaults.steps = steps;
+    c
 }
 
 fn seed(s: u64) -> GenerationOptions {
@@ -82,7 +65,7 @@ struct Recorder {
 }
 
 impl ProgressListener for Recorder {
-    fn on_progress(&self, step: u32, total: u32) {
+    fn on_progress(&self, step: u32, total: u32, _preview: Option<Preview>) {
         self.events
             .lock()
             .unwrap()
@@ -105,7 +88,7 @@ fn is_png(img: &GeneratedImage) -> bool {
 async fn generates_with_progress_from_many_threads() {
     let c = cluster(2);
     let client = VeilClient::new(config(servers(&c), 5)).unwrap();
-    assert_eq!(client.policy(), "strict");
+    assert_eq!(client.policy(), veil_ffi::Policy::Strict);
     let events = Arc::new(Mutex::new(Vec::new()));
     // Four OS threads, each driving its own generation on the shared client; all report to
     // one event log.
@@ -304,9 +287,9 @@ async fn errors_map_to_their_variants() {
 
     // Config errors, before anything is read.
     let mut cfg = config(good.clone(), 3);
-    cfg.policy = "plaintext".into();
+    cfg.policy = veil_ffi::Policy::Ppidm;
     assert!(matches!(config_err(VeilClient::new(cfg)),
-        VeilError::InvalidConfig { detail } if detail.contains("unknown policy `plaintext`")));
+        VeilError::InvalidConfig { detail } if detail.contains("research only")));
     assert!(matches!(config_err(VeilClient::new(config(vec![], 3))),
         VeilError::InvalidConfig { detail } if detail.contains("at least one shard server")));
     let mut bad = good.clone();
@@ -318,7 +301,7 @@ async fn errors_map_to_their_variants() {
     let key = std::env::temp_dir().join(format!("veil-ffi-key-{}", std::process::id()));
     std::fs::write(&key, "veil-obfuscation-key-v1\nabcd\n").unwrap();
     let mut cfg = config(good.clone(), 3);
-    cfg.obfuscation_key_file = Some(key.to_string_lossy().into_owned());
+    cfg.obfuscation_key_file = Some(key.clone());
     assert!(matches!(config_err(VeilClient::new(cfg.clone())),
         VeilError::InvalidConfig { detail } if detail.starts_with("obfuscation_key_file:")
             && detail.contains("4 hex digits")));
@@ -346,7 +329,7 @@ async fn errors_map_to_their_variants() {
     copy_dir(&model_dir(), &partial);
     std::fs::remove_file(partial.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     let mut cfg = config(good.clone(), 3);
-    cfg.model_dir = partial.to_string_lossy().into_owned();
+    cfg.model_dir = partial.clone();
     let e = config_err(VeilClient::new(cfg));
     assert!(
         matches!(&e, VeilError::ModelLoad { detail } if detail.contains("unet")),
@@ -414,7 +397,7 @@ async fn errors_map_to_their_variants() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     struct Tell(tokio::sync::mpsc::UnboundedSender<u32>);
     impl ProgressListener for Tell {
-        fn on_progress(&self, step: u32, _total: u32) {
+        fn on_progress(&self, step: u32, _total: u32, _preview: Option<Preview>) {
             let _ = self.0.send(step);
         }
     }

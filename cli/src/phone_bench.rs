@@ -412,7 +412,7 @@ impl StepClock {
 }
 
 impl ProgressListener for StepClock {
-    fn on_progress(&self, step: u32, _total: u32) {
+    fn on_progress(&self, step: u32, _total: u32, _preview: Option<veil_core::sdk::Preview>) {
         self.mark(step);
     }
 }
@@ -474,8 +474,10 @@ async fn run_sdk(
     started: Instant,
 ) -> Result<(f64, Option<u64>, f64)> {
     let mut cfg = VeilConfig::new(&a.model, servers);
-    cfg.policy = a.policy.clone();
-    cfg.device = "cpu".into();
+    cfg.policy = a.policy.parse()?;
+    // A benchmark may measure the research placement too.
+    cfg.allow_research_policies = true;
+    cfg.device = veil_core::sdk::Device::Cpu;
     let veil = Veil::new(cfg)?;
     let load = started.elapsed().as_secs_f64();
     let rss = mib_bytes("VmRSS");
@@ -484,7 +486,7 @@ async fn run_sdk(
         seed: Some(1),
         width: Some(a.side as u32),
         height: Some(a.side as u32),
-        scheduler: Some("ddim".into()),
+        scheduler: Some(veil_core::sdk::Scheduler::Ddim),
         ..Default::default()
     };
     let t = Instant::now();

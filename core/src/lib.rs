@@ -13,6 +13,9 @@
 //!    hybrid), and `veil plan`'s accounting from shapes.
 //! 7. `sdk`: the facade apps call, with the small public error.
 
+#[cfg(feature = "uniffi")]
+uniffi::setup_scaffolding!("veil_core");
+
 pub mod client;
 pub mod model;
 pub mod obfuscation;

@@ -287,7 +287,7 @@ fn servers(c: &LocalCluster) -> Vec<ServerConfig> {
 async fn png(dir: &Path, servers: Vec<ServerConfig>) -> Result<Vec<u8>, VeilError> {
     let mut cfg = VeilConfig::new(dir, servers);
     cfg.defaults.steps = 3;
-    cfg.defaults.scheduler = "ddim".into();
+    cfg.defaults.scheduler = veil_core::sdk::Scheduler::Ddim;
     let veil = Veil::new(cfg)?;
     let o = GenerationOptions {
         seed: Some(5),
@@ -322,7 +322,7 @@ async fn a_strict_phone_starts_and_generates_without_any_server_weight() {
     std::fs::remove_file(dir.join("veil-manifest.json")).expect("rm");
     let e = png(&dir, servers(&cluster)).await.expect_err("no manifest");
     assert!(
-        matches!(&e, VeilError::ModelLoad { message } if message.contains("no tensor") || message.contains("missing")),
+        matches!(&e, VeilError::ModelLoad { detail } if detail.contains("no tensor") || detail.contains("missing")),
         "{e:?}"
     );
     let _ = std::fs::remove_dir_all(dir);

@@ -42,7 +42,7 @@ fn veil(servers: &[ShardServer]) -> Veil {
         .collect();
     let mut cfg = VeilConfig::new(tiny_model(), configs);
     cfg.defaults.steps = 3;
-    cfg.defaults.scheduler = "ddim".into();
+    cfg.defaults.scheduler = veil_core::sdk::Scheduler::Ddim;
     Veil::new(cfg).expect("veil")
 }
 
@@ -139,7 +139,7 @@ async fn a_kept_session_to_a_silently_dead_server_is_replaced() {
         .collect();
     let mut cfg = VeilConfig::new(tiny_model(), servers);
     cfg.defaults.steps = 3;
-    cfg.defaults.scheduler = "ddim".into();
+    cfg.defaults.scheduler = veil_core::sdk::Scheduler::Ddim;
     cfg.request_timeout_seconds = 2.0;
     cfg.connect_timeout_seconds = 2.0;
     let client = Veil::new(cfg).expect("veil");

@@ -11,6 +11,7 @@
 //!   candidate prompts, the phone finishes the real one with its device U-Net.
 //! - `early_steps`: the server's side of `obfuscated` (K candidates' first k steps).
 //! - `plan`: `veil plan`'s accounting of a policy from shapes alone.
+//! - `preview`: a cheap latent-to-RGB progress preview, a linear map fitted to the model's VAE.
 //!
 //! Within the client the files import one way too: `guidance`, then `denoise` and `options`, then
 //! `pipeline`, then `early_steps` and `plan`, then `hybrid`.
@@ -22,3 +23,4 @@ pub mod hybrid;
 pub mod options;
 pub mod pipeline;
 pub mod plan;
+pub mod preview;

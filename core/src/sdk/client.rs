@@ -5,27 +5,43 @@
 //! an error, closes them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::Tensor;
 
 use crate::client::options::ObfuscationOptions;
 use crate::client::pipeline::{image_to_png, GenerateOptions, LoadRole, StableDiffusion};
+use crate::client::preview::LatentPreview;
 use crate::obfuscation::ObfuscationKey;
 use crate::placement::backend::ShardBackend;
 use crate::transport::{compression_for, ClientOptions, ReplicaSet, TrafficTotals};
-use crate::wire::manifest::resolve_unet_identity;
+use crate::wire::manifest::{resolve_full_model_identity, resolve_unet_identity};
 use crate::wire::ModelId;
 
-use super::config::{check_generation, parse_scheduler, GenerationOptions, Validated, VeilConfig};
+use super::config::{check_generation, GenerationOptions, Validated, VeilConfig};
 use super::error::VeilError;
 use super::key::load_or_create_obfuscation_key;
+use super::report::{GenerationStats, PrivacyReport, ServerTraffic};
 use super::sessions::Sessions;
+use super::types::Policy;
+
+/// A small preview of the image being denoised: the latents projected to RGB on the phone
+/// (`client::preview`), 1/8 of the image's size.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
+pub struct Preview {
+    /// PNG-encoded RGB.
+    pub png: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
 
 /// Told after every denoising step, from the thread running the generation (not the caller's
-/// thread); keep it quick and thread-safe.
+/// thread); keep it quick and thread-safe. `preview` is set on the steps
+/// `GenerationOptions::preview_every_steps` asks for.
+#[cfg_attr(feature = "uniffi", uniffi::export(with_foreign))]
 pub trait ProgressListener: Send + Sync {
-    fn on_progress(&self, step: u32, total: u32);
+    fn on_progress(&self, step: u32, total: u32, preview: Option<Preview>);
 }
 
 /// Cancels a generation between denoising steps. Swift's `Task.cancel()` and Kotlin's
@@ -47,39 +63,9 @@ impl CancelHandle {
     }
 }
 
-/// What one shard server cost this generation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerTraffic {
-    /// Index in the server list (= its strip).
-    pub server: u32,
-    pub address: String,
-    /// Tensor payload bytes sent to / received from it (as the runtime accounts them).
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    /// Encoded QUIC stream bytes (framing and compression included).
-    pub wire_bytes_sent: u64,
-    pub wire_bytes_received: u64,
-    pub requests: u64,
-    /// Time spent waiting on its requests (overlaps other servers').
-    pub busy_seconds: f64,
-}
-
-/// Time and traffic of one generation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationStats {
-    pub wall_seconds: f64,
-    pub steps: u32,
-    pub round_trips: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    /// Multiply-accumulates done on this device / on all servers.
-    pub device_flops: u64,
-    pub server_flops: u64,
-    pub per_server: Vec<ServerTraffic>,
-}
-
 /// A finished image.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct GeneratedImage {
     /// PNG-encoded RGB.
     pub png: Vec<u8>,
@@ -88,6 +74,8 @@ pub struct GeneratedImage {
     /// The seed used (drawn at random when the options gave none): pass it back to reproduce.
     pub seed: u64,
     pub stats: GenerationStats,
+    /// What each server received.
+    pub privacy: PrivacyReport,
 }
 
 /// The SDK client. Cheap to clone (shares the loaded model); `Send + Sync`, so one instance
@@ -101,9 +89,14 @@ struct Inner {
     sd: StableDiffusion,
     model_id: ModelId,
     config: Validated,
-    /// The user's obfuscation key, read from (or created at) `obfuscation_key_file`; `None`:
-    /// the per-process key.
-    obfuscation_key: Option<Arc<ObfuscationKey>>,
+    /// The policy as the app named it.
+    policy: Policy,
+    /// The `obfuscated` policy's settings, loaded once (lexicon, device U-Net) with the user's
+    /// obfuscation key, read from (or created at) `obfuscation_key_file` (`None`: the
+    /// per-process key).
+    obfuscation: ObfuscationOptions,
+    /// The latent-to-RGB projection of previews, fitted to the VAE at the first preview.
+    preview: OnceLock<Result<LatentPreview, String>>,
     /// The endpoint and the sessions kept between generations.
     sessions: Sessions,
 }
@@ -112,44 +105,92 @@ impl std::fmt::Debug for Veil {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Veil")
             .field("model_dir", &self.inner.config.model_dir)
-            .field("policy", &self.inner.config.policy.name())
+            .field("policy", &self.inner.policy)
             .field("servers", &self.inner.config.servers.len())
             .finish()
     }
+}
+
+/// The `obfuscated` settings of `config`, loaded: lexicon files and the device U-Net.
+fn obfuscation_options(
+    config: &VeilConfig,
+    key: Option<Arc<ObfuscationKey>>,
+    device: &candle_core::Device,
+) -> Result<ObfuscationOptions, VeilError> {
+    use crate::client::options::DeviceUNet;
+    use crate::obfuscation::Lexicon;
+    let o = &config.obfuscation;
+    let mut options = ObfuscationOptions {
+        server_steps: o.server_steps.map(|k| k as usize),
+        k_max: Some(o.k_max as usize),
+        key,
+        ..Default::default()
+    };
+    if config.policy != Policy::Obfuscated {
+        return Ok(options);
+    }
+    if !o.lexicon_files.is_empty() || !o.builtin_lexicon {
+        let mut lex = match o.builtin_lexicon {
+            true => Lexicon::builtin().map_err(|e| VeilError::internal(e.to_string()))?,
+            false => Lexicon::default(),
+        };
+        for p in &o.lexicon_files {
+            let more = Lexicon::from_file(p).map_err(|e| {
+                VeilError::config(format!("obfuscation lexicon {}: {e}", p.display()))
+            })?;
+            lex.extend(more);
+        }
+        options.lexicon = Some(Arc::new(lex));
+    }
+    if let Some(dir) = &o.device_model_dir {
+        let unet = DeviceUNet::load(dir, device).map_err(VeilError::from_load)?;
+        options.device_unet = Some(Arc::new(unet));
+    }
+    Ok(options)
 }
 
 impl Veil {
     /// Validates `config` (nothing is read before it passes), reads or creates the obfuscation
     /// key file if one is named, then loads the model. Blocking: call it off the UI thread.
     pub fn new(config: VeilConfig) -> Result<Self, VeilError> {
-        let config = config.validate()?;
-        let obfuscation_key = match &config.obfuscation_key_file {
+        let validated = config.validate()?;
+        let key = match &validated.obfuscation_key_file {
             Some(path) => Some(Arc::new(load_or_create_obfuscation_key(path)?)),
             None => None,
         };
-        if !config.model_dir.is_dir() {
+        if !validated.model_dir.is_dir() {
             return Err(VeilError::ModelLoad {
-                message: format!("model folder {} does not exist", config.model_dir.display()),
+                detail: format!(
+                    "model folder {} does not exist",
+                    validated.model_dir.display()
+                ),
             });
         }
-        let (device, _fallback) = config.device.select().map_err(VeilError::from_load)?;
+        let (device, _fallback) = validated.device.select().map_err(VeilError::from_load)?;
         // Only what the phone runs is read (`LoadRole::Phone`); the identity the handshake
         // carries comes from the folder's manifest, so the servers' weights stay unread.
         let role = LoadRole::Phone {
-            policy: config.policy,
-            servers: config.servers.len(),
+            policy: validated.policy,
+            servers: validated.servers.len(),
         };
-        let sd = StableDiffusion::load_for(&config.model_dir, &device, role)
-            .map_err(VeilError::from_load)?;
-        let (model_id, source) =
-            resolve_unet_identity(&config.model_dir).map_err(VeilError::from_load)?;
-        tracing::debug!(?source, "model identity");
+        let dir = &validated.model_dir;
+        let sd = StableDiffusion::load_for(dir, &device, role).map_err(VeilError::from_load)?;
+        // A full-model server (`obfuscated`) answers for the text encoder, tokenizer and
+        // scheduler too.
+        let model_id = match config.policy {
+            Policy::Obfuscated => resolve_full_model_identity(dir),
+            _ => resolve_unet_identity(dir).map(|(id, _)| id),
+        }
+        .map_err(VeilError::from_load)?;
+        let obfuscation = obfuscation_options(&config, key, &device)?;
         let veil = Self {
             inner: Arc::new(Inner {
                 sd,
                 model_id,
-                config,
-                obfuscation_key,
+                config: validated,
+                policy: config.policy,
+                obfuscation,
+                preview: OnceLock::new(),
                 sessions: Sessions::default(),
             }),
         };
@@ -168,9 +209,9 @@ impl Veil {
         self.inner.sessions.close().await;
     }
 
-    /// The placement policy's name.
-    pub fn policy(&self) -> &'static str {
-        self.inner.config.policy.name()
+    /// The placement policy.
+    pub fn policy(&self) -> Policy {
+        self.inner.policy
     }
 
     /// The default image size in pixels (width, height).
@@ -216,15 +257,10 @@ impl Inner {
         let d = &self.config.defaults;
         let steps = o.steps.unwrap_or(d.steps);
         let guidance = o.guidance.unwrap_or(d.guidance);
-        let invalid = |e: VeilError| match e {
-            VeilError::InvalidConfig { message } => VeilError::InvalidRequest { message },
+        check_generation(steps, guidance).map_err(|e| match e {
+            VeilError::InvalidConfig { detail } => VeilError::InvalidRequest { detail },
             other => other,
-        };
-        check_generation(steps, guidance).map_err(invalid)?;
-        let scheduler = match &o.scheduler {
-            Some(s) => parse_scheduler(s).map_err(invalid)?,
-            None => self.config.scheduler,
-        };
+        })?;
         let (width, height) = self.size(o.width, o.height);
         Ok(GenerateOptions {
             prompt: prompt.to_owned(),
@@ -237,7 +273,7 @@ impl Inner {
             seed: o.seed.unwrap_or_else(rand::random),
             width,
             height,
-            scheduler,
+            scheduler: o.scheduler.unwrap_or(d.scheduler).into(),
             latents: None,
             policy: self.config.policy,
             wire: self.config.wire,
@@ -246,11 +282,7 @@ impl Inner {
                 .config
                 .stale_sync
                 .then_some(self.config.exact_steps.max(1) as usize),
-            // The SDK runs the split policies only: no obfuscation settings but the user's key.
-            obfuscation: ObfuscationOptions {
-                key: self.obfuscation_key.clone(),
-                ..Default::default()
-            },
+            obfuscation: self.obfuscation.clone(),
             ..Default::default()
         })
     }
@@ -277,6 +309,33 @@ impl Inner {
             .await?)
     }
 
+    /// The preview of `latents`, or `None` (logged) if the projection or the PNG failed: a
+    /// preview never fails a generation.
+    fn preview(&self, latents: &Tensor) -> Option<Preview> {
+        let projection = self.preview.get_or_init(|| {
+            LatentPreview::fit(&self.sd.vae, &self.sd.device).map_err(|e| e.to_string())
+        });
+        let rendered = projection
+            .as_ref()
+            .map_err(|e| e.clone())
+            .and_then(|p| p.render(latents).map_err(|e| e.to_string()))
+            .and_then(|img| {
+                let png = img.to_png().map_err(|e| e.to_string())?;
+                Ok(Preview {
+                    png,
+                    width: img.width,
+                    height: img.height,
+                })
+            });
+        match rendered {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("no preview: {e}");
+                None
+            }
+        }
+    }
+
     async fn generate(
         &self,
         prompt: &str,
@@ -294,10 +353,13 @@ impl Inner {
             .iter()
             .map(|b| b.clone() as Arc<dyn ShardBackend<Tensor>>)
             .collect();
+        let every = options.preview_every_steps.filter(|&n| n > 0);
         let mut report = |p: crate::client::pipeline::Progress<'_>| {
-            if let Some(l) = &progress {
-                l.on_progress(p.step as u32, p.total as u32);
-            }
+            let Some(l) = &progress else { return };
+            let (step, total) = (p.step as u32, p.total as u32);
+            let due = every.is_some_and(|n| step.is_multiple_of(n) || step == total);
+            let preview = if due { self.preview(p.latents) } else { None };
+            l.on_progress(step, total, preview);
         };
         let result = self
             .sd
@@ -317,6 +379,13 @@ impl Inner {
         let png = image_to_png(&generation.image)?;
         let s = &generation.stats;
         let a = &generation.accounting;
+        let privacy = PrivacyReport::new(
+            self.policy,
+            &generation.audit,
+            s.unet_calls,
+            &addresses,
+            generation.obfuscation.as_ref(),
+        );
         let per_server = addresses
             .into_iter()
             .zip(traffic)
@@ -347,6 +416,7 @@ impl Inner {
                 server_flops: s.server_flops,
                 per_server,
             },
+            privacy,
         })
     }
 }

@@ -4,16 +4,25 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::model::device::DeviceChoice;
-use crate::model::scheduler::SchedulerKind;
 use crate::placement::engine::WireDtype;
-use crate::placement::policy::{GnVariant, Policy};
+use crate::placement::policy::Policy as PlacementPolicy;
 use crate::transport::{Fingerprint, ServerSpec};
 use crate::vocab::precision::ShardCodec;
 
 use super::error::VeilError;
+use super::types::{Device, Policy, Scheduler, WireCodec, WireFormat};
+
+// Paths cross the FFI as strings (UTF-8 on both mobile platforms).
+#[cfg(feature = "uniffi")]
+uniffi::custom_type!(PathBuf, String, {
+    remote,
+    lower: |p| p.to_string_lossy().into_owned(),
+    try_lift: |s| Ok(PathBuf::from(s)),
+});
 
 /// One shard server: the fields of a `[[server]]` table of `servers.toml`.
 #[derive(Clone, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct ServerConfig {
     /// `host:port`.
     pub address: String,
@@ -23,6 +32,7 @@ pub struct ServerConfig {
     pub token: String,
     /// The tenant: servers with the same tenant are replicas of one strip (None: a strip of
     /// its own).
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub tenant: Option<String>,
 }
 
@@ -39,15 +49,20 @@ impl std::fmt::Debug for ServerConfig {
 
 /// Defaults for every generation of a client; `GenerationOptions` overrides them per call.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct GenerationDefaults {
+    #[cfg_attr(feature = "uniffi", uniffi(default = 30))]
     pub steps: u32,
     /// Classifier-free guidance scale (≤ 1 turns guidance off and halves the work).
+    #[cfg_attr(feature = "uniffi", uniffi(default = 5.0))]
     pub guidance: f64,
     /// Image size in pixels; `None`: the U-Net's `sample_size` × the VAE factor.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub width: Option<u32>,
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub height: Option<u32>,
-    /// `ddim`, `dpm++2m` or `euler`.
-    pub scheduler: String,
+    pub scheduler: Scheduler,
+    #[cfg_attr(feature = "uniffi", uniffi(default = ""))]
     pub negative_prompt: String,
 }
 
@@ -58,7 +73,7 @@ impl Default for GenerationDefaults {
             guidance: 5.0,
             width: None,
             height: None,
-            scheduler: "ddim".into(),
+            scheduler: Scheduler::Ddim,
             negative_prompt: String::new(),
         }
     }
@@ -67,46 +82,101 @@ impl Default for GenerationDefaults {
 /// Per-call overrides; every `None` takes the client's default (a `None` seed draws a fresh
 /// random one, reported back in `GeneratedImage::seed`).
 #[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct GenerationOptions {
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub negative_prompt: Option<String>,
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub steps: Option<u32>,
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub guidance: Option<f64>,
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub seed: Option<u64>,
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub width: Option<u32>,
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub height: Option<u32>,
-    pub scheduler: Option<String>,
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub scheduler: Option<Scheduler>,
     /// T-GATE-style reuse of attention outputs from this step on (fewer bytes, slightly
     /// different image); `None`: recompute every step.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub reuse_attention_from: Option<u32>,
+    /// A preview image (the latents projected to RGB on the phone, 1/8 of the image size) with
+    /// the progress of every N-th step and of the last; `None` or 0: no previews.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub preview_every_steps: Option<u32>,
+}
+
+/// The `obfuscated` policy's settings (ignored by the other policies).
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
+pub struct ObfuscationConfig {
+    /// k: the steps the server runs for every candidate prompt (`None`: half of the steps;
+    /// 0: all on this device).
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub server_steps: Option<u32>,
+    /// K max: the most candidate prompts sent.
+    #[cfg_attr(feature = "uniffi", uniffi(default = 8))]
+    pub k_max: u32,
+    /// The U-Net of the late steps (a diffusers folder or `unet` folder with the same latent
+    /// space, e.g. a distilled one); `None`: the model's own.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub device_model_dir: Option<PathBuf>,
+    /// Attribute lexicons (TOML or JSON) added to the built-in one.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub lexicon_files: Vec<PathBuf>,
+    /// Whether the built-in gender/age/ethnicity lexicon is used.
+    #[cfg_attr(feature = "uniffi", uniffi(default = true))]
+    pub builtin_lexicon: bool,
+}
+
+impl Default for ObfuscationConfig {
+    fn default() -> Self {
+        Self {
+            server_steps: None,
+            k_max: crate::client::options::DEFAULT_K_MAX as u32,
+            device_model_dir: None,
+            lexicon_files: Vec::new(),
+            builtin_lexicon: true,
+        }
+    }
 }
 
 /// Everything a client needs.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
 pub struct VeilConfig {
     /// A diffusers-layout Stable Diffusion folder on the device.
     pub model_dir: PathBuf,
-    /// The shard servers, in strip order (empty only for `local`).
+    /// The shard servers, in strip order (empty only for `local`; under `obfuscated`, one
+    /// full-model server and its replicas).
     pub servers: Vec<ServerConfig>,
-    /// `strict` (each server confined to its strip; recommended), `ppidm` (the paper's split,
-    /// which leaks through attention K/V: for comparison) or `local` (no servers).
-    pub policy: String,
-    /// Tensor dtype on the wire: `f32`, `f16` or `bf16`.
-    pub wire: String,
+    pub policy: Policy,
+    /// Lets `Policy::Ppidm` through: a research placement whose servers recover prompts.
+    #[cfg_attr(feature = "uniffi", uniffi(default = false))]
+    pub allow_research_policies: bool,
+    /// Tensor dtype on the wire.
+    pub wire: WireFormat,
     /// Byte-split zstd level for tensors on the wire, 0 = off.
+    #[cfg_attr(feature = "uniffi", uniffi(default = 0))]
     pub zstd_level: i32,
-    /// Lossy coding of activations on the wire (docs/PROTOCOL.md §8): `none`, `int8`, `int4`,
-    /// `residual-int4`, `residual-int2` or `residual-sign`. Lossy: see docs/BENCHMARKS.md for
-    /// each codec's fidelity against `local`.
-    pub compress: String,
+    /// Lossy coding of activations on the wire (docs/PROTOCOL.md §8; see docs/BENCHMARKS.md
+    /// for each codec's fidelity against `local`).
+    pub codec: WireCodec,
     /// Denoising steps, from the first, whose activations travel exact.
+    #[cfg_attr(feature = "uniffi", uniffi(default = 1))]
     pub exact_steps: u32,
     /// Stale synchronisation after the exact steps (at least one): GroupNorm moments and halo
     /// rows one step old, so a `strict` step waits only for its attention gathers and output
     /// (fewer round trips; lossy, see docs/BENCHMARKS.md).
+    #[cfg_attr(feature = "uniffi", uniffi(default = false))]
     pub stale_sync: bool,
     /// Longest a single request to a server may take.
+    #[cfg_attr(feature = "uniffi", uniffi(default = 120.0))]
     pub request_timeout_seconds: f64,
     /// Longest the QUIC + Veil handshake with a server may take.
+    #[cfg_attr(feature = "uniffi", uniffi(default = 10.0))]
     pub connect_timeout_seconds: f64,
     pub defaults: GenerationDefaults,
     /// Where this user's obfuscation key lives (`None`: no key file). `Veil::new` creates the
@@ -119,32 +189,34 @@ pub struct VeilConfig {
     /// cannot narrow an attribute the user keeps across prompts (their own gender) by
     /// intersecting them — a guarantee that lasts as long as the key. Without a file each
     /// process draws its own key, and a server that sees requests from two app launches can
-    /// intersect them. (The SDK does not offer the `obfuscated` policy yet; the key is read,
-    /// checked and handed to every generation now, so an app can ship its key file before.)
+    /// intersect them.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub obfuscation_key_file: Option<PathBuf>,
-    /// Where the phone's share runs: `auto` (Metal on Apple targets in a build with the
-    /// `metal` feature, else the CPU), `cpu` or `metal`. A Metal device that cannot be created
-    /// falls back to the CPU with the reason logged.
-    pub device: String,
+    /// The `obfuscated` policy's settings.
+    pub obfuscation: ObfuscationConfig,
+    /// Where the phone's share runs.
+    pub device: Device,
 }
 
 impl VeilConfig {
-    /// A config with the recommended settings: strict, f32 wire, no compression.
+    /// A config with the recommended settings: strict, f32 wire, no lossy codec.
     pub fn new(model_dir: impl Into<PathBuf>, servers: Vec<ServerConfig>) -> Self {
         Self {
             model_dir: model_dir.into(),
             servers,
-            policy: "strict".into(),
-            wire: "f32".into(),
+            policy: Policy::Strict,
+            allow_research_policies: false,
+            wire: WireFormat::F32,
             zstd_level: 0,
-            compress: "none".into(),
+            codec: WireCodec::Exact,
             exact_steps: 1,
             stale_sync: false,
             request_timeout_seconds: 120.0,
             connect_timeout_seconds: 10.0,
             defaults: GenerationDefaults::default(),
             obfuscation_key_file: None,
-            device: "auto".into(),
+            obfuscation: ObfuscationConfig::default(),
+            device: Device::Auto,
         }
     }
 }
@@ -154,7 +226,7 @@ impl VeilConfig {
 pub(crate) struct Validated {
     pub model_dir: PathBuf,
     pub servers: Vec<ServerSpec>,
-    pub policy: Policy,
+    pub policy: PlacementPolicy,
     pub wire: WireDtype,
     pub zstd_level: i32,
     pub codec: ShardCodec,
@@ -163,7 +235,6 @@ pub(crate) struct Validated {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub defaults: GenerationDefaults,
-    pub scheduler: SchedulerKind,
     pub obfuscation_key_file: Option<PathBuf>,
     pub device: DeviceChoice,
 }
@@ -179,28 +250,17 @@ fn seconds(what: &str, s: f64) -> Result<Duration, VeilError> {
     })
 }
 
-/// The SDK's policies: those of `Policy::parse` that run with shard servers alone (the
-/// `obfuscated` policy needs a full-model server and a device U-Net, not offered here yet).
-pub(crate) fn parse_policy(name: &str) -> Result<Policy, VeilError> {
-    match Policy::parse(name, GnVariant::Exact) {
-        Ok(Policy::Obfuscated) => Err(VeilError::config(
-            "the SDK does not offer the obfuscated policy yet (expected strict, ppidm or local)",
-        )),
-        Ok(p) => Ok(p),
-        // The SDK offers a subset of the parser's names: say which.
-        Err(_) => Err(VeilError::config(format!(
-            "unknown policy `{}` (expected strict, ppidm or local)",
-            name.trim()
-        ))),
+/// The policy, with the research-only ones behind their opt-in.
+fn check_policy(policy: Policy, allow_research: bool) -> Result<PlacementPolicy, VeilError> {
+    if policy == Policy::Ppidm && !allow_research {
+        return Err(VeilError::config(
+            "policy ppidm is research only (its servers recover the prompt through attention \
+             keys and values); set allow_research_policies to use it",
+        ));
     }
+    Ok(policy.placement())
 }
 
-pub(crate) fn parse_scheduler(name: &str) -> Result<SchedulerKind, VeilError> {
-    name.parse::<SchedulerKind>()
-        .map_err(|e| VeilError::config(e.to_string()))
-}
-
-/// Checks a `host:port` shape without resolving the name (that happens at connect time).
 /// Reads a server list — `servers.toml` text, or the same schema as JSON — into the SDK's
 /// `ServerConfig`s: the one format the CLI, the SDK and the demos share. A relative
 /// `token_file` is resolved against `base` (a file's folder; the current directory for text).
@@ -229,6 +289,7 @@ pub fn read_server_configs(path: &std::path::Path) -> Result<Vec<ServerConfig>, 
     parse_server_configs(&text, path.parent().unwrap_or(std::path::Path::new(".")))
 }
 
+/// Checks a `host:port` shape without resolving the name (that happens at connect time).
 fn check_address(i: usize, address: &str) -> Result<(), VeilError> {
     let a = address.trim();
     let port = a.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
@@ -243,13 +304,66 @@ fn check_address(i: usize, address: &str) -> Result<(), VeilError> {
 impl VeilConfig {
     /// Every check that needs no file and no network. Messages name the field and the server.
     pub(crate) fn validate(&self) -> Result<Validated, VeilError> {
-        let policy = parse_policy(&self.policy)?;
+        let policy = check_policy(self.policy, self.allow_research_policies)?;
         if policy.needs_backends() && self.servers.is_empty() {
             return Err(VeilError::config(format!(
                 "policy {} needs at least one shard server; the server list is empty",
                 policy.name()
             )));
         }
+        let servers = self.server_specs()?;
+        if self.policy == Policy::Obfuscated {
+            check_one_strip(&servers)?;
+            if self.obfuscation.k_max == 0 {
+                return Err(VeilError::config("obfuscation.k_max must be at least 1"));
+            }
+        }
+        if !ZSTD_LEVELS.contains(&self.zstd_level) {
+            return Err(VeilError::config(format!(
+                "zstd_level {} is outside 0..=22 (0 = off)",
+                self.zstd_level
+            )));
+        }
+        if self.stale_sync && !policy.placement().resident() {
+            return Err(VeilError::config(format!(
+                "stale_sync needs the strict policy, not {}",
+                policy.name()
+            )));
+        }
+        let device = DeviceChoice::from(self.device);
+        device
+            .check()
+            .map_err(|e| VeilError::config(e.to_string()))?;
+        let d = &self.defaults;
+        check_generation(d.steps, d.guidance)?;
+        if self
+            .obfuscation_key_file
+            .as_ref()
+            .is_some_and(|p| p.file_name().is_none())
+        {
+            return Err(VeilError::config(
+                "obfuscation_key_file must name a file, not a folder",
+            ));
+        }
+        Ok(Validated {
+            model_dir: self.model_dir.clone(),
+            servers,
+            policy,
+            wire: self.wire.into(),
+            zstd_level: self.zstd_level,
+            codec: self.codec.into(),
+            exact_steps: self.exact_steps,
+            stale_sync: self.stale_sync,
+            request_timeout: seconds("request_timeout_seconds", self.request_timeout_seconds)?,
+            connect_timeout: seconds("connect_timeout_seconds", self.connect_timeout_seconds)?,
+            defaults: d.clone(),
+            obfuscation_key_file: self.obfuscation_key_file.clone(),
+            device,
+        })
+    }
+
+    /// The servers, each checked (address shape, fingerprint, token).
+    fn server_specs(&self) -> Result<Vec<ServerSpec>, VeilError> {
         let mut servers = Vec::with_capacity(self.servers.len());
         for (i, s) in self.servers.iter().enumerate() {
             check_address(i, &s.address)?;
@@ -272,62 +386,25 @@ impl VeilConfig {
                     .map(str::to_string),
             });
         }
-        let wire: WireDtype = self
-            .wire
-            .parse()
-            .map_err(|e: crate::vocab::error::Error| VeilError::config(e.to_string()))?;
-        if !ZSTD_LEVELS.contains(&self.zstd_level) {
-            return Err(VeilError::config(format!(
-                "zstd_level {} is outside 0..=22 (0 = off)",
-                self.zstd_level
-            )));
-        }
-        let codec: ShardCodec = self
-            .compress
-            .parse()
-            .map_err(|e: crate::vocab::error::Error| VeilError::config(e.to_string()))?;
-        if self.stale_sync && !policy.placement().resident() {
-            return Err(VeilError::config(format!(
-                "stale_sync needs the strict policy, not {}",
-                policy.name()
-            )));
-        }
-        let device: DeviceChoice = self
-            .device
-            .parse()
-            .map_err(|e: crate::vocab::error::Error| VeilError::config(e.to_string()))?;
-        device
-            .check()
-            .map_err(|e| VeilError::config(e.to_string()))?;
-        let d = &self.defaults;
-        check_generation(d.steps, d.guidance)?;
-        let scheduler = parse_scheduler(&d.scheduler)?;
-        if self
-            .obfuscation_key_file
-            .as_ref()
-            .is_some_and(|p| p.file_name().is_none())
-        {
-            return Err(VeilError::config(
-                "obfuscation_key_file must name a file, not a folder",
-            ));
-        }
-        Ok(Validated {
-            model_dir: self.model_dir.clone(),
-            servers,
-            policy,
-            wire,
-            zstd_level: self.zstd_level,
-            codec,
-            exact_steps: self.exact_steps,
-            stale_sync: self.stale_sync,
-            request_timeout: seconds("request_timeout_seconds", self.request_timeout_seconds)?,
-            connect_timeout: seconds("connect_timeout_seconds", self.connect_timeout_seconds)?,
-            defaults: d.clone(),
-            scheduler,
-            obfuscation_key_file: self.obfuscation_key_file.clone(),
-            device,
-        })
+        Ok(servers)
     }
+}
+
+/// `obfuscated` sends everything to one full-model server: the list must be one server, or
+/// replicas of one tenant.
+fn check_one_strip(servers: &[ServerSpec]) -> Result<(), VeilError> {
+    let one_tenant = servers
+        .first()
+        .and_then(|s| s.tenant.as_ref())
+        .is_some_and(|t| servers.iter().all(|s| s.tenant.as_ref() == Some(t)));
+    if servers.len() > 1 && !one_tenant {
+        return Err(VeilError::config(format!(
+            "policy obfuscated uses one full-model server (or replicas sharing one tenant); \
+             the list has {} servers of different tenants",
+            servers.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The largest step count accepted (schedulers have 1000 training timesteps).
@@ -362,7 +439,7 @@ mod tests {
 
     fn message(e: VeilError) -> String {
         match e {
-            VeilError::InvalidConfig { message } => message,
+            VeilError::InvalidConfig { detail } => detail,
             other => panic!("expected InvalidConfig, got {other:?}"),
         }
     }
@@ -372,20 +449,16 @@ mod tests {
         let c = VeilConfig::new("m", vec![server(), server()]);
         let v = c.validate().unwrap();
         assert_eq!(v.servers.len(), 2);
-        assert_eq!(v.policy, Policy::Strict);
+        assert_eq!(v.policy, PlacementPolicy::Strict);
         assert_eq!(v.servers[0].fingerprint.hex(), "ab".repeat(32));
     }
 
     #[test]
     fn bad_configs_name_the_field() {
-        let mut c = VeilConfig::new("m", vec![server()]);
-        c.policy = "obfuscated-ish".into();
-        assert!(message(c.validate().unwrap_err()).contains("unknown policy `obfuscated-ish`"));
-
         let c = VeilConfig::new("m", vec![]);
         assert!(message(c.validate().unwrap_err()).contains("needs at least one shard server"));
         let mut local = VeilConfig::new("m", vec![]);
-        local.policy = "local".into();
+        local.policy = Policy::Local;
         assert!(local.validate().is_ok());
 
         let mut s = server();
@@ -409,29 +482,53 @@ mod tests {
         );
 
         let mut c = VeilConfig::new("m", vec![server()]);
-        c.wire = "f8".into();
-        assert!(message(c.validate().unwrap_err()).contains("f8"));
-        let mut c = VeilConfig::new("m", vec![server()]);
         c.zstd_level = 40;
         assert!(message(c.validate().unwrap_err()).contains("zstd_level"));
         let mut c = VeilConfig::new("m", vec![server()]);
-        c.compress = "int3".into();
-        assert!(message(c.validate().unwrap_err()).contains("unknown codec `int3`"));
-        c.compress = "residual-sign".into();
+        c.codec = WireCodec::ResidualSign;
         c.stale_sync = true;
         let v = c.validate().expect("strict with a codec and stale sync");
         assert_eq!(v.codec, ShardCodec::ResidualSign);
-        c.policy = "ppidm".into();
+        c.policy = Policy::Ppidm;
+        c.allow_research_policies = true;
         assert!(message(c.validate().unwrap_err()).contains("stale_sync needs the strict"));
         let mut c = VeilConfig::new("m", vec![server()]);
         c.defaults.steps = 0;
         assert!(message(c.validate().unwrap_err()).contains("steps"));
         let mut c = VeilConfig::new("m", vec![server()]);
-        c.defaults.scheduler = "plms".into();
-        assert!(message(c.validate().unwrap_err()).contains("plms"));
-        let mut c = VeilConfig::new("m", vec![server()]);
         c.request_timeout_seconds = 0.0;
         assert!(message(c.validate().unwrap_err()).contains("request_timeout_seconds"));
+    }
+
+    #[test]
+    fn research_policies_need_the_opt_in() {
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.policy = Policy::Ppidm;
+        let m = message(c.validate().unwrap_err());
+        assert!(
+            m.contains("research only") && m.contains("allow_research_policies"),
+            "{m}"
+        );
+        c.allow_research_policies = true;
+        assert!(matches!(
+            c.validate().unwrap().policy,
+            PlacementPolicy::Ppidm { .. }
+        ));
+    }
+
+    #[test]
+    fn obfuscated_takes_one_server_or_one_tenant() {
+        let mut c = VeilConfig::new("m", vec![server()]);
+        c.policy = Policy::Obfuscated;
+        assert_eq!(c.validate().unwrap().policy, PlacementPolicy::Obfuscated);
+        c.servers.push(server());
+        assert!(message(c.validate().unwrap_err()).contains("one full-model server"));
+        for s in &mut c.servers {
+            s.tenant = Some("a".into());
+        }
+        assert!(c.validate().is_ok());
+        c.obfuscation.k_max = 0;
+        assert!(message(c.validate().unwrap_err()).contains("k_max"));
     }
 
     #[test]

@@ -6,23 +6,24 @@ use crate::transport::TransportError;
 use crate::vocab::error::Error;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Error))]
 pub enum VeilError {
     /// The configuration is wrong (unknown policy, no servers, malformed fingerprint, …);
     /// nothing was loaded or sent.
-    #[error("invalid configuration: {message}")]
-    InvalidConfig { message: String },
+    #[error("invalid configuration: {detail}")]
+    InvalidConfig { detail: String },
     /// The model folder is missing, incomplete or not a diffusers Stable Diffusion folder.
-    #[error("cannot load the model: {message}")]
-    ModelLoad { message: String },
+    #[error("cannot load the model: {detail}")]
+    ModelLoad { detail: String },
     /// The request cannot be served as asked (size not a multiple of 8, zero steps, …).
-    #[error("invalid request: {message}")]
-    InvalidRequest { message: String },
+    #[error("invalid request: {detail}")]
+    InvalidRequest { detail: String },
     /// No answer from the server at all.
-    #[error("server {server} ({address}) unreachable: {message}")]
+    #[error("server {server} ({address}) unreachable: {detail}")]
     Unreachable {
         server: u32,
         address: String,
-        message: String,
+        detail: String,
     },
     /// The server refused the tenant token.
     #[error("server {server} ({address}) refused the token")]
@@ -39,18 +40,18 @@ pub enum VeilError {
     #[error("server {server} ({address}) holds a different model")]
     ModelMismatch { server: u32, address: String },
     /// The server answered with an error, or speaks another protocol version.
-    #[error("server {server} ({address}) failed: {message}")]
+    #[error("server {server} ({address}) failed: {detail}")]
     ServerFailed {
         server: u32,
         address: String,
-        message: String,
+        detail: String,
     },
     /// An established connection ended mid-generation (server crashed or link lost).
-    #[error("server {server} ({address}) connection lost: {message}")]
+    #[error("server {server} ({address}) connection lost: {detail}")]
     ConnectionLost {
         server: u32,
         address: String,
-        message: String,
+        detail: String,
     },
     /// A request to the server took longer than the configured timeout.
     #[error("server {server} ({address}) timed out after {seconds:.1} s")]
@@ -62,21 +63,41 @@ pub enum VeilError {
     /// The caller cancelled (through its `CancelHandle`).
     #[error("cancelled")]
     Cancelled,
-    /// A bug or an impossible state inside Veil; the message is for a bug report.
-    #[error("internal error: {message}")]
-    Internal { message: String },
+    /// A bug or an impossible state inside Veil; the detail is for a bug report.
+    #[error("internal error: {detail}")]
+    Internal { detail: String },
+}
+
+#[cfg_attr(feature = "uniffi", uniffi::export)]
+impl VeilError {
+    /// A sentence for the user (the same text as `Display`).
+    pub fn describe(&self) -> String {
+        self.to_string()
+    }
+
+    /// Whether trying the same generation again may succeed (a server unreachable, busy, lost
+    /// or slow); false for what needs a change first (config, token, certificate, model).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::ServerFailed { .. }
+                | Self::ConnectionLost { .. }
+                | Self::Timeout { .. }
+        )
+    }
 }
 
 impl VeilError {
-    pub(crate) fn config(message: impl Into<String>) -> Self {
+    pub(crate) fn config(detail: impl Into<String>) -> Self {
         VeilError::InvalidConfig {
-            message: message.into(),
+            detail: detail.into(),
         }
     }
 
-    pub(crate) fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(detail: impl Into<String>) -> Self {
         VeilError::Internal {
-            message: message.into(),
+            detail: detail.into(),
         }
     }
 
@@ -84,13 +105,16 @@ impl VeilError {
     /// names that server's address, not a placeholder.
     pub(crate) fn from_generation(e: Error, addresses: &[String]) -> Self {
         match e {
-            Error::Backend { backend, message } => VeilError::ServerFailed {
+            Error::Backend {
+                backend,
+                message: detail,
+            } => VeilError::ServerFailed {
                 server: index(backend),
                 address: addresses
                     .get(backend)
                     .cloned()
                     .unwrap_or_else(|| "in-process".into()),
-                message,
+                detail,
             },
             other => other.into(),
         }
@@ -108,7 +132,7 @@ impl VeilError {
             | Error::Tokenizer(_)
             | Error::Unsupported(_)
             | Error::Tensor(_) => VeilError::ModelLoad {
-                message: e.to_string(),
+                detail: e.to_string(),
             },
             other => VeilError::from(other),
         }
@@ -125,11 +149,11 @@ impl From<TransportError> for VeilError {
             TransportError::Unreachable {
                 server,
                 address,
-                message,
+                message: detail,
             } => VeilError::Unreachable {
                 server: index(server),
                 address,
-                message,
+                detail,
             },
             TransportError::AuthFailed { server, address } => VeilError::AuthFailed {
                 server: index(server),
@@ -155,16 +179,16 @@ impl From<TransportError> for VeilError {
             TransportError::Protocol {
                 server,
                 address,
-                message,
+                message: detail,
             }
             | TransportError::ServerError {
                 server,
                 address,
-                message,
+                message: detail,
             } => VeilError::ServerFailed {
                 server: index(server),
                 address,
-                message,
+                detail,
             },
             TransportError::Timeout {
                 server,
@@ -178,11 +202,11 @@ impl From<TransportError> for VeilError {
             TransportError::ConnectionLost {
                 server,
                 address,
-                message,
+                message: detail,
             } => VeilError::ConnectionLost {
                 server: index(server),
                 address,
-                message,
+                detail,
             },
         }
     }
@@ -201,20 +225,23 @@ impl From<Error> for VeilError {
             Error::Cancelled => VeilError::Cancelled,
             Error::Transport(t) => t.into(),
             Error::Resolution { .. } | Error::InvalidArgument(_) => VeilError::InvalidRequest {
-                message: e.to_string(),
+                detail: e.to_string(),
             },
             Error::TooManyBackends { .. } => VeilError::InvalidConfig {
-                message: e.to_string(),
+                detail: e.to_string(),
             },
-            Error::Backend { backend, message } => VeilError::ServerFailed {
+            Error::Backend {
+                backend,
+                message: detail,
+            } => VeilError::ServerFailed {
                 server: index(backend),
                 address: "in-process".into(),
-                message,
+                detail,
             },
             other => {
                 tracing::warn!(error = %other, "internal error");
                 VeilError::Internal {
-                    message: other.to_string(),
+                    detail: other.to_string(),
                 }
             }
         }

@@ -243,27 +243,11 @@ typedef void (*UniffiForeignFutureCompleteVoid)(uint64_t, UniffiForeignFutureRes
     );
 
 #endif
-#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_PROGRESS_LISTENER_METHOD0
-#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_PROGRESS_LISTENER_METHOD0
-typedef void (*UniffiCallbackInterfaceProgressListenerMethod0)(uint64_t, uint32_t, uint32_t, void* _Nonnull, 
-        RustCallStatus *_Nonnull uniffiCallStatus
-    );
-
-#endif
 #ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
 #define UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
 typedef void (*UniffiCallbackInterfaceLogSinkMethod0)(uint64_t, RustBuffer, RustBuffer, RustBuffer, void* _Nonnull, 
         RustCallStatus *_Nonnull uniffiCallStatus
     );
-
-#endif
-#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_PROGRESS_LISTENER
-#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_PROGRESS_LISTENER
-typedef struct UniffiVTableCallbackInterfaceProgressListener {
-    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
-    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
-    UniffiCallbackInterfaceProgressListenerMethod0 _Nonnull onProgress;
-} UniffiVTableCallbackInterfaceProgressListener;
 
 #endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOG_SINK
@@ -299,26 +283,6 @@ void uniffi_veil_ffi_fn_method_cancelhandle_cancel(uint64_t ptr, RustCallStatus 
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_CANCELHANDLE_IS_CANCELLED
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_CANCELHANDLE_IS_CANCELLED
 int8_t uniffi_veil_ffi_fn_method_cancelhandle_is_cancelled(uint64_t ptr, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_CLONE_PROGRESSLISTENER
-#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_CLONE_PROGRESSLISTENER
-uint64_t uniffi_veil_ffi_fn_clone_progresslistener(uint64_t handle, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FREE_PROGRESSLISTENER
-#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FREE_PROGRESSLISTENER
-void uniffi_veil_ffi_fn_free_progresslistener(uint64_t handle, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_INIT_CALLBACK_VTABLE_PROGRESSLISTENER
-#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_INIT_CALLBACK_VTABLE_PROGRESSLISTENER
-void uniffi_veil_ffi_fn_init_callback_vtable_progresslistener(const UniffiVTableCallbackInterfaceProgressListener* _Nonnull vtable
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_PROGRESSLISTENER_ON_PROGRESS
-#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_PROGRESSLISTENER_ON_PROGRESS
-void uniffi_veil_ffi_fn_method_progresslistener_on_progress(uint64_t ptr, uint32_t step, uint32_t total, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_CLONE_VEILCLIENT
@@ -364,16 +328,6 @@ void uniffi_veil_ffi_fn_init_callback_vtable_logsink(const UniffiVTableCallbackI
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_LOGSINK_LOG
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_LOGSINK_LOG
 void uniffi_veil_ffi_fn_method_logsink_log(uint64_t ptr, RustBuffer level, RustBuffer target, RustBuffer message, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_DESCRIBE
-#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_DESCRIBE
-RustBuffer uniffi_veil_ffi_fn_method_veilerror_describe(RustBuffer ptr, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_IS_RETRYABLE
-#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_METHOD_VEILERROR_IS_RETRYABLE
-int8_t uniffi_veil_ffi_fn_method_veilerror_is_retryable(RustBuffer ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_FN_FUNC_PARSE_SERVER_LIST
@@ -690,12 +644,6 @@ uint16_t uniffi_veil_ffi_checksum_method_cancelhandle_cancel(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_CANCELHANDLE_IS_CANCELLED
 #define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_CANCELHANDLE_IS_CANCELLED
 uint16_t uniffi_veil_ffi_checksum_method_cancelhandle_is_cancelled(void
-    
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_PROGRESSLISTENER_ON_PROGRESS
-#define UNIFFI_FFIDEF_UNIFFI_VEIL_FFI_CHECKSUM_METHOD_PROGRESSLISTENER_ON_PROGRESS
-uint16_t uniffi_veil_ffi_checksum_method_progresslistener_on_progress(void
     
 );
 #endif

@@ -3,17 +3,25 @@
 // the JVM by CI (android/jvm-test).
 package dev.veil
 
+import dev.veil.core.Device
+import dev.veil.core.GeneratedImage
+import dev.veil.core.GenerationDefaults
+import dev.veil.core.GenerationOptions
+import dev.veil.core.ObfuscationConfig
+import dev.veil.core.Policy
+import dev.veil.core.Preview
+import dev.veil.core.ProgressListener
+import dev.veil.core.Scheduler
+import dev.veil.core.ServerConfig
+import dev.veil.core.VeilConfig
+import dev.veil.core.WireCodec
+import dev.veil.core.WireFormat
 import dev.veil.ffi.CancelHandle
-import dev.veil.ffi.GeneratedImage
-import dev.veil.ffi.GenerationDefaults
-import dev.veil.ffi.GenerationOptions
-import dev.veil.ffi.ProgressListener
-import dev.veil.ffi.ServerConfig
 import dev.veil.ffi.VeilClient
-import dev.veil.ffi.VeilConfig
 import dev.veil.ffi.LogLevel
 import dev.veil.ffi.LogSink
 import dev.veil.ffi.parseServerList
+import dev.veil.ffi.readServerList
 import dev.veil.ffi.setLogSink
 import kotlinx.coroutines.CancellationException
 import kotlinx.coroutines.Dispatchers
@@ -22,9 +30,27 @@ import kotlinx.coroutines.flow.Flow
 import kotlinx.coroutines.flow.channelFlow
 import kotlinx.coroutines.withContext
 
-/** Where a generation is: [step] of [total] denoising steps done. */
-data class Progress(val step: Int, val total: Int) {
+/**
+ * Where a generation is: [step] of [total] denoising steps done, with a [preview] (a PNG of the
+ * latents projected to RGB, 1/8 of the image's size) on the steps
+ * [Veil.options]`(previewEverySteps = N)` asks for.
+ */
+data class Progress(val step: Int, val total: Int, val preview: Preview? = null) {
     val fraction: Float get() = if (total == 0) 0f else step.toFloat() / total
+}
+
+/** The preview's size in pixels. */
+val Preview.size: Pair<Int, Int> get() = width.toInt() to height.toInt()
+
+/** The image's size in pixels. */
+val GeneratedImage.size: Pair<Int, Int> get() = width.toInt() to height.toInt()
+
+/** The seed the image was made with, as a Kotlin Long (pass it back to reproduce it). */
+val GeneratedImage.seedLong: Long get() = seed.toLong()
+
+private fun nonNegative(name: String, v: Int?): UInt? {
+    require(v == null || v >= 0) { "$name must be ≥ 0, got $v" }
+    return v?.toUInt()
 }
 
 /** What [Veil.generateFlow] emits: progress after every step, then the image. */
@@ -35,9 +61,10 @@ sealed interface GenerationEvent {
 
 /**
  * A Veil client: the model is loaded once by [create]; [generate] may then run any number of
- * times, concurrently too. Failures are [dev.veil.ffi.VeilException] subclasses (InvalidConfig,
- * ModelLoad, AuthFailed, CertificateMismatch, Cancelled, …); `e.describe()` is a sentence for the
- * user and `e.isRetryable()` says whether trying again may help.
+ * times, concurrently too. Failures are [dev.veil.core.VeilException] subclasses (InvalidConfig,
+ * ModelLoad, AuthFailed, CertificateMismatch, Cancelled, …); `e.message` is a sentence for the
+ * user and `e.isRetryable()` says whether trying again may help. The result's `privacy` says
+ * what each server received.
  */
 class Veil private constructor(private val client: VeilClient) : AutoCloseable {
     companion object {
@@ -47,9 +74,12 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
 
         /**
          * The servers of a server list: `servers.toml` text (the format `veil --server-list`
-         * reads; JSON of the same schema too). Throws [dev.veil.ffi.VeilException.InvalidConfig].
+         * reads; JSON of the same schema too). Throws [dev.veil.core.VeilException.InvalidConfig].
          */
         fun servers(serversToml: String): List<ServerConfig> = parseServerList(serversToml)
+
+        /** The servers of a `servers.toml` (or JSON) file; a relative `token_file` is resolved against its folder. */
+        fun serversFromFile(path: String): List<ServerConfig> = readServerList(path)
 
         /**
          * Forwards Veil's log lines at [level] and above to [onLog] (from Veil's threads; null:
@@ -65,23 +95,95 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
                 level,
             )
 
-        /** A config with the recommended settings (strict placement, f32 wire). */
+        /**
+         * A config with the recommended settings: [Policy.STRICT], f32 on the wire, no lossy
+         * codec. [Policy.PPIDM] is research only and needs `allowResearchPolicies = true`.
+         */
         fun config(
             modelDir: String,
             servers: List<ServerConfig>,
-            policy: String = "strict",
-            defaults: GenerationDefaults = GenerationDefaults(),
-        ): VeilConfig = VeilConfig(modelDir = modelDir, servers = servers, policy = policy, defaults = defaults)
+            policy: Policy = Policy.STRICT,
+            steps: Int = 30,
+            guidance: Double = 5.0,
+            scheduler: Scheduler = Scheduler.DDIM,
+            width: Int? = null,
+            height: Int? = null,
+            wire: WireFormat = WireFormat.F32,
+            codec: WireCodec = WireCodec.EXACT,
+            device: Device = Device.AUTO,
+            obfuscation: ObfuscationConfig = obfuscation(),
+            obfuscationKeyFile: String? = null,
+            allowResearchPolicies: Boolean = false,
+        ): VeilConfig = VeilConfig(
+            modelDir = modelDir,
+            servers = servers,
+            policy = policy,
+            allowResearchPolicies = allowResearchPolicies,
+            wire = wire,
+            codec = codec,
+            defaults = GenerationDefaults(
+                steps = nonNegative("steps", steps)!!,
+                guidance = guidance,
+                width = nonNegative("width", width),
+                height = nonNegative("height", height),
+                scheduler = scheduler,
+            ),
+            obfuscationKeyFile = obfuscationKeyFile,
+            obfuscation = obfuscation,
+            device = device,
+        )
+
+        /**
+         * The `obfuscated` policy's settings: [serverSteps] (k; null: half the steps), [kMax]
+         * candidate prompts at most, an optional device U-Net folder for the late steps, extra
+         * attribute lexicons (TOML/JSON files) and whether the built-in one is used.
+         */
+        fun obfuscation(
+            serverSteps: Int? = null,
+            kMax: Int = 8,
+            deviceModelDir: String? = null,
+            lexiconFiles: List<String> = emptyList(),
+            builtinLexicon: Boolean = true,
+        ): ObfuscationConfig = ObfuscationConfig(
+            serverSteps = nonNegative("serverSteps", serverSteps),
+            kMax = nonNegative("kMax", kMax)!!,
+            deviceModelDir = deviceModelDir,
+            lexiconFiles = lexiconFiles,
+            builtinLexicon = builtinLexicon,
+        )
+
+        /** Per-call options in Kotlin numbers; every null takes the client's default (a null seed: a random one). */
+        fun options(
+            steps: Int? = null,
+            seed: Long? = null,
+            guidance: Double? = null,
+            width: Int? = null,
+            height: Int? = null,
+            scheduler: Scheduler? = null,
+            negativePrompt: String? = null,
+            previewEverySteps: Int? = null,
+            reuseAttentionFrom: Int? = null,
+        ): GenerationOptions = GenerationOptions(
+            negativePrompt = negativePrompt,
+            steps = nonNegative("steps", steps),
+            guidance = guidance,
+            seed = seed?.toULong(),
+            width = nonNegative("width", width),
+            height = nonNegative("height", height),
+            scheduler = scheduler,
+            reuseAttentionFrom = nonNegative("reuseAttentionFrom", reuseAttentionFrom),
+            previewEverySteps = nonNegative("previewEverySteps", previewEverySteps),
+        )
     }
 
     /** The placement policy in use. */
-    val policy: String get() = client.policy()
+    val policy: Policy get() = client.policy()
 
     /**
      * Generates one image. [onProgress] runs after every step on a Veil thread (post to your UI
      * thread yourself). Cancelling the calling coroutine, or [cancel] when given, stops the
      * generation before its next step: the coroutine way throws [CancellationException], the
-     * handle way [dev.veil.ffi.VeilException.Cancelled].
+     * handle way [dev.veil.core.VeilException.Cancelled].
      */
     suspend fun generate(
         prompt: String,
@@ -92,7 +194,8 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
         val handle = cancel ?: CancelHandle()
         val listener = onProgress?.let { callback ->
             object : ProgressListener {
-                override fun onProgress(step: UInt, total: UInt) = callback(Progress(step.toInt(), total.toInt()))
+                override fun onProgress(step: UInt, total: UInt, preview: Preview?) =
+                    callback(Progress(step.toInt(), total.toInt(), preview))
             }
         }
         try {

@@ -30,6 +30,20 @@ import java.nio.CharBuffer
 import java.nio.charset.CodingErrorAction
 import java.util.concurrent.atomic.AtomicLong
 import java.util.concurrent.ConcurrentHashMap
+import dev.veil.core.FfiConverterTypeGeneratedImage
+import dev.veil.core.FfiConverterTypeGenerationOptions
+import dev.veil.core.FfiConverterTypePolicy
+import dev.veil.core.FfiConverterTypeProgressListener
+import dev.veil.core.FfiConverterTypeServerConfig
+import dev.veil.core.FfiConverterTypeVeilConfig
+import dev.veil.core.FfiConverterTypeVeilError
+import dev.veil.core.GeneratedImage
+import dev.veil.core.GenerationOptions
+import dev.veil.core.Policy
+import dev.veil.core.ProgressListener
+import dev.veil.core.ServerConfig
+import dev.veil.core.VeilConfig
+import dev.veil.core.VeilException
 import java.util.concurrent.atomic.AtomicBoolean
 import kotlin.coroutines.resume
 import kotlinx.coroutines.CancellableContinuation
@@ -38,6 +52,13 @@ import kotlinx.coroutines.GlobalScope
 import kotlinx.coroutines.Job
 import kotlinx.coroutines.launch
 import kotlinx.coroutines.suspendCancellableCoroutine
+import dev.veil.core.RustBuffer as RustBufferGeneratedImage
+import dev.veil.core.RustBuffer as RustBufferGenerationOptions
+import dev.veil.core.RustBuffer as RustBufferPolicy
+import dev.veil.core.RustBuffer as RustBufferProgressListener
+import dev.veil.core.RustBuffer as RustBufferServerConfig
+import dev.veil.core.RustBuffer as RustBufferVeilConfig
+import dev.veil.core.RustBuffer as RustBufferVeilError
 
 // This is a helper for safely working with byte buffers returned from the Rust code.
 // A rust-owned buffer is represented by its capacity, its current length, and a
@@ -657,30 +678,8 @@ internal open class UniffiForeignFutureResultVoid(
 internal interface UniffiForeignFutureCompleteVoid : com.sun.jna.Callback {
     fun callback(`callbackData`: Long,`result`: UniffiForeignFutureResultVoid.UniffiByValue,)
 }
-internal interface UniffiCallbackInterfaceProgressListenerMethod0 : com.sun.jna.Callback {
-    fun callback(`uniffiHandle`: Long,`step`: Int,`total`: Int,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
-}
 internal interface UniffiCallbackInterfaceLogSinkMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
-}
-@Structure.FieldOrder("uniffiFree", "uniffiClone", "onProgress")
-internal open class UniffiVTableCallbackInterfaceProgressListener(
-    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
-    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
-    @JvmField internal var `onProgress`: UniffiCallbackInterfaceProgressListenerMethod0? = null,
-) : Structure() {
-    class UniffiByValue(
-        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
-        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
-        `onProgress`: UniffiCallbackInterfaceProgressListenerMethod0? = null,
-    ): UniffiVTableCallbackInterfaceProgressListener(`uniffiFree`,`uniffiClone`,`onProgress`,), Structure.ByValue
-
-   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceProgressListener) {
-        `uniffiFree` = other.`uniffiFree`
-        `uniffiClone` = other.`uniffiClone`
-        `onProgress` = other.`onProgress`
-    }
-
 }
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "log")
 internal open class UniffiVTableCallbackInterfaceLogSink(
@@ -737,8 +736,6 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_veil_ffi_checksum_method_cancelhandle_is_cancelled(
     ): Int
-    external fun uniffi_veil_ffi_checksum_method_progresslistener_on_progress(
-    ): Int
     external fun uniffi_veil_ffi_checksum_method_veilclient_generate(
     ): Int
     external fun uniffi_veil_ffi_checksum_method_veilclient_policy(
@@ -766,7 +763,7 @@ internal object UniffiLib {
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "veil_ffi"))
         uniffiCallbackInterfaceLogSink.register(this)
-        uniffiCallbackInterfaceProgressListener.register(this)
+        dev.veil.core.uniffiEnsureInitialized()
         
     }
 
@@ -781,24 +778,16 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_veil_ffi_fn_method_cancelhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Byte
-    external fun uniffi_veil_ffi_fn_clone_progresslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_veil_ffi_fn_free_progresslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_veil_ffi_fn_init_callback_vtable_progresslistener(`vtable`: UniffiVTableCallbackInterfaceProgressListener,
-    ): Unit
-    external fun uniffi_veil_ffi_fn_method_progresslistener_on_progress(`ptr`: Long,`step`: Int,`total`: Int,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
     external fun uniffi_veil_ffi_fn_clone_veilclient(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_veil_ffi_fn_free_veilclient(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
-    external fun uniffi_veil_ffi_fn_constructor_veilclient_new(`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_veil_ffi_fn_constructor_veilclient_new(`config`: RustBufferVeilConfig.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
-    external fun uniffi_veil_ffi_fn_method_veilclient_generate(`ptr`: Long,`prompt`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,`listener`: RustBuffer.ByValue,`cancel`: RustBuffer.ByValue,
+    external fun uniffi_veil_ffi_fn_method_veilclient_generate(`ptr`: Long,`prompt`: RustBuffer.ByValue,`options`: RustBufferGenerationOptions.ByValue,`listener`: RustBuffer.ByValue,`cancel`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_veil_ffi_fn_method_veilclient_policy(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): RustBuffer.ByValue
+    ): RustBufferPolicy.ByValue
     external fun uniffi_veil_ffi_fn_clone_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_veil_ffi_fn_free_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -807,10 +796,6 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_veil_ffi_fn_method_logsink_log(`ptr`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
-    external fun uniffi_veil_ffi_fn_method_veilerror_describe(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): RustBuffer.ByValue
-    external fun uniffi_veil_ffi_fn_method_veilerror_is_retryable(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): Byte
     external fun uniffi_veil_ffi_fn_func_parse_server_list(`text`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_veil_ffi_fn_func_read_server_list(`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1166,98 +1151,6 @@ private class JavaLangRefCleanable(
 /**
  * @suppress
  */
-public object FfiConverterUInt: FfiConverter<UInt, Int> {
-    override fun lift(value: Int): UInt {
-        return value.toUInt()
-    }
-
-    override fun read(buf: ByteBuffer): UInt {
-        return lift(buf.getInt())
-    }
-
-    override fun lower(value: UInt): Int {
-        return value.toInt()
-    }
-
-    override fun allocationSize(value: UInt) = 4UL
-
-    override fun write(value: UInt, buf: ByteBuffer) {
-        buf.putInt(value.toInt())
-    }
-}
-
-/**
- * @suppress
- */
-public object FfiConverterInt: FfiConverter<Int, Int> {
-    override fun lift(value: Int): Int {
-        return value
-    }
-
-    override fun read(buf: ByteBuffer): Int {
-        return buf.getInt()
-    }
-
-    override fun lower(value: Int): Int {
-        return value
-    }
-
-    override fun allocationSize(value: Int) = 4UL
-
-    override fun write(value: Int, buf: ByteBuffer) {
-        buf.putInt(value)
-    }
-}
-
-/**
- * @suppress
- */
-public object FfiConverterULong: FfiConverter<ULong, Long> {
-    override fun lift(value: Long): ULong {
-        return value.toULong()
-    }
-
-    override fun read(buf: ByteBuffer): ULong {
-        return lift(buf.getLong())
-    }
-
-    override fun lower(value: ULong): Long {
-        return value.toLong()
-    }
-
-    override fun allocationSize(value: ULong) = 8UL
-
-    override fun write(value: ULong, buf: ByteBuffer) {
-        buf.putLong(value.toLong())
-    }
-}
-
-/**
- * @suppress
- */
-public object FfiConverterDouble: FfiConverter<Double, Double> {
-    override fun lift(value: Double): Double {
-        return value
-    }
-
-    override fun read(buf: ByteBuffer): Double {
-        return buf.getDouble()
-    }
-
-    override fun lower(value: Double): Double {
-        return value
-    }
-
-    override fun allocationSize(value: Double) = 8UL
-
-    override fun write(value: Double, buf: ByteBuffer) {
-        buf.putDouble(value)
-    }
-}
-
-/**
- * @suppress
- */
 public object FfiConverterBoolean: FfiConverter<Boolean, Byte> {
     override fun lift(value: Byte): Boolean {
         return value.toInt() != 0
@@ -1332,25 +1225,6 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
         val byteBuf = toUtf8(value)
         buf.putInt(byteBuf.limit())
         buf.put(byteBuf)
-    }
-}
-
-/**
- * @suppress
- */
-public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
-    override fun read(buf: ByteBuffer): ByteArray {
-        val len = buf.getInt()
-        val byteArr = ByteArray(len)
-        buf.get(byteArr)
-        return byteArr
-    }
-    override fun allocationSize(value: ByteArray): ULong {
-        return 4UL + value.size.toULong()
-    }
-    override fun write(value: ByteArray, buf: ByteBuffer) {
-        buf.putInt(value.size)
-        buf.put(value)
     }
 }
 
@@ -2065,325 +1939,6 @@ public object FfiConverterTypeLogSink: FfiConverter<LogSink, Long> {
 
 
 /**
- * Told after every denoising step, from a Veil worker thread (hop to the UI thread yourself).
- */
-public interface ProgressListener {
-    
-    fun `onProgress`(`step`: kotlin.UInt, `total`: kotlin.UInt)
-    
-    companion object
-}
-
-/**
- * Told after every denoising step, from a Veil worker thread (hop to the UI thread yourself).
- */
-open class ProgressListenerImpl: Disposable, AutoCloseable, ProgressListener
-{
-
-    @Suppress("UNUSED_PARAMETER")
-    /**
-     * @suppress
-     */
-    constructor(withHandle: UniffiWithHandle, handle: Long) {
-        this.handle = handle
-        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
-    }
-
-    /**
-     * @suppress
-     *
-     * This constructor can be used to instantiate a fake object. Only used for tests. Any
-     * attempt to actually use an object constructed this way will fail as there is no
-     * connected Rust object.
-     */
-    @Suppress("UNUSED_PARAMETER")
-    constructor(noHandle: NoHandle) {
-        this.handle = 0
-        this.cleanable = null
-    }
-
-    protected val handle: Long
-    protected val cleanable: UniffiCleaner.Cleanable?
-
-    private val wasDestroyed = AtomicBoolean(false)
-    private val callCounter = AtomicLong(1)
-
-    /**
-     * Whether the current object has been destroyed and its reference is gone in the Rust side.
-     */
-    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
-
-    override fun destroy() {
-        // Only allow a single call to this method.
-        // TODO: maybe we should log a warning if called more than once?
-        if (this.wasDestroyed.compareAndSet(false, true)) {
-            // This decrement always matches the initial count of 1 given at creation time.
-            if (this.callCounter.decrementAndGet() == 0L) {
-                cleanable?.clean()
-            }
-        }
-    }
-
-    @Synchronized
-    override fun close() {
-        this.destroy()
-    }
-
-    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
-        // Check and increment the call counter, to keep the object alive.
-        // This needs a compare-and-set retry loop in case of concurrent updates.
-        do {
-            val c = this.callCounter.get()
-            if (c == 0L) {
-                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
-            }
-            if (c == Long.MAX_VALUE) {
-                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
-            }
-        } while (! this.callCounter.compareAndSet(c, c + 1L))
-        // Now we can safely do the method call without the handle being freed concurrently.
-        try {
-            return block(this.uniffiCloneHandle())
-        } finally {
-            // This decrement always matches the increment we performed above.
-            if (this.callCounter.decrementAndGet() == 0L) {
-                cleanable?.clean()
-            }
-        }
-    }
-
-    // Use a static inner class instead of a closure so as not to accidentally
-    // capture `this` as part of the cleanable's action.
-    private class UniffiCleanAction(private val handle: Long) : Runnable {
-        override fun run() {
-            if (handle == 0.toLong()) {
-                // Fake object created with `NoHandle`, don't try to free.
-                return;
-            }
-            uniffiRustCall { status ->
-                UniffiLib.uniffi_veil_ffi_fn_free_progresslistener(handle, status)
-            }
-        }
-    }
-
-    /**
-     * @suppress
-     */
-    fun uniffiCloneHandle(): Long {
-        if (handle == 0.toLong()) {
-            throw InternalException("uniffiCloneHandle() called on NoHandle object");
-        }
-        return uniffiRustCall() { status ->
-            UniffiLib.uniffi_veil_ffi_fn_clone_progresslistener(handle, status)
-        }
-    }
-
-    override fun `onProgress`(`step`: kotlin.UInt, `total`: kotlin.UInt)
-        = 
-    callWithHandle {
-    uniffiRustCall() { _status ->
-    UniffiLib.uniffi_veil_ffi_fn_method_progresslistener_on_progress(
-        it,
-        
-        FfiConverterUInt.lower(`step`),
-        FfiConverterUInt.lower(`total`),_status)
-}
-    }
-    
-    
-
-    
-
-    
-
-
-    
-    
-    /**
-     * @suppress
-     */
-    companion object
-    
-}
-
-
-
-// Put the implementation in an object so we don't pollute the top-level namespace
-internal object uniffiCallbackInterfaceProgressListener {
-    internal object `onProgress`: UniffiCallbackInterfaceProgressListenerMethod0 {
-        override fun callback(`uniffiHandle`: Long,`step`: Int,`total`: Int,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
-            val uniffiObj = FfiConverterTypeProgressListener.handleMap.get(uniffiHandle)
-            val makeCall = { ->
-                uniffiObj.`onProgress`(
-                    FfiConverterUInt.lift(`step`),
-                    FfiConverterUInt.lift(`total`),
-                )
-            }
-            val writeReturn = { _: Unit -> Unit }
-            uniffiTraitInterfaceCall(uniffiCallStatus, makeCall, writeReturn)
-        }
-    }
-
-    internal object uniffiFree: UniffiCallbackInterfaceFree {
-        override fun callback(handle: Long) {
-            FfiConverterTypeProgressListener.handleMap.remove(handle)
-        }
-    }
-
-    internal object uniffiClone: UniffiCallbackInterfaceClone {
-        override fun callback(handle: Long): Long {
-            return FfiConverterTypeProgressListener.handleMap.clone(handle)
-        }
-    }
-
-    internal var vtable = UniffiVTableCallbackInterfaceProgressListener.UniffiByValue(
-        uniffiFree,
-        uniffiClone,
-        `onProgress`,
-    )
-
-    // Registers the foreign callback with the Rust side.
-    // This method is generated for each callback interface.
-    internal fun register(lib: UniffiLib) {
-        lib.uniffi_veil_ffi_fn_init_callback_vtable_progresslistener(vtable)
-    }
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeProgressListener: FfiConverter<ProgressListener, Long> {
-    internal val handleMap = UniffiHandleMap<ProgressListener>()
-
-    override fun lower(value: ProgressListener): Long {
-        if (value is ProgressListenerImpl) {
-             // Rust-implemented object.  Clone the handle and return it
-            return value.uniffiCloneHandle()
-         } else {
-            // Kotlin object, generate a new vtable handle and return that.
-            return handleMap.insert(value)
-         }
-    }
-
-    override fun lift(value: Long): ProgressListener {
-        if ((value and 1.toLong()) == 0.toLong()) {
-            // Rust-generated handle, construct a new class that uses the handle to implement the
-            // interface
-            return ProgressListenerImpl(UniffiWithHandle, value)
-        } else {
-            // Kotlin-generated handle, get the object from the handle map
-            return handleMap.remove(value)
-        }
-    }
-
-    override fun read(buf: ByteBuffer): ProgressListener {
-        return lift(buf.getLong())
-    }
-
-    override fun allocationSize(value: ProgressListener) = 8UL
-
-    override fun write(value: ProgressListener, buf: ByteBuffer) {
-        buf.putLong(lower(value))
-    }
-}
-
-
-// This template implements a class for working with a Rust struct via a handle
-// to the live Rust struct on the other side of the FFI.
-//
-// There's some subtlety here, because we have to be careful not to operate on a Rust
-// struct after it has been dropped, and because we must expose a public API for freeing
-// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
-//
-//   * Each instance holds an opaque handle to the underlying Rust struct.
-//     Method calls need to read this handle from the object's state and pass it in to
-//     the Rust FFI.
-//
-//   * When an instance is no longer needed, its handle should be passed to a
-//     special destructor function provided by the Rust FFI, which will drop the
-//     underlying Rust struct.
-//
-//   * Given an instance, calling code is expected to call the special
-//     `destroy` method in order to free it after use, either by calling it explicitly
-//     or by using a higher-level helper like the `use` method. Failing to do so risks
-//     leaking the underlying Rust struct.
-//
-//   * We can't assume that calling code will do the right thing, and must be prepared
-//     to handle Kotlin method calls executing concurrently with or even after a call to
-//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
-//
-//   * We must never allow Rust code to operate on the underlying Rust struct after
-//     the destructor has been called, and must never call the destructor more than once.
-//     Doing so may trigger memory unsafety.
-//
-//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
-//     is implemented to call the destructor when the Kotlin object becomes unreachable.
-//     This is done in a background thread. This is not a panacea, and client code should be aware that
-//      1. the thread may starve if some there are objects that have poorly performing
-//     `drop` methods or do significant work in their `drop` methods.
-//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
-//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
-//
-// If we try to implement this with mutual exclusion on access to the handle, there is the
-// possibility of a race between a method call and a concurrent call to `destroy`:
-//
-//    * Thread A starts a method call, reads the value of the handle, but is interrupted
-//      before it can pass the handle over the FFI to Rust.
-//    * Thread B calls `destroy` and frees the underlying Rust struct.
-//    * Thread A resumes, passing the already-read handle value to Rust and triggering
-//      a use-after-free.
-//
-// One possible solution would be to use a `ReadWriteLock`, with each method call taking
-// a read lock (and thus allowed to run concurrently) and the special `destroy` method
-// taking a write lock (and thus blocking on live method calls). However, we aim not to
-// generate methods with any hidden blocking semantics, and a `destroy` method that might
-// block if called incorrectly seems to meet that bar.
-//
-// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
-// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
-// has been called. These are updated according to the following rules:
-//
-//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
-//      The initial value for the flag is false.
-//
-//    * At the start of each method call, we atomically check the counter.
-//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
-//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
-//
-//    * At the end of each method call, we atomically decrement and check the counter.
-//      If it has reached zero then we destroy the underlying Rust struct.
-//
-//    * When `destroy` is called, we atomically flip the flag from false to true.
-//      If the flag was already true we silently fail.
-//      Otherwise we atomically decrement and check the counter.
-//      If it has reached zero then we destroy the underlying Rust struct.
-//
-// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
-// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
-//
-// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
-// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
-// of the underlying Rust code.
-//
-// This makes a cleaner a better alternative to _not_ calling `destroy()` as
-// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
-// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
-// thread may be starved, and the app will leak memory.
-//
-// In this case, `destroy`ing manually may be a better solution.
-//
-// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
-// with Rust peers are reclaimed:
-//
-// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
-// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
-// 3. The memory is reclaimed when the process terminates.
-//
-// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
-//
-
-
-/**
  * The Veil client: load the model once (the constructor blocks; call it off the UI thread),
  * then `generate` as often, and as concurrently, as wanted.
  */
@@ -2396,9 +1951,9 @@ public interface VeilClientInterface {
     suspend fun `generate`(`prompt`: kotlin.String, `options`: GenerationOptions, `listener`: ProgressListener?, `cancel`: CancelHandle?): GeneratedImage
     
     /**
-     * The placement policy's name.
+     * The placement policy.
      */
-    fun `policy`(): kotlin.String
+    fun `policy`(): Policy
     
     companion object
 }
@@ -2433,7 +1988,7 @@ open class VeilClient: Disposable, AutoCloseable, VeilClientInterface
     }
     constructor(`config`: VeilConfig) :
         this(UniffiWithHandle, 
-    uniffiRustCallWithError(VeilException) { _status ->
+    uniffiRustCallWithError(VeilExceptionExternalErrorHandler) { _status ->
     UniffiLib.uniffi_veil_ffi_fn_constructor_veilclient_new(
     
         
@@ -2537,20 +2092,20 @@ open class VeilClient: Disposable, AutoCloseable, VeilClientInterface
             )
         },
         { future, callback, continuation -> UniffiLib.ffi_veil_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
-        { future, continuation -> UniffiLib.ffi_veil_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future, continuation -> UniffiLib.ffi_veil_ffi_rust_future_complete_rust_buffer(future, continuation).let { RustBufferGeneratedImage.create(it.capacity.toULong(), it.len.toULong(), it.data) } },
         { future -> UniffiLib.ffi_veil_ffi_rust_future_free_rust_buffer(future) },
         // lift function
         { FfiConverterTypeGeneratedImage.lift(it) },
         // Error FFI converter
-        VeilException.ErrorHandler,
+        VeilExceptionExternalErrorHandler,
     )
     }
 
     
     /**
-     * The placement policy's name.
-     */override fun `policy`(): kotlin.String {
-            return FfiConverterString.lift(
+     * The placement policy.
+     */override fun `policy`(): Policy {
+            return FfiConverterTypePolicy.lift(
     callWithHandle {
     uniffiRustCall() { _status ->
     UniffiLib.uniffi_veil_ffi_fn_method_veilclient_policy(
@@ -2603,526 +2158,6 @@ public object FfiConverterTypeVeilClient: FfiConverter<VeilClient, Long> {
 
 
 /**
- * A finished image: PNG bytes, its size, the seed used, and what it cost.
- */
-data class GeneratedImage (
-    var `png`: kotlin.ByteArray
-    , 
-    var `width`: kotlin.UInt
-    , 
-    var `height`: kotlin.UInt
-    , 
-    var `seed`: kotlin.ULong
-    , 
-    var `stats`: GenerationStats
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeGeneratedImage: FfiConverterRustBuffer<GeneratedImage> {
-    override fun read(buf: ByteBuffer): GeneratedImage {
-        return GeneratedImage(
-            FfiConverterByteArray.read(buf),
-            FfiConverterUInt.read(buf),
-            FfiConverterUInt.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterTypeGenerationStats.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: GeneratedImage) = (
-            FfiConverterByteArray.allocationSize(value.`png`) +
-            FfiConverterUInt.allocationSize(value.`width`) +
-            FfiConverterUInt.allocationSize(value.`height`) +
-            FfiConverterULong.allocationSize(value.`seed`) +
-            FfiConverterTypeGenerationStats.allocationSize(value.`stats`)
-    )
-
-    override fun write(value: GeneratedImage, buf: ByteBuffer) {
-            FfiConverterByteArray.write(value.`png`, buf)
-            FfiConverterUInt.write(value.`width`, buf)
-            FfiConverterUInt.write(value.`height`, buf)
-            FfiConverterULong.write(value.`seed`, buf)
-            FfiConverterTypeGenerationStats.write(value.`stats`, buf)
-    }
-}
-
-
-
-/**
- * Defaults for every generation of a client.
- */
-data class GenerationDefaults (
-    var `steps`: kotlin.UInt = 30u 
-    , 
-    var `guidance`: kotlin.Double = 5.0 
-    , 
-    /**
-     * `None`: the model's native size.
-     */
-    var `width`: kotlin.UInt? = null 
-    , 
-    var `height`: kotlin.UInt? = null 
-    , 
-    /**
-     * `ddim`, `dpm++2m` or `euler`.
-     */
-    var `scheduler`: kotlin.String = "ddim" 
-    , 
-    var `negativePrompt`: kotlin.String = "" 
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeGenerationDefaults: FfiConverterRustBuffer<GenerationDefaults> {
-    override fun read(buf: ByteBuffer): GenerationDefaults {
-        return GenerationDefaults(
-            FfiConverterUInt.read(buf),
-            FfiConverterDouble.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-            FfiConverterString.read(buf),
-            FfiConverterString.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: GenerationDefaults) = (
-            FfiConverterUInt.allocationSize(value.`steps`) +
-            FfiConverterDouble.allocationSize(value.`guidance`) +
-            FfiConverterOptionalUInt.allocationSize(value.`width`) +
-            FfiConverterOptionalUInt.allocationSize(value.`height`) +
-            FfiConverterString.allocationSize(value.`scheduler`) +
-            FfiConverterString.allocationSize(value.`negativePrompt`)
-    )
-
-    override fun write(value: GenerationDefaults, buf: ByteBuffer) {
-            FfiConverterUInt.write(value.`steps`, buf)
-            FfiConverterDouble.write(value.`guidance`, buf)
-            FfiConverterOptionalUInt.write(value.`width`, buf)
-            FfiConverterOptionalUInt.write(value.`height`, buf)
-            FfiConverterString.write(value.`scheduler`, buf)
-            FfiConverterString.write(value.`negativePrompt`, buf)
-    }
-}
-
-
-
-/**
- * Per-call overrides; `None` takes the client's default (a `None` seed is drawn at random).
- */
-data class GenerationOptions (
-    var `negativePrompt`: kotlin.String? = null 
-    , 
-    var `steps`: kotlin.UInt? = null 
-    , 
-    var `guidance`: kotlin.Double? = null 
-    , 
-    var `seed`: kotlin.ULong? = null 
-    , 
-    var `width`: kotlin.UInt? = null 
-    , 
-    var `height`: kotlin.UInt? = null 
-    , 
-    var `scheduler`: kotlin.String? = null 
-    , 
-    var `reuseAttentionFrom`: kotlin.UInt? = null 
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeGenerationOptions: FfiConverterRustBuffer<GenerationOptions> {
-    override fun read(buf: ByteBuffer): GenerationOptions {
-        return GenerationOptions(
-            FfiConverterOptionalString.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-            FfiConverterOptionalDouble.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-            FfiConverterOptionalString.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: GenerationOptions) = (
-            FfiConverterOptionalString.allocationSize(value.`negativePrompt`) +
-            FfiConverterOptionalUInt.allocationSize(value.`steps`) +
-            FfiConverterOptionalDouble.allocationSize(value.`guidance`) +
-            FfiConverterOptionalULong.allocationSize(value.`seed`) +
-            FfiConverterOptionalUInt.allocationSize(value.`width`) +
-            FfiConverterOptionalUInt.allocationSize(value.`height`) +
-            FfiConverterOptionalString.allocationSize(value.`scheduler`) +
-            FfiConverterOptionalUInt.allocationSize(value.`reuseAttentionFrom`)
-    )
-
-    override fun write(value: GenerationOptions, buf: ByteBuffer) {
-            FfiConverterOptionalString.write(value.`negativePrompt`, buf)
-            FfiConverterOptionalUInt.write(value.`steps`, buf)
-            FfiConverterOptionalDouble.write(value.`guidance`, buf)
-            FfiConverterOptionalULong.write(value.`seed`, buf)
-            FfiConverterOptionalUInt.write(value.`width`, buf)
-            FfiConverterOptionalUInt.write(value.`height`, buf)
-            FfiConverterOptionalString.write(value.`scheduler`, buf)
-            FfiConverterOptionalUInt.write(value.`reuseAttentionFrom`, buf)
-    }
-}
-
-
-
-/**
- * Time and traffic of a generation.
- */
-data class GenerationStats (
-    var `wallSeconds`: kotlin.Double
-    , 
-    var `steps`: kotlin.UInt
-    , 
-    var `roundTrips`: kotlin.ULong
-    , 
-    var `bytesUp`: kotlin.ULong
-    , 
-    var `bytesDown`: kotlin.ULong
-    , 
-    var `deviceFlops`: kotlin.ULong
-    , 
-    var `serverFlops`: kotlin.ULong
-    , 
-    var `perServer`: List<ServerTraffic>
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeGenerationStats: FfiConverterRustBuffer<GenerationStats> {
-    override fun read(buf: ByteBuffer): GenerationStats {
-        return GenerationStats(
-            FfiConverterDouble.read(buf),
-            FfiConverterUInt.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterSequenceTypeServerTraffic.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: GenerationStats) = (
-            FfiConverterDouble.allocationSize(value.`wallSeconds`) +
-            FfiConverterUInt.allocationSize(value.`steps`) +
-            FfiConverterULong.allocationSize(value.`roundTrips`) +
-            FfiConverterULong.allocationSize(value.`bytesUp`) +
-            FfiConverterULong.allocationSize(value.`bytesDown`) +
-            FfiConverterULong.allocationSize(value.`deviceFlops`) +
-            FfiConverterULong.allocationSize(value.`serverFlops`) +
-            FfiConverterSequenceTypeServerTraffic.allocationSize(value.`perServer`)
-    )
-
-    override fun write(value: GenerationStats, buf: ByteBuffer) {
-            FfiConverterDouble.write(value.`wallSeconds`, buf)
-            FfiConverterUInt.write(value.`steps`, buf)
-            FfiConverterULong.write(value.`roundTrips`, buf)
-            FfiConverterULong.write(value.`bytesUp`, buf)
-            FfiConverterULong.write(value.`bytesDown`, buf)
-            FfiConverterULong.write(value.`deviceFlops`, buf)
-            FfiConverterULong.write(value.`serverFlops`, buf)
-            FfiConverterSequenceTypeServerTraffic.write(value.`perServer`, buf)
-    }
-}
-
-
-
-/**
- * One shard server: `host:port`, the pinned `sha256:` certificate fingerprint, the token, and
- * optionally its tenant (servers with the same tenant are replicas of one strip).
- */
-data class ServerConfig (
-    var `address`: kotlin.String
-    , 
-    var `fingerprint`: kotlin.String
-    , 
-    var `token`: kotlin.String
-    , 
-    var `tenant`: kotlin.String? = null 
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeServerConfig: FfiConverterRustBuffer<ServerConfig> {
-    override fun read(buf: ByteBuffer): ServerConfig {
-        return ServerConfig(
-            FfiConverterString.read(buf),
-            FfiConverterString.read(buf),
-            FfiConverterString.read(buf),
-            FfiConverterOptionalString.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: ServerConfig) = (
-            FfiConverterString.allocationSize(value.`address`) +
-            FfiConverterString.allocationSize(value.`fingerprint`) +
-            FfiConverterString.allocationSize(value.`token`) +
-            FfiConverterOptionalString.allocationSize(value.`tenant`)
-    )
-
-    override fun write(value: ServerConfig, buf: ByteBuffer) {
-            FfiConverterString.write(value.`address`, buf)
-            FfiConverterString.write(value.`fingerprint`, buf)
-            FfiConverterString.write(value.`token`, buf)
-            FfiConverterOptionalString.write(value.`tenant`, buf)
-    }
-}
-
-
-
-/**
- * What one shard server cost a generation.
- */
-data class ServerTraffic (
-    var `server`: kotlin.UInt
-    , 
-    var `address`: kotlin.String
-    , 
-    var `bytesUp`: kotlin.ULong
-    , 
-    var `bytesDown`: kotlin.ULong
-    , 
-    var `wireBytesSent`: kotlin.ULong
-    , 
-    var `wireBytesReceived`: kotlin.ULong
-    , 
-    var `requests`: kotlin.ULong
-    , 
-    var `busySeconds`: kotlin.Double
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeServerTraffic: FfiConverterRustBuffer<ServerTraffic> {
-    override fun read(buf: ByteBuffer): ServerTraffic {
-        return ServerTraffic(
-            FfiConverterUInt.read(buf),
-            FfiConverterString.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterDouble.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: ServerTraffic) = (
-            FfiConverterUInt.allocationSize(value.`server`) +
-            FfiConverterString.allocationSize(value.`address`) +
-            FfiConverterULong.allocationSize(value.`bytesUp`) +
-            FfiConverterULong.allocationSize(value.`bytesDown`) +
-            FfiConverterULong.allocationSize(value.`wireBytesSent`) +
-            FfiConverterULong.allocationSize(value.`wireBytesReceived`) +
-            FfiConverterULong.allocationSize(value.`requests`) +
-            FfiConverterDouble.allocationSize(value.`busySeconds`)
-    )
-
-    override fun write(value: ServerTraffic, buf: ByteBuffer) {
-            FfiConverterUInt.write(value.`server`, buf)
-            FfiConverterString.write(value.`address`, buf)
-            FfiConverterULong.write(value.`bytesUp`, buf)
-            FfiConverterULong.write(value.`bytesDown`, buf)
-            FfiConverterULong.write(value.`wireBytesSent`, buf)
-            FfiConverterULong.write(value.`wireBytesReceived`, buf)
-            FfiConverterULong.write(value.`requests`, buf)
-            FfiConverterDouble.write(value.`busySeconds`, buf)
-    }
-}
-
-
-
-/**
- * A client's configuration; validated by `VeilClient(config)` before anything is loaded.
- */
-data class VeilConfig (
-    /**
-     * A diffusers-layout Stable Diffusion folder on the device.
-     */
-    var `modelDir`: kotlin.String
-    , 
-    /**
-     * The shard servers in strip order (empty only for the `local` policy).
-     */
-    var `servers`: List<ServerConfig>
-    , 
-    /**
-     * `strict` (recommended), `ppidm` or `local`.
-     */
-    var `policy`: kotlin.String = "strict" 
-    , 
-    /**
-     * `f32`, `f16` or `bf16`.
-     */
-    var `wire`: kotlin.String = "f32" 
-    , 
-    /**
-     * Byte-split zstd level on the wire, 0 = off.
-     */
-    var `zstdLevel`: kotlin.Int = 0 
-    , 
-    /**
-     * Lossy coding of activations on the wire: `none`, `int8`, `int4`, `residual-int4`,
-     * `residual-int2` or `residual-sign` (docs/PROTOCOL.md §8).
-     */
-    var `compress`: kotlin.String = "none" 
-    , 
-    /**
-     * Denoising steps, from the first, whose activations travel exact.
-     */
-    var `exactSteps`: kotlin.UInt = 1u 
-    , 
-    /**
-     * Stale synchronisation after the exact steps: fewer round trips, lossy.
-     */
-    var `staleSync`: kotlin.Boolean = false 
-    , 
-    var `requestTimeoutSeconds`: kotlin.Double = 120.0 
-    , 
-    var `connectTimeoutSeconds`: kotlin.Double = 10.0 
-    , 
-    var `defaults`: GenerationDefaults = GenerationDefaults() 
-    , 
-    /**
-     * The user's obfuscation key file (`None`: none): created with a fresh random key (mode
-     * 0600) when missing, read at every later start; put it in app-private storage that
-     * survives updates (Android `filesDir`, iOS Application Support), one per user. A file
-     * that is not a key fails with `InvalidConfig` and is never replaced. See
-     * `veil_core::sdk::VeilConfig::obfuscation_key_file` for what the key protects.
-     */
-    var `obfuscationKeyFile`: kotlin.String? = null 
-    , 
-    /**
-     * Where the phone's share runs: `auto` (Metal on Apple in a build with Metal, else the
-     * CPU), `cpu` or `metal`; a Metal device that cannot be created falls back to the CPU.
-     */
-    var `device`: kotlin.String = "auto" 
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
-    override fun read(buf: ByteBuffer): VeilConfig {
-        return VeilConfig(
-            FfiConverterString.read(buf),
-            FfiConverterSequenceTypeServerConfig.read(buf),
-            FfiConverterString.read(buf),
-            FfiConverterString.read(buf),
-            FfiConverterInt.read(buf),
-            FfiConverterString.read(buf),
-            FfiConverterUInt.read(buf),
-            FfiConverterBoolean.read(buf),
-            FfiConverterDouble.read(buf),
-            FfiConverterDouble.read(buf),
-            FfiConverterTypeGenerationDefaults.read(buf),
-            FfiConverterOptionalString.read(buf),
-            FfiConverterString.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: VeilConfig) = (
-            FfiConverterString.allocationSize(value.`modelDir`) +
-            FfiConverterSequenceTypeServerConfig.allocationSize(value.`servers`) +
-            FfiConverterString.allocationSize(value.`policy`) +
-            FfiConverterString.allocationSize(value.`wire`) +
-            FfiConverterInt.allocationSize(value.`zstdLevel`) +
-            FfiConverterString.allocationSize(value.`compress`) +
-            FfiConverterUInt.allocationSize(value.`exactSteps`) +
-            FfiConverterBoolean.allocationSize(value.`staleSync`) +
-            FfiConverterDouble.allocationSize(value.`requestTimeoutSeconds`) +
-            FfiConverterDouble.allocationSize(value.`connectTimeoutSeconds`) +
-            FfiConverterTypeGenerationDefaults.allocationSize(value.`defaults`) +
-            FfiConverterOptionalString.allocationSize(value.`obfuscationKeyFile`) +
-            FfiConverterString.allocationSize(value.`device`)
-    )
-
-    override fun write(value: VeilConfig, buf: ByteBuffer) {
-            FfiConverterString.write(value.`modelDir`, buf)
-            FfiConverterSequenceTypeServerConfig.write(value.`servers`, buf)
-            FfiConverterString.write(value.`policy`, buf)
-            FfiConverterString.write(value.`wire`, buf)
-            FfiConverterInt.write(value.`zstdLevel`, buf)
-            FfiConverterString.write(value.`compress`, buf)
-            FfiConverterUInt.write(value.`exactSteps`, buf)
-            FfiConverterBoolean.write(value.`staleSync`, buf)
-            FfiConverterDouble.write(value.`requestTimeoutSeconds`, buf)
-            FfiConverterDouble.write(value.`connectTimeoutSeconds`, buf)
-            FfiConverterTypeGenerationDefaults.write(value.`defaults`, buf)
-            FfiConverterOptionalString.write(value.`obfuscationKeyFile`, buf)
-            FfiConverterString.write(value.`device`, buf)
-    }
-}
-
-
-
-/**
  * How much to forward.
  */
 
@@ -3163,509 +2198,31 @@ public object FfiConverterTypeLogLevel: FfiConverterRustBuffer<LogLevel> {
 
 
 
-
-/**
- * Every failure an app can see; `server` is the index in the server list.
- */
-sealed class VeilException: kotlin.Exception() {
-    
-    class InvalidConfig(
-        
-        val `detail`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "detail=${ `detail` }"
-    }
-    
-    class ModelLoad(
-        
-        val `detail`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "detail=${ `detail` }"
-    }
-    
-    class InvalidRequest(
-        
-        val `detail`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "detail=${ `detail` }"
-    }
-    
-    class Unreachable(
-        
-        val `server`: kotlin.UInt, 
-        
-        val `address`: kotlin.String, 
-        
-        val `detail`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "server=${ `server` }, address=${ `address` }, detail=${ `detail` }"
-    }
-    
-    class AuthFailed(
-        
-        val `server`: kotlin.UInt, 
-        
-        val `address`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "server=${ `server` }, address=${ `address` }"
-    }
-    
-    class CertificateMismatch(
-        
-        val `server`: kotlin.UInt, 
-        
-        val `address`: kotlin.String, 
-        
-        val `expected`: kotlin.String, 
-        
-        val `actual`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "server=${ `server` }, address=${ `address` }, expected=${ `expected` }, actual=${ `actual` }"
-    }
-    
-    class ModelMismatch(
-        
-        val `server`: kotlin.UInt, 
-        
-        val `address`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "server=${ `server` }, address=${ `address` }"
-    }
-    
-    class ServerFailed(
-        
-        val `server`: kotlin.UInt, 
-        
-        val `address`: kotlin.String, 
-        
-        val `detail`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "server=${ `server` }, address=${ `address` }, detail=${ `detail` }"
-    }
-    
-    class ConnectionLost(
-        
-        val `server`: kotlin.UInt, 
-        
-        val `address`: kotlin.String, 
-        
-        val `detail`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "server=${ `server` }, address=${ `address` }, detail=${ `detail` }"
-    }
-    
-    class Timeout(
-        
-        val `server`: kotlin.UInt, 
-        
-        val `address`: kotlin.String, 
-        
-        val `seconds`: kotlin.Double
-        ) : VeilException() {
-        override val message
-            get() = "server=${ `server` }, address=${ `address` }, seconds=${ `seconds` }"
-    }
-    
-    class Cancelled(
-        ) : VeilException() {
-        override val message
-            get() = ""
-    }
-    
-    class Internal(
-        
-        val `detail`: kotlin.String
-        ) : VeilException() {
-        override val message
-            get() = "detail=${ `detail` }"
-    }
-    
-
-    
-        /**
-         * A sentence for the user (the same text as Rust's `Display`).
-         */ fun `describe`(): kotlin.String {
-            return FfiConverterString.lift(
-    uniffiRustCall() { _status ->
-    UniffiLib.uniffi_veil_ffi_fn_method_veilerror_describe(FfiConverterTypeVeilError.lower(this),
-        _status)
-}
-    )
-    }
-    
-
-    
-        /**
-         * Whether trying the same generation again may succeed (a server unreachable, busy, lost
-         * or slow); false for what needs a change first (config, token, certificate, model).
-         */ fun `isRetryable`(): kotlin.Boolean {
-            return FfiConverterBoolean.lift(
-    uniffiRustCall() { _status ->
-    UniffiLib.uniffi_veil_ffi_fn_method_veilerror_is_retryable(FfiConverterTypeVeilError.lower(this),
-        _status)
-}
-    )
-    }
-    
-
-    
-
-
-    companion object ErrorHandler : UniffiRustCallStatusErrorHandler<VeilException> {
-        override fun lift(error_buf: RustBuffer.ByValue): VeilException = FfiConverterTypeVeilError.lift(error_buf)
-    }
-
-    
-}
-
 /**
  * @suppress
  */
-public object FfiConverterTypeVeilError : FfiConverterRustBuffer<VeilException> {
-    override fun read(buf: ByteBuffer): VeilException {
-        
-
-        return when(buf.getInt()) {
-            1 -> VeilException.InvalidConfig(
-                FfiConverterString.read(buf),
-                )
-            2 -> VeilException.ModelLoad(
-                FfiConverterString.read(buf),
-                )
-            3 -> VeilException.InvalidRequest(
-                FfiConverterString.read(buf),
-                )
-            4 -> VeilException.Unreachable(
-                FfiConverterUInt.read(buf),
-                FfiConverterString.read(buf),
-                FfiConverterString.read(buf),
-                )
-            5 -> VeilException.AuthFailed(
-                FfiConverterUInt.read(buf),
-                FfiConverterString.read(buf),
-                )
-            6 -> VeilException.CertificateMismatch(
-                FfiConverterUInt.read(buf),
-                FfiConverterString.read(buf),
-                FfiConverterString.read(buf),
-                FfiConverterString.read(buf),
-                )
-            7 -> VeilException.ModelMismatch(
-                FfiConverterUInt.read(buf),
-                FfiConverterString.read(buf),
-                )
-            8 -> VeilException.ServerFailed(
-                FfiConverterUInt.read(buf),
-                FfiConverterString.read(buf),
-                FfiConverterString.read(buf),
-                )
-            9 -> VeilException.ConnectionLost(
-                FfiConverterUInt.read(buf),
-                FfiConverterString.read(buf),
-                FfiConverterString.read(buf),
-                )
-            10 -> VeilException.Timeout(
-                FfiConverterUInt.read(buf),
-                FfiConverterString.read(buf),
-                FfiConverterDouble.read(buf),
-                )
-            11 -> VeilException.Cancelled()
-            12 -> VeilException.Internal(
-                FfiConverterString.read(buf),
-                )
-            else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
-        }
-    }
-
-    override fun allocationSize(value: VeilException): ULong {
-        return when(value) {
-            is VeilException.InvalidConfig -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is VeilException.ModelLoad -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is VeilException.InvalidRequest -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is VeilException.Unreachable -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterUInt.allocationSize(value.`server`)
-                + FfiConverterString.allocationSize(value.`address`)
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is VeilException.AuthFailed -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterUInt.allocationSize(value.`server`)
-                + FfiConverterString.allocationSize(value.`address`)
-            )
-            is VeilException.CertificateMismatch -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterUInt.allocationSize(value.`server`)
-                + FfiConverterString.allocationSize(value.`address`)
-                + FfiConverterString.allocationSize(value.`expected`)
-                + FfiConverterString.allocationSize(value.`actual`)
-            )
-            is VeilException.ModelMismatch -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterUInt.allocationSize(value.`server`)
-                + FfiConverterString.allocationSize(value.`address`)
-            )
-            is VeilException.ServerFailed -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterUInt.allocationSize(value.`server`)
-                + FfiConverterString.allocationSize(value.`address`)
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is VeilException.ConnectionLost -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterUInt.allocationSize(value.`server`)
-                + FfiConverterString.allocationSize(value.`address`)
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is VeilException.Timeout -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterUInt.allocationSize(value.`server`)
-                + FfiConverterString.allocationSize(value.`address`)
-                + FfiConverterDouble.allocationSize(value.`seconds`)
-            )
-            is VeilException.Cancelled -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-            )
-            is VeilException.Internal -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-        }
-    }
-
-    override fun write(value: VeilException, buf: ByteBuffer) {
-        when(value) {
-            is VeilException.InvalidConfig -> {
-                buf.putInt(1)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is VeilException.ModelLoad -> {
-                buf.putInt(2)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is VeilException.InvalidRequest -> {
-                buf.putInt(3)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is VeilException.Unreachable -> {
-                buf.putInt(4)
-                FfiConverterUInt.write(value.`server`, buf)
-                FfiConverterString.write(value.`address`, buf)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is VeilException.AuthFailed -> {
-                buf.putInt(5)
-                FfiConverterUInt.write(value.`server`, buf)
-                FfiConverterString.write(value.`address`, buf)
-                Unit
-            }
-            is VeilException.CertificateMismatch -> {
-                buf.putInt(6)
-                FfiConverterUInt.write(value.`server`, buf)
-                FfiConverterString.write(value.`address`, buf)
-                FfiConverterString.write(value.`expected`, buf)
-                FfiConverterString.write(value.`actual`, buf)
-                Unit
-            }
-            is VeilException.ModelMismatch -> {
-                buf.putInt(7)
-                FfiConverterUInt.write(value.`server`, buf)
-                FfiConverterString.write(value.`address`, buf)
-                Unit
-            }
-            is VeilException.ServerFailed -> {
-                buf.putInt(8)
-                FfiConverterUInt.write(value.`server`, buf)
-                FfiConverterString.write(value.`address`, buf)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is VeilException.ConnectionLost -> {
-                buf.putInt(9)
-                FfiConverterUInt.write(value.`server`, buf)
-                FfiConverterString.write(value.`address`, buf)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is VeilException.Timeout -> {
-                buf.putInt(10)
-                FfiConverterUInt.write(value.`server`, buf)
-                FfiConverterString.write(value.`address`, buf)
-                FfiConverterDouble.write(value.`seconds`, buf)
-                Unit
-            }
-            is VeilException.Cancelled -> {
-                buf.putInt(11)
-                Unit
-            }
-            is VeilException.Internal -> {
-                buf.putInt(12)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
-    }
-
-}
-
-
-
-
-/**
- * @suppress
- */
-public object FfiConverterOptionalUInt: FfiConverterRustBuffer<kotlin.UInt?> {
-    override fun read(buf: ByteBuffer): kotlin.UInt? {
+public object FfiConverterOptionalTypeProgressListener: FfiConverterRustBuffer<ProgressListener?> {
+    override fun read(buf: ByteBuffer): ProgressListener? {
         if (buf.get().toInt() == 0) {
             return null
         }
-        return FfiConverterUInt.read(buf)
+        return FfiConverterTypeProgressListener.read(buf)
     }
 
-    override fun allocationSize(value: kotlin.UInt?): ULong {
+    override fun allocationSize(value: ProgressListener?): ULong {
         if (value == null) {
             return 1UL
         } else {
-            return 1UL + FfiConverterUInt.allocationSize(value)
+            return 1UL + FfiConverterTypeProgressListener.allocationSize(value)
         }
     }
 
-    override fun write(value: kotlin.UInt?, buf: ByteBuffer) {
+    override fun write(value: ProgressListener?, buf: ByteBuffer) {
         if (value == null) {
             buf.put(0)
         } else {
             buf.put(1)
-            FfiConverterUInt.write(value, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
-public object FfiConverterOptionalULong: FfiConverterRustBuffer<kotlin.ULong?> {
-    override fun read(buf: ByteBuffer): kotlin.ULong? {
-        if (buf.get().toInt() == 0) {
-            return null
-        }
-        return FfiConverterULong.read(buf)
-    }
-
-    override fun allocationSize(value: kotlin.ULong?): ULong {
-        if (value == null) {
-            return 1UL
-        } else {
-            return 1UL + FfiConverterULong.allocationSize(value)
-        }
-    }
-
-    override fun write(value: kotlin.ULong?, buf: ByteBuffer) {
-        if (value == null) {
-            buf.put(0)
-        } else {
-            buf.put(1)
-            FfiConverterULong.write(value, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
-public object FfiConverterOptionalDouble: FfiConverterRustBuffer<kotlin.Double?> {
-    override fun read(buf: ByteBuffer): kotlin.Double? {
-        if (buf.get().toInt() == 0) {
-            return null
-        }
-        return FfiConverterDouble.read(buf)
-    }
-
-    override fun allocationSize(value: kotlin.Double?): ULong {
-        if (value == null) {
-            return 1UL
-        } else {
-            return 1UL + FfiConverterDouble.allocationSize(value)
-        }
-    }
-
-    override fun write(value: kotlin.Double?, buf: ByteBuffer) {
-        if (value == null) {
-            buf.put(0)
-        } else {
-            buf.put(1)
-            FfiConverterDouble.write(value, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
-public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
-    override fun read(buf: ByteBuffer): kotlin.String? {
-        if (buf.get().toInt() == 0) {
-            return null
-        }
-        return FfiConverterString.read(buf)
-    }
-
-    override fun allocationSize(value: kotlin.String?): ULong {
-        if (value == null) {
-            return 1UL
-        } else {
-            return 1UL + FfiConverterString.allocationSize(value)
-        }
-    }
-
-    override fun write(value: kotlin.String?, buf: ByteBuffer) {
-        if (value == null) {
-            buf.put(0)
-        } else {
-            buf.put(1)
-            FfiConverterString.write(value, buf)
+            FfiConverterTypeProgressListener.write(value, buf)
         }
     }
 }
@@ -3740,38 +2297,6 @@ public object FfiConverterOptionalTypeLogSink: FfiConverterRustBuffer<LogSink?> 
 /**
  * @suppress
  */
-public object FfiConverterOptionalTypeProgressListener: FfiConverterRustBuffer<ProgressListener?> {
-    override fun read(buf: ByteBuffer): ProgressListener? {
-        if (buf.get().toInt() == 0) {
-            return null
-        }
-        return FfiConverterTypeProgressListener.read(buf)
-    }
-
-    override fun allocationSize(value: ProgressListener?): ULong {
-        if (value == null) {
-            return 1UL
-        } else {
-            return 1UL + FfiConverterTypeProgressListener.allocationSize(value)
-        }
-    }
-
-    override fun write(value: ProgressListener?, buf: ByteBuffer) {
-        if (value == null) {
-            buf.put(0)
-        } else {
-            buf.put(1)
-            FfiConverterTypeProgressListener.write(value, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
 public object FfiConverterSequenceTypeServerConfig: FfiConverterRustBuffer<List<ServerConfig>> {
     override fun read(buf: ByteBuffer): List<ServerConfig> {
         val len = buf.getInt()
@@ -3797,29 +2322,26 @@ public object FfiConverterSequenceTypeServerConfig: FfiConverterRustBuffer<List<
 
 
 
-/**
- * @suppress
- */
-public object FfiConverterSequenceTypeServerTraffic: FfiConverterRustBuffer<List<ServerTraffic>> {
-    override fun read(buf: ByteBuffer): List<ServerTraffic> {
-        val len = buf.getInt()
-        return List<ServerTraffic>(len) {
-            FfiConverterTypeServerTraffic.read(buf)
-        }
-    }
 
-    override fun allocationSize(value: List<ServerTraffic>): ULong {
-        val sizeForLength = 4UL
-        val sizeForItems = value.map { FfiConverterTypeServerTraffic.allocationSize(it) }.sum()
-        return sizeForLength + sizeForItems
-    }
 
-    override fun write(value: List<ServerTraffic>, buf: ByteBuffer) {
-        buf.putInt(value.size)
-        value.iterator().forEach {
-            FfiConverterTypeServerTraffic.write(it, buf)
-        }
-    }
+
+
+
+
+
+
+
+
+
+object VeilExceptionExternalErrorHandler : UniffiRustCallStatusErrorHandler<VeilException> {
+    override fun lift(error_buf: RustBuffer.ByValue): VeilException =
+        dev.veil.core.VeilException.ErrorHandler.lift(
+            RustBufferVeilError.ByValue().apply {
+                capacity = error_buf.capacity
+                len = error_buf.len
+                data = error_buf.data
+            }
+        )
 }
 
 
@@ -3835,7 +2357,7 @@ public object FfiConverterSequenceTypeServerTraffic: FfiConverterRustBuffer<List
          */
     @Throws(VeilException::class) fun `parseServerList`(`text`: kotlin.String): List<ServerConfig> {
             return FfiConverterSequenceTypeServerConfig.lift(
-    uniffiRustCallWithError(VeilException) { _status ->
+    uniffiRustCallWithError(VeilExceptionExternalErrorHandler) { _status ->
     UniffiLib.uniffi_veil_ffi_fn_func_parse_server_list(
     
         
@@ -3851,7 +2373,7 @@ public object FfiConverterSequenceTypeServerTraffic: FfiConverterRustBuffer<List
          */
     @Throws(VeilException::class) fun `readServerList`(`path`: kotlin.String): List<ServerConfig> {
             return FfiConverterSequenceTypeServerConfig.lift(
-    uniffiRustCallWithError(VeilException) { _status ->
+    uniffiRustCallWithError(VeilExceptionExternalErrorHandler) { _status ->
     UniffiLib.uniffi_veil_ffi_fn_func_read_server_list(
     
         
