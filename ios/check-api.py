@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """No Swift compiler runs on our Linux CI, so this checks by name what the compiler would:
 every call the Swift wrapper (Sources/Veil) and the demo app make into the generated bindings
-(Sources/VeilFFI/VeilFFI.swift) or into the wrapper names a declared function or initializer with
+(Sources/VeilFFI/*.swift: veil-ffi's and veil-core's) or into the wrapper names a declared function or initializer with
 matching argument labels (defaulted ones may be left out), every `VeilError.X` case exists, and
 every wrapper method that implements a generated protocol requirement has its exact signature.
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-GENERATED = ROOT / "Sources/VeilFFI/VeilFFI.swift"
+GENERATED = sorted((ROOT / "Sources/VeilFFI").glob("*.swift"))  # VeilFFI.swift, VeilCore.swift
 WRAPPER = sorted((ROOT / "Sources/Veil").glob("*.swift"))
 DEMO = sorted((ROOT / "VeilDemo").glob("*.swift"))
 
@@ -124,7 +124,9 @@ def check(generated: str, wrapper_files, demo_files) -> list:
     for src in list(wrapper_src.values()) + list(demo_src.values()):
         for k, v in declarations(src).items():
             known.setdefault(k, []).extend(v)
-    cases = set(re.findall(r"^\s*case\s+(\w+)", generated[generated.find("enum VeilError"):], flags=re.M))
+    at = generated.find("enum VeilError")
+    body = balanced(generated, generated.find("{", at)) if at >= 0 else ""
+    cases = set(re.findall(r"^\s*case\s+(\w+)", body, flags=re.M))
     problems, calls = [], 0
     for path, raw in list(wrapper_src.items()) + list(demo_src.items()):
         src = strip_comments(raw)
@@ -163,12 +165,15 @@ def check(generated: str, wrapper_files, demo_files) -> list:
 
 
 def main() -> int:
-    generated = GENERATED.read_text()
+    generated = "\n".join(f.read_text() for f in GENERATED)
     problems, calls = check(generated, WRAPPER, DEMO)
     if "--self-test" in sys.argv and not problems:
         import tempfile
         broken = [("listener: listener", "progressListener: listener"),
-                  ("func onProgress(step: UInt32, total: UInt32)", "func onProgress(step: Int, total: Int)"),
+                  ("func onProgress(step: UInt32, total: UInt32, preview: Preview?)",
+                   "func onProgress(step: UInt32, total: UInt32)"),
+                  ("previewEverySteps: previewEverySteps.map", "previewEvery: previewEverySteps.map"),
+                  ("allowResearchPolicies: allowResearchPolicies,", "allowResearch: allowResearchPolicies,"),
                   ("VeilError.Cancelled", "VeilError.cancelled"),
                   ("VeilClient(config: config)", "VeilClient(configuration: config)")]
         for old, new in broken:

@@ -433,3 +433,69 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Keeps the previews a generation hands out, by step.
+#[derive(Default)]
+struct Previews(Mutex<Vec<(u32, Preview)>>);
+
+impl ProgressListener for Previews {
+    fn on_progress(&self, step: u32, _total: u32, preview: Option<Preview>) {
+        if let Some(p) = preview {
+            self.0.lock().unwrap().push((step, p));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previews_and_the_privacy_report() {
+    let c = cluster(2);
+    let client = VeilClient::new(config(servers(&c), 5)).unwrap();
+    let previews = Arc::new(Previews::default());
+    let options = GenerationOptions {
+        preview_every_steps: Some(2),
+        ..seed(3)
+    };
+    let image = client
+        .generate(PROMPT.into(), options, Some(previews.clone()), None)
+        .await
+        .unwrap();
+    // Every 2nd step and the last, each a PNG of the latent's size (1/8 of the image's).
+    let got = previews.0.lock().unwrap().clone();
+    assert_eq!(got.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2, 4, 5]);
+    for (_, p) in &got {
+        assert_eq!((p.width, p.height), (image.width / 8, image.height / 8));
+        let decoded = image::load_from_memory(&p.png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (p.width, p.height));
+    }
+    // The same seed without previews: the same image (previews only read the latents).
+    let plain = client
+        .generate(PROMPT.into(), seed(3), None, None)
+        .await
+        .unwrap();
+    assert_eq!(plain.png, image.png);
+
+    // Strict: both servers received strips, no text tokens or prompts, and rows only within
+    // their strip plus the one halo row the policy claims.
+    let report = &image.privacy;
+    assert_eq!(report.policy, veil_ffi::Policy::Strict);
+    assert_eq!(report.halo_bound, Some(1));
+    assert_eq!(report.servers.len(), 2);
+    for (i, s) in report.servers.iter().enumerate() {
+        assert_eq!(s.server as usize, i);
+        assert_eq!(s.address, image.stats.per_server[i].address);
+        assert!(s.bytes > 0 && s.text_indexed_bytes == 0 && s.prompts.is_empty());
+        assert_eq!(s.raw_bytes + s.whole_map_bytes + s.text_bytes, s.bytes);
+        assert_eq!(s.bytes_by_kind.values().sum::<u64>(), s.bytes);
+        assert_eq!(s.received_text, s.text_bytes > 0);
+        assert!(!s.rows.is_empty());
+        for r in &s.rows {
+            let strip = r.strip.expect("a strip at every resolution it received");
+            for got in &r.received {
+                assert!(
+                    got.start + 1 >= strip.start && got.end <= strip.end + 1,
+                    "{r:?}"
+                );
+            }
+        }
+    }
+}

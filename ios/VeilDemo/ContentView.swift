@@ -16,6 +16,8 @@ final class DemoModel: ObservableObject {
     @Published var progress: Double = 0
     @Published var image: UIImage?
     @Published var status = "Ready"
+    /// One line per server: what it received (the result's privacy report).
+    @Published var seen: [String] = []
     @Published var running: RunningGeneration?
 
     private var veil: Veil?
@@ -26,10 +28,10 @@ final class DemoModel: ObservableObject {
         guard let model = Bundle.main.url(forResource: "model", withExtension: nil) else {
             throw VeilError.ModelLoad(detail: "bundle a diffusers model folder named `model`")
         }
-        let config = VeilConfig(
+        let config = VeilConfig.recommended(
             modelDir: model.path,
             servers: servers.map { ServerConfig(address: $0.address, fingerprint: $0.fingerprint, token: $0.token) },
-            policy: "strict"
+            policy: .strict
         )
         let made = try await Veil(config: config)
         veil = made
@@ -42,14 +44,16 @@ final class DemoModel: ObservableObject {
         progress = 0
         status = "Loading…"
         do {
-            let run = try await client().start(prompt: prompt)
+            let run = try await client().start(prompt: prompt, options: .with(previewEverySteps: 5))
             running = run
             status = "Generating…"
             for await p in run.progress {
                 progress = p.fraction
+                if let preview = p.preview { image = UIImage(data: preview.png) }
             }
             let result = try await run.image.value
             image = UIImage(data: result.png)
+            seen = result.privacy.servers.map(describe)
             let sent = result.stats.perServer.map(\.wireBytesSent).reduce(0, +)
             status = String(format: "Done in %.1f s, %.1f MB sent, seed %llu",
                             result.stats.wallSeconds, Double(sent) / 1e6, result.seed)
@@ -63,6 +67,17 @@ final class DemoModel: ObservableObject {
 
     func cancel() {
         running?.cancel()
+    }
+
+    /// "server 0: 0.31 MB, rows 0..5 of 8x8, prompt-dependent 0.30 MB, no text tokens".
+    private func describe(_ v: ServerView) -> String {
+        let rows = v.rows.map { r in
+            let got = r.received.map { "\($0.start)..\($0.end)" }.joined(separator: ",")
+            return "\(got) of \(r.height)x\(r.width)"
+        }.joined(separator: "; ")
+        return String(format: "server %u: %.2f MB, prompt-dependent %.2f MB, text tokens %llu B, prompts %d; rows %@",
+                      v.server, Double(v.bytes) / 1e6, Double(v.textBytes) / 1e6, v.textIndexedBytes,
+                      v.prompts.count, rows)
     }
 }
 
@@ -98,6 +113,11 @@ struct ContentView: View {
                 if let image = model.image {
                     Section("Image") {
                         Image(uiImage: image).resizable().interpolation(.none).scaledToFit()
+                    }
+                }
+                if !model.seen.isEmpty {
+                    Section("What each server saw") {
+                        ForEach(model.seen, id: \.self) { Text($0).font(.caption.monospaced()) }
                     }
                 }
             }

@@ -4,11 +4,66 @@
 import Foundation
 @_exported import VeilFFI
 
-/// Where a generation is: `step` of `total` denoising steps done.
+/// Where a generation is: `step` of `total` denoising steps done, with a `preview` (a PNG of
+/// the latents projected to RGB, 1/8 of the image's size) on the steps
+/// `GenerationOptions.previewEverySteps` asks for.
 public struct GenerationProgress: Sendable, Equatable {
     public let step: Int
     public let total: Int
+    public let preview: Preview?
     public var fraction: Double { total == 0 ? 0 : Double(step) / Double(total) }
+}
+
+extension VeilConfig {
+    /// The recommended settings: `.strict`, f32 on the wire, no lossy codec, in Swift `Int`s.
+    /// `.ppidm` is research only and needs `allowResearchPolicies: true`.
+    public static func recommended(
+        modelDir: String,
+        servers: [ServerConfig],
+        policy: Policy = .strict,
+        steps: Int = 30,
+        guidance: Double = 5.0,
+        scheduler: Scheduler = .ddim,
+        device: Device = .auto,
+        obfuscation: ObfuscationConfig = ObfuscationConfig(),
+        obfuscationKeyFile: String? = nil,
+        allowResearchPolicies: Bool = false
+    ) -> VeilConfig {
+        VeilConfig(
+            modelDir: modelDir,
+            servers: servers,
+            policy: policy,
+            allowResearchPolicies: allowResearchPolicies,
+            wire: .f32,
+            codec: .exact,
+            defaults: GenerationDefaults(steps: UInt32(clamping: steps), guidance: guidance, scheduler: scheduler),
+            obfuscationKeyFile: obfuscationKeyFile,
+            obfuscation: obfuscation,
+            device: device
+        )
+    }
+}
+
+extension GenerationOptions {
+    /// Per-call options in Swift `Int`s; every nil takes the client's default (a nil seed: a
+    /// random one).
+    public static func with(
+        steps: Int? = nil,
+        seed: UInt64? = nil,
+        guidance: Double? = nil,
+        scheduler: Scheduler? = nil,
+        negativePrompt: String? = nil,
+        previewEverySteps: Int? = nil
+    ) -> GenerationOptions {
+        GenerationOptions(
+            negativePrompt: negativePrompt,
+            steps: steps.map { UInt32(clamping: $0) },
+            guidance: guidance,
+            seed: seed,
+            scheduler: scheduler,
+            previewEverySteps: previewEverySteps.map { UInt32(clamping: $0) }
+        )
+    }
 }
 
 /// A generation started with `Veil.start(prompt:options:)`: progress as an AsyncStream, the
@@ -31,7 +86,8 @@ public struct RunningGeneration: Sendable {
 }
 
 /// The Veil client: the model is loaded once; `generate` may run any number of times,
-/// concurrently too. Errors are `VeilError` (InvalidConfig, ModelLoad, AuthFailed, …).
+/// concurrently too. Errors are `VeilError` (InvalidConfig, ModelLoad, AuthFailed, …). The
+/// image's `privacy` says what each server received.
 public final class Veil: Sendable {
     private let client: VeilClient
 
@@ -64,7 +120,7 @@ public final class Veil: Sendable {
     }
 
     /// The placement policy in use.
-    public var policy: String { client.policy() }
+    public var policy: Policy { client.policy() }
 
     /// Generates one image. `onProgress` runs after every step on a Veil thread. Cancelling the
     /// calling task, or `cancel` when given, stops the generation before its next step with
@@ -85,7 +141,8 @@ public final class Veil: Sendable {
     }
 
     /// Starts a generation whose progress is an AsyncStream (for SwiftUI: `for await p in
-    /// run.progress { … }`, then `try await run.image.value`).
+    /// run.progress { … }`, then `try await run.image.value`). The stream keeps the newest
+    /// step only: a UI shows where the run is now.
     public func start(prompt: String, options: GenerationOptions = GenerationOptions()) -> RunningGeneration {
         let handle = CancelHandle()
         let (stream, continuation) = AsyncStream<GenerationProgress>.makeStream(bufferingPolicy: .bufferingNewest(1))
@@ -110,8 +167,8 @@ private final class ClosureListener: ProgressListener, @unchecked Sendable {
         self.callback = callback
     }
 
-    func onProgress(step: UInt32, total: UInt32) {
-        callback(GenerationProgress(step: Int(step), total: Int(total)))
+    func onProgress(step: UInt32, total: UInt32, preview: Preview?) {
+        callback(GenerationProgress(step: Int(step), total: Int(total), preview: preview))
     }
 }
 

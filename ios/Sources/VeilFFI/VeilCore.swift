@@ -2572,7 +2572,7 @@ public func FfiConverterTypeScheduler_lower(_ value: Scheduler) -> RustBuffer {
 
 
 public 
-enum VeilError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
+enum VeilError: Swift.Error, Equatable, Hashable {
 
     
     
@@ -2666,10 +2666,6 @@ public func isRetryable() -> Bool  {
 
     
 
-    
-    public var errorDescription: String? {
-        String(reflecting: self)
-    }
     
 }
 

@@ -1,4 +1,5 @@
-// The Veil demo: a prompt, the shard server list, progress, the image.
+// The Veil demo: a prompt, the shard server list, progress with previews, the image, and what
+// each server saw (the result's privacy report).
 package dev.veil.demo
 
 import android.graphics.BitmapFactory
@@ -28,8 +29,11 @@ import androidx.lifecycle.ViewModel
 import androidx.lifecycle.viewModelScope
 import androidx.lifecycle.viewmodel.compose.viewModel
 import dev.veil.Veil
-import dev.veil.ffi.ServerConfig
-import dev.veil.ffi.VeilException
+import dev.veil.core.Policy
+import dev.veil.core.ServerConfig
+import dev.veil.core.ServerView
+import dev.veil.core.VeilException
+import dev.veil.seedLong
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.Job
 import kotlinx.coroutines.launch
@@ -45,20 +49,28 @@ class DemoViewModel : ViewModel() {
     var progress by mutableStateOf(0f)
     var status by mutableStateOf("Ready")
     var image by mutableStateOf<ImageBitmap?>(null)
+    /** One line per server: what it received. */
+    var seen by mutableStateOf<List<String>>(emptyList())
     var job by mutableStateOf<Job?>(null)
+
+    private suspend fun decode(png: ByteArray): ImageBitmap = withContext(Dispatchers.Default) {
+        BitmapFactory.decodeByteArray(png, 0, png.size).asImageBitmap()
+    }
 
     fun generate(modelDir: File, prepare: () -> Unit) {
         job = viewModelScope.launch {
             try {
                 val veil = client(modelDir, Veil.servers(servers), prepare)
                 status = "Generating…"
-                val result = veil.generate(prompt) { p -> progress = p.fraction }
-                image = withContext(Dispatchers.Default) {
-                    BitmapFactory.decodeByteArray(result.png, 0, result.png.size).asImageBitmap()
+                val result = veil.generate(prompt, Veil.options(previewEverySteps = 5)) { p ->
+                    progress = p.fraction
+                    p.preview?.let { preview -> viewModelScope.launch { image = decode(preview.png) } }
                 }
-                status = "Done in %.1f s, seed %d".format(result.stats.wallSeconds, result.seed.toLong())
+                image = decode(result.png)
+                seen = result.privacy.servers.map(::describe)
+                status = "Done in %.1f s, seed %d".format(result.stats.wallSeconds, result.seedLong)
             } catch (e: VeilException) {
-                status = e.describe() + if (e.isRetryable()) " (try again)" else ""
+                status = e.message + if (e.isRetryable()) " (try again)" else ""
             } finally {
                 job = null
             }
@@ -74,9 +86,20 @@ class DemoViewModel : ViewModel() {
         loaded = null
         status = "Loading the model…"
         withContext(Dispatchers.IO) { prepare() }
-        val veil = Veil.create(Veil.config(modelDir.path, list))
+        val veil = Veil.create(Veil.config(modelDir.path, list, policy = Policy.STRICT))
         loaded = list to veil
         return veil
+    }
+
+    /** "server 0: 0.31 MB, prompt-dependent 0.30 MB, text tokens 0 B, prompts 0; rows 0..5 of 8x8". */
+    private fun describe(v: ServerView): String {
+        val rows = v.rows.joinToString("; ") { r ->
+            r.received.joinToString(",") { "${it.start}..${it.end}" } + " of ${r.height}x${r.width}"
+        }
+        return "server %d: %.2f MB, prompt-dependent %.2f MB, text tokens %d B, prompts %d; rows %s".format(
+            v.server.toInt(), v.bytes.toDouble() / 1e6, v.textBytes.toDouble() / 1e6,
+            v.textIndexedBytes.toLong(), v.prompts.size, rows,
+        )
     }
 
     override fun onCleared() {
@@ -127,5 +150,7 @@ fun DemoScreen(modelDir: File, prepare: () -> Unit, vm: DemoViewModel = viewMode
         }
         Text(vm.status, style = MaterialTheme.typography.bodySmall)
         vm.image?.let { Image(it, contentDescription = vm.prompt, modifier = Modifier.fillMaxWidth()) }
+        if (vm.seen.isNotEmpty()) Text("What each server saw", style = MaterialTheme.typography.titleSmall)
+        vm.seen.forEach { Text(it, style = MaterialTheme.typography.bodySmall) }
     }
 }
