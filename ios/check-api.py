@@ -170,7 +170,7 @@ def main() -> int:
     if "--self-test" in sys.argv and not problems:
         import tempfile
         broken = [("listener: listener", "progressListener: listener"),
-                  ("func onProgress(step: UInt32, total: UInt32, preview: Preview?)",
+                  ("func onProgress(step: UInt32, total: UInt32, preview: StepPreview?)",
                    "func onProgress(step: UInt32, total: UInt32)"),
                   ("previewEverySteps: previewEverySteps.map", "previewEvery: previewEverySteps.map"),
                   ("allowResearchPolicies: allowResearchPolicies,", "allowResearch: allowResearchPolicies,"),

@@ -15,8 +15,8 @@ use veil_core::sdk;
 /// The SDK's own types, exported through their derives in veil-core.
 pub use veil_core::sdk::{
     Device, GeneratedImage, GenerationDefaults, GenerationOptions, GenerationStats,
-    ObfuscationConfig, ObfuscationSummary, Policy, Preview, PrivacyReport, ProgressListener,
-    ResolutionRows, RowRange, Scheduler, SensitiveSpan, ServerConfig, ServerTraffic, ServerView,
+    ObfuscationConfig, ObfuscationSummary, Policy, PrivacyReport, ProgressListener, ResolutionRows,
+    RowRange, Scheduler, SensitiveSpan, ServerConfig, ServerTraffic, ServerView, StepPreview,
     VeilConfig, VeilError, WireCodec, WireFormat,
 };
 

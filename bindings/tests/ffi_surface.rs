@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use veil_ffi::{
-    CancelHandle, GeneratedImage, GenerationOptions, Preview, ProgressListener, ServerConfig,
+    CancelHandle, GeneratedImage, GenerationOptions, ProgressListener, ServerConfig, StepPreview,
     VeilClient, VeilConfig, VeilError,
 };
 use veil_server::{spawn_local, LocalCluster, ServerLimits, ShardModel};
@@ -65,7 +65,7 @@ struct Recorder {
 }
 
 impl ProgressListener for Recorder {
-    fn on_progress(&self, step: u32, total: u32, _preview: Option<Preview>) {
+    fn on_progress(&self, step: u32, total: u32, _preview: Option<StepPreview>) {
         self.events
             .lock()
             .unwrap()
@@ -397,7 +397,7 @@ async fn errors_map_to_their_variants() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     struct Tell(tokio::sync::mpsc::UnboundedSender<u32>);
     impl ProgressListener for Tell {
-        fn on_progress(&self, step: u32, _total: u32, _preview: Option<Preview>) {
+        fn on_progress(&self, step: u32, _total: u32, _preview: Option<StepPreview>) {
             let _ = self.0.send(step);
         }
     }
@@ -436,10 +436,10 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 
 /// Keeps the previews a generation hands out, by step.
 #[derive(Default)]
-struct Previews(Mutex<Vec<(u32, Preview)>>);
+struct Previews(Mutex<Vec<(u32, StepPreview)>>);
 
 impl ProgressListener for Previews {
-    fn on_progress(&self, step: u32, _total: u32, preview: Option<Preview>) {
+    fn on_progress(&self, step: u32, _total: u32, preview: Option<StepPreview>) {
         if let Some(p) = preview {
             self.0.lock().unwrap().push((step, p));
         }

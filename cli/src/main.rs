@@ -22,6 +22,7 @@ mod model_cmd;
 mod obf_bench;
 mod obfuscation_args;
 mod phone_bench;
+mod preview_cmd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,6 +81,8 @@ enum Command {
     /// PSNR (capped at 100 dB for identical pictures) and the largest pixel difference between two
     /// pictures of the same size.
     Compare(model_cmd::CompareArgs),
+    /// Fit the progress preview on real latents; write MODEL/vae/latent_preview.json.
+    PreviewFit(preview_cmd::PreviewFitArgs),
 }
 
 #[derive(Args)]
@@ -171,7 +174,7 @@ struct GenerateArgs {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// ddim, dpm++2m or euler.
+    /// ddim, dpm++2m, euler, euler-a (Euler Ancestral) or lcm.
     #[arg(long, default_value = "ddim")]
     scheduler: String,
     #[arg(long, default_value = "")]
@@ -264,6 +267,7 @@ fn main() -> Result<()> {
         Command::Manifest(a) => model_cmd::manifest(a),
         Command::Verify(a) => model_cmd::verify(a),
         Command::Compare(a) => model_cmd::compare(a),
+        Command::PreviewFit(a) => preview_cmd::run(a),
     }
 }
 

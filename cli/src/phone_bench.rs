@@ -412,7 +412,7 @@ impl StepClock {
 }
 
 impl ProgressListener for StepClock {
-    fn on_progress(&self, step: u32, _total: u32, _preview: Option<veil_core::sdk::Preview>) {
+    fn on_progress(&self, step: u32, _total: u32, _preview: Option<veil_core::sdk::StepPreview>) {
         self.mark(step);
     }
 }

@@ -12,6 +12,7 @@
 //! - `early_steps`: the server's side of `obfuscated` (K candidates' first k steps).
 //! - `plan`: `veil plan`'s accounting of a policy from shapes alone.
 //! - `preview`: a cheap latent-to-RGB progress preview, a linear map fitted to the model's VAE.
+//! - `preview_fit`: fitting that map, on real latents (`veil preview-fit`) or random ones.
 //!
 //! Within the client the files import one way too: `guidance`, then `denoise` and `options`, then
 //! `pipeline`, then `early_steps` and `plan`, then `hybrid`.
@@ -24,3 +25,4 @@ pub mod options;
 pub mod pipeline;
 pub mod plan;
 pub mod preview;
+pub mod preview_fit;

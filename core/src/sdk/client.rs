@@ -29,7 +29,7 @@ use super::types::Policy;
 /// (`client::preview`), 1/8 of the image's size.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
-pub struct Preview {
+pub struct StepPreview {
     /// PNG-encoded RGB.
     pub png: Vec<u8>,
     pub width: u32,
@@ -41,7 +41,7 @@ pub struct Preview {
 /// `GenerationOptions::preview_every_steps` asks for.
 #[cfg_attr(feature = "uniffi", uniffi::export(with_foreign))]
 pub trait ProgressListener: Send + Sync {
-    fn on_progress(&self, step: u32, total: u32, preview: Option<Preview>);
+    fn on_progress(&self, step: u32, total: u32, preview: Option<StepPreview>);
 }
 
 /// Cancels a generation between denoising steps. Swift's `Task.cancel()` and Kotlin's
@@ -311,9 +311,10 @@ impl Inner {
 
     /// The preview of `latents`, or `None` (logged) if the projection or the PNG failed: a
     /// preview never fails a generation.
-    fn preview(&self, latents: &Tensor) -> Option<Preview> {
+    fn preview(&self, latents: &Tensor) -> Option<StepPreview> {
         let projection = self.preview.get_or_init(|| {
-            LatentPreview::fit(&self.sd.vae, &self.sd.device).map_err(|e| e.to_string())
+            LatentPreview::load_or_fit(&self.config.model_dir, &self.sd.vae, &self.sd.device)
+                .map_err(|e| e.to_string())
         });
         let rendered = projection
             .as_ref()
@@ -321,7 +322,7 @@ impl Inner {
             .and_then(|p| p.render(latents).map_err(|e| e.to_string()))
             .and_then(|img| {
                 let png = img.to_png().map_err(|e| e.to_string())?;
-                Ok(Preview {
+                Ok(StepPreview {
                     png,
                     width: img.width,
                     height: img.height,

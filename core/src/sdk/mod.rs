@@ -21,7 +21,7 @@ mod report;
 mod sessions;
 mod types;
 
-pub use client::{CancelHandle, GeneratedImage, Preview, ProgressListener, Veil};
+pub use client::{CancelHandle, GeneratedImage, ProgressListener, StepPreview, Veil};
 pub use config::{
     parse_server_configs, read_server_configs, GenerationDefaults, GenerationOptions,
     ObfuscationConfig, ServerConfig, VeilConfig,

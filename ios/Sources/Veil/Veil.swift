@@ -10,7 +10,7 @@ import Foundation
 public struct GenerationProgress: Sendable, Equatable {
     public let step: Int
     public let total: Int
-    public let preview: Preview?
+    public let preview: StepPreview?
     public var fraction: Double { total == 0 ? 0 : Double(step) / Double(total) }
 }
 
@@ -167,7 +167,7 @@ private final class ClosureListener: ProgressListener, @unchecked Sendable {
         self.callback = callback
     }
 
-    func onProgress(step: UInt32, total: UInt32, preview: Preview?) {
+    func onProgress(step: UInt32, total: UInt32, preview: StepPreview?) {
         callback(GenerationProgress(step: Int(step), total: Int(total), preview: preview))
     }
 }

@@ -9,7 +9,7 @@ import dev.veil.core.GenerationDefaults
 import dev.veil.core.GenerationOptions
 import dev.veil.core.ObfuscationConfig
 import dev.veil.core.Policy
-import dev.veil.core.Preview
+import dev.veil.core.StepPreview
 import dev.veil.core.ProgressListener
 import dev.veil.core.Scheduler
 import dev.veil.core.ServerConfig
@@ -35,12 +35,12 @@ import kotlinx.coroutines.withContext
  * latents projected to RGB, 1/8 of the image's size) on the steps
  * [Veil.options]`(previewEverySteps = N)` asks for.
  */
-data class Progress(val step: Int, val total: Int, val preview: Preview? = null) {
+data class Progress(val step: Int, val total: Int, val preview: StepPreview? = null) {
     val fraction: Float get() = if (total == 0) 0f else step.toFloat() / total
 }
 
 /** The preview's size in pixels. */
-val Preview.size: Pair<Int, Int> get() = width.toInt() to height.toInt()
+val StepPreview.size: Pair<Int, Int> get() = width.toInt() to height.toInt()
 
 /** The image's size in pixels. */
 val GeneratedImage.size: Pair<Int, Int> get() = width.toInt() to height.toInt()
@@ -194,7 +194,7 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
         val handle = cancel ?: CancelHandle()
         val listener = onProgress?.let { callback ->
             object : ProgressListener {
-                override fun onProgress(step: UInt, total: UInt, preview: Preview?) =
+                override fun onProgress(step: UInt, total: UInt, preview: StepPreview?) =
                     callback(Progress(step.toInt(), total.toInt(), preview))
             }
         }
