@@ -78,7 +78,7 @@ pub struct LinkBenchArgs {
     pub guidance: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// ddim, dpm++2m or euler.
+    /// ddim, dpm++2m, euler, euler-a (Euler Ancestral) or lcm.
     #[arg(long, default_value = "ddim")]
     pub scheduler: String,
     /// Seconds one shard request may take.

@@ -1,6 +1,8 @@
 //! Replays the denoising loops recorded from diffusers by `tools/make_scheduler_golden.py`
 //! (fixture: tests/fixtures/golden/schedulers.{safetensors,json}) and requires every step to
-//! match to 1e-5 relative L2, and every timestep exactly.
+//! match to 1e-5 relative L2, and every timestep exactly; and the stochastic few-step loops
+//! (Euler Ancestral, LCM) of `tools/make_fewstep_golden.py` (fewstep_schedulers.*), fed the
+//! noise diffusers drew, to 1e-4.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,9 +10,12 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use veil_core::model::scheduler::{new_scheduler, SchedulerConfig, SchedulerKind};
+use veil_core::model::scheduler::{new_scheduler, ReplayStepNoise, SchedulerConfig, SchedulerKind};
 
 const TOL: f64 = 1e-5;
+/// The few-step fixture's bound (the issue's); see `fewstep_loops_match_diffusers` for what is
+/// measured.
+const FEWSTEP_TOL: f64 = 1e-4;
 
 struct Fixture {
     meta: Value,
@@ -19,14 +24,19 @@ struct Fixture {
 
 impl Fixture {
     fn load() -> Result<Self> {
+        Self::load_named("schedulers")
+    }
+
+    /// tests/fixtures/golden/`name`.{json,safetensors}.
+    fn load_named(name: &str) -> Result<Self> {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden");
         let meta: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("schedulers.json"))
-                .context("read schedulers.json")?,
+            &std::fs::read_to_string(dir.join(format!("{name}.json")))
+                .with_context(|| format!("read {name}.json"))?,
         )?;
         let tensors =
-            candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
-                .context("load schedulers.safetensors")?;
+            candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
+                .with_context(|| format!("load {name}.safetensors"))?;
         Ok(Self { meta, tensors })
     }
 
@@ -199,5 +209,97 @@ fn config_files_parse() -> Result<()> {
         assert_eq!(from_file, fx.config(name)?);
     }
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The noise diffusers drew at each step of a case (`None` where a step drew none).
+fn replayed_noise(fx: &Fixture, case: &Value, key: &str, n: usize) -> Result<ReplayStepNoise> {
+    let mut steps: Vec<Option<Tensor>> = vec![None; n];
+    let drawn = case["noise_steps"]
+        .as_array()
+        .ok_or_else(|| anyhow!("{key}: no noise_steps"))?;
+    for i in drawn {
+        let i = i.as_u64().ok_or_else(|| anyhow!("{key}: bad noise step"))? as usize;
+        let slot = steps
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("{key}: noise step {i} out of range"))?;
+        *slot = Some(fx.tensor(&format!("{key}/noise/{i}"))?.clone());
+    }
+    Ok(ReplayStepNoise::new(steps))
+}
+
+#[test]
+fn fewstep_loops_match_diffusers() -> Result<()> {
+    let fx = Fixture::load_named("fewstep_schedulers")?;
+    let latents = fx.tensor("latents")?;
+    let fixed_noise = fx.tensor("fixed_noise")?;
+    let cases = fx.meta["cases"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no cases"))?;
+    assert!(cases.len() >= 20, "fixture has only {} cases", cases.len());
+    // Worst relative L2 per (scheduler, config), for the log.
+    let mut worst: HashMap<String, (f64, String)> = HashMap::new();
+    let mut failures = Vec::new();
+    for case in cases {
+        let key = str_of(case, "key")?;
+        let kind: SchedulerKind = str_of(case, "scheduler")?.parse()?;
+        let cname = str_of(case, "config")?;
+        let config = fx.config(cname)?;
+        let n = usize_of(case, "num_inference_steps")?;
+        let mut sched = new_scheduler(kind, &config, n)?;
+        assert!(sched.is_stochastic(), "{key}: {kind} should be stochastic");
+        sched.set_step_noise(Box::new(replayed_noise(&fx, case, key, n)?));
+
+        let want_t = fx.f64s(&format!("{key}/timesteps"))?;
+        if sched.timesteps() != want_t.as_slice() {
+            failures.push(format!(
+                "{key}: timesteps {:?} != diffusers {want_t:?}",
+                sched.timesteps()
+            ));
+            continue;
+        }
+        let want_sigma = case["init_noise_sigma"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("init_noise_sigma"))?;
+        if (sched.init_noise_sigma() - want_sigma).abs() / want_sigma > TOL {
+            failures.push(format!(
+                "{key}: init_noise_sigma {} != {want_sigma}",
+                sched.init_noise_sigma()
+            ));
+        }
+        let samples = fx.tensor(&format!("{key}/samples"))?;
+        let mut x = latents.affine(sched.init_noise_sigma(), 0.0)?;
+        for (i, &t) in want_t.iter().enumerate() {
+            let x_in = sched.scale_model_input(&x, i)?;
+            let eps = fake_model(&x_in, t, fixed_noise)?;
+            x = sched.step(&eps, i, &x)?;
+            let err = rel_l2(&x, &samples.get(i)?)?;
+            let w = worst.entry(format!("{kind} {cname}")).or_default();
+            if err > w.0 {
+                *w = (err, format!("{key} step {i}"));
+            }
+            if err > FEWSTEP_TOL {
+                failures.push(format!("{key} step {i} (t = {t}): relative L2 {err:.3e}"));
+            }
+        }
+        if let Some(k) = case["add_noise_step_index"].as_u64() {
+            let sched = new_scheduler(kind, &config, n)?;
+            let noisy = sched.add_noise(latents, fixed_noise, k as usize)?;
+            let err = rel_l2(&noisy, fx.tensor(&format!("{key}/add_noise"))?)?;
+            if err > TOL {
+                failures.push(format!(
+                    "{key} add_noise at step {k}: relative L2 {err:.3e}"
+                ));
+            }
+        }
+    }
+    let mut worst: Vec<_> = worst.into_iter().collect();
+    worst.sort_by(|a, b| a.0.cmp(&b.0));
+    for (what, (err, at)) in worst {
+        eprintln!("{what}: worst relative L2 {err:.3e} at {at}");
+    }
+    if !failures.is_empty() {
+        bail!("{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    }
     Ok(())
 }

@@ -1255,6 +1255,8 @@ fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
             BatchRedundancy::Shared,
             Some(1),
         ),
+        (SchedulerKind::EulerAncestral, BatchRedundancy::Off, None),
+        (SchedulerKind::Lcm, BatchRedundancy::Exact, Some(2)),
     ] {
         let job = EarlySteps {
             candidates: vec!["a young woman".into(), "an old man".into(), String::new()],

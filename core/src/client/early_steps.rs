@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use crate::client::denoise::{denoise, Conditioning, LoopHooks, Progress, Runners};
 use crate::client::pipeline::StableDiffusion;
 use crate::client::plan::{account_step, PlanInput};
-use crate::model::scheduler::new_scheduler;
+use crate::model::scheduler::new_seeded_scheduler;
 use crate::model::unet::UNet;
 use crate::placement::accounting::Accounting;
 use crate::placement::policy::Policy;
@@ -51,7 +51,9 @@ impl StableDiffusion {
         }
         let chunk = self.admit_early_steps(job, (h, w))?;
         let noise = job.noise.to_dtype(DType::F32)?;
-        let mut sched = new_scheduler(job.scheduler, &self.scheduler_config, job.steps)?;
+        // A stochastic sampler's step noise is keyed by the job's noise, as on the phone.
+        let mut sched =
+            new_seeded_scheduler(job.scheduler, &self.scheduler_config, job.steps, &noise)?;
         let latents = (noise * sched.init_noise_sigma())?.repeat((k, 1, 1, 1))?;
         let conds = job
             .candidates

@@ -16,7 +16,7 @@ pub use crate::client::options::{
 };
 use crate::client::options::{GenerateOptions, Generation, RunStats};
 use crate::client::pipeline::{Progress, StableDiffusion};
-use crate::model::scheduler::{new_scheduler, Scheduler, SchedulerKind};
+use crate::model::scheduler::{new_seeded_scheduler, Scheduler, SchedulerKind};
 use crate::obfuscation::{candidates_with_key, CandidateSet, Lexicon, ObfuscationKey};
 use crate::placement::accounting::{Accounting, OpKind, Transfer};
 use crate::placement::audit::{Audit, TextView, View, ViewKind};
@@ -71,7 +71,8 @@ impl StableDiffusion {
             .as_deref()
             .unwrap_or_else(|| ObfuscationKey::process());
         let set = candidates_with_key(&opts.prompt, &spans, lex, k_max, key, &mut rand::rng())?;
-        let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, total)?;
+        let mut scheduler =
+            new_seeded_scheduler(opts.scheduler, &self.scheduler_config, total, &noise)?;
         let mut latents = (&noise * scheduler.init_noise_sigma())?;
         let mut exchange = EarlyExchange {
             latents: latents.clone(),
@@ -258,7 +259,10 @@ impl StableDiffusion {
     }
 }
 
-/// The split point must lie in the schedule, and a multistep sampler cannot change hands.
+/// The split point must lie in the schedule, and a multistep sampler cannot change hands. The
+/// stochastic samplers (euler-a, lcm) can: they carry no state between steps, and their step
+/// noise is keyed by the job's initial noise (`new_seeded_scheduler`), which the server and the
+/// phone both hold, so each side draws what a one-party run would.
 fn check_split(k_steps: usize, total: usize, scheduler: SchedulerKind) -> Result<()> {
     if k_steps > total {
         return Err(Error::InvalidArgument(format!(
@@ -268,7 +272,8 @@ fn check_split(k_steps: usize, total: usize, scheduler: SchedulerKind) -> Result
     if k_steps > 0 && k_steps < total && scheduler == SchedulerKind::DpmSolverMultistep {
         return Err(Error::Unsupported(
             "the obfuscated policy hands the latents over mid-schedule, which the multistep \
-             DPM-Solver++ cannot do (its history stays on the server); use ddim or euler"
+             DPM-Solver++ cannot do (its history stays on the server); use ddim, euler, \
+             euler-a or lcm"
                 .into(),
         ));
     }

@@ -28,11 +28,17 @@ pub struct GenerateOptions {
     pub prompt: String,
     pub negative_prompt: String,
     pub steps: usize,
+    /// Classifier-free guidance scale; at ≤ 1 there is no unconditional branch, so every U-Net
+    /// call runs at batch 1 (SD-Turbo / SDXL-Turbo run at 0).
     pub guidance: f64,
+    /// Seeds the initial noise when `latents` is not given.
     pub seed: u64,
     pub width: usize,
     pub height: usize,
     pub scheduler: SchedulerKind,
+    /// The initial noise [1, C, h, w] (before `init_noise_sigma`) instead of seeded noise. The
+    /// step noise of a stochastic scheduler (euler-a, lcm) is keyed by the initial noise either
+    /// way (`model::scheduler::noise`), so a run reproduces from it alone.
     pub latents: Option<Tensor>,
     pub policy: Policy,
     pub wire: WireDtype,

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 pub use crate::client::denoise::Progress;
 use crate::client::denoise::{denoise, Conditioning, LoopHooks, Runners};
@@ -20,7 +18,8 @@ pub use crate::client::options::{
 };
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::model::config::ModelPaths;
-use crate::model::scheduler::{new_scheduler, SchedulerConfig};
+pub use crate::model::scheduler::seeded_normal;
+use crate::model::scheduler::{new_seeded_scheduler, SchedulerConfig};
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 pub use crate::model::weights::load_unet_weights;
@@ -215,8 +214,10 @@ impl StableDiffusion {
     ) -> Result<Generation> {
         let start = Instant::now();
         let (h, w) = self.latent_size(opts.width, opts.height)?;
-        let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
-        let latents = (self.initial_noise(opts, h, w)? * scheduler.init_noise_sigma())?;
+        let noise = self.initial_noise(opts, h, w)?;
+        let mut scheduler =
+            new_seeded_scheduler(opts.scheduler, &self.scheduler_config, opts.steps, &noise)?;
+        let latents = (noise * scheduler.init_noise_sigma())?;
         let conditioning = self.text_conditioning(opts)?;
         let total = scheduler.timesteps().len();
         let hooks = LoopHooks {
@@ -336,24 +337,4 @@ impl StableDiffusion {
         let x = self.vae.decode(&z)?;
         Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?)
     }
-}
-
-/// Standard normal noise from a seed (deterministic across platforms; not torch's generator,
-/// so use `latents` to compare with diffusers).
-pub fn seeded_normal(seed: u64, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let mut v = Vec::with_capacity(n);
-    while v.len() < n {
-        // Box–Muller: two uniforms in (0, 1] give two independent normals.
-        let u1: f64 = 1.0 - rng.random::<f64>();
-        let u2: f64 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let a = 2.0 * std::f64::consts::PI * u2;
-        v.push((r * a.cos()) as f32);
-        if v.len() < n {
-            v.push((r * a.sin()) as f32);
-        }
-    }
-    Ok(Tensor::from_vec(v, shape, device)?)
 }

@@ -40,6 +40,10 @@ pub enum Scheduler {
     DpmSolverMultistep,
     /// `EulerDiscreteScheduler`.
     Euler,
+    /// `EulerAncestralDiscreteScheduler` (stochastic; SD-Turbo with `trailing` spacing).
+    EulerAncestral,
+    /// `LCMScheduler` (Latent Consistency Models; stochastic).
+    Lcm,
 }
 
 /// The dtype tensors travel in.
@@ -109,7 +113,7 @@ macro_rules! names {
 names!(Policy, "policy", Strict => "strict", Obfuscated => "obfuscated", Local => "local",
     Ppidm => "ppidm");
 names!(Scheduler, "scheduler", Ddim => "ddim", DpmSolverMultistep => "dpm++2m",
-    Euler => "euler");
+    Euler => "euler", EulerAncestral => "euler-a", Lcm => "lcm");
 names!(WireFormat, "wire format", F32 => "f32", F16 => "f16", Bf16 => "bf16");
 names!(WireCodec, "codec", Exact => "none", Int8 => "int8", Int4 => "int4",
     ResidualInt4 => "residual-int4", ResidualInt2 => "residual-int2",
@@ -140,6 +144,8 @@ impl From<Scheduler> for SchedulerKind {
             Scheduler::Ddim => Self::Ddim,
             Scheduler::DpmSolverMultistep => Self::DpmSolverMultistep,
             Scheduler::Euler => Self::EulerDiscrete,
+            Scheduler::EulerAncestral => Self::EulerAncestral,
+            Scheduler::Lcm => Self::Lcm,
         }
     }
 }
@@ -196,6 +202,8 @@ mod tests {
             Scheduler::Ddim,
             Scheduler::DpmSolverMultistep,
             Scheduler::Euler,
+            Scheduler::EulerAncestral,
+            Scheduler::Lcm,
         ] {
             assert_eq!(s.name().parse::<SchedulerKind>().unwrap(), s.into());
         }

@@ -14,13 +14,18 @@ pub enum SchedulerKind {
     Ddim,
     DpmSolverMultistep,
     EulerDiscrete,
+    /// Euler Ancestral: stochastic, fresh noise every step (SD-Turbo with `trailing` spacing).
+    EulerAncestral,
+    /// The Latent Consistency Model sampler: few steps, fresh noise between steps.
+    Lcm,
 }
 
 impl FromStr for SchedulerKind {
     type Err = Error;
 
-    /// "ddim", "dpm++2m" (also "dpmsolver++", "dpm"), "euler", case-insensitive; the diffusers
-    /// class names are accepted too, so a config's `_class_name` can be passed straight in.
+    /// "ddim", "dpm++2m" (also "dpmsolver++", "dpm"), "euler", "euler-a" (also
+    /// "euler_ancestral"), "lcm", case-insensitive; the diffusers class names are accepted too,
+    /// so a config's `_class_name` can be passed straight in.
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "ddim" | "ddimscheduler" => Ok(Self::Ddim),
@@ -28,8 +33,13 @@ impl FromStr for SchedulerKind {
                 Ok(Self::DpmSolverMultistep)
             }
             "euler" | "eulerdiscretescheduler" => Ok(Self::EulerDiscrete),
+            "euler-a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => {
+                Ok(Self::EulerAncestral)
+            }
+            "lcm" | "lcmscheduler" => Ok(Self::Lcm),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown scheduler {s:?}; expected one of ddim, dpm++2m (dpmsolver++, dpm), euler"
+                "unknown scheduler {s:?}; expected one of ddim, dpm++2m (dpmsolver++, dpm), \
+                 euler, euler-a (euler_ancestral), lcm"
             ))),
         }
     }
@@ -41,6 +51,8 @@ impl fmt::Display for SchedulerKind {
             Self::Ddim => "ddim",
             Self::DpmSolverMultistep => "dpm++2m",
             Self::EulerDiscrete => "euler",
+            Self::EulerAncestral => "euler-a",
+            Self::Lcm => "lcm",
         })
     }
 }
@@ -221,5 +233,58 @@ impl StepRows {
             StepRows::Full => 2 * k,
             StepRows::SharedUncond => k + 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_parsing() -> Result<()> {
+        assert_eq!("ddim".parse::<SchedulerKind>()?, SchedulerKind::Ddim);
+        assert_eq!(
+            "DPM++2M".parse::<SchedulerKind>()?,
+            SchedulerKind::DpmSolverMultistep
+        );
+        assert_eq!(
+            "dpmsolver++".parse::<SchedulerKind>()?,
+            SchedulerKind::DpmSolverMultistep
+        );
+        assert_eq!(
+            "dpm".parse::<SchedulerKind>()?,
+            SchedulerKind::DpmSolverMultistep
+        );
+        assert_eq!(
+            "euler".parse::<SchedulerKind>()?,
+            SchedulerKind::EulerDiscrete
+        );
+        for name in [
+            "euler-a",
+            "Euler_Ancestral",
+            "EulerAncestralDiscreteScheduler",
+        ] {
+            assert_eq!(
+                name.parse::<SchedulerKind>()?,
+                SchedulerKind::EulerAncestral
+            );
+        }
+        for name in ["lcm", "LCMScheduler"] {
+            assert_eq!(name.parse::<SchedulerKind>()?, SchedulerKind::Lcm);
+        }
+        assert!(matches!(
+            "pndm".parse::<SchedulerKind>(),
+            Err(Error::InvalidArgument(_))
+        ));
+        for k in [
+            SchedulerKind::Ddim,
+            SchedulerKind::DpmSolverMultistep,
+            SchedulerKind::EulerDiscrete,
+            SchedulerKind::EulerAncestral,
+            SchedulerKind::Lcm,
+        ] {
+            assert_eq!(k.to_string().parse::<SchedulerKind>()?, k);
+        }
+        Ok(())
     }
 }

@@ -402,6 +402,8 @@ pub fn early_steps_to_wire(job: &EarlySteps<Tensor>) -> Result<WireEarlySteps> {
             SchedulerKind::Ddim => 0,
             SchedulerKind::DpmSolverMultistep => 1,
             SchedulerKind::EulerDiscrete => 2,
+            SchedulerKind::EulerAncestral => 3,
+            SchedulerKind::Lcm => 4,
         },
         batch_redundancy: match job.accel.batch_redundancy {
             BatchRedundancy::Off => 0,
@@ -420,6 +422,8 @@ pub fn early_steps_from_wire(w: WireEarlySteps, device: &Device) -> Result<Early
         0 => SchedulerKind::Ddim,
         1 => SchedulerKind::DpmSolverMultistep,
         2 => SchedulerKind::EulerDiscrete,
+        3 => SchedulerKind::EulerAncestral,
+        4 => SchedulerKind::Lcm,
         _ => return Err(bad("unknown scheduler")),
     };
     let batch_redundancy = match w.batch_redundancy {

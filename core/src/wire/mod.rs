@@ -171,7 +171,7 @@ pub struct WireEarlySteps {
     pub steps: u32,
     pub server_steps: u32,
     pub guidance: f64,
-    /// 0 ddim, 1 dpm++2m, 2 euler.
+    /// 0 ddim, 1 dpm++2m, 2 euler, 3 euler-a, 4 lcm.
     pub scheduler: u8,
     /// 0 off, 1 exact, 2 shared.
     pub batch_redundancy: u8,

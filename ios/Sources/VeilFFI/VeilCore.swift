@@ -630,7 +630,7 @@ fileprivate struct FfiConverterData: FfiConverterRustBuffer {
  */
 public protocol ProgressListener: AnyObject, Sendable {
     
-    func onProgress(step: UInt32, total: UInt32, preview: Preview?) 
+    func onProgress(step: UInt32, total: UInt32, preview: StepPreview?) 
     
 }
 /**
@@ -691,13 +691,13 @@ open class ProgressListenerImpl: ProgressListener, @unchecked Sendable {
     
 
     
-open func onProgress(step: UInt32, total: UInt32, preview: Preview?)  {try! rustCall() {
+open func onProgress(step: UInt32, total: UInt32, preview: StepPreview?)  {try! rustCall() {
         uniffiCallStatus in
     uniffi_veil_core_fn_method_progresslistener_on_progress(
             self.uniffiCloneHandle(),
         FfiConverterUInt32.lower(step),
         FfiConverterUInt32.lower(total),
-        FfiConverterOptionTypePreview.lower(preview),uniffiCallStatus
+        FfiConverterOptionTypeStepPreview.lower(preview),uniffiCallStatus
     )
 }
 }
@@ -746,7 +746,7 @@ fileprivate struct UniffiCallbackInterfaceProgressListener {
                 return uniffiObj.onProgress(
                      step: try FfiConverterUInt32.lift(step),
                      total: try FfiConverterUInt32.lift(total),
-                     preview: try FfiConverterOptionTypePreview.lift(preview)
+                     preview: try FfiConverterOptionTypeStepPreview.lift(preview)
                 )
             }
 
@@ -1391,74 +1391,6 @@ public func FfiConverterTypeObfuscationSummary_lower(_ value: ObfuscationSummary
 
 
 /**
- * A small preview of the image being denoised: the latents projected to RGB on the phone
- * (`client::preview`), 1/8 of the image's size.
- */
-public struct Preview: Equatable, Hashable {
-    /**
-     * PNG-encoded RGB.
-     */
-    public var png: Data
-    public var width: UInt32
-    public var height: UInt32
-
-    // Default memberwise initializers are never public by default, so we
-    // declare one manually.
-    public init(
-        /**
-         * PNG-encoded RGB.
-         */png: Data, width: UInt32, height: UInt32) {
-        self.png = png
-        self.width = width
-        self.height = height
-    }
-
-    
-
-    
-}
-
-#if compiler(>=6)
-extension Preview: Sendable {}
-#endif
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public struct FfiConverterTypePreview: FfiConverterRustBuffer {
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Preview {
-        return
-            try Preview(
-                png: FfiConverterData.read(from: &buf), 
-                width: FfiConverterUInt32.read(from: &buf), 
-                height: FfiConverterUInt32.read(from: &buf)
-        )
-    }
-
-    public static func write(_ value: Preview, into buf: inout [UInt8]) {
-        FfiConverterData.write(value.png, into: &buf)
-        FfiConverterUInt32.write(value.width, into: &buf)
-        FfiConverterUInt32.write(value.height, into: &buf)
-    }
-}
-
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypePreview_lift(_ buf: RustBuffer) throws -> Preview {
-    return try FfiConverterTypePreview.lift(buf)
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypePreview_lower(_ value: Preview) -> RustBuffer {
-    return FfiConverterTypePreview.lower(value)
-}
-
-
-/**
  * What each server saw of a generation, from the runtime's view audit.
  */
 public struct PrivacyReport: Equatable, Hashable {
@@ -2092,6 +2024,74 @@ public func FfiConverterTypeServerView_lower(_ value: ServerView) -> RustBuffer 
 
 
 /**
+ * A small preview of the image being denoised: the latents projected to RGB on the phone
+ * (`client::preview`), 1/8 of the image's size.
+ */
+public struct StepPreview: Equatable, Hashable {
+    /**
+     * PNG-encoded RGB.
+     */
+    public var png: Data
+    public var width: UInt32
+    public var height: UInt32
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * PNG-encoded RGB.
+         */png: Data, width: UInt32, height: UInt32) {
+        self.png = png
+        self.width = width
+        self.height = height
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension StepPreview: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStepPreview: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StepPreview {
+        return
+            try StepPreview(
+                png: FfiConverterData.read(from: &buf), 
+                width: FfiConverterUInt32.read(from: &buf), 
+                height: FfiConverterUInt32.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: StepPreview, into buf: inout [UInt8]) {
+        FfiConverterData.write(value.png, into: &buf)
+        FfiConverterUInt32.write(value.width, into: &buf)
+        FfiConverterUInt32.write(value.height, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepPreview_lift(_ buf: RustBuffer) throws -> StepPreview {
+    return try FfiConverterTypeStepPreview.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepPreview_lower(_ value: StepPreview) -> RustBuffer {
+    return FfiConverterTypeStepPreview.lower(value)
+}
+
+
+/**
  * Everything a client needs.
  */
 public struct VeilConfig: Equatable, Hashable {
@@ -2504,6 +2504,14 @@ public enum Scheduler: Equatable, Hashable {
      * `EulerDiscreteScheduler`.
      */
     case euler
+    /**
+     * `EulerAncestralDiscreteScheduler` (stochastic; SD-Turbo with `trailing` spacing).
+     */
+    case eulerAncestral
+    /**
+     * `LCMScheduler` (Latent Consistency Models; stochastic).
+     */
+    case lcm
 
 
 
@@ -2531,6 +2539,10 @@ public struct FfiConverterTypeScheduler: FfiConverterRustBuffer {
         
         case 3: return .euler
         
+        case 4: return .eulerAncestral
+        
+        case 5: return .lcm
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -2549,6 +2561,14 @@ public struct FfiConverterTypeScheduler: FfiConverterRustBuffer {
         
         case .euler:
             writeInt(&buf, Int32(3))
+        
+        
+        case .eulerAncestral:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .lcm:
+            writeInt(&buf, Int32(5))
         
         }
     }
@@ -3135,30 +3155,6 @@ fileprivate struct FfiConverterOptionTypeObfuscationSummary: FfiConverterRustBuf
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-fileprivate struct FfiConverterOptionTypePreview: FfiConverterRustBuffer {
-    typealias SwiftType = Preview?
-
-    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
-        guard let value = value else {
-            writeInt(&buf, Int8(0))
-            return
-        }
-        writeInt(&buf, Int8(1))
-        FfiConverterTypePreview.write(value, into: &buf)
-    }
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
-        switch try readInt(&buf) as Int8 {
-        case 0: return nil
-        case 1: return try FfiConverterTypePreview.read(from: &buf)
-        default: throw UniffiInternalError.unexpectedOptionalTag
-        }
-    }
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
 fileprivate struct FfiConverterOptionTypeRowRange: FfiConverterRustBuffer {
     typealias SwiftType = RowRange?
 
@@ -3175,6 +3171,30 @@ fileprivate struct FfiConverterOptionTypeRowRange: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeRowRange.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeStepPreview: FfiConverterRustBuffer {
+    typealias SwiftType = StepPreview?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeStepPreview.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeStepPreview.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }

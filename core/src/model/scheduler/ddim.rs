@@ -51,7 +51,9 @@ impl DdimScheduler {
             timesteps,
             stride: (n_train / n) as i64,
             prediction_type: config.prediction_type,
-            clip: config.clip_sample.then_some(config.clip_sample_range),
+            clip: config
+                .clip_for(SchedulerKind::Ddim)
+                .then_some(config.clip_sample_range),
         })
     }
 

@@ -1,8 +1,12 @@
-//! Diffusers-compatible noise schedulers: DDIM (eta = 0), DPM-Solver++ 2M and Euler, driven by a
-//! diffusers `scheduler_config.json`.
+//! Diffusers-compatible noise schedulers: DDIM (eta = 0), DPM-Solver++ 2M, Euler, Euler
+//! Ancestral and LCM, driven by a diffusers `scheduler_config.json`. The last two are
+//! stochastic (fresh noise every step, from a [`StepNoise`]: see `noise`) and serve few-step
+//! models (SD-Turbo / SDXL-Turbo with `trailing` spacing, LCM).
 //!
 //! The reference is diffusers itself (`DDIMScheduler`, `DPMSolverMultistepScheduler`,
-//! `EulerDiscreteScheduler`); `core/tests/scheduler_golden.rs` replays a loop recorded from it.
+//! `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `LCMScheduler`);
+//! `core/tests/scheduler_golden.rs` replays loops recorded from it (the stochastic ones with
+//! the noise diffusers drew).
 //! Schedule arrays are f64; the sampling math on tensors is f32 (samples are upcast, and cast back
 //! to their dtype on return).
 //!
@@ -24,11 +28,15 @@
 //!
 //! This file holds what the samplers share: the config and its validation, the [`Scheduler`]
 //! trait, [`new_scheduler`], the numpy-exact schedule helpers and the f32 tensor arithmetic.
-//! Each sampler lives in its own file (`ddim`, `dpm_solver`, `euler`).
+//! Each sampler lives in its own file (`ddim`, `dpm_solver`, `euler`, `euler_ancestral`,
+//! `lcm`); the step noise of the stochastic ones in `noise`.
 
 mod ddim;
 mod dpm_solver;
 mod euler;
+mod euler_ancestral;
+mod lcm;
+mod noise;
 
 use std::path::Path;
 
@@ -40,6 +48,9 @@ use crate::vocab::error::{Error, Result};
 pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
+pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use lcm::LcmScheduler;
+pub use noise::{seeded_normal, ReplayStepNoise, SeededStepNoise, StepNoise};
 
 /// How betas are laid out over the training timesteps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -78,7 +89,9 @@ pub enum TimestepSpacing {
 }
 
 /// A diffusers `scheduler_config.json`. Missing fields take diffusers' defaults; fields Veil does
-/// not know are ignored (SD configs carry PNDM-only keys such as `skip_prk_steps`).
+/// not know are ignored (SD configs carry PNDM-only keys such as `skip_prk_steps`). The beta
+/// defaults are DDIM's/Euler's/DPM's; `LCMScheduler`'s differ (scaled_linear 0.00085..0.012),
+/// which matters only for a config that leaves them out (no diffusers-written config does).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
@@ -94,15 +107,20 @@ pub struct SchedulerConfig {
     /// Added to `leading` timesteps (1 for Stable Diffusion).
     pub steps_offset: usize,
     /// `None` means the scheduler's own diffusers default: `leading` for DDIM, `linspace` for
-    /// DPM-Solver++ and Euler. SD 1.5/2.1 configs do not set it, so the default matters.
+    /// DPM-Solver++ and both Eulers (LCM ignores it). SD 1.5/2.1 configs do not set it, so the
+    /// default matters.
     pub timestep_spacing: Option<TimestepSpacing>,
-    /// DDIM only: clamp the predicted x0 to `±clip_sample_range` (diffusers defaults to true;
-    /// SD configs set false).
-    pub clip_sample: bool,
+    /// DDIM and LCM: clamp the predicted x0 to `±clip_sample_range`. `None` means the
+    /// scheduler's diffusers default (DDIM true, LCM false; SD configs set false).
+    pub clip_sample: Option<bool>,
     pub clip_sample_range: f64,
     /// DPM-Solver++ only: drop the tail of the schedule whose log-SNR is below this value.
     #[serde(deserialize_with = "lenient_f64")]
     pub lambda_min_clipped: f64,
+    /// LCM only: the length of the distillation schedule its timesteps are picked from.
+    pub original_inference_steps: usize,
+    /// LCM only: the timestep scale of the boundary-condition scalings c_skip and c_out.
+    pub timestep_scaling: f64,
     /// diffusers options that change the math and that Veil does not implement. They are parsed
     /// only so that a config asking for one fails loudly instead of sampling differently.
     #[serde(flatten)]
@@ -121,9 +139,11 @@ impl Default for SchedulerConfig {
             set_alpha_to_one: true,
             steps_offset: 0,
             timestep_spacing: None,
-            clip_sample: true,
+            clip_sample: None,
             clip_sample_range: 1.0,
             lambda_min_clipped: f64::NEG_INFINITY,
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
             advanced: AdvancedOptions::default(),
         }
     }
@@ -266,14 +286,25 @@ impl SchedulerConfig {
         Ok(())
     }
 
-    /// The spacing `kind` uses: the configured one, or that scheduler's diffusers default.
+    /// The spacing `kind` uses: the configured one, or that scheduler's diffusers default
+    /// (LCM's is `leading`, but LCM picks its timesteps its own way and never reads it).
     pub fn spacing_for(&self, kind: SchedulerKind) -> TimestepSpacing {
         self.timestep_spacing.unwrap_or(match kind {
-            SchedulerKind::Ddim => TimestepSpacing::Leading,
-            SchedulerKind::DpmSolverMultistep | SchedulerKind::EulerDiscrete => {
-                TimestepSpacing::Linspace
-            }
+            SchedulerKind::Ddim | SchedulerKind::Lcm => TimestepSpacing::Leading,
+            SchedulerKind::DpmSolverMultistep
+            | SchedulerKind::EulerDiscrete
+            | SchedulerKind::EulerAncestral => TimestepSpacing::Linspace,
         })
+    }
+
+    /// Whether `kind` clamps its x0 prediction: the configured `clip_sample`, or that
+    /// scheduler's diffusers default (true for DDIM, false for LCM; the others never clip).
+    pub fn clip_for(&self, kind: SchedulerKind) -> bool {
+        match kind {
+            SchedulerKind::Ddim => self.clip_sample.unwrap_or(true),
+            SchedulerKind::Lcm => self.clip_sample.unwrap_or(false),
+            _ => false,
+        }
     }
 
     /// Rejects the options `kind` would read but Veil does not implement.
@@ -285,7 +316,13 @@ impl SchedulerConfig {
         }
         let dpm = kind == SchedulerKind::DpmSolverMultistep;
         let euler = kind == SchedulerKind::EulerDiscrete;
-        if a.thresholding && !euler {
+        // The Euler samplers do not read `thresholding`.
+        if a.thresholding
+            && !matches!(
+                kind,
+                SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestral
+            )
+        {
             bad.push("thresholding".into());
         }
         if dpm || euler {
@@ -414,6 +451,9 @@ pub use crate::vocab::job::SchedulerKind;
 
 /// A sampler over a fixed inference schedule. Steps are addressed by index into
 /// [`Scheduler::timesteps`]; call them in order (DPM-Solver++ keeps the previous model output).
+/// The stochastic samplers (Euler Ancestral, LCM) draw step `i`'s fresh noise from the
+/// [`StepNoise`] they own, by index: `step` keeps its signature, and a generation keys that
+/// noise by its initial noise (`set_step_noise`), a golden test replays diffusers' own.
 pub trait Scheduler: Send {
     fn kind(&self) -> SchedulerKind;
     /// The timestep the U-Net is conditioned on at each step (integral for DDIM/DPM; Euler's
@@ -429,6 +469,14 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(self, step_index)?;
         Ok(sample.clone())
+    }
+    /// Whether `step` adds fresh noise (drawn from its [`StepNoise`]).
+    fn is_stochastic(&self) -> bool {
+        false
+    }
+    /// Where a stochastic sampler draws its step noise from; deterministic ones ignore it.
+    fn set_step_noise(&mut self, noise: Box<dyn StepNoise>) {
+        let _ = noise;
     }
     /// One denoising step: from the sample at `step_index` to the next one.
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor)
@@ -459,7 +507,27 @@ pub fn new_scheduler(
         SchedulerKind::EulerDiscrete => {
             Box::new(EulerDiscreteScheduler::new(config, num_inference_steps)?)
         }
+        SchedulerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(
+            config,
+            num_inference_steps,
+        )?),
+        SchedulerKind::Lcm => Box::new(LcmScheduler::new(config, num_inference_steps)?),
     })
+}
+
+/// [`new_scheduler`] with a stochastic sampler's step noise keyed by the generation's initial
+/// noise (before `init_noise_sigma`), so every party that runs a step of it draws the same.
+pub fn new_seeded_scheduler(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+    initial_noise: &Tensor,
+) -> Result<Box<dyn Scheduler + Send>> {
+    let mut s = new_scheduler(kind, config, num_inference_steps)?;
+    if s.is_stochastic() {
+        s.set_step_noise(Box::new(SeededStepNoise::keyed_by(initial_noise)?));
+    }
+    Ok(s)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,39 +703,6 @@ mod tests {
     }
 
     #[test]
-    fn kind_parsing() -> Result<()> {
-        assert_eq!("ddim".parse::<SchedulerKind>()?, SchedulerKind::Ddim);
-        assert_eq!(
-            "DPM++2M".parse::<SchedulerKind>()?,
-            SchedulerKind::DpmSolverMultistep
-        );
-        assert_eq!(
-            "dpmsolver++".parse::<SchedulerKind>()?,
-            SchedulerKind::DpmSolverMultistep
-        );
-        assert_eq!(
-            "dpm".parse::<SchedulerKind>()?,
-            SchedulerKind::DpmSolverMultistep
-        );
-        assert_eq!(
-            "euler".parse::<SchedulerKind>()?,
-            SchedulerKind::EulerDiscrete
-        );
-        assert!(matches!(
-            "pndm".parse::<SchedulerKind>(),
-            Err(Error::InvalidArgument(_))
-        ));
-        for k in [
-            SchedulerKind::Ddim,
-            SchedulerKind::DpmSolverMultistep,
-            SchedulerKind::EulerDiscrete,
-        ] {
-            assert_eq!(k.to_string().parse::<SchedulerKind>()?, k);
-        }
-        Ok(())
-    }
-
-    #[test]
     fn config_parsing() -> Result<()> {
         let c = SchedulerConfig::from_json_str(
             r#"{"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
@@ -697,6 +732,27 @@ mod tests {
         assert!(new_scheduler(SchedulerKind::Ddim, &karras, 10).is_ok());
         assert!(new_scheduler(SchedulerKind::Ddim, &SchedulerConfig::default(), 0).is_err());
         assert!(new_scheduler(SchedulerKind::Ddim, &SchedulerConfig::default(), 1001).is_err());
+        let lcm = SchedulerConfig::from_json_str(
+            r#"{"original_inference_steps": 8, "timestep_scaling": 5.0, "thresholding": false}"#,
+        )?;
+        assert_eq!(
+            (lcm.original_inference_steps, lcm.timestep_scaling),
+            (8, 5.0)
+        );
+        assert!(new_scheduler(SchedulerKind::Lcm, &lcm, 8)?.is_stochastic());
+        assert!(new_scheduler(SchedulerKind::Lcm, &lcm, 9).is_err());
+        let thresholding = SchedulerConfig::from_json_str(r#"{"thresholding": true}"#)?;
+        assert!(matches!(
+            new_scheduler(SchedulerKind::Lcm, &thresholding, 4),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(new_scheduler(SchedulerKind::EulerAncestral, &thresholding, 4).is_ok());
+        let x0 = SchedulerConfig::from_json_str(r#"{"prediction_type": "sample"}"#)?;
+        assert!(matches!(
+            new_scheduler(SchedulerKind::EulerAncestral, &x0, 4),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(!new_scheduler(SchedulerKind::Ddim, &x0, 4)?.is_stochastic());
         Ok(())
     }
 }

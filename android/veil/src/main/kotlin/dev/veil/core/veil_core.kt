@@ -1329,7 +1329,7 @@ public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
  */
 public interface ProgressListener {
     
-    fun `onProgress`(`step`: kotlin.UInt, `total`: kotlin.UInt, `preview`: Preview?)
+    fun `onProgress`(`step`: kotlin.UInt, `total`: kotlin.UInt, `preview`: StepPreview?)
     
     companion object
 }
@@ -1440,7 +1440,7 @@ open class ProgressListenerImpl: Disposable, AutoCloseable, ProgressListener
         }
     }
 
-    override fun `onProgress`(`step`: kotlin.UInt, `total`: kotlin.UInt, `preview`: Preview?)
+    override fun `onProgress`(`step`: kotlin.UInt, `total`: kotlin.UInt, `preview`: StepPreview?)
         = 
     callWithHandle {
     uniffiRustCall() { _status ->
@@ -1449,7 +1449,7 @@ open class ProgressListenerImpl: Disposable, AutoCloseable, ProgressListener
         
         FfiConverterUInt.lower(`step`),
         FfiConverterUInt.lower(`total`),
-        FfiConverterOptionalTypePreview.lower(`preview`),_status)
+        FfiConverterOptionalTypeStepPreview.lower(`preview`),_status)
 }
     }
     
@@ -1480,7 +1480,7 @@ internal object uniffiCallbackInterfaceProgressListener {
                 uniffiObj.`onProgress`(
                     FfiConverterUInt.lift(`step`),
                     FfiConverterUInt.lift(`total`),
-                    FfiConverterOptionalTypePreview.lift(`preview`),
+                    FfiConverterOptionalTypeStepPreview.lift(`preview`),
                 )
             }
             val writeReturn = { _: Unit -> Unit }
@@ -1988,56 +1988,6 @@ public object FfiConverterTypeObfuscationSummary: FfiConverterRustBuffer<Obfusca
 
 
 /**
- * A small preview of the image being denoised: the latents projected to RGB on the phone
- * (`client::preview`), 1/8 of the image's size.
- */
-data class Preview (
-    /**
-     * PNG-encoded RGB.
-     */
-    var `png`: kotlin.ByteArray
-    , 
-    var `width`: kotlin.UInt
-    , 
-    var `height`: kotlin.UInt
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypePreview: FfiConverterRustBuffer<Preview> {
-    override fun read(buf: ByteBuffer): Preview {
-        return Preview(
-            FfiConverterByteArray.read(buf),
-            FfiConverterUInt.read(buf),
-            FfiConverterUInt.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: Preview) = (
-            FfiConverterByteArray.allocationSize(value.`png`) +
-            FfiConverterUInt.allocationSize(value.`width`) +
-            FfiConverterUInt.allocationSize(value.`height`)
-    )
-
-    override fun write(value: Preview, buf: ByteBuffer) {
-            FfiConverterByteArray.write(value.`png`, buf)
-            FfiConverterUInt.write(value.`width`, buf)
-            FfiConverterUInt.write(value.`height`, buf)
-    }
-}
-
-
-
-/**
  * What each server saw of a generation, from the runtime's view audit.
  */
 data class PrivacyReport (
@@ -2511,6 +2461,56 @@ public object FfiConverterTypeServerView: FfiConverterRustBuffer<ServerView> {
 
 
 /**
+ * A small preview of the image being denoised: the latents projected to RGB on the phone
+ * (`client::preview`), 1/8 of the image's size.
+ */
+data class StepPreview (
+    /**
+     * PNG-encoded RGB.
+     */
+    var `png`: kotlin.ByteArray
+    , 
+    var `width`: kotlin.UInt
+    , 
+    var `height`: kotlin.UInt
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStepPreview: FfiConverterRustBuffer<StepPreview> {
+    override fun read(buf: ByteBuffer): StepPreview {
+        return StepPreview(
+            FfiConverterByteArray.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: StepPreview) = (
+            FfiConverterByteArray.allocationSize(value.`png`) +
+            FfiConverterUInt.allocationSize(value.`width`) +
+            FfiConverterUInt.allocationSize(value.`height`)
+    )
+
+    override fun write(value: StepPreview, buf: ByteBuffer) {
+            FfiConverterByteArray.write(value.`png`, buf)
+            FfiConverterUInt.write(value.`width`, buf)
+            FfiConverterUInt.write(value.`height`, buf)
+    }
+}
+
+
+
+/**
  * Everything a client needs.
  */
 data class VeilConfig (
@@ -2784,7 +2784,15 @@ enum class Scheduler {
     /**
      * `EulerDiscreteScheduler`.
      */
-    EULER;
+    EULER,
+    /**
+     * `EulerAncestralDiscreteScheduler` (stochastic; SD-Turbo with `trailing` spacing).
+     */
+    EULER_ANCESTRAL,
+    /**
+     * `LCMScheduler` (Latent Consistency Models; stochastic).
+     */
+    LCM;
 
     
 
@@ -3477,38 +3485,6 @@ public object FfiConverterOptionalTypeObfuscationSummary: FfiConverterRustBuffer
 /**
  * @suppress
  */
-public object FfiConverterOptionalTypePreview: FfiConverterRustBuffer<Preview?> {
-    override fun read(buf: ByteBuffer): Preview? {
-        if (buf.get().toInt() == 0) {
-            return null
-        }
-        return FfiConverterTypePreview.read(buf)
-    }
-
-    override fun allocationSize(value: Preview?): ULong {
-        if (value == null) {
-            return 1UL
-        } else {
-            return 1UL + FfiConverterTypePreview.allocationSize(value)
-        }
-    }
-
-    override fun write(value: Preview?, buf: ByteBuffer) {
-        if (value == null) {
-            buf.put(0)
-        } else {
-            buf.put(1)
-            FfiConverterTypePreview.write(value, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
 public object FfiConverterOptionalTypeRowRange: FfiConverterRustBuffer<RowRange?> {
     override fun read(buf: ByteBuffer): RowRange? {
         if (buf.get().toInt() == 0) {
@@ -3531,6 +3507,38 @@ public object FfiConverterOptionalTypeRowRange: FfiConverterRustBuffer<RowRange?
         } else {
             buf.put(1)
             FfiConverterTypeRowRange.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeStepPreview: FfiConverterRustBuffer<StepPreview?> {
+    override fun read(buf: ByteBuffer): StepPreview? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeStepPreview.read(buf)
+    }
+
+    override fun allocationSize(value: StepPreview?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeStepPreview.allocationSize(value)
+        }
+    }
+
+    override fun write(value: StepPreview?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeStepPreview.write(value, buf)
         }
     }
 }
