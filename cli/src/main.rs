@@ -1,9 +1,10 @@
-//! `veil`: private text-to-image generation from the command line.
+//! `veil`: private text-to-image (and image-to-image) generation from the command line.
 //!
 //! - `veil generate "<prompt>" --model DIR --policy local|ppidm --servers N …` writes a PNG and,
 //!   with `--stats`, a JSON of time and traffic per shard backend. The shard backends run
 //!   in-process (`--servers N`), on N real QUIC servers spawned on loopback
 //!   (`--local-servers N`), or on remote `veil-server`s (`--server-list servers.toml`).
+//!   `--init-image PNG --strength S [--noise FILE]` starts from an image (image-to-image).
 //! - `veil plan --config unet/config.json --width 512 --height 512 --servers 4 --policy ppidm`
 //!   prints PPIDM-style traffic tables and the offloaded FLOP share from the config alone.
 //! - `veil dataset`, `veil score` and `veil eval`: the shapes dataset, the adherence scorer and
@@ -17,6 +18,7 @@ mod eval_adherence;
 mod eval_attacks;
 mod eval_generations;
 mod eval_report;
+mod img2img_args;
 mod link_bench;
 mod model_cmd;
 mod obf_bench;
@@ -179,9 +181,12 @@ struct GenerateArgs {
     scheduler: String,
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Initial latents: a safetensors file with one tensor `latents` [1, 4, H/8, W/8].
+    /// Text-to-image's initial latents (diffusers' `latents=`): a safetensors file with one
+    /// tensor `latents` [1, 4, H/8, W/8].
     #[arg(long)]
     latents: Option<PathBuf>,
+    #[command(flatten)]
+    img2img: img2img_args::Img2ImgArgs,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
     /// Where this device's share runs.
@@ -383,26 +388,24 @@ fn generate_options(
     let f = sd.vae.config.downsample_factor();
     let default_side = sd.unet.config.sample_size.unwrap_or(64) * f;
     let latents = match &a.latents {
-        Some(p) => {
-            let mut m = candle_core::safetensors::load(p, device)
-                .with_context(|| format!("reading latents {}", p.display()))?;
-            Some(
-                m.remove("latents")
-                    .with_context(|| format!("{} has no tensor `latents`", p.display()))?,
-            )
-        }
+        Some(p) => Some(img2img_args::read_tensor(p, "latents", device)?),
         None => None,
     };
+    let img2img = a.img2img.load(device)?;
+    let (width, height) = img2img.size(a.width, a.height, default_side)?;
     Ok(GenerateOptions {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
         guidance: a.guidance,
         seed: a.seed,
-        width: a.width.unwrap_or(default_side),
-        height: a.height.unwrap_or(default_side),
+        width,
+        height,
         scheduler,
         latents,
+        init_image: img2img.image,
+        strength: img2img.strength,
+        noise: img2img.noise,
         policy,
         wire,
         attention_reuse_from: a.reuse_attention_from,
@@ -472,7 +475,11 @@ async fn run_generation(
         sd.in_process_backends(a.placement.servers)
     };
     let result = sd
-        .generate(opts, &backends, &mut |p| bar.set_position(p.step as u64))
+        .generate(opts, &backends, &mut |p| {
+            // Image-to-image runs fewer steps than --steps.
+            bar.set_length(p.total as u64);
+            bar.set_position(p.step as u64)
+        })
         .await;
     let wire_bytes = quic_backends.iter().fold((0u64, 0u64), |(s, r), b| {
         let t = b.traffic();

@@ -206,6 +206,7 @@ impl Bench {
                     noise: noise.clone(),
                     steps: a.steps,
                     server_steps: self.half,
+                    start_step: None,
                     guidance: a.guidance,
                     scheduler: SchedulerKind::Ddim,
                     accel: *accel,

@@ -872,18 +872,26 @@ fn requests_and_replies_convert_both_ways() {
 
 /// The fuzz seeds were written by hand (a Python script following docs/PROTOCOL.md, zstd frames
 /// from the zstd command line, without a content size; the `request_apply*` seeds by
-/// `write_apply_fuzz_seeds` below, two of them laid out by hand): the documented layout decodes.
+/// `write_apply_fuzz_seeds` below, two of them laid out by hand; `early_steps_img2img`, an
+/// image-to-image early-steps job, by a Python script): the documented layout decodes.
 #[test]
 fn hand_written_fuzz_seeds_decode() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/frame_decoder");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let (mut n, mut applies) = (0, 0);
+    let (mut n, mut applies, mut img2img) = (0, 0, 0);
     for e in entries {
         let path = e.unwrap().path();
         let bytes = std::fs::read(&path).unwrap();
         let msg = dec(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Message::EarlySteps { job, .. } = &msg {
+            assert_eq!(
+                (job.steps, job.server_steps, job.start_step),
+                (10, 3, Some(4))
+            );
+            img2img += 1;
+        }
         if let Message::Request { calls, .. } = &msg {
             applies += calls
                 .iter()
@@ -898,8 +906,9 @@ fn hand_written_fuzz_seeds_decode() {
         );
         n += 1;
     }
-    assert!(n >= 11, "{n} seeds");
+    assert!(n >= 12, "{n} seeds");
     assert!(applies >= 10, "{applies} Apply calls in the seeds");
+    assert_eq!(img2img, 1, "the image-to-image early-steps seed");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1263,6 +1272,8 @@ fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
             negative_prompt: "blurry".into(),
             noise: noise.clone(),
             steps: 30,
+            // Image-to-image for two of them (protocol 4): the run starts at step 12.
+            start_step: matches!(scheduler, SchedulerKind::Ddim | SchedulerKind::Lcm).then_some(12),
             server_steps: 15,
             guidance: 7.5,
             scheduler,
@@ -1295,12 +1306,38 @@ fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
         negative_prompt: String::new(),
         noise: noise.clone(),
         steps: 4,
+        start_step: None,
         server_steps: 5,
         guidance: 5.0,
         scheduler: SchedulerKind::Ddim,
         accel: Accelerations::default(),
     };
     assert!(early_steps_to_wire(&bad).is_err());
+    // Image-to-image: the start must lie in the schedule, the server steps after it.
+    for (start, k) in [(4, 0), (2, 3)] {
+        let bad = EarlySteps {
+            start_step: Some(start),
+            server_steps: k,
+            ..bad.clone()
+        };
+        assert!(early_steps_to_wire(&bad).is_err(), "start {start}, k {k}");
+    }
+    let ok = EarlySteps {
+        start_step: Some(2),
+        server_steps: 2,
+        ..bad.clone()
+    };
+    let msg = Message::EarlySteps {
+        job: early_steps_to_wire(&ok).expect("to wire"),
+        reply_dtype: WireDtype::F32,
+        compression: Compression::None,
+    };
+    // The flag is a bool: any byte but 0 and 1 is refused.
+    let mut bytes = encode(&msg, Compression::None).expect("encode");
+    let flag = bytes.len() - 5;
+    assert_eq!(bytes[flag], 1);
+    bytes[flag] = 2;
+    assert!(dec(&bytes).is_err());
 }
 
 /// A copy of `job` whose noise compares bit for bit through `Debug`.
@@ -1310,6 +1347,7 @@ fn comparable_job(job: &EarlySteps<Tensor>) -> EarlySteps<Bits> {
         negative_prompt: job.negative_prompt.clone(),
         noise: bits(&job.noise),
         steps: job.steps,
+        start_step: job.start_step,
         server_steps: job.server_steps,
         guidance: job.guidance,
         scheduler: job.scheduler,
@@ -1538,7 +1576,7 @@ fn hand_written_apply_matches_the_encoder() {
 #[test]
 fn protocol_doc_apply_example() {
     let doc: &[u8] = &[
-        0x56, 0x45, 0x49, 0x4C, 0x03, 0x00, 0x03, // "VEIL", version 3, Request
+        0x56, 0x45, 0x49, 0x4C, 0x04, 0x00, 0x03, // "VEIL", version 4, Request
         0x01, 0x00, 0x00, 0x00, 0x00, 0x00, // reply f16, no compression, level 0
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // reply codec none, not exact, first slot 0
         0x01, 0x00, 0x00, 0x00, // 1 call

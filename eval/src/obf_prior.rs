@@ -434,6 +434,7 @@ impl Request<'_> {
             noise: self.noise(sd, cfg.side)?,
             steps: cfg.steps,
             server_steps: cfg.steps,
+            start_step: None,
             guidance: cfg.guidance,
             scheduler: SchedulerKind::Ddim,
             accel: Default::default(),

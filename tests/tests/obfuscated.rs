@@ -216,6 +216,7 @@ fn job(sd: &StableDiffusion, k: usize, accel: Accelerations, steps: usize) -> Ea
         noise: seeded_normal(4, &[1, sd.unet.config.in_channels, 8, 8], &sd.device).expect("noise"),
         steps,
         server_steps: steps,
+        start_step: None,
         guidance: 5.0,
         scheduler: SchedulerKind::Ddim,
         accel,
@@ -376,6 +377,7 @@ fn early_steps_codec_round_trips_and_checks_its_bounds() {
         scheduler,
         batch_redundancy: 1,
         attention_gate: 6,
+        start_step: None,
     };
     // Its own message (protocol 2), not a call of a shard request.
     let msg = |j: WireEarlySteps| Message::EarlySteps {
@@ -457,6 +459,7 @@ fn an_overpriced_early_steps_job_is_refused_before_running() {
             .expect("noise"),
         steps: 1000,
         server_steps: 1000,
+        start_step: None,
         guidance: 5.0,
         scheduler: SchedulerKind::Ddim,
         accel: Accelerations::default(),

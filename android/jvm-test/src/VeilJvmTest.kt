@@ -257,6 +257,21 @@ suspend fun privacyAndPreviews(model: String, servers: List<ServerConfig>, cli: 
         check(p.preview!!.size == image.size.first / 8 to image.size.second / 8) { "preview ${p.preview!!.size} of ${image.size}" }
     }
     checkPrivacyAgainstCli(image, model, servers, cli)
+
+    // Image-to-image from the image just made: strength 0.5 of 8 steps runs the last 4; a
+    // strength that keeps no step is a readable InvalidRequest.
+    val steps = mutableListOf<Progress>()
+    val edited = veil.generate(PROMPT, Veil.options(seed = 12L, initImage = image.png, strength = 0.5)) { synchronized(steps) { steps.add(it) } }
+    check(edited.stats.steps == 4u && steps.map { it.step } == (1..4).toList() && edited.size == image.size) {
+        "img2img ran ${edited.stats.steps} steps ${steps.map { it.step }}, size ${edited.size}"
+    }
+    check(!edited.png.contentEquals(image.png)) { "img2img returned the init image" }
+    try {
+        veil.generate(PROMPT, Veil.options(initImage = image.png, strength = 0.01))
+        check(false) { "a strength keeping no step accepted" }
+    } catch (e: VeilException.InvalidRequest) {
+        check(e.message.orEmpty().contains("strength")) { "message ${e.message}" }
+    }
     veil.close()
 }
 

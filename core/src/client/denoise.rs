@@ -61,7 +61,7 @@ impl Conditioning {
         })
     }
 
-    /// How step `i` is batched.
+    /// How the `i`-th step of a run (counted from the run's first step) is batched.
     pub fn rows(&self, i: usize) -> StepRows {
         self.accel.rows_at(i, self.k, self.guided.is_some())
     }
@@ -131,9 +131,9 @@ pub struct LoopReport {
     pub unet_rows: u64,
 }
 
-/// Runs steps `steps` of `scheduler` from `latents` [K, C, h, w] (already scaled by the
-/// scheduler's initial sigma), every U-Net call through `rt` (one runtime, or the guidance
-/// halves' two).
+/// Runs steps `steps` of `scheduler` from `latents` [K, C, h, w] (as they enter the first of
+/// them: scaled by the scheduler's initial sigma, or an image-to-image start), every U-Net call
+/// through `rt` (one runtime, or the guidance halves' two).
 pub async fn denoise<E: Engine<T = Tensor>>(
     unet: &UNet,
     mut rt: Runners<'_, '_, E>,
@@ -156,7 +156,9 @@ pub async fn denoise<E: Engine<T = Tensor>>(
         if (hooks.cancelled)() {
             return Err(Error::Cancelled);
         }
-        let rows = conditioning.rows(i);
+        // Batching counts from the run's first step (an image-to-image run starts mid-schedule;
+        // an `obfuscated` server's first step is where its K latents are identical).
+        let rows = conditioning.rows(i - steps.start);
         let (x, context) = conditioning.batch(rows, &latents)?;
         unet_rows += x.dim(0)? as u64;
         let x = scheduler.scale_model_input(&x, i)?;

@@ -1,6 +1,8 @@
 //! The server's side of the `obfuscated` policy: a server that holds the whole model runs the
 //! first k denoising steps of all K candidate prompts in one guided batch, through the same
 //! denoise loop as every other generation (`denoise::denoise`), and answers with K latents.
+//! Image-to-image (`EarlySteps::start_step`), the candidates start from the noised init latents
+//! the phone sent, at that step of the schedule.
 //! `early_steps_flops` gives the same job's cost from shapes alone, by the same batching rule.
 
 use candle_core::{DType, Tensor};
@@ -33,7 +35,7 @@ pub struct EarlyReport {
 
 impl StableDiffusion {
     /// Runs a job's early steps here (the server side of `obfuscated`). `observe` sees the K
-    /// latents after every step.
+    /// latents after every step, with the step's index in the schedule.
     pub fn early_steps(
         &self,
         job: &EarlySteps<Tensor>,
@@ -51,10 +53,17 @@ impl StableDiffusion {
         }
         let chunk = self.admit_early_steps(job, (h, w))?;
         let noise = job.noise.to_dtype(DType::F32)?;
-        // A stochastic sampler's step noise is keyed by the job's noise, as on the phone.
+        // A stochastic sampler's step noise is keyed by the job's starting tensor, as on the
+        // phone (`client::img2img`).
         let mut sched =
             new_seeded_scheduler(job.scheduler, &self.scheduler_config, job.steps, &noise)?;
-        let latents = (noise * sched.init_noise_sigma())?.repeat((k, 1, 1, 1))?;
+        // Text-to-image: the noise times the initial sigma; image-to-image: the latents as sent.
+        let start = match job.start_step {
+            None => (noise * sched.init_noise_sigma())?,
+            Some(_) => noise,
+        };
+        let latents = start.repeat((k, 1, 1, 1))?;
+        let first = job.first_step();
         let conds = job
             .candidates
             .iter()
@@ -82,7 +91,7 @@ impl StableDiffusion {
             Runners::One(&mut rt),
             sched.as_mut(),
             latents,
-            0..job.server_steps,
+            first..first + job.server_steps,
             &conditioning,
             LoopHooks {
                 cancelled: &|| false,

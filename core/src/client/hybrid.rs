@@ -3,6 +3,11 @@
 //! steps for all of them (`EarlySteps`, its own message), keep the real candidate's latent, and
 //! finish the remaining T − k steps on the phone with the device U-Net, through the same denoise
 //! loop as every generation. The server's side is `early_steps`.
+//!
+//! Image-to-image runs the same way over the steps the strength keeps (`img2img`): the server's
+//! k steps start from the init image's latents, noised on the phone, which the job carries in
+//! place of the noise. The server therefore sees the noised image latent: `obfuscated` hides
+//! which of the K candidate prompts is real (the prompt's attributes), not an init image.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +21,7 @@ pub use crate::client::options::{
 };
 use crate::client::options::{GenerateOptions, Generation, RunStats};
 use crate::client::pipeline::{Progress, StableDiffusion};
-use crate::model::scheduler::{new_seeded_scheduler, Scheduler, SchedulerKind};
+use crate::model::scheduler::{Scheduler, SchedulerKind};
 use crate::obfuscation::{candidates_with_key, CandidateSet, Lexicon, ObfuscationKey};
 use crate::placement::accounting::{Accounting, OpKind, Transfer};
 use crate::placement::audit::{Audit, TextView, View, ViewKind};
@@ -28,6 +33,16 @@ pub use crate::vocab::job::{
     MAX_STEPS,
 };
 use crate::vocab::ops::ShardBackend;
+
+/// What the phone asks the server: the candidates, the tensor every candidate starts from (the
+/// noise, or the noised init latents), where in the schedule, and how many steps.
+struct Job<'a> {
+    set: &'a CandidateSet,
+    start: &'a Tensor,
+    /// Image-to-image: the schedule step `start` enters.
+    start_step: Option<usize>,
+    k_steps: usize,
+}
 
 /// What the phone sent for one `obfuscated` generation, and what came back.
 struct EarlyExchange {
@@ -48,13 +63,14 @@ impl StableDiffusion {
         progress: &mut (dyn FnMut(Progress<'_>) + Send),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<Generation> {
-        let start = Instant::now();
+        let clock = Instant::now();
         let o = &opts.obfuscation;
-        let total = opts.steps;
-        let k_steps = o.server_steps.unwrap_or(total / 2);
-        check_split(k_steps, total, opts.scheduler)?;
-        let (h, w) = self.latent_size(opts.width, opts.height)?;
-        let noise = self.initial_noise(opts, h, w)?;
+        let mut start = self.start(opts)?;
+        let (first, run) = (start.first, start.steps_run());
+        let total = first + run;
+        // k counts the steps that run (all T for text-to-image).
+        let k_steps = o.server_steps.unwrap_or(run / 2);
+        check_split(k_steps, run, opts.scheduler)?;
         let builtin;
         let lex = match &o.lexicon {
             Some(l) => l.as_ref(),
@@ -71,9 +87,8 @@ impl StableDiffusion {
             .as_deref()
             .unwrap_or_else(|| ObfuscationKey::process());
         let set = candidates_with_key(&opts.prompt, &spans, lex, k_max, key, &mut rand::rng())?;
-        let mut scheduler =
-            new_seeded_scheduler(opts.scheduler, &self.scheduler_config, total, &noise)?;
-        let mut latents = (&noise * scheduler.init_noise_sigma())?;
+        let mut latents = start.latents.clone();
+        let mut progress = start.shifted(progress);
         let mut exchange = EarlyExchange {
             latents: latents.clone(),
             audit: Audit::new(usize::from(k_steps > 0)),
@@ -87,24 +102,28 @@ impl StableDiffusion {
             if cancelled() {
                 return Err(Error::Cancelled);
             }
-            exchange = self
-                .send_early_steps(server.as_ref(), opts, &set, &noise, k_steps)
-                .await?;
+            let job = Job {
+                set: &set,
+                start: &start.sent,
+                start_step: start.image_to_image.then_some(first),
+                k_steps,
+            };
+            exchange = self.send_early_steps(server.as_ref(), opts, job).await?;
             latents = exchange.latents.clone();
             progress(Progress {
-                step: k_steps,
+                step: first + k_steps,
                 total,
                 latents: &latents,
             });
         }
-        if k_steps < total {
+        if k_steps < run {
             let late = self
                 .late_steps(
                     opts,
-                    scheduler.as_mut(),
+                    start.scheduler.as_mut(),
                     latents,
-                    k_steps,
-                    progress,
+                    first + k_steps..total,
+                    &mut progress,
                     cancelled,
                 )
                 .await?;
@@ -113,7 +132,7 @@ impl StableDiffusion {
         }
         let image = self.decode(&latents)?;
         let acct = exchange.accounting;
-        let stats = RunStats::new(&acct, total, start.elapsed().as_secs_f64());
+        let stats = RunStats::new(&acct, run, clock.elapsed().as_secs_f64());
         Ok(Generation {
             image,
             latents,
@@ -127,31 +146,37 @@ impl StableDiffusion {
                 candidates: if k_steps > 0 { set.prompts.len() } else { 0 },
                 combinations: set.combinations,
                 server_steps: k_steps,
-                device_steps: total - k_steps,
+                device_steps: run - k_steps,
                 server_unet_rows: exchange.server_rows,
             }),
         })
     }
 
-    /// Sends the job, records what left the phone (every candidate as text, and the noise) in
-    /// the audit and the accounting, and keeps the real candidate's latent of the reply.
+    /// Sends the job, records what left the phone (every candidate as text, and the starting
+    /// tensor) in the audit and the accounting, and keeps the real candidate's latent of the
+    /// reply.
     async fn send_early_steps(
         &self,
         server: &dyn ShardBackend<Tensor>,
         opts: &GenerateOptions,
-        set: &CandidateSet,
-        noise: &Tensor,
-        k_steps: usize,
+        job: Job<'_>,
     ) -> Result<EarlyExchange> {
+        let Job {
+            set,
+            start,
+            start_step,
+            k_steps,
+        } = job;
         let accel = opts.obfuscation.accel;
         let kk = set.prompts.len();
-        let (_, lc, h, w) = noise.dims4()?;
+        let (_, lc, h, w) = start.dims4()?;
         let cfg = opts.guidance > 1.0;
         let job = EarlySteps {
             candidates: set.prompts.clone(),
             negative_prompt: opts.negative_prompt.clone(),
-            noise: noise.clone(),
+            noise: start.clone(),
             steps: opts.steps,
+            start_step,
             server_steps: k_steps,
             guidance: opts.guidance,
             scheduler: opts.scheduler,
@@ -173,7 +198,8 @@ impl StableDiffusion {
             resolution: Some((h, w)),
             rows: Some(0..h),
             text_indexed: false,
-            // Seeded noise: no prompt, no image.
+            // The U-Net's input: seeded noise (no prompt, no image), or under image-to-image
+            // the noised init latents, the image itself at that noise level.
             class: crate::placement::audit::DepClass::Raw,
             bytes: noise_bytes,
         });
@@ -217,13 +243,14 @@ impl StableDiffusion {
         })
     }
 
-    /// The late steps k..T on the device, with the device U-Net (default: the model's own).
+    /// The late steps (k..T of the schedule, after the server's) on the device, with the device
+    /// U-Net (default: the model's own).
     async fn late_steps(
         &self,
         opts: &GenerateOptions,
         scheduler: &mut dyn Scheduler,
         latents: Tensor,
-        k_steps: usize,
+        steps: std::ops::Range<usize>,
         progress: &mut (dyn FnMut(Progress<'_>) + Send),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<crate::client::denoise::LoopReport> {
@@ -242,13 +269,12 @@ impl StableDiffusion {
         };
         let conditioning = self.text_conditioning(opts)?;
         let mut rt = Runtime::new(engine, Policy::Local.placement(), &[], opts.wire)?;
-        let total = opts.steps;
         denoise(
             unet,
             Runners::One(&mut rt),
             scheduler,
             latents,
-            k_steps..total,
+            steps,
             &conditioning,
             LoopHooks {
                 cancelled,

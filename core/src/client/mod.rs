@@ -4,6 +4,8 @@
 //! - `options`: what a generation is asked (`GenerateOptions`, the obfuscated policy's
 //!   settings and device U-Net) and what it returns (`Generation`, `RunStats`, PNG).
 //! - `pipeline`: `StableDiffusion` (a loaded model) and `generate`, which picks the strategy.
+//! - `img2img`: where a generation starts, from noise or from an init image (VAE-encoded on
+//!   the phone, noised to the first step the strength keeps), for every strategy.
 //! - `denoise`: the one denoise loop every policy runs, over K guided candidates.
 //! - `guidance`: a guided step's two halves on disjoint server groups (`strict`'s default),
 //!   so no server holds both halves of the same rows.
@@ -15,12 +17,14 @@
 //! - `preview_fit`: fitting that map, on real latents (`veil preview-fit`) or random ones.
 //!
 //! Within the client the files import one way too: `guidance`, then `denoise` and `options`, then
-//! `pipeline`, then `early_steps` and `plan`, then `hybrid`.
+//! `pipeline`, then `img2img`, `early_steps` and `plan`, then `hybrid` (`pipeline` and `hybrid`
+//! call `img2img`'s and `early_steps`' methods on `StableDiffusion` without importing them).
 
 pub mod denoise;
 pub mod early_steps;
 pub mod guidance;
 pub mod hybrid;
+pub mod img2img;
 pub mod options;
 pub mod pipeline;
 pub mod plan;

@@ -36,10 +36,23 @@ pub struct GenerateOptions {
     pub width: usize,
     pub height: usize,
     pub scheduler: SchedulerKind,
-    /// The initial noise [1, C, h, w] (before `init_noise_sigma`) instead of seeded noise. The
-    /// step noise of a stochastic scheduler (euler-a, lcm) is keyed by the initial noise either
-    /// way (`model::scheduler::noise`), so a run reproduces from it alone.
+    /// Text-to-image: the initial noise [1, C, h, w] (before `init_noise_sigma`) instead of
+    /// seeded noise: diffusers' `latents=`. The step noise of a stochastic scheduler (euler-a,
+    /// lcm) is keyed by the initial noise either way (`model::scheduler::noise`), so a run
+    /// reproduces from it alone. Not with `init_image`.
     pub latents: Option<Tensor>,
+    /// Image-to-image: the init image, RGB [3, `height`, `width`] in [0, 1] (`image_from_png`
+    /// reads one). The phone encodes it with the VAE's posterior mean, noises it to the first
+    /// step the strength keeps and denoises from there (`client::img2img`). None: text-to-image.
+    pub init_image: Option<Tensor>,
+    /// Image-to-image: how much of the schedule runs, in (0, 1] (diffusers' `strength`): the
+    /// last ⌊steps × strength⌋ of the `steps` steps, from the init image noised to the first of
+    /// them. Ignored without `init_image`.
+    pub strength: f64,
+    /// Image-to-image: the noise [1, C, h, w] added to the init image's latents instead of
+    /// seeded noise (`--noise`; what makes a run comparable with diffusers'). Only with
+    /// `init_image`.
+    pub noise: Option<Tensor>,
     pub policy: Policy,
     pub wire: WireDtype,
     /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
@@ -83,6 +96,9 @@ impl Default for GenerateOptions {
             height: 512,
             scheduler: SchedulerKind::Ddim,
             latents: None,
+            init_image: None,
+            strength: 0.8,
+            noise: None,
             policy: Policy::Local,
             wire: WireDtype::F32,
             attention_reuse_from: None,
@@ -192,6 +208,20 @@ pub fn image_to_png(image: &Tensor) -> Result<Vec<u8>> {
     buf.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
         .map_err(|e| Error::InvalidArgument(format!("PNG encoding: {e}")))?;
     Ok(out)
+}
+
+/// Decodes a PNG (or any format the `image` crate reads) to an RGB [3, H, W] tensor in [0, 1]
+/// on `device`: the `init_image` of an image-to-image generation. Alpha is dropped.
+pub fn image_from_png(bytes: &[u8], device: &candle_core::Device) -> Result<Tensor> {
+    let rgb = image::load_from_memory(bytes)
+        .map_err(|e| Error::InvalidArgument(format!("init image: {e}")))?
+        .to_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let t = Tensor::from_vec(rgb.into_raw(), (h, w, 3), device)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?;
+    // A true division, as numpy's `/ 255.0` (candle's `t / 255.0` multiplies by 1/255).
+    Ok(t.broadcast_div(&Tensor::new(255f32, device)?)?)
 }
 
 /// A device U-Net for the late steps: any diffusers U-Net with the same latent space.

@@ -1,8 +1,9 @@
-//! The text-to-image pipeline: tokenize and encode the prompt on the device, denoise with
+//! The pipeline: tokenize and encode the prompt on the device, start from noise (text-to-image)
+//! or from the init image's noised latents (image-to-image, `img2img`), denoise with
 //! classifier-free guidance where every U-Net call runs through the placement runtime (and so
 //! over the shard backends the policy uses), decode with the VAE on the device, write a PNG.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,12 +15,12 @@ use crate::client::denoise::{denoise, Conditioning, LoopHooks, Runners};
 use crate::client::guidance::merge_captured;
 use crate::client::guidance::{half_groups, merge_audit};
 pub use crate::client::options::{
-    image_to_png, GenerateOptions, Generation, RunStats, ServerStats,
+    image_from_png, image_to_png, GenerateOptions, Generation, RunStats, ServerStats,
 };
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::model::config::ModelPaths;
 pub use crate::model::scheduler::seeded_normal;
-use crate::model::scheduler::{new_seeded_scheduler, SchedulerConfig};
+use crate::model::scheduler::SchedulerConfig;
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 pub use crate::model::weights::load_unet_weights;
@@ -39,6 +40,9 @@ pub struct StableDiffusion {
     /// The U-Net's weights, by diffusers name.
     pub unet_engine: CandleEngine,
     pub vae: Vae,
+    /// The model's `vae/` folder: where a phone that loaded the decoder only reads the encoder
+    /// for an image-to-image generation (`img2img`).
+    pub vae_dir: PathBuf,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
 }
@@ -52,7 +56,8 @@ pub enum LoadRole {
     /// The phone of a generation under `policy` with `servers` shard servers: the text encoder,
     /// the VAE decoder, and only the U-Net layers the policy's table runs on the device (all of
     /// them where the phone runs whole U-Net calls: `local`, `obfuscated`, or a guided half it
-    /// keeps for want of servers), each in its stored precision.
+    /// keeps for want of servers), each in its stored precision. An image-to-image generation
+    /// reads the VAE encoder for its one encoding and drops it (`img2img`).
     Phone { policy: Policy, servers: usize },
 }
 
@@ -86,7 +91,7 @@ impl StableDiffusion {
     }
 
     /// Loads what `role` needs of a diffusers-layout folder (see `LoadRole`); the VAE encoder
-    /// is read only for `LoadRole::Full`.
+    /// is read only for `LoadRole::Full` (a phone reads it per image-to-image generation).
     pub fn load_for(root: &Path, device: &Device, role: LoadRole) -> Result<Self> {
         let paths = ModelPaths::new(root)?;
         let te_cfg = paths.text_encoder_config()?;
@@ -118,6 +123,7 @@ impl StableDiffusion {
             unet,
             unet_engine: CandleEngine::new(weights, device.clone()),
             vae,
+            vae_dir: paths.component("vae"),
             scheduler_config,
             device: device.clone(),
         })
@@ -212,17 +218,15 @@ impl StableDiffusion {
         progress: &mut (dyn FnMut(Progress<'_>) + Send),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<Generation> {
-        let start = Instant::now();
-        let (h, w) = self.latent_size(opts.width, opts.height)?;
-        let noise = self.initial_noise(opts, h, w)?;
-        let mut scheduler =
-            new_seeded_scheduler(opts.scheduler, &self.scheduler_config, opts.steps, &noise)?;
-        let latents = (noise * scheduler.init_noise_sigma())?;
+        let clock = Instant::now();
+        let mut start = self.start(opts)?;
         let conditioning = self.text_conditioning(opts)?;
-        let total = scheduler.timesteps().len();
+        let total = start.scheduler.timesteps().len();
+        let steps_run = start.steps_run();
+        let mut progress = start.shifted(progress);
         let hooks = LoopHooks {
             cancelled,
-            progress,
+            progress: &mut progress,
         };
         let (cond_servers, uncond_servers) = if opts.halves_apart() {
             half_groups(backends.len())
@@ -245,19 +249,18 @@ impl StableDiffusion {
         } else {
             Runners::One(&mut rt)
         };
-        let sched = scheduler.as_mut();
         let report = denoise(
             &self.unet,
             runners,
-            sched,
-            latents,
-            0..total,
+            start.scheduler.as_mut(),
+            start.latents,
+            start.first..total,
             &conditioning,
             hooks,
         )
         .await?;
         let image = self.decode(&report.latents)?;
-        let stats = RunStats::new(&report.accounting, total, start.elapsed().as_secs_f64());
+        let stats = RunStats::new(&report.accounting, steps_run, clock.elapsed().as_secs_f64());
         let offset = uncond_servers.start;
         Ok(Generation {
             image,

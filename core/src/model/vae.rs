@@ -335,11 +335,62 @@ impl Decoder {
 /// diffusers' `AutoencoderKL`.
 pub struct Vae {
     pub config: VaeConfig,
-    /// None where only the decoder was loaded (`Vae::load_decoder`: the phone's text-to-image).
-    encoder: Option<Encoder>,
+    /// None where only the decoder was loaded (`Vae::load_decoder`: the phone, which loads the
+    /// encoder on its own for an image-to-image generation, `VaeEncoder::load`).
+    encoder: Option<VaeEncoder>,
     decoder: Decoder,
-    quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
+}
+
+/// The encoder half of an `AutoencoderKL` (with its `quant_conv`): image to latent posterior.
+/// Loadable alone, so a phone that decodes with a decoder-only `Vae` can read the encoder's
+/// weights for one image-to-image generation and drop them after.
+pub struct VaeEncoder {
+    pub config: VaeConfig,
+    encoder: Encoder,
+    quant_conv: Option<Conv2d>,
+}
+
+impl VaeEncoder {
+    fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        validate(config)?;
+        let lc = config.latent_channels;
+        Ok(Self {
+            config: config.clone(),
+            encoder: Encoder::new(vb.pp("encoder"), config)?,
+            quant_conv: match config.use_quant_conv {
+                true => Some(conv(2 * lc, 2 * lc, 1, 1, vb.pp("quant_conv"))?),
+                false => None,
+            },
+        })
+    }
+
+    /// Loads the encoder of `vae/` (`config.json` + `diffusion_pytorch_model.safetensors`):
+    /// no decoder parameter is read.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config: VaeConfig = read_json(&dir.join("config.json"))?;
+        let file = Arc::new(WeightFile::open_component(dir, "diffusion_pytorch_model")?);
+        let stored = file.storage_dtype();
+        let (vb, slot) = file.var_builder(stored, device);
+        Self::new(vb, &config).map_err(|e| match e {
+            Error::Tensor(t) => slot.resolve(t),
+            other => other,
+        })
+    }
+
+    /// Posterior mean [B, latent, h, w] of an image in [-1, 1] (diffusers
+    /// `vae.encode(x).latent_dist.mean`), before any scaling.
+    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+        check_input(image, self.config.in_channels, "image")?;
+        let moments = self.encoder.forward(image)?;
+        let moments = match &self.quant_conv {
+            Some(c) => c.forward(&moments)?,
+            None => moments,
+        };
+        Ok(moments
+            .narrow(1, 0, self.config.latent_channels)?
+            .contiguous()?)
+    }
 }
 
 impl std::fmt::Debug for Vae {
@@ -398,11 +449,6 @@ impl Vae {
     fn build(vb: VarBuilder, config: &VaeConfig, with_encoder: bool) -> Result<Self> {
         validate(config)?;
         let lc = config.latent_channels;
-        let quant_conv = if config.use_quant_conv && with_encoder {
-            Some(conv(2 * lc, 2 * lc, 1, 1, vb.pp("quant_conv"))?)
-        } else {
-            None
-        };
         let post_quant_conv = if config.use_post_quant_conv {
             Some(conv(lc, lc, 1, 1, vb.pp("post_quant_conv"))?)
         } else {
@@ -411,11 +457,10 @@ impl Vae {
         Ok(Self {
             config: config.clone(),
             encoder: match with_encoder {
-                true => Some(Encoder::new(vb.pp("encoder"), config)?),
+                true => Some(VaeEncoder::new(vb.clone(), config)?),
                 false => None,
             },
             decoder: Decoder::new(vb.pp("decoder"), config)?,
-            quant_conv,
             post_quant_conv,
         })
     }
@@ -457,17 +502,16 @@ impl Vae {
     /// Posterior mean [B, latent, h, w] of an image in [-1, 1] (diffusers
     /// `vae.encode(x).latent_dist.mean`), before any scaling.
     pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
-        check_input(image, self.config.in_channels, "image")?;
-        let encoder = self.encoder.as_ref().ok_or_else(|| {
-            Error::Unsupported("this VAE was loaded without its encoder (load_decoder)".into())
-        })?;
-        let moments = encoder.forward(image)?;
-        let moments = match &self.quant_conv {
-            Some(c) => c.forward(&moments)?,
-            None => moments,
-        };
-        Ok(moments
-            .narrow(1, 0, self.config.latent_channels)?
-            .contiguous()?)
+        self.encoder
+            .as_ref()
+            .ok_or_else(|| {
+                Error::Unsupported("this VAE was loaded without its encoder (load_decoder)".into())
+            })?
+            .encode_mean(image)
+    }
+
+    /// The encoder, where it was loaded (`Vae::load`).
+    pub fn encoder(&self) -> Option<&VaeEncoder> {
+        self.encoder.as_ref()
     }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::Tensor;
 
+use crate::client::options::image_from_png;
 use crate::client::options::ObfuscationOptions;
 use crate::client::pipeline::{image_to_png, GenerateOptions, LoadRole, StableDiffusion};
 use crate::client::preview::LatentPreview;
@@ -24,6 +25,9 @@ use super::key::load_or_create_obfuscation_key;
 use super::report::{GenerationStats, PrivacyReport, ServerTraffic};
 use super::sessions::Sessions;
 use super::types::Policy;
+
+/// Image-to-image's strength when the options give none (diffusers' default).
+const DEFAULT_STRENGTH: f64 = 0.8;
 
 /// A small preview of the image being denoised: the latents projected to RGB on the phone
 /// (`client::preview`), 1/8 of the image's size.
@@ -261,7 +265,24 @@ impl Inner {
             VeilError::InvalidConfig { detail } => VeilError::InvalidRequest { detail },
             other => other,
         })?;
-        let (width, height) = self.size(o.width, o.height);
+        let (mut width, mut height) = self.size(o.width, o.height);
+        let init_image = match &o.init_image {
+            Some(bytes) => {
+                let image = image_from_png(bytes, &self.sd.device)?;
+                let (_, h, w) = image.dims3().map_err(crate::vocab::error::Error::from)?;
+                let asked = |v: Option<u32>, got: usize| v.is_some_and(|v| v as usize != got);
+                if asked(o.width, w) || asked(o.height, h) {
+                    return Err(VeilError::InvalidRequest {
+                        detail: format!(
+                            "the init image is {w}x{h}; width and height must match it or be left out"
+                        ),
+                    });
+                }
+                (width, height) = (w, h);
+                Some(image)
+            }
+            None => None,
+        };
         Ok(GenerateOptions {
             prompt: prompt.to_owned(),
             negative_prompt: o
@@ -275,6 +296,8 @@ impl Inner {
             height,
             scheduler: o.scheduler.unwrap_or(d.scheduler).into(),
             latents: None,
+            init_image,
+            strength: o.strength.unwrap_or(DEFAULT_STRENGTH),
             policy: self.config.policy,
             wire: self.config.wire,
             attention_reuse_from: o.reuse_attention_from.map(|s| s as usize),

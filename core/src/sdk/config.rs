@@ -106,6 +106,15 @@ pub struct GenerationOptions {
     /// the progress of every N-th step and of the last; `None` or 0: no previews.
     #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub preview_every_steps: Option<u32>,
+    /// Image-to-image: the init image (PNG or JPEG bytes); its size is the image's. The phone
+    /// encodes it; under `strict` each server sees only its strip of the noised latents, under
+    /// `obfuscated` the server sees them whole. `None`: text-to-image.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub init_image: Option<Vec<u8>>,
+    /// Image-to-image: how much of the schedule runs, in (0, 1] (diffusers' `strength`; `None`:
+    /// 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub strength: Option<f64>,
 }
 
 /// The `obfuscated` policy's settings (ignored by the other policies).

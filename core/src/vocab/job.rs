@@ -123,12 +123,19 @@ pub struct EarlySteps<T> {
     /// The K candidate prompts, in the order the phone sent them.
     pub candidates: Vec<String>,
     pub negative_prompt: String,
-    /// The initial noise [1, C, h, w], before the scheduler's `init_noise_sigma` (shared by all
-    /// candidates, so the server's view does not depend on which one is real).
+    /// Where every candidate starts, [1, C, h, w] (shared by all candidates, so the server's view
+    /// does not depend on which one is real): text-to-image (`start_step` None), the initial
+    /// noise before the scheduler's `init_noise_sigma`; image-to-image, the latents entering
+    /// step `start_step`: the init image's latents noised to that step's level, taken as they
+    /// are. A stochastic sampler's step noise is keyed by this tensor either way.
     pub noise: T,
     /// T: the whole schedule's length.
     pub steps: usize,
-    /// k: how many of the T steps the server runs (0..=T).
+    /// Image-to-image: the schedule step the run starts at (diffusers' `t_start`, from the
+    /// strength), with `noise` the noised init latents; the server runs steps
+    /// `start_step..start_step + server_steps`. None: text-to-image, steps `0..server_steps`.
+    pub start_step: Option<usize>,
+    /// k: how many of the steps run the server runs (0..=T − start_step).
     pub server_steps: usize,
     pub guidance: f64,
     pub scheduler: SchedulerKind,
@@ -159,10 +166,18 @@ impl<T> EarlySteps<T> {
         if self.steps == 0 || self.steps > MAX_STEPS {
             return bad(format!("{} steps (1..={MAX_STEPS} allowed)", self.steps));
         }
-        if self.server_steps > self.steps {
+        let first = self.first_step();
+        if first >= self.steps {
+            return bad(format!(
+                "image-to-image start at step {first} of a {}-step schedule",
+                self.steps
+            ));
+        }
+        if self.server_steps > self.steps - first {
             return bad(format!(
                 "{} server steps of {} in all",
-                self.server_steps, self.steps
+                self.server_steps,
+                self.steps - first
             ));
         }
         if !self.guidance.is_finite() {
@@ -172,6 +187,13 @@ impl<T> EarlySteps<T> {
             return bad("attention gate 0: the gate step reuses the step before it".into());
         }
         Ok(())
+    }
+}
+
+impl<T> EarlySteps<T> {
+    /// The schedule step the run starts at: `start_step` (image-to-image), else 0.
+    pub fn first_step(&self) -> usize {
+        self.start_step.unwrap_or(0)
     }
 }
 

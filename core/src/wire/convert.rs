@@ -411,6 +411,10 @@ pub fn early_steps_to_wire(job: &EarlySteps<Tensor>) -> Result<WireEarlySteps> {
             BatchRedundancy::Shared => 2,
         },
         attention_gate: u32_of(job.accel.attention_gate.unwrap_or(0), "attention gate")?,
+        start_step: job
+            .start_step
+            .map(|s| u32_of(s, "start step"))
+            .transpose()?,
     })
 }
 
@@ -437,6 +441,7 @@ pub fn early_steps_from_wire(w: WireEarlySteps, device: &Device) -> Result<Early
         negative_prompt: w.negative_prompt,
         noise: w.noise.to_tensor(device)?,
         steps: w.steps as usize,
+        start_step: w.start_step.map(|s| s as usize),
         server_steps: w.server_steps as usize,
         guidance: w.guidance,
         scheduler,

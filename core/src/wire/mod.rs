@@ -162,7 +162,8 @@ pub enum WireOp {
 }
 
 /// The `obfuscated` policy's early steps (`vocab::job::EarlySteps`) as they travel: K candidate
-/// prompts and the shared noise (always f32) up, the K latents back in a `Reply`.
+/// prompts and the shared starting tensor (always f32: the noise, or under image-to-image the
+/// noised init latents) up, the K latents back in a `Reply`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireEarlySteps {
     pub candidates: Vec<String>,
@@ -177,6 +178,9 @@ pub struct WireEarlySteps {
     pub batch_redundancy: u8,
     /// The attention gate step; 0 for none.
     pub attention_gate: u32,
+    /// Image-to-image: the schedule step the run starts at, `noise` then holding the noised
+    /// init latents (`vocab::job::EarlySteps::start_step`); None for text-to-image.
+    pub start_step: Option<u32>,
 }
 
 /// Most operands, integer and float parameters of an `Apply` call.

@@ -46,14 +46,17 @@ extension VeilConfig {
 
 extension GenerationOptions {
     /// Per-call options in Swift `Int`s; every nil takes the client's default (a nil seed: a
-    /// random one).
+    /// random one). Image-to-image: `initImage` (PNG/JPEG data, its size is the image's) and
+    /// `strength` in (0, 1] (nil: 0.8).
     public static func with(
         steps: Int? = nil,
         seed: UInt64? = nil,
         guidance: Double? = nil,
         scheduler: Scheduler? = nil,
         negativePrompt: String? = nil,
-        previewEverySteps: Int? = nil
+        previewEverySteps: Int? = nil,
+        initImage: Data? = nil,
+        strength: Double? = nil
     ) -> GenerationOptions {
         GenerationOptions(
             negativePrompt: negativePrompt,
@@ -61,7 +64,9 @@ extension GenerationOptions {
             guidance: guidance,
             seed: seed,
             scheduler: scheduler,
-            previewEverySteps: previewEverySteps.map { UInt32(clamping: $0) }
+            previewEverySteps: previewEverySteps.map { UInt32(clamping: $0) },
+            initImage: initImage,
+            strength: strength
         )
     }
 }

@@ -1033,6 +1033,17 @@ public struct GenerationOptions: Equatable, Hashable {
      * the progress of every N-th step and of the last; `None` or 0: no previews.
      */
     public var previewEverySteps: UInt32?
+    /**
+     * Image-to-image: the init image (PNG or JPEG bytes); its size is the image's. The phone
+     * encodes it; under `strict` each server sees only its strip of the noised latents, under
+     * `obfuscated` the server sees them whole. `None`: text-to-image.
+     */
+    public var initImage: Data?
+    /**
+     * Image-to-image: how much of the schedule runs, in (0, 1] (diffusers' `strength`; `None`:
+     * 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
+     */
+    public var strength: Double?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1044,7 +1055,16 @@ public struct GenerationOptions: Equatable, Hashable {
         /**
          * A preview image (the latents projected to RGB on the phone, 1/8 of the image size) with
          * the progress of every N-th step and of the last; `None` or 0: no previews.
-         */previewEverySteps: UInt32? = nil) {
+         */previewEverySteps: UInt32? = nil, 
+        /**
+         * Image-to-image: the init image (PNG or JPEG bytes); its size is the image's. The phone
+         * encodes it; under `strict` each server sees only its strip of the noised latents, under
+         * `obfuscated` the server sees them whole. `None`: text-to-image.
+         */initImage: Data? = nil, 
+        /**
+         * Image-to-image: how much of the schedule runs, in (0, 1] (diffusers' `strength`; `None`:
+         * 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
+         */strength: Double? = nil) {
         self.negativePrompt = negativePrompt
         self.steps = steps
         self.guidance = guidance
@@ -1054,6 +1074,8 @@ public struct GenerationOptions: Equatable, Hashable {
         self.scheduler = scheduler
         self.reuseAttentionFrom = reuseAttentionFrom
         self.previewEverySteps = previewEverySteps
+        self.initImage = initImage
+        self.strength = strength
     }
 
     
@@ -1080,7 +1102,9 @@ public struct FfiConverterTypeGenerationOptions: FfiConverterRustBuffer {
                 height: FfiConverterOptionUInt32.read(from: &buf), 
                 scheduler: FfiConverterOptionTypeScheduler.read(from: &buf), 
                 reuseAttentionFrom: FfiConverterOptionUInt32.read(from: &buf), 
-                previewEverySteps: FfiConverterOptionUInt32.read(from: &buf)
+                previewEverySteps: FfiConverterOptionUInt32.read(from: &buf), 
+                initImage: FfiConverterOptionData.read(from: &buf), 
+                strength: FfiConverterOptionDouble.read(from: &buf)
         )
     }
 
@@ -1094,6 +1118,8 @@ public struct FfiConverterTypeGenerationOptions: FfiConverterRustBuffer {
         FfiConverterOptionTypeScheduler.write(value.scheduler, into: &buf)
         FfiConverterOptionUInt32.write(value.reuseAttentionFrom, into: &buf)
         FfiConverterOptionUInt32.write(value.previewEverySteps, into: &buf)
+        FfiConverterOptionData.write(value.initImage, into: &buf)
+        FfiConverterOptionDouble.write(value.strength, into: &buf)
     }
 }
 
@@ -3123,6 +3149,30 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionData: FfiConverterRustBuffer {
+    typealias SwiftType = Data?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterData.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterData.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }

@@ -55,6 +55,7 @@ pub fn cases() -> Vec<(&'static str, Vec<u8>)> {
             scheduler: 0,
             batch_redundancy: 1,
             attention_gate: 0,
+            start_step: None,
         };
         encode(
             &Message::EarlySteps {

@@ -426,6 +426,10 @@ impl<'a> Reader<'a> {
             scheduler: self.u8()?,
             batch_redundancy: self.u8()?,
             attention_gate: self.u32()?,
+            start_step: match self.bool("image-to-image flag")? {
+                true => Some(self.u32()?),
+                false => None,
+            },
         })
     }
 

@@ -313,6 +313,13 @@ impl Writer {
         self.u8(job.scheduler);
         self.u8(job.batch_redundancy);
         self.u32(job.attention_gate);
+        match job.start_step {
+            None => self.u8(0),
+            Some(s) => {
+                self.u8(1);
+                self.u32(s);
+            }
+        }
         Ok(())
     }
 

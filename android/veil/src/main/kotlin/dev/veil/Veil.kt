@@ -152,7 +152,11 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
             builtinLexicon = builtinLexicon,
         )
 
-        /** Per-call options in Kotlin numbers; every null takes the client's default (a null seed: a random one). */
+        /**
+         * Per-call options in Kotlin numbers; every null takes the client's default (a null seed:
+         * a random one). Image-to-image: [initImage] (PNG/JPEG bytes, its size is the image's) and
+         * [strength] in (0, 1] (null: 0.8).
+         */
         fun options(
             steps: Int? = null,
             seed: Long? = null,
@@ -163,6 +167,8 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
             negativePrompt: String? = null,
             previewEverySteps: Int? = null,
             reuseAttentionFrom: Int? = null,
+            initImage: ByteArray? = null,
+            strength: Double? = null,
         ): GenerationOptions = GenerationOptions(
             negativePrompt = negativePrompt,
             steps = nonNegative("steps", steps),
@@ -173,6 +179,8 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
             scheduler = scheduler,
             reuseAttentionFrom = nonNegative("reuseAttentionFrom", reuseAttentionFrom),
             previewEverySteps = nonNegative("previewEverySteps", previewEverySteps),
+            initImage = initImage,
+            strength = strength,
         )
     }
 

@@ -1720,6 +1720,19 @@ data class GenerationOptions (
      * the progress of every N-th step and of the last; `None` or 0: no previews.
      */
     var `previewEverySteps`: kotlin.UInt? = null 
+    , 
+    /**
+     * Image-to-image: the init image (PNG or JPEG bytes); its size is the image's. The phone
+     * encodes it; under `strict` each server sees only its strip of the noised latents, under
+     * `obfuscated` the server sees them whole. `None`: text-to-image.
+     */
+    var `initImage`: kotlin.ByteArray? = null 
+    , 
+    /**
+     * Image-to-image: how much of the schedule runs, in (0, 1] (diffusers' `strength`; `None`:
+     * 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
+     */
+    var `strength`: kotlin.Double? = null 
     
 ){
     
@@ -1745,6 +1758,8 @@ public object FfiConverterTypeGenerationOptions: FfiConverterRustBuffer<Generati
             FfiConverterOptionalTypeScheduler.read(buf),
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalUInt.read(buf),
+            FfiConverterOptionalByteArray.read(buf),
+            FfiConverterOptionalDouble.read(buf),
         )
     }
 
@@ -1757,7 +1772,9 @@ public object FfiConverterTypeGenerationOptions: FfiConverterRustBuffer<Generati
             FfiConverterOptionalUInt.allocationSize(value.`height`) +
             FfiConverterOptionalTypeScheduler.allocationSize(value.`scheduler`) +
             FfiConverterOptionalUInt.allocationSize(value.`reuseAttentionFrom`) +
-            FfiConverterOptionalUInt.allocationSize(value.`previewEverySteps`)
+            FfiConverterOptionalUInt.allocationSize(value.`previewEverySteps`) +
+            FfiConverterOptionalByteArray.allocationSize(value.`initImage`) +
+            FfiConverterOptionalDouble.allocationSize(value.`strength`)
     )
 
     override fun write(value: GenerationOptions, buf: ByteBuffer) {
@@ -1770,6 +1787,8 @@ public object FfiConverterTypeGenerationOptions: FfiConverterRustBuffer<Generati
             FfiConverterOptionalTypeScheduler.write(value.`scheduler`, buf)
             FfiConverterOptionalUInt.write(value.`reuseAttentionFrom`, buf)
             FfiConverterOptionalUInt.write(value.`previewEverySteps`, buf)
+            FfiConverterOptionalByteArray.write(value.`initImage`, buf)
+            FfiConverterOptionalDouble.write(value.`strength`, buf)
     }
 }
 
@@ -3443,6 +3462,38 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
         } else {
             buf.put(1)
             FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalByteArray: FfiConverterRustBuffer<kotlin.ByteArray?> {
+    override fun read(buf: ByteBuffer): kotlin.ByteArray? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterByteArray.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ByteArray?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterByteArray.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ByteArray?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterByteArray.write(value, buf)
         }
     }
 }

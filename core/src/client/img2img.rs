@@ -1,0 +1,215 @@
+//! Where a generation's schedule starts, text-to-image or image-to-image, for every policy.
+//!
+//! Text-to-image starts at step 0 from the initial noise (seeded, or the caller's `latents`)
+//! times the sampler's `init_noise_sigma`. Image-to-image follows diffusers'
+//! `StableDiffusionImg2ImgPipeline`: the init image, in [-1, 1], is encoded on the phone with
+//! the VAE's posterior **mean** (diffusers samples the posterior with its generator,
+//! `retrieve_latents(..., sample_mode="sample")`; the mean is its `"argmax"` mode, and makes a
+//! run a function of the image, the noise and the prompt alone), shifted and scaled like
+//! diffusers (`(z − shift_factor) · scaling_factor`); the schedule of `steps` steps is cut to
+//! its last ⌊steps × strength⌋ (`get_timesteps`: `t_start = steps − ⌊steps × strength⌋`); the
+//! latents are noised to the first kept step by the sampler's own `add_noise` (diffusers'
+//! `scheduler.add_noise(init_latents, noise, timesteps[:1])`, with Euler-type samplers' begin
+//! index there); and the one denoise loop runs the steps `t_start..steps`. The noise is the
+//! caller's (`GenerateOptions::noise`, the CLI's `--noise`: what makes a run comparable with
+//! diffusers') or seeded from the seed like text-to-image's.
+//!
+//! A stochastic sampler's step noise is keyed by the tensor a generation starts from and an
+//! `obfuscated` server receives: the initial noise (text-to-image) or the noised init latents
+//! (image-to-image), so the phone and the server draw the same.
+//!
+//! The phone keeps only the VAE decoder resident (`LoadRole::Phone`); for an image-to-image
+//! generation it reads the encoder from the model folder (`VaeEncoder::load`), encodes, and
+//! drops it before the denoise loop, so the encoder's weights and its full-resolution
+//! activations never add to the loop's peak, and text-to-image never pays for them.
+
+use candle_core::{DType, Tensor};
+
+use crate::client::options::GenerateOptions;
+use crate::client::pipeline::{Progress, StableDiffusion};
+use crate::model::scheduler::{
+    new_scheduler, new_seeded_scheduler, seeded_normal, Scheduler, SeededStepNoise,
+};
+use crate::model::vae::VaeEncoder;
+use crate::vocab::error::{Error, Result};
+
+/// The start of a generation: the sampler, the latents entering its first step, and that step.
+pub(crate) struct Start {
+    pub scheduler: Box<dyn Scheduler + Send>,
+    /// [1, C, h, w], entering step `first` (already scaled or noised).
+    pub latents: Tensor,
+    /// The first schedule step that runs: 0 for text-to-image, `t_start` for image-to-image.
+    pub first: usize,
+    /// What an `obfuscated` server is sent as the job's `noise`: the initial noise before
+    /// `init_noise_sigma` (text-to-image) or the noised init latents (image-to-image).
+    pub sent: Tensor,
+    pub image_to_image: bool,
+}
+
+impl Start {
+    /// Steps that run: the schedule's length less the skipped head.
+    pub fn steps_run(&self) -> usize {
+        self.scheduler.timesteps().len().saturating_sub(self.first)
+    }
+
+    /// `progress` told over the steps that run: step 1 of `steps_run` is the schedule's step
+    /// `first` (the loop counts over the whole schedule).
+    pub fn shifted<'p>(
+        &self,
+        progress: &'p mut (dyn FnMut(Progress<'_>) + Send),
+    ) -> impl FnMut(Progress<'_>) + Send + 'p {
+        let first = self.first;
+        move |p: Progress<'_>| {
+            progress(Progress {
+                step: p.step.saturating_sub(first),
+                total: p.total.saturating_sub(first),
+                latents: p.latents,
+            })
+        }
+    }
+}
+
+/// The first step that runs for `strength` in a schedule of `steps` (diffusers'
+/// `get_timesteps`): `steps − min(⌊steps × strength⌋, steps)`. Refuses a strength outside
+/// (0, 1] and one that keeps no step.
+pub fn first_step(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "strength must be in (0, 1], got {strength}"
+        )));
+    }
+    let kept = ((steps as f64 * strength).floor() as usize).min(steps);
+    if kept == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "strength {strength} keeps no step of {steps} (⌊{steps} × {strength}⌋ = 0): raise \
+             the strength or the steps"
+        )));
+    }
+    Ok(steps - kept)
+}
+
+impl StableDiffusion {
+    /// The start of a generation of `opts` (see the module docs), every option checked.
+    pub(crate) fn start(&self, opts: &GenerateOptions) -> Result<Start> {
+        let (h, w) = self.latent_size(opts.width, opts.height)?;
+        let Some(image) = &opts.init_image else {
+            if opts.noise.is_some() {
+                return Err(Error::InvalidArgument(
+                    "noise is image-to-image's (with an init image); text-to-image takes its \
+                     initial noise as latents"
+                        .into(),
+                ));
+            }
+            let noise = self.initial_noise(opts, h, w)?;
+            let scheduler =
+                new_seeded_scheduler(opts.scheduler, &self.scheduler_config, opts.steps, &noise)?;
+            return Ok(Start {
+                latents: (&noise * scheduler.init_noise_sigma())?,
+                scheduler,
+                first: 0,
+                sent: noise,
+                image_to_image: false,
+            });
+        };
+        if opts.latents.is_some() {
+            return Err(Error::InvalidArgument(
+                "latents (text-to-image's initial noise) and an init image exclude each other; \
+                 give image-to-image's noise as noise"
+                    .into(),
+            ));
+        }
+        let first = first_step(opts.steps, opts.strength)?;
+        let want = [1, self.unet.config.in_channels, h, w];
+        let init = self.encode_image(image, opts.width, opts.height)?;
+        if init.dims() != want {
+            return Err(Error::InvalidArgument(format!(
+                "the VAE encodes to {:?}, the U-Net takes {want:?}",
+                init.dims()
+            )));
+        }
+        let noise = match &opts.noise {
+            Some(n) if n.dims() != want => {
+                return Err(Error::InvalidArgument(format!(
+                    "noise has shape {:?}, expected {want:?} for {}x{}",
+                    n.dims(),
+                    opts.width,
+                    opts.height
+                )))
+            }
+            Some(n) => n.to_dtype(DType::F32)?.to_device(&self.device)?,
+            None => seeded_normal(opts.seed, &want, &self.device)?,
+        };
+        let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
+        // `add_noise` refuses a step past the schedule's end.
+        let latents = scheduler.add_noise(&init, &noise, first)?;
+        if scheduler.is_stochastic() {
+            scheduler.set_step_noise(Box::new(SeededStepNoise::keyed_by(&latents)?));
+        }
+        Ok(Start {
+            sent: latents.clone(),
+            latents,
+            scheduler,
+            first,
+            image_to_image: true,
+        })
+    }
+
+    /// The scaled latents [1, C, h, w] of an init image RGB [3, `height`, `width`] in [0, 1]:
+    /// `(mean − shift_factor) · scaling_factor` of the VAE posterior of `2 · image − 1`, on
+    /// this device. Uses the loaded encoder, else reads it from `vae_dir` for this call only.
+    pub fn encode_image(&self, image: &Tensor, width: usize, height: usize) -> Result<Tensor> {
+        let channels = self.vae.config.in_channels;
+        if image.dims() != [channels, height, width] {
+            return Err(Error::InvalidArgument(format!(
+                "init image of shape {:?}, expected [{channels}, {height}, {width}] (RGB, the \
+                 generation's height and width)",
+                image.dims()
+            )));
+        }
+        let x = image.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let (lo, hi) = (
+            x.min_all()?.to_scalar::<f32>()?,
+            x.max_all()?.to_scalar::<f32>()?,
+        );
+        if !(lo >= 0.0 && hi <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "init image values span [{lo}, {hi}], expected [0, 1]"
+            )));
+        }
+        let x = (((x * 2.0)? - 1.0)?).unsqueeze(0)?;
+        let mean = match self.vae.encoder() {
+            Some(e) => e.encode_mean(&x)?,
+            None => VaeEncoder::load(&self.vae_dir, &self.device)?.encode_mean(&x)?,
+        };
+        let z = match self.vae.config.shift_factor {
+            Some(s) => (mean - s)?,
+            None => mean,
+        };
+        Ok((z * self.vae.config.scaling_factor)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_step_follows_diffusers_get_timesteps() -> Result<()> {
+        // init_timestep = min(int(steps * strength), steps); t_start = steps - init_timestep.
+        assert_eq!(first_step(10, 0.6)?, 4);
+        assert_eq!(first_step(10, 0.3)?, 7);
+        // 6 × 0.6 = 3.5999999999999996 in f64: 3 steps kept, as Python's int() keeps.
+        assert_eq!(first_step(6, 0.6)?, 3);
+        assert_eq!(first_step(50, 1.0)?, 0);
+        assert_eq!(first_step(4, 0.25)?, 3);
+        for bad in [0.0, -0.1, 1.01, f64::NAN, f64::INFINITY] {
+            assert!(
+                matches!(first_step(10, bad), Err(Error::InvalidArgument(_))),
+                "{bad}"
+            );
+        }
+        // ⌊4 × 0.2⌋ = 0: no step would run.
+        assert!(matches!(first_step(4, 0.2), Err(Error::InvalidArgument(_))));
+        Ok(())
+    }
+}
