@@ -17,7 +17,7 @@ pub struct Img2ImgArgs {
     init_image: Option<PathBuf>,
     /// Image-to-image: how much of the schedule runs, in (0, 1]: the last ⌊steps × strength⌋
     /// of --steps, from the init image noised to the first of them (diffusers' strength).
-    #[arg(long, default_value_t = 0.8, requires = "init_image")]
+    #[arg(long, default_value_t = veil_core::client::options::DEFAULT_STRENGTH, requires = "init_image")]
     strength: f64,
     /// Image-to-image: the noise added to the init image's latents (a safetensors file with one
     /// tensor `noise` [1, 4, H/8, W/8]); default: seeded by --seed.

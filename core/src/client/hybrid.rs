@@ -66,8 +66,8 @@ impl StableDiffusion {
         let clock = Instant::now();
         let o = &opts.obfuscation;
         let mut start = self.start(opts)?;
-        let (first, run) = (start.first, start.steps_run());
-        let total = first + run;
+        let (first, run) = (start.first(), start.steps_run());
+        let total = start.scheduler.timesteps().len();
         // k counts the steps that run (all T for text-to-image).
         let k_steps = o.server_steps.unwrap_or(run / 2);
         check_split(k_steps, run, opts.scheduler)?;
@@ -105,7 +105,7 @@ impl StableDiffusion {
             let job = Job {
                 set: &set,
                 start: &start.sent,
-                start_step: start.image_to_image.then_some(first),
+                start_step: start.start_step,
                 k_steps,
             };
             exchange = self.send_early_steps(server.as_ref(), opts, job).await?;

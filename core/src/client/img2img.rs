@@ -28,7 +28,7 @@ use candle_core::{DType, Tensor};
 use crate::client::options::GenerateOptions;
 use crate::client::pipeline::{Progress, StableDiffusion};
 use crate::model::scheduler::{
-    new_scheduler, new_seeded_scheduler, seeded_normal, Scheduler, SeededStepNoise,
+    key_step_noise, new_scheduler, new_seeded_scheduler, seeded_normal, Scheduler,
 };
 use crate::model::vae::VaeEncoder;
 use crate::vocab::error::{Error, Result};
@@ -36,20 +36,28 @@ use crate::vocab::error::{Error, Result};
 /// The start of a generation: the sampler, the latents entering its first step, and that step.
 pub(crate) struct Start {
     pub scheduler: Box<dyn Scheduler + Send>,
-    /// [1, C, h, w], entering step `first` (already scaled or noised).
+    /// [1, C, h, w], entering step `first()` (already scaled or noised).
     pub latents: Tensor,
-    /// The first schedule step that runs: 0 for text-to-image, `t_start` for image-to-image.
-    pub first: usize,
+    /// Image-to-image: the first schedule step that runs (`t_start`); None: text-to-image
+    /// (from step 0). The `obfuscated` job's `start_step`.
+    pub start_step: Option<usize>,
     /// What an `obfuscated` server is sent as the job's `noise`: the initial noise before
     /// `init_noise_sigma` (text-to-image) or the noised init latents (image-to-image).
     pub sent: Tensor,
-    pub image_to_image: bool,
 }
 
 impl Start {
+    /// The first schedule step that runs.
+    pub fn first(&self) -> usize {
+        self.start_step.unwrap_or(0)
+    }
+
     /// Steps that run: the schedule's length less the skipped head.
     pub fn steps_run(&self) -> usize {
-        self.scheduler.timesteps().len().saturating_sub(self.first)
+        self.scheduler
+            .timesteps()
+            .len()
+            .saturating_sub(self.first())
     }
 
     /// `progress` told over the steps that run: step 1 of `steps_run` is the schedule's step
@@ -58,7 +66,7 @@ impl Start {
         &self,
         progress: &'p mut (dyn FnMut(Progress<'_>) + Send),
     ) -> impl FnMut(Progress<'_>) + Send + 'p {
-        let first = self.first;
+        let first = self.first();
         move |p: Progress<'_>| {
             progress(Progress {
                 step: p.step.saturating_sub(first),
@@ -106,9 +114,8 @@ impl StableDiffusion {
             return Ok(Start {
                 latents: (&noise * scheduler.init_noise_sigma())?,
                 scheduler,
-                first: 0,
+                start_step: None,
                 sent: noise,
-                image_to_image: false,
             });
         };
         if opts.latents.is_some() {
@@ -142,15 +149,12 @@ impl StableDiffusion {
         let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
         // `add_noise` refuses a step past the schedule's end.
         let latents = scheduler.add_noise(&init, &noise, first)?;
-        if scheduler.is_stochastic() {
-            scheduler.set_step_noise(Box::new(SeededStepNoise::keyed_by(&latents)?));
-        }
+        key_step_noise(scheduler.as_mut(), &latents)?;
         Ok(Start {
             sent: latents.clone(),
             latents,
             scheduler,
-            first,
-            image_to_image: true,
+            start_step: Some(first),
         })
     }
 

@@ -22,6 +22,9 @@ use crate::vocab::error::{Error, Result};
 use crate::vocab::job::Accelerations;
 use crate::vocab::precision::WireDtype;
 
+/// Image-to-image's strength when none is given (diffusers' default).
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
 /// What to generate and how.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -97,7 +100,7 @@ impl Default for GenerateOptions {
             scheduler: SchedulerKind::Ddim,
             latents: None,
             init_image: None,
-            strength: 0.8,
+            strength: DEFAULT_STRENGTH,
             noise: None,
             policy: Policy::Local,
             wire: WireDtype::F32,
@@ -202,7 +205,12 @@ pub fn image_to_png(image: &Tensor) -> Result<Vec<u8>> {
         .to_dtype(DType::U8)?
         .flatten_all()?
         .to_vec1::<u8>()?;
-    let buf = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+    rgb8_to_png(w as u32, h as u32, bytes)
+}
+
+/// Encodes row-major 8-bit RGB of `width` × `height` as PNG (the image and the previews).
+pub fn rgb8_to_png(width: u32, height: u32, rgb: Vec<u8>) -> Result<Vec<u8>> {
+    let buf = image::RgbImage::from_raw(width, height, rgb)
         .ok_or_else(|| Error::InvalidArgument("image buffer size mismatch".into()))?;
     let mut out = Vec::new();
     buf.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)

@@ -222,7 +222,7 @@ impl StableDiffusion {
         let mut start = self.start(opts)?;
         let conditioning = self.text_conditioning(opts)?;
         let total = start.scheduler.timesteps().len();
-        let steps_run = start.steps_run();
+        let (first, steps_run) = (start.first(), start.steps_run());
         let mut progress = start.shifted(progress);
         let hooks = LoopHooks {
             cancelled,
@@ -254,7 +254,7 @@ impl StableDiffusion {
             runners,
             start.scheduler.as_mut(),
             start.latents,
-            start.first..total,
+            first..total,
             &conditioning,
             hooks,
         )

@@ -53,12 +53,7 @@ pub struct PreviewImage {
 impl PreviewImage {
     /// The preview as PNG bytes.
     pub fn to_png(&self) -> Result<Vec<u8>> {
-        let buf = image::RgbImage::from_raw(self.width, self.height, self.rgb.clone())
-            .ok_or_else(|| Error::InvalidArgument("preview buffer size mismatch".into()))?;
-        let mut out = Vec::new();
-        buf.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .map_err(|e| Error::InvalidArgument(format!("PNG encoding: {e}")))?;
-        Ok(out)
+        crate::client::options::rgb8_to_png(self.width, self.height, self.rgb.clone())
     }
 }
 

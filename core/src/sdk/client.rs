@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::Tensor;
 
-use crate::client::options::image_from_png;
 use crate::client::options::ObfuscationOptions;
+use crate::client::options::{image_from_png, DEFAULT_STRENGTH};
 use crate::client::pipeline::{image_to_png, GenerateOptions, LoadRole, StableDiffusion};
 use crate::client::preview::LatentPreview;
 use crate::obfuscation::ObfuscationKey;
@@ -25,9 +25,6 @@ use super::key::load_or_create_obfuscation_key;
 use super::report::{GenerationStats, PrivacyReport, ServerTraffic};
 use super::sessions::Sessions;
 use super::types::Policy;
-
-/// Image-to-image's strength when the options give none (diffusers' default).
-const DEFAULT_STRENGTH: f64 = 0.8;
 
 /// A small preview of the image being denoised: the latents projected to RGB on the phone
 /// (`client::preview`), 1/8 of the image's size.

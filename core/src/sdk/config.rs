@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::model::device::DeviceChoice;
 use crate::placement::engine::WireDtype;
 use crate::placement::policy::Policy as PlacementPolicy;
-use crate::transport::{Fingerprint, ServerSpec};
+use crate::transport::{group_strips, Fingerprint, ServerSpec};
 use crate::vocab::precision::ShardCodec;
 
 use super::error::VeilError;
@@ -399,18 +399,14 @@ impl VeilConfig {
     }
 }
 
-/// `obfuscated` sends everything to one full-model server: the list must be one server, or
-/// replicas of one tenant.
+/// `obfuscated` sends everything to one full-model server: the list must be one strip (one
+/// server, or replicas sharing one tenant).
 fn check_one_strip(servers: &[ServerSpec]) -> Result<(), VeilError> {
-    let one_tenant = servers
-        .first()
-        .and_then(|s| s.tenant.as_ref())
-        .is_some_and(|t| servers.iter().all(|s| s.tenant.as_ref() == Some(t)));
-    if servers.len() > 1 && !one_tenant {
+    let strips = group_strips(servers).len();
+    if strips > 1 {
         return Err(VeilError::config(format!(
             "policy obfuscated uses one full-model server (or replicas sharing one tenant); \
-             the list has {} servers of different tenants",
-            servers.len()
+             the list has {strips} strips of different tenants"
         )));
     }
     Ok(())

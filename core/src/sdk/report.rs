@@ -2,7 +2,7 @@
 //! privacy report — per server, what it received, from the same view audit `veil generate
 //! --audit` writes (docs/AUDIT.md), so an app can show "what each server saw".
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::client::options::ObfuscationReport;
 use crate::placement::audit::{Audit, AuditReport};
@@ -134,17 +134,33 @@ fn u32_of(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-fn rows(r: [usize; 2]) -> RowRange {
+fn rows(r: &std::ops::Range<usize>) -> RowRange {
     RowRange {
-        start: u32_of(r[0]),
-        end: u32_of(r[1]),
+        start: u32_of(r.start),
+        end: u32_of(r.end),
     }
 }
 
-/// `"HxW"` → (H, W).
-fn resolution(key: &str) -> (u32, u32) {
-    let mut it = key.split('x').map(|v| v.parse::<u32>().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+/// Server `i`'s strip and received rows per resolution, straight from the audit.
+fn resolution_rows(audit: &Audit, i: usize) -> Vec<ResolutionRows> {
+    let strips = audit.strips.get(i);
+    let received = audit.received_rows(i);
+    let keys: BTreeSet<(usize, usize)> = strips
+        .into_iter()
+        .flat_map(|m| m.keys().copied())
+        .chain(received.keys().copied())
+        .collect();
+    keys.into_iter()
+        .map(|res| ResolutionRows {
+            height: u32_of(res.0),
+            width: u32_of(res.1),
+            strip: strips.and_then(|m| m.get(&res)).map(rows),
+            received: received
+                .get(&res)
+                .map(|v| v.iter().map(rows).collect())
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 impl PrivacyReport {
@@ -163,27 +179,7 @@ impl PrivacyReport {
             .servers
             .into_iter()
             .map(|s| {
-                let mut keys: Vec<&String> = s.strip.keys().chain(s.received_rows.keys()).collect();
-                keys.sort();
-                keys.dedup();
-                let rows = keys
-                    .into_iter()
-                    .map(|k| {
-                        let (height, width) = resolution(k);
-                        ResolutionRows {
-                            height,
-                            width,
-                            strip: s.strip.get(k).copied().map(rows),
-                            received: s
-                                .received_rows
-                                .get(k)
-                                .map(|v| v.iter().copied().map(rows).collect())
-                                .unwrap_or_default(),
-                        }
-                    })
-                    .collect();
-                let mut prompts = s.prompts.clone();
-                prompts.sort();
+                let prompts = audit.prompt_multiset(s.server);
                 ServerView {
                     server: u32_of(s.server),
                     address: addresses.get(s.server).cloned().unwrap_or_default(),
@@ -195,7 +191,7 @@ impl PrivacyReport {
                     text_bytes: s.bytes_by_class.text,
                     text_indexed_bytes: s.text_indexed_bytes,
                     received_text: s.text_conditioned_bytes > 0 || !prompts.is_empty(),
-                    rows,
+                    rows: resolution_rows(audit, s.server),
                     guidance_half: s.guidance_half.to_string(),
                     prompts,
                 }

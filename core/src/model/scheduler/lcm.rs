@@ -92,7 +92,7 @@ impl LcmScheduler {
 
     /// (c_skip, c_out) at step `i`, in f32 like diffusers (the timestep is a torch integer
     /// tensor, so its scaled value and both scalings are float32).
-    pub fn boundary_scalings(&self, i: usize) -> (f32, f32) {
+    fn boundary_scalings(&self, i: usize) -> (f32, f32) {
         let scaled = self.timesteps[i] as f32 * self.timestep_scaling as f32;
         let d2 = SIGMA_DATA * SIGMA_DATA;
         let c_skip = d2 / (scaled * scaled + d2);

@@ -524,10 +524,17 @@ pub fn new_seeded_scheduler(
     initial_noise: &Tensor,
 ) -> Result<Box<dyn Scheduler + Send>> {
     let mut s = new_scheduler(kind, config, num_inference_steps)?;
-    if s.is_stochastic() {
-        s.set_step_noise(Box::new(SeededStepNoise::keyed_by(initial_noise)?));
-    }
+    key_step_noise(s.as_mut(), initial_noise)?;
     Ok(s)
+}
+
+/// Keys a stochastic sampler's step noise by `key` (the tensor every party that runs a step
+/// holds: the initial noise, or image-to-image's noised init latents); nothing for the others.
+pub fn key_step_noise(s: &mut (dyn Scheduler + Send), key: &Tensor) -> Result<()> {
+    if s.is_stochastic() {
+        s.set_step_noise(Box::new(SeededStepNoise::keyed_by(key)?));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
