@@ -1,5 +1,5 @@
 //! Real checkpoints load: our models ask for exactly the parameter names and shapes of the
-//! published SD1.5 and SD2.1 components (dumped from diffusers/transformers with random init,
+//! published SD1.5, SD2.1 and SDXL base 1.0 components (dumped from diffusers/transformers with random init,
 //! `tools/dump_names_shapes.py`), f16 weights load, and bad folders give typed errors.
 
 use std::collections::HashMap;
@@ -30,17 +30,21 @@ fn unet_names_match(model: &str) {
 }
 
 fn text_encoder_names_match(model: &str) {
+    component_names_match(model, "text_encoder");
+}
+
+fn component_names_match(model: &str, component: &str) {
     let cfg: ClipTextConfig =
-        read_json(&repo_root().join(format!("models/configs/{model}/text_encoder/config.json")))
+        read_json(&repo_root().join(format!("models/configs/{model}/{component}/config.json")))
             .expect("config");
-    let want = reference_params(&format!("models/configs/{model}/text_encoder.params.json"));
+    let want = reference_params(&format!("models/configs/{model}/{component}.params.json"));
     let reference: HashMap<String, Vec<usize>> = want.iter().cloned().collect();
     let rec = RecordingBackend::new(Some(reference));
     ClipTextEncoder::new(rec.var_builder(), &cfg).expect("text encoder");
     assert_eq!(
         rec.requested(),
         want,
-        "{model}: text encoder names and shapes"
+        "{model}: {component} names and shapes"
     );
 }
 
@@ -62,6 +66,19 @@ fn sd15_text_encoder_names_and_shapes() {
 #[test]
 fn sd21_text_encoder_names_and_shapes() {
     text_encoder_names_match("sd21");
+}
+
+/// SDXL base 1.0: the U-Net (added `text_time` conditioning, blocks without attention, 1/2/10
+/// transformer layers per block), CLIP ViT-L, and OpenCLIP bigG with its `text_projection`.
+#[test]
+fn sdxl_unet_names_and_shapes() {
+    unet_names_match("sdxl");
+}
+
+#[test]
+fn sdxl_text_encoders_names_and_shapes() {
+    component_names_match("sdxl", "text_encoder");
+    component_names_match("sdxl", "text_encoder_2");
 }
 
 /// Copies the tiny model to a fresh temp folder so a test can break it.

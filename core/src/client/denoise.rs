@@ -27,6 +27,17 @@ pub struct Conditioning {
     guided: Option<Guided>,
     guidance: f64,
     accel: Accelerations,
+    /// SDXL's added conditioning inputs (`UNet::forward_added`), in the same rows as the text
+    /// states.
+    added: Option<Added>,
+}
+
+/// The added conditioning's rows in each batch layout, as `Guided` lays out the states.
+struct Added {
+    /// [K, P].
+    cond: Tensor,
+    /// [2K, P] and [K + 1, P] when guided.
+    guided: Option<(Tensor, Tensor)>,
 }
 
 struct Guided {
@@ -58,12 +69,42 @@ impl Conditioning {
             guided,
             guidance,
             accel,
+            added: None,
         })
+    }
+
+    /// With SDXL's added conditioning inputs: `cond` [K, P] for the candidates, `uncond`
+    /// [1, P] exactly when the states are guided.
+    pub fn with_added(mut self, cond: Tensor, uncond: Option<Tensor>) -> Result<Self> {
+        if cond.dim(0)? != self.k || uncond.is_some() != self.guided.is_some() {
+            return Err(Error::InvalidArgument(
+                "added conditioning rows do not match the text states'".into(),
+            ));
+        }
+        let guided = match uncond {
+            Some(u) => Some((
+                Tensor::cat(&[&u.repeat((self.k, 1))?, &cond], 0)?,
+                Tensor::cat(&[&u, &cond], 0)?,
+            )),
+            None => None,
+        };
+        self.added = Some(Added { cond, guided });
+        Ok(self)
     }
 
     /// How the `i`-th step of a run (counted from the run's first step) is batched.
     pub fn rows(&self, i: usize) -> StepRows {
         self.accel.rows_at(i, self.k, self.guided.is_some())
+    }
+
+    /// The added conditioning in the rows of a step batched as `rows`.
+    fn added(&self, rows: StepRows) -> Option<&Tensor> {
+        let a = self.added.as_ref()?;
+        Some(match (rows, &a.guided) {
+            (StepRows::Full, Some((full, _))) => full,
+            (StepRows::SharedUncond, Some((_, shared))) => shared,
+            _ => &a.cond,
+        })
     }
 
     /// The U-Net's input (before the scheduler's scaling) and context for the K latents
@@ -162,8 +203,9 @@ pub async fn denoise<E: Engine<T = Tensor>>(
         let (x, context) = conditioning.batch(rows, &latents)?;
         unet_rows += x.dim(0)? as u64;
         let x = scheduler.scale_model_input(&x, i)?;
+        let added = conditioning.added(rows);
         let out = rt
-            .forward(unet, &x, t, context, rows, conditioning.k)
+            .forward(unet, &x, t, (context, added), rows, conditioning.k)
             .await?;
         let eps = conditioning.combine(rows, out)?;
         latents = scheduler.step(&eps, i, &latents)?;

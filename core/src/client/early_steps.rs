@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::client::denoise::{denoise, Conditioning, LoopHooks, Progress, Runners};
+use crate::client::denoise::{denoise, LoopHooks, Progress, Runners};
 use crate::client::pipeline::StableDiffusion;
 use crate::client::plan::{account_step, PlanInput};
 use crate::model::scheduler::new_seeded_scheduler;
@@ -64,18 +64,9 @@ impl StableDiffusion {
         };
         let latents = start.repeat((k, 1, 1, 1))?;
         let first = job.first_step();
-        let conds = job
-            .candidates
-            .iter()
-            .map(|p| self.encode_prompt(p))
-            .collect::<Result<Vec<_>>>()?;
-        let uncond = if job.guidance > 1.0 {
-            Some(self.encode_prompt(&job.negative_prompt)?)
-        } else {
-            None
-        };
-        let conditioning =
-            Conditioning::new(Tensor::cat(&conds, 0)?, uncond, job.guidance, job.accel)?;
+        let prompts: Vec<&str> = job.candidates.iter().map(String::as_str).collect();
+        let (neg, g) = (job.negative_prompt.as_str(), job.guidance);
+        let conditioning = self.conditioning(&prompts, neg, g, job.accel, (h, w))?;
         let gate = job.accel.attention_gate;
         let mut rt = Runtime::new(
             &self.unet_engine,

@@ -113,21 +113,22 @@ pub enum Runners<'r, 'a, E: Engine> {
 }
 
 impl<'a, E: Engine<T = Tensor>> Runners<'_, 'a, E> {
-    /// The U-Net's output for a step batched as `rows` over `k` candidates: `x` and
-    /// `context` hold the unconditional rows first, as `Conditioning::batch` lays them out.
+    /// The U-Net's output for a step batched as `rows` over `k` candidates: `x` and the
+    /// conditioning (text states, and SDXL's added conditioning where the U-Net has it) hold
+    /// the unconditional rows first, as `Conditioning::batch` lays them out.
     pub async fn forward(
         &mut self,
         unet: &UNet,
         x: &Tensor,
         t: f64,
-        context: &Tensor,
+        (context, added): (&Tensor, Option<&Tensor>),
         rows: StepRows,
         k: usize,
     ) -> Result<Tensor> {
         match (self, rows) {
-            (Runners::One(rt), _) => unet.forward(&mut **rt, x, t, context).await,
+            (Runners::One(rt), _) => unet.forward_added(&mut **rt, x, t, context, added).await,
             (Runners::Apart { cond, .. }, StepRows::Cond) => {
-                unet.forward(&mut **cond, x, t, context).await
+                unet.forward_added(&mut **cond, x, t, context, added).await
             }
             (
                 Runners::Apart {
@@ -139,11 +140,15 @@ impl<'a, E: Engine<T = Tensor>> Runners<'_, 'a, E> {
             ) => {
                 let (xu, xc) = (x.narrow(0, 0, k)?, x.narrow(0, k, k)?);
                 let (cu, cc) = (context.narrow(0, 0, k)?, context.narrow(0, k, k)?);
+                let (au, ac) = match added {
+                    Some(a) => (Some(a.narrow(0, 0, k)?), Some(a.narrow(0, k, k)?)),
+                    None => (None, None),
+                };
                 let offset = *uncond_offset;
                 // The unconditional runtime numbers its servers from 0: name them as the
                 // caller does.
                 let uncond = async move {
-                    unet.forward(&mut **uncond, &xu, t, &cu)
+                    unet.forward_added(&mut **uncond, &xu, t, &cu, au.as_ref())
                         .await
                         .map_err(|e| match e {
                             Error::Backend { backend, message } => Error::Backend {
@@ -153,9 +158,8 @@ impl<'a, E: Engine<T = Tensor>> Runners<'_, 'a, E> {
                             other => other,
                         })
                 };
-                let (eu, ec) =
-                    futures::future::try_join(uncond, unet.forward(&mut **cond, &xc, t, &cc))
-                        .await?;
+                let cond = unet.forward_added(&mut **cond, &xc, t, &cc, ac.as_ref());
+                let (eu, ec) = futures::future::try_join(uncond, cond).await?;
                 Ok(Tensor::cat(&[&eu, &ec], 0)?)
             }
             (Runners::Apart { .. }, StepRows::SharedUncond) => Err(Error::InvalidArgument(

@@ -3,6 +3,8 @@
 //!
 //! - `options`: what a generation is asked (`GenerateOptions`, the obfuscated policy's
 //!   settings and device U-Net) and what it returns (`Generation`, `RunStats`, PNG).
+//! - `prompt`: the prompt's encoding (one text encoder, or SDXL's two and its pooled
+//!   embedding).
 //! - `pipeline`: `StableDiffusion` (a loaded model) and `generate`, which picks the strategy.
 //! - `img2img`: where a generation starts, from noise or from an init image (VAE-encoded on
 //!   the phone, noised to the first step the strength keeps), for every strategy.
@@ -16,9 +18,10 @@
 //! - `preview`: a cheap latent-to-RGB progress preview, a linear map fitted to the model's VAE.
 //! - `preview_fit`: fitting that map, on real latents (`veil preview-fit`) or random ones.
 //!
-//! Within the client the files import one way too: `guidance`, then `denoise` and `options`, then
-//! `pipeline`, then `img2img`, `early_steps` and `plan`, then `hybrid` (`pipeline` and `hybrid`
-//! call `img2img`'s and `early_steps`' methods on `StableDiffusion` without importing them).
+//! Within the client the files import one way too: `guidance` and `prompt`, then `denoise` and
+//! `options`, then `pipeline`, then `img2img`, `early_steps` and `plan`, then `hybrid`
+//! (`pipeline` and `hybrid` call `img2img`'s and `early_steps`' methods on `StableDiffusion`
+//! without importing them).
 
 pub mod denoise;
 pub mod early_steps;
@@ -30,3 +33,4 @@ pub mod pipeline;
 pub mod plan;
 pub mod preview;
 pub mod preview_fit;
+pub mod prompt;

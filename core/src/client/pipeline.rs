@@ -17,11 +17,12 @@ use crate::client::guidance::{half_groups, merge_audit};
 pub use crate::client::options::{
     image_from_png, image_to_png, GenerateOptions, Generation, RunStats, ServerStats,
 };
+use crate::client::prompt::{encode, encode_negative, PromptEmbedding, XlText};
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::model::config::ModelPaths;
 pub use crate::model::scheduler::seeded_normal;
 use crate::model::scheduler::SchedulerConfig;
-use crate::model::unet::UNet;
+use crate::model::unet::{default_time_ids, text_time_input, UNet};
 use crate::model::vae::Vae;
 pub use crate::model::weights::load_unet_weights;
 use crate::model::weights::{load_unet_parameters, NamedShape};
@@ -36,6 +37,8 @@ use crate::vocab::job::Accelerations;
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextEncoder,
+    /// SDXL's second text side (`tokenizer_2`, `text_encoder_2`), when the folder has one.
+    pub xl: Option<XlText>,
     pub unet: UNet,
     /// The U-Net's weights, by diffusers name.
     pub unet_engine: CandleEngine,
@@ -100,7 +103,15 @@ impl StableDiffusion {
             te_cfg.max_position_embeddings,
         )?;
         let text_encoder = ClipTextEncoder::load(&paths.component("text_encoder"), device)?;
+        let xl = XlText::load(&paths, device)?;
         let unet = UNet::new(&paths.unet_config()?)?;
+        if xl.is_some() != unet.text_time().is_some() {
+            return Err(Error::Unsupported(
+                "an SDXL folder needs both a second text encoder and a U-Net with `text_time` \
+                 added conditioning"
+                    .into(),
+            ));
+        }
         let (weights, vae) = match role {
             LoadRole::Full => (
                 load_unet_weights(&paths.component("unet"), &unet, device)?,
@@ -120,6 +131,7 @@ impl StableDiffusion {
         Ok(Self {
             tokenizer,
             text_encoder,
+            xl,
             unet,
             unet_engine: CandleEngine::new(weights, device.clone()),
             vae,
@@ -155,8 +167,67 @@ impl StableDiffusion {
 
     /// Text states [1, 77, D] of a prompt.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
-        let ids = self.tokenizer.encode(prompt)?;
-        self.text_encoder.encode_ids(&ids, &self.device)
+        Ok(self.encode_text(prompt)?.states)
+    }
+
+    /// A prompt's text states and, under SDXL, its pooled text embedding.
+    pub fn encode_text(&self, prompt: &str) -> Result<PromptEmbedding> {
+        let (t, e) = (&self.tokenizer, &self.text_encoder);
+        encode(t, e, self.xl.as_ref(), prompt, &self.device)
+    }
+
+    /// The conditioning of `prompts` (K candidates denoised together) for latents of
+    /// `latent` (h, w), guided by `negative` when `guidance > 1`: text states, and under SDXL
+    /// the added conditioning (pooled embeddings and the image's size ids).
+    pub fn conditioning(
+        &self,
+        prompts: &[&str],
+        negative: &str,
+        guidance: f64,
+        accel: Accelerations,
+        latent: (usize, usize),
+    ) -> Result<Conditioning> {
+        let conds = prompts
+            .iter()
+            .map(|p| self.encode_text(p))
+            .collect::<Result<Vec<_>>>()?;
+        let first = conds
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("no prompt to condition on".into()))?;
+        let uncond = match guidance > 1.0 {
+            true => {
+                let (t, e, xl) = (&self.tokenizer, &self.text_encoder, self.xl.as_ref());
+                Some(encode_negative(t, e, xl, negative, first, &self.device)?)
+            }
+            false => None,
+        };
+        let states: Vec<&Tensor> = conds.iter().map(|c| &c.states).collect();
+        let c = Conditioning::new(
+            Tensor::cat(&states, 0)?,
+            uncond.as_ref().map(|u| u.states.clone()),
+            guidance,
+            accel,
+        )?;
+        let Some(tt) = self.unet.text_time() else {
+            return Ok(c);
+        };
+        let f = self.vae.config.downsample_factor();
+        let ids = default_time_ids(latent.0 * f, latent.1 * f);
+        let (flip, shift) = (
+            self.unet.config.flip_sin_to_cos,
+            self.unet.config.freq_shift,
+        );
+        let added = |e: &PromptEmbedding| -> Result<Tensor> {
+            let pooled = e.pooled.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "an SDXL prompt encoding without its pooled embedding".into(),
+                )
+            })?;
+            text_time_input(&tt, pooled, &ids, flip, shift)
+        };
+        let cond_added = conds.iter().map(&added).collect::<Result<Vec<_>>>()?;
+        let uncond_added = uncond.as_ref().map(&added).transpose()?;
+        c.with_added(Tensor::cat(&cond_added, 0)?, uncond_added)
     }
 
     /// Latent size for an image size, checking divisibility.
@@ -321,13 +392,9 @@ impl StableDiffusion {
 
     /// The prompt's conditioning, guided by the negative prompt when `guidance > 1`.
     pub(crate) fn text_conditioning(&self, opts: &GenerateOptions) -> Result<Conditioning> {
-        let cond = self.encode_prompt(&opts.prompt)?;
-        let uncond = if opts.guidance > 1.0 {
-            Some(self.encode_prompt(&opts.negative_prompt)?)
-        } else {
-            None
-        };
-        Conditioning::new(cond, uncond, opts.guidance, Accelerations::default())
+        let latent = self.latent_size(opts.width, opts.height)?;
+        let (p, n) = (opts.prompt.as_str(), opts.negative_prompt.as_str());
+        self.conditioning(&[p], n, opts.guidance, Accelerations::default(), latent)
     }
 
     /// Decodes final latents to an RGB image [3, H, W] in [0, 1].

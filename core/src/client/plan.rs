@@ -144,20 +144,26 @@ fn account_group(
         .cross_attention_dim
         .get(0, n_blocks, "cross_attention_dim")?;
     let context = vec![batch, input.context_len, ctx_dim];
+    // SDXL: the added conditioning's input (pooled text embeddings and size ids).
+    let added = unet.text_time().map(|tt| vec![batch, tt.input_dim]);
+    let added = added.as_ref();
     // Shape-only backends complete immediately, so a trivial executor suffices.
-    futures::executor::block_on(unet.forward(&mut rt, &sample, 500.0, &context))?;
+    let call = |rt: &mut Runtime<'_, ShapeEngine>, t: f64| {
+        futures::executor::block_on(unet.forward_added(rt, &sample, t, &context, added))
+    };
+    call(&mut rt, 500.0)?;
     if input.reuse_attention {
         // Call 0 caches the attention outputs; call 1 reuses them and scatters them once; call 2
         // is a steady-state late step, the one accounted.
         for t in [480.0, 460.0] {
             rt.take_accounting();
-            futures::executor::block_on(unet.forward(&mut rt, &sample, t, &context))?;
+            call(&mut rt, t)?;
         }
     } else if input.stale_sync {
         // Call 0 is exact and leaves the moments and halo rows; call 1 is stale, the one
         // accounted.
         rt.take_accounting();
-        futures::executor::block_on(unet.forward(&mut rt, &sample, 480.0, &context))?;
+        call(&mut rt, 480.0)?;
     }
     Ok(rt.take_accounting())
 }

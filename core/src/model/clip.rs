@@ -125,7 +125,13 @@ impl ClipTokenizer {
         Self::from_tokenizer(build_from_vocab_merges(dir)?, pad_token_of(dir), max_len)
     }
 
-    fn from_tokenizer(inner: Tokenizer, pad: Option<String>, max_len: usize) -> Result<Self> {
+    fn from_tokenizer(mut inner: Tokenizer, pad: Option<String>, max_len: usize) -> Result<Self> {
+        // transformers never splits a special token, the padding one included: with SDXL's
+        // second tokenizer (and SD2.1's) padding with `!`, every `!` in a prompt is that token
+        // on its own, not BPE's `!</w>` — "!!" is two of them.
+        if let Some(p) = pad.as_deref().filter(|p| *p != BOS && *p != EOS) {
+            inner.add_special_tokens([tokenizers::AddedToken::from(p.to_owned(), true)]);
+        }
         let id = |t: &str| {
             inner
                 .token_to_id(t)
@@ -166,6 +172,11 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// The end-of-text token's id.
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -188,12 +199,25 @@ struct EncoderLayer {
     fc2: Linear,
 }
 
-/// transformers' `CLIPTextModel` (last hidden state after the final LayerNorm).
+/// What SDXL reads of a text encoder: the penultimate layer's hidden states, and the pooled
+/// embedding (the final LayerNorm's output at the end-of-text token), projected where the
+/// encoder is a `CLIPTextModelWithProjection`.
+pub struct TextEncoding {
+    /// [B, T, D]: the hidden states after the second-to-last layer (no final LayerNorm).
+    pub penultimate: Tensor,
+    /// [B, P]: `text_projection` of the pooled state, or the pooled state [B, D] itself.
+    pub pooled: Tensor,
+}
+
+/// transformers' `CLIPTextModel` (last hidden state after the final LayerNorm), or
+/// `CLIPTextModelWithProjection` when the checkpoint has a `text_projection`.
 pub struct ClipTextEncoder {
     token_embedding: Embedding,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `text_projection.weight` (no bias): SDXL's second encoder projects its pooled state.
+    text_projection: Option<Linear>,
     heads: usize,
     act: Activation,
     pub config: ClipTextConfig,
@@ -215,6 +239,17 @@ impl ClipTextEncoder {
                 "text encoder: hidden_size not divisible by heads".into(),
             ));
         }
+        let text_projection = match (
+            config.projection_dim,
+            vb.contains_tensor("text_projection.weight"),
+        ) {
+            (Some(p), true) => Some(crate::model::stored::linear_no_bias(
+                config.hidden_size,
+                p,
+                vb.pp("text_projection"),
+            )?),
+            _ => None,
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight")
             || !vb.contains_tensor("embeddings.token_embedding.weight")
         {
@@ -251,6 +286,7 @@ impl ClipTextEncoder {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             heads: config.num_attention_heads,
             act,
             config: config.clone(),
@@ -271,6 +307,47 @@ impl ClipTextEncoder {
 
     /// Hidden states [B, T, D] for token ids [B, T].
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (last, _) = self.run(ids, self.layers.len())?;
+        Ok(self.final_layer_norm.forward(&last)?.contiguous()?)
+    }
+
+    /// SDXL's reading of the encoder for token ids [1, T] (`TextEncoding`). The pooled state is
+    /// taken at the first end-of-text token `eos`, or, for configs whose `eos_token_id` is the
+    /// legacy 2, at the highest id, as transformers does.
+    pub fn encode_for_xl(&self, ids: &[u32], eos: u32, device: &Device) -> Result<TextEncoding> {
+        let n = self.layers.len();
+        if n < 2 {
+            return Err(Error::Unsupported(
+                "a text encoder with fewer than 2 layers has no penultimate layer".into(),
+            ));
+        }
+        let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device)?;
+        let (last, penultimate) = self.run(&t, n)?;
+        let last = self.final_layer_norm.forward(&last)?;
+        let at = match self.config.eos_token_id {
+            Some(2) => ids
+                .iter()
+                .enumerate()
+                .max_by_key(|&(i, &id)| (id, std::cmp::Reverse(i)))
+                .map(|(i, _)| i),
+            _ => ids.iter().position(|&id| id == eos),
+        }
+        .ok_or_else(|| Error::Tokenizer("the token ids carry no end-of-text token".into()))?;
+        let pooled = last.narrow(1, at, 1)?.squeeze(1)?;
+        let pooled = match &self.text_projection {
+            Some(p) => p.forward(&pooled)?,
+            None => pooled,
+        };
+        Ok(TextEncoding {
+            penultimate: penultimate.ok_or_else(|| {
+                Error::Unsupported("the text encoder kept no penultimate layer".into())
+            })?,
+            pooled,
+        })
+    }
+
+    /// The hidden states after `layers` layers, and those one layer before (when `layers ≥ 1`).
+    fn run(&self, ids: &Tensor, layers: usize) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(Error::InvalidArgument(format!(
@@ -296,7 +373,11 @@ impl ClipTextEncoder {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        for l in &self.layers {
+        let mut before_last = None;
+        for (i, l) in self.layers.iter().take(layers).enumerate() {
+            if i + 1 == layers {
+                before_last = Some(x.clone());
+            }
             let r = x.clone();
             let h = l.ln1.forward(&x)?;
             let q = heads((l.q.forward(&h)? * scale)?)?;
@@ -314,7 +395,7 @@ impl ClipTextEncoder {
             };
             x = (r + l.fc2.forward(&h)?)?;
         }
-        Ok(self.final_layer_norm.forward(&x)?.contiguous()?)
+        Ok((x, before_last.map(|p| p.contiguous()).transpose()?))
     }
 
     /// Encodes token ids given as a slice (one prompt) to [1, T, D].

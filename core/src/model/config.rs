@@ -82,8 +82,9 @@ pub struct UNetConfig {
     pub num_attention_heads: Option<PerBlock>,
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// Ignored: attention always runs in f32 here. SDXL's config writes it as `null`.
     #[serde(default)]
-    pub upcast_attention: bool,
+    pub upcast_attention: Option<bool>,
     #[serde(default)]
     pub only_cross_attention: serde_json::Value,
     #[serde(default)]
@@ -108,6 +109,16 @@ pub struct UNetConfig {
     pub conv_out_kernel: usize,
     #[serde(default)]
     pub timestep_post_act: Option<String>,
+    /// SDXL's `text_time` added conditioning: the width of each of the six size-and-crop ids'
+    /// sinusoidal embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: the added embedding's input width (pooled text embedding + 6 × the ids' width).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    /// LCM-distilled U-Nets embed the guidance scale here (not implemented: rejected).
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 fn d_in_channels() -> usize {
@@ -226,8 +237,15 @@ impl UNetConfig {
         if self.num_class_embeds.is_some() {
             return unsupported("num_class_embeds".into());
         }
-        if let Some(c) = &self.addition_embed_type {
-            return unsupported(format!("addition_embed_type `{c}`"));
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                self.text_time()?;
+            }
+            Some(c) => return unsupported(format!("addition_embed_type `{c}`")),
+        }
+        if self.time_cond_proj_dim.is_some() {
+            return unsupported("time_cond_proj_dim (an LCM-distilled U-Net)".into());
         }
         if self.encoder_hid_dim.is_some() {
             return unsupported("encoder_hid_dim".into());
@@ -271,6 +289,38 @@ impl UNetConfig {
         Ok(())
     }
 
+    /// SDXL's `text_time` added conditioning as (each id's embedding width, the added
+    /// embedding's input width), when the config has it; a config that names it without both
+    /// widths, or whose input width leaves no room for the pooled text embedding, is an error.
+    pub fn text_time(&self) -> Result<Option<TextTime>> {
+        if self.addition_embed_type.as_deref() != Some("text_time") {
+            return Ok(None);
+        }
+        let (Some(id_dim), Some(input_dim)) = (
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) else {
+            return Err(Error::InvalidArgument(
+                "unet config: addition_embed_type `text_time` needs addition_time_embed_dim and \
+                 projection_class_embeddings_input_dim"
+                    .into(),
+            ));
+        };
+        let ids = TextTime::IDS * id_dim;
+        if input_dim <= ids || id_dim % 2 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "unet config: projection_class_embeddings_input_dim {input_dim} leaves no room \
+                 for a pooled text embedding beside {} ids of width {id_dim} (which must be even)",
+                TextTime::IDS
+            )));
+        }
+        Ok(Some(TextTime {
+            id_dim,
+            input_dim,
+            pooled_dim: input_dim - ids,
+        }))
+    }
+
     /// Number of attention heads of block `i` (diffusers' naming quirk resolved here once).
     pub fn heads(&self, i: usize) -> Result<usize> {
         let n = self.block_out_channels.len();
@@ -284,6 +334,24 @@ impl UNetConfig {
     pub fn spatial_multiple(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
     }
+}
+
+/// SDXL's added conditioning (`addition_embed_type = "text_time"`): the pooled text embedding
+/// and six ids (original height and width, crop top and left, target height and width), each
+/// id embedded sinusoidally, concatenated, then projected by `add_embedding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTime {
+    /// Width of each id's sinusoidal embedding (`addition_time_embed_dim`).
+    pub id_dim: usize,
+    /// The added embedding's input width (`projection_class_embeddings_input_dim`).
+    pub input_dim: usize,
+    /// The pooled text embedding's width: `input_dim − 6 × id_dim`.
+    pub pooled_dim: usize,
+}
+
+impl TextTime {
+    /// The number of size-and-crop ids.
+    pub const IDS: usize = 6;
 }
 
 /// `text_encoder/config.json` of a transformers `CLIPTextModel`.
@@ -409,4 +477,27 @@ impl ModelPaths {
     pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
         read_json(&self.root.join("text_encoder/config.json"))
     }
+    /// `text_encoder_2/` (SDXL's second text encoder), when the folder has one.
+    pub fn has_second_text_encoder(&self) -> bool {
+        self.root.join("text_encoder_2/config.json").is_file()
+    }
+    /// `model_index.json`, or the defaults where a folder has none.
+    pub fn model_index(&self) -> Result<ModelIndex> {
+        let p = self.root.join("model_index.json");
+        if !p.is_file() {
+            return Ok(ModelIndex::default());
+        }
+        read_json(&p)
+    }
+}
+
+/// The parts of `model_index.json` the pipeline reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// SDXL: an empty negative prompt conditions with zeros rather than the encoded "" (the
+    /// pipeline's default is true).
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
 }

@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use crate::vocab::error::Result;
-use crate::vocab::layers::{Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec};
+use crate::vocab::layers::{Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, Role};
 
 /// What the U-Net needs from whoever runs it. `T` is a tensor the caller holds (the sample and
 /// the text states in, the prediction out); `Val` is a value between ops, which may live on the
@@ -24,6 +24,8 @@ pub trait UNetOps: Send {
     /// The spatial sizes (h, w) of every resolution level of this call, finest first.
     fn set_pyramid(&mut self, levels: &[(usize, usize)]) -> Result<()>;
 
+    /// The sinusoidal embedding of `t`, for the first layer of role `role` that reads it.
+    #[allow(clippy::too_many_arguments)]
     fn timestep_embedding(
         &mut self,
         t: f64,
@@ -31,6 +33,7 @@ pub trait UNetOps: Send {
         dim: usize,
         flip: bool,
         shift: f64,
+        role: Role,
     ) -> Result<Self::Val>;
     fn conv2d(
         &mut self,

@@ -51,6 +51,16 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
     Linear::new(weight, Some(bias))
 }
 
+/// A linear layer without bias (CLIP's `text_projection`), weight in its stored precision.
+pub fn linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    Linear::new(weight, None)
+}
+
 /// A 2-D convolution, kernel in its stored precision.
 #[derive(Debug, Clone)]
 pub struct Conv2d {

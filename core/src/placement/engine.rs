@@ -304,21 +304,7 @@ impl Engine for CandleEngine {
         flip: bool,
         shift: f64,
     ) -> Result<Tensor> {
-        let half = dim / 2;
-        let mut row = vec![0f32; dim];
-        for i in 0..half {
-            // diffusers computes the exponent and the product in f32; mirror that rounding.
-            let exponent = (-(10000f32.ln()) * i as f32) / (half as f32 - shift as f32);
-            let arg = t as f32 * exponent.exp();
-            let (s, c) = (arg.sin(), arg.cos());
-            if flip {
-                row[i] = c;
-                row[half + i] = s;
-            } else {
-                row[i] = s;
-                row[half + i] = c;
-            }
-        }
+        let row = crate::model::unet::sinusoidal_embedding(t, dim, flip, shift);
         let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
         Ok(Tensor::from_vec(data, (batch, dim), &self.device)?)
     }

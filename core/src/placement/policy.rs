@@ -155,7 +155,7 @@ impl Placement {
             Role::FeedForward => self.feed_forward,
             Role::Projection => self.projection,
             Role::TimeEmbedding => self.time_embedding,
-            Role::Other => LayerPlace::Device,
+            Role::PooledText | Role::Other => LayerPlace::Device,
         }
     }
 

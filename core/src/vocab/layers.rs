@@ -90,6 +90,10 @@ pub enum Role {
     Projection,
     /// The timestep MLP and the resnets' time_emb_proj.
     TimeEmbedding,
+    /// SDXL's added conditioning (`add_embedding`) and, on a U-Net that has it, the timestep
+    /// MLP and every resnet's time_emb_proj: the embedding they read carries the pooled text
+    /// embedding, so every table runs them on the phone.
+    PooledText,
     #[default]
     Other,
 }

@@ -262,7 +262,7 @@ pub async fn observe(
     let unet = &sd.unet;
     let ((), all) = run_captured(sd, setting, backends, async |mut runners| {
         runners
-            .forward(unet, &x, t as f64, &context, StepRows::Full, b)
+            .forward(unet, &x, t as f64, (&context, None), StepRows::Full, b)
             .await?;
         Ok(())
     })

@@ -6,7 +6,7 @@ use super::transformer::Transformer2D;
 use crate::model::config::UNetConfig;
 use crate::model::ops::UNetOps;
 use crate::vocab::error::{Error, Result};
-use crate::vocab::layers::{Conv2dSpec, GeluKind};
+use crate::vocab::layers::{Conv2dSpec, GeluKind, Role};
 
 /// Settings every block of one U-Net is built with (read once from the config).
 pub(super) struct BlockSettings<'a> {
@@ -15,6 +15,8 @@ pub(super) struct BlockSettings<'a> {
     pub(super) levels: usize,
     /// Width of the time embedding each resnet projects.
     pub(super) temb: usize,
+    /// The role of the layers reading the time embedding (`PooledText` under SDXL).
+    pub(super) time_role: Role,
     pub(super) groups: usize,
     pub(super) eps: f64,
     /// Transformers project with linear layers instead of 1×1 convolutions.

@@ -10,12 +10,15 @@
 
 mod attention;
 mod blocks;
+mod embeddings;
 mod resnet;
 mod transformer;
 
+pub use embeddings::{default_time_ids, sinusoidal_embedding, text_time_input};
+
 use std::collections::HashMap;
 
-use crate::model::config::UNetConfig;
+use crate::model::config::{TextTime, UNetConfig};
 use crate::model::ops::UNetOps;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::layers::{
@@ -60,14 +63,14 @@ impl<'a> LayerRef<'a> {
     }
 
     /// The layer as a shard server may run it: every convolution and GroupNorm, and the
-    /// per-token layers outside attention (attention's own layers never leave the phone).
+    /// per-token layers outside attention (attention's own layers, and the layers that read
+    /// SDXL's pooled text embedding, never leave the phone).
     fn shard_layer(&self) -> Option<ShardLayer> {
         match *self {
             LayerRef::Conv2d(c) => Some(ShardLayer::Conv2d(c.clone())),
             LayerRef::GroupNorm(g) => Some(ShardLayer::GroupNorm(g.clone())),
-            LayerRef::Linear(l) => {
-                (l.role != Role::Attention).then(|| ShardLayer::Linear(l.clone()))
-            }
+            LayerRef::Linear(l) => (!matches!(l.role, Role::Attention | Role::PooledText))
+                .then(|| ShardLayer::Linear(l.clone())),
             LayerRef::LayerNorm(l) => {
                 (l.role != Role::Attention).then(|| ShardLayer::LayerNorm(l.clone()))
             }
@@ -82,6 +85,8 @@ pub struct UNet {
     conv_in: Conv2dSpec,
     time_linear_1: LinearSpec,
     time_linear_2: LinearSpec,
+    /// SDXL's `add_embedding` (linear_1, linear_2) and its `text_time` settings.
+    added: Option<(LinearSpec, LinearSpec, TextTime)>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -103,10 +108,18 @@ impl UNet {
                 "unet config: downsample_padding other than 1".into(),
             ));
         }
+        let text_time = c.text_time()?;
+        // With SDXL's added conditioning the embedding every resnet reads carries the pooled
+        // text embedding: name its layers for what they read (`Role::PooledText`).
+        let time_role = match text_time {
+            Some(_) => Role::PooledText,
+            None => Role::TimeEmbedding,
+        };
         let s = BlockSettings {
             config: c,
             levels: n,
             temb,
+            time_role,
             groups: c.norm_num_groups,
             eps: c.norm_eps,
             linear_projection: c.use_linear_projection,
@@ -133,9 +146,15 @@ impl UNet {
             config: c.clone(),
             conv_in: Conv2dSpec::new("conv_in".into(), c.in_channels, ch[0], ki, 1, ki / 2),
             time_linear_1: LinearSpec::new("time_embedding.linear_1".into(), ch[0], temb, true)
-                .with_role(Role::TimeEmbedding),
+                .with_role(time_role),
             time_linear_2: LinearSpec::new("time_embedding.linear_2".into(), temb, temb, true)
-                .with_role(Role::TimeEmbedding),
+                .with_role(time_role),
+            added: text_time.map(|tt| {
+                let l1 = LinearSpec::new("add_embedding.linear_1".into(), tt.input_dim, temb, true);
+                let l2 = LinearSpec::new("add_embedding.linear_2".into(), temb, temb, true);
+                let role = Role::PooledText;
+                (l1.with_role(role), l2.with_role(role), tt)
+            }),
             down_blocks,
             mid_block,
             up_blocks,
@@ -179,6 +198,9 @@ impl UNet {
             LayerRef::Linear(&self.time_linear_1),
             LayerRef::Linear(&self.time_linear_2),
         ];
+        if let Some((l1, l2, _)) = &self.added {
+            v.extend([LayerRef::Linear(l1), LayerRef::Linear(l2)]);
+        }
         for r in self.resnets() {
             r.specs(&mut v);
         }
@@ -265,8 +287,15 @@ impl UNet {
         v
     }
 
+    /// SDXL's added conditioning settings, when this U-Net has them: a forward then needs the
+    /// added embedding's input (`text_time_input`).
+    pub fn text_time(&self) -> Option<TextTime> {
+        self.added.as_ref().map(|(_, _, tt)| *tt)
+    }
+
     /// One U-Net evaluation: ε (or v) prediction for `sample` [B, C, h, w] at `timestep`, with
-    /// text states `context` [B, T, D].
+    /// text states `context` [B, T, D]. A U-Net with added conditioning (SDXL) needs
+    /// `forward_added`.
     pub async fn forward<R: UNetOps>(
         &self,
         rt: &mut R,
@@ -274,9 +303,27 @@ impl UNet {
         timestep: f64,
         context: &R::T,
     ) -> Result<R::T> {
+        self.forward_added(rt, sample, timestep, context, None)
+            .await
+    }
+
+    /// `forward` with SDXL's added conditioning input `added` [B, input_dim]
+    /// (`text_time_input`: pooled text embeddings and the size-and-crop ids), which a U-Net
+    /// with `text_time` conditioning requires and any other refuses.
+    pub async fn forward_added<R: UNetOps>(
+        &self,
+        rt: &mut R,
+        sample: &R::T,
+        timestep: f64,
+        context: &R::T,
+        added: Option<&R::T>,
+    ) -> Result<R::T> {
         let sample = rt.input(sample.clone());
         let context = rt.input(context.clone());
-        let out = self.forward_values(rt, &sample, timestep, &context).await?;
+        let added = added.map(|a| rt.input(a.clone()));
+        let out = self
+            .forward_values(rt, &sample, timestep, &context, added.as_ref())
+            .await?;
         rt.local(&out).await
     }
 
@@ -286,6 +333,7 @@ impl UNet {
         sample: &R::Val,
         timestep: f64,
         context: &R::Val,
+        added: Option<&R::Val>,
     ) -> Result<R::Val> {
         let d = rt.dims(sample);
         self.check_input(&d)?;
@@ -298,10 +346,39 @@ impl UNet {
             c.block_out_channels[0],
             c.flip_sin_to_cos,
             c.freq_shift,
+            self.time_linear_1.role,
         )?;
         let emb = rt.linear(&self.time_linear_1, &t).await?;
         let emb = rt.silu(&emb).await?;
-        let emb = rt.linear(&self.time_linear_2, &emb).await?;
+        let mut emb = rt.linear(&self.time_linear_2, &emb).await?;
+        match (&self.added, added) {
+            (Some((l1, l2, tt)), Some(a)) => {
+                let ad = rt.dims(a);
+                if ad != [d[0], tt.input_dim] {
+                    return Err(Error::InvalidArgument(format!(
+                        "added conditioning must be [{}, {}], got {ad:?}",
+                        d[0], tt.input_dim
+                    )));
+                }
+                let aug = rt.linear(l1, a).await?;
+                let aug = rt.silu(&aug).await?;
+                let aug = rt.linear(l2, &aug).await?;
+                emb = rt.add(&emb, &aug).await?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "this U-Net (addition_embed_type `text_time`, SDXL) needs the added \
+                     conditioning: pooled text embeddings and size ids"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "added conditioning given to a U-Net without addition_embed_type".into(),
+                ))
+            }
+        }
         // Every resnet applies SiLU to the embedding first: do it once.
         let emb_act = rt.silu(&emb).await?;
         let cond = Conditioning {

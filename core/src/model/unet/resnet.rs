@@ -4,7 +4,7 @@
 use super::{BlockSettings, LayerRef};
 use crate::model::ops::UNetOps;
 use crate::vocab::error::Result;
-use crate::vocab::layers::{Conv2dSpec, GroupNormSpec, LinearSpec, Role};
+use crate::vocab::layers::{Conv2dSpec, GroupNormSpec, LinearSpec};
 
 /// diffusers' `ResnetBlock2D`.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ impl ResnetBlock {
             norm1: GroupNormSpec::new(format!("{name}.norm1"), groups, cin, eps),
             conv1: Conv2dSpec::new(format!("{name}.conv1"), cin, cout, 3, 1, 1),
             time_emb_proj: LinearSpec::new(format!("{name}.time_emb_proj"), s.temb, cout, true)
-                .with_role(Role::TimeEmbedding),
+                .with_role(s.time_role),
             norm2: GroupNormSpec::new(format!("{name}.norm2"), groups, cout, eps),
             conv2: Conv2dSpec::new(format!("{name}.conv2"), cout, cout, 3, 1, 1),
             conv_shortcut: (cin != cout)

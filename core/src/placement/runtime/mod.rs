@@ -45,7 +45,7 @@ use crate::placement::policy::{
 use crate::placement::value::{Layout, Remote, Value};
 use crate::vocab::error::{Error, Result};
 use crate::vocab::layers::{
-    Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, ShardLayer,
+    Conv2dSpec, GeluKind, GroupNormSpec, LayerNormSpec, LinearSpec, Role, ShardLayer,
 };
 
 /// Default number of query rows per attention chunk (bounds the [heads, rows, keys] scores).

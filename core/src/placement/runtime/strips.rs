@@ -97,8 +97,14 @@ impl<'a, E: Engine> Runtime<'a, E> {
         // A convolution reads a few rows around each output row: it keeps the input's class.
         let class = x.class();
         let (out, oid) = self.new_remote(out_dims.clone(), Layout::Rows(out_own.clone()), class);
-        // The phone holds the input only for the latent: each server then gets exactly its rows.
-        // Otherwise the servers hold it, widened by halo rows where a piece lacks some.
+        // The phone holds the input for the latent, and for a map it normalised itself (after
+        // SDXL's text-derived bias, `add_channel_bias`): each server then gets exactly its rows
+        // (its strip and halo). Otherwise the servers hold it, widened by halo rows where a
+        // piece lacks some. The only phone-held map that is still `Raw` is the U-Net's input.
+        let kind = match class {
+            DepClass::Raw => ViewKind::Latent,
+            _ => ViewKind::Strip,
+        };
         let held = match x.as_remote() {
             Some(_) => {
                 let rows: Vec<Range<usize>> = need.iter().map(|(r, _)| r.clone()).collect();
@@ -118,7 +124,7 @@ impl<'a, E: Engine> Runtime<'a, E> {
                     let view = self.view(
                         i,
                         &c.name,
-                        ViewKind::Latent,
+                        kind,
                         Some((h, w)),
                         Some(r.clone()),
                         false,

@@ -20,7 +20,7 @@ use crate::placement::engine::{CandleEngine, ShapeEngine, WireDtype};
 use crate::placement::policy::{GnVariant, Policy};
 use crate::placement::runtime::Runtime;
 use crate::vocab::error::Result;
-use crate::vocab::layers::GroupNormSpec;
+use crate::vocab::layers::{GroupNormSpec, Role};
 
 /// The first GroupNorm of the U-Net (conv_in's output goes straight into it).
 const FIRST_GN: &str = "down_blocks.0.resnets.0.norm1";
@@ -248,7 +248,7 @@ async fn ops_propagate_and_raise_classes() -> Result<()> {
     let mut rt = Runtime::new(&engine, Policy::Local.placement(), &[], WireDtype::F32)?;
     let x = rt.input(vec![2, 8, 4, 4]);
     let ctx = rt.input(vec![2, 7, 8]);
-    let emb = rt.timestep_embedding(421.0, 2, 8, true, 0.0)?;
+    let emb = rt.timestep_embedding(421.0, 2, 8, true, 0.0, Role::TimeEmbedding)?;
     assert_eq!((x.class(), ctx.class(), emb.class()), (Raw, Text, Raw));
     assert_eq!(rt.add_channel_bias(&x, &emb).await?.class(), Raw);
     assert_eq!(rt.silu(&x).await?.class(), Raw);

@@ -69,8 +69,9 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         dim: usize,
         flip: bool,
         shift: f64,
+        role: Role,
     ) -> Result<Val<E>> {
-        if self.placement.time_embedding == LayerPlace::Strips && self.placement.resident() {
+        if self.placement.layer(role) == LayerPlace::Strips && self.placement.resident() {
             // The timestep is public: its embedding is `Raw`.
             let (out, oid) = self.new_remote(vec![batch, dim], Layout::Replicated, DepClass::Raw);
             for i in 0..self.backends.len() {
@@ -126,8 +127,10 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         let in_class = x.class();
         let class = in_class.at_least(DepClass::WholeMap);
         let variant = match self.placement.group_norm {
-            GnPlace::Strips => return self.group_norm_strips(g, x).await,
-            GnPlace::Device => {
+            // A map only the phone holds is normalised there: sending it to the strips to be
+            // normalised would hand each server its rows before normalisation.
+            GnPlace::Strips if x.is_remote() => return self.group_norm_strips(g, x).await,
+            GnPlace::Strips | GnPlace::Device => {
                 let x = self.local(x).await?;
                 let d = self.engine.dims(&x);
                 let stats = self.engine.group_norm_stats(g, &x)?;
@@ -375,9 +378,14 @@ impl<E: Engine> UNetOps for Runtime<'_, E> {
         Ok(self.lv(y, class))
     }
 
+    /// A bias the phone holds that depends on the prompt (SDXL's pooled text embedding,
+    /// projected) is never sent: the map comes to the phone instead, and stays there through
+    /// the GroupNorm and SiLU that follow (`group_norm` keeps a phone-only map on the phone), so
+    /// the servers next receive it normalised, as a strip, like the output of a cross-attention.
     async fn add_channel_bias(&mut self, x: &Val<E>, e: &Val<E>) -> Result<Val<E>> {
         let class = DepClass::of([x.class(), e.class()]);
-        if self.on_servers(&[x, e]) {
+        let text_bias = !e.is_remote() && e.class() == DepClass::Text;
+        if self.on_servers(&[x, e]) && !text_bias {
             let (ie, _) = self.remote_of(e, "channel bias")?;
             let d = x.dims().to_vec();
             return self.map_remote(x, "channel bias", d, 1, class, |input| {
