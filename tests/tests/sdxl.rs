@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use veil_core::client::guidance::GuidanceHalves;
+use veil_core::client::hybrid::ObfuscationOptions;
 use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::audit::DepClass;
@@ -305,4 +306,41 @@ async fn sdxl_runs_under_ppidm_and_strict_like_local() {
             }
         }
     }
+}
+
+/// `obfuscated` on SDXL: the server encodes the K candidate prompts with both text encoders
+/// and runs their first steps with each one's pooled embedding and the image's size ids (taken
+/// from the latent it was sent); the phone finishes the real one. With the model's own U-Net
+/// on the phone the result is `local`'s.
+#[tokio::test]
+async fn sdxl_runs_under_obfuscated_like_local() {
+    let g = golden();
+    let sd = load();
+    let o = GenerateOptions {
+        // Two detected attributes: K = 4 candidates in the server's batch.
+        prompt: "a photo of a young woman reading".into(),
+        policy: Policy::Obfuscated,
+        obfuscation: ObfuscationOptions {
+            k_max: Some(4),
+            ..Default::default()
+        },
+        ..opts(&g, SchedulerKind::EulerDiscrete, 4, 5.0)
+    };
+    let (obf, _) = run(&sd, &o, &[sd.in_process_full_server()]).await;
+    let report = obf.obfuscation.as_ref().expect("obfuscation report");
+    assert_eq!(report.candidates, 4);
+    assert!(report.server_steps > 0 && report.device_steps > 0);
+    let local = GenerateOptions {
+        policy: Policy::Local,
+        ..o.clone()
+    };
+    let (local, _) = run(&sd, &local, &[]).await;
+    let r = rel_l2(&obf.latents, &local.latents);
+    let db = psnr(&obf.image, &local.image);
+    println!(
+        "obfuscated SDXL ({} server + {} phone steps, K = 4): latents rel L2 {r:.2e}, {db:.1} dB \
+         vs local",
+        report.server_steps, report.device_steps
+    );
+    assert!(r <= 1e-5 && db >= 60.0, "{r}, {db} dB");
 }
