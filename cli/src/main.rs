@@ -185,6 +185,12 @@ struct GenerateArgs {
     /// tensor `latents` [1, 4, H/8, W/8].
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// A LoRA adapter for the U-Net (safetensors, diffusers/peft or kohya naming) merged at load,
+    /// as FILE or FILE:SCALE (scale 1 by default); repeat for several. Under `strict` the
+    /// phone merges the attention layers' part, the servers (started with the same `--lora`)
+    /// the rest; the handshake's model identity covers the adapters.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
     #[command(flatten)]
     img2img: img2img_args::Img2ImgArgs,
     #[arg(long, default_value = "out.png")]
@@ -344,10 +350,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
         },
         _ => LoadRole::Full,
     };
-    let sd = Arc::new(
-        StableDiffusion::load_for(&a.model, &device, role)
-            .with_context(|| format!("loading model folder {}", a.model.display()))?,
-    );
+    let mut sd = StableDiffusion::load_for(&a.model, &device, role)
+        .with_context(|| format!("loading model folder {}", a.model.display()))?;
+    for arg in &a.lora {
+        let (path, scale) = veil_core::model::lora::parse_lora_arg(arg)?;
+        sd = sd
+            .with_lora(&path, scale)
+            .with_context(|| format!("merging LoRA adapter {}", path.display()))?;
+    }
+    let sd = Arc::new(sd);
     let opts = generate_options(&a, &sd, &device, policy, wire, scheduler)?;
     let quic = check_servers(&a, policy)?;
     let bar = ProgressBar::new(opts.steps as u64);
@@ -536,8 +547,10 @@ async fn connect_quic(
         device: device.clone(),
         ..a.codec.client_options(wire, a.zstd)
     };
+    // Remote servers merged the same adapters into their base weights: the base identity (from
+    // the manifest), adapted. In-process servers share this process's merged weights.
     let unet_id = match &a.server_list {
-        Some(_) => resolve_unet_identity(&a.model)?.0,
+        Some(_) => sd.adapted_identity(&resolve_unet_identity(&a.model)?.0),
         None => model_identity(&sd.unet, sd.unet_engine.weights()),
     };
     // A full-model server answers for the text encoder, tokenizer and scheduler too.

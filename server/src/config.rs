@@ -9,6 +9,7 @@
 //! # key = "key.pem"
 //! token_file = "tokens.txt"         # one token per line; or: tokens = ["…", "…"]
 //! device = "cpu"                    # or "cuda:0" (built with --features cuda)
+//! # lora = ["lcm-lora.safetensors:1.0"] # adapters merged at load (FILE or FILE:SCALE)
 //!
 //! [limits]
 //! max_message_bytes = 536870912
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use serde::Deserialize;
+use veil_core::model::lora::parse_lora_arg;
 
 use crate::server::ServerLimits;
 use crate::ServerError;
@@ -58,6 +60,8 @@ pub struct FileConfig {
     /// Load the whole model (text encoder, tokenizer, U-Net) to serve the `obfuscated`
     /// policy's early steps; without it only the shard layers' weights are read.
     pub full_model: Option<bool>,
+    /// LoRA adapters merged into the model at load, each `FILE` or `FILE:SCALE`.
+    pub lora: Option<Vec<String>>,
     #[serde(default)]
     pub limits: FileLimits,
 }
@@ -107,6 +111,11 @@ impl FileConfig {
                 *p = base.join(&*p);
             }
         }
+        for entry in cfg.lora.iter_mut().flatten() {
+            if Path::new(entry.as_str()).is_relative() {
+                *entry = base.join(entry.as_str()).to_string_lossy().into_owned();
+            }
+        }
         Ok(cfg)
     }
 }
@@ -123,6 +132,8 @@ pub struct Overrides {
     pub token_file: Option<PathBuf>,
     pub device: Option<String>,
     pub full_model: Option<bool>,
+    /// Replaces the file's `lora` list when given.
+    pub lora: Option<Vec<String>>,
     pub max_message_bytes: Option<usize>,
     pub max_tensor_bytes: Option<usize>,
     pub max_sessions: Option<usize>,
@@ -145,6 +156,8 @@ pub struct Config {
     pub device: String,
     /// Serve the `obfuscated` policy too (loads the whole model).
     pub full_model: bool,
+    /// LoRA adapters merged at load: (file, scale).
+    pub lora: Vec<(PathBuf, f64)>,
     pub limits: ServerLimits,
 }
 
@@ -290,6 +303,13 @@ impl Config {
             cert: o.cert.or(f.cert),
             key: o.key.or(f.key),
             full_model: o.full_model.or(f.full_model).unwrap_or(false),
+            lora: o
+                .lora
+                .or(f.lora)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| parse_lora_arg(s).map_err(|e| ServerError::Config(format!("lora: {e}"))))
+                .collect::<Result<_, _>>()?,
             tokens,
             token_file,
             device: o.device.or(f.device).unwrap_or_else(|| "cpu".to_string()),

@@ -95,6 +95,11 @@ struct ServeArgs {
     /// obfuscated policy's early steps as well as the shard ops.
     #[arg(long, env = "VEIL_SERVER_FULL_MODEL")]
     full_model: bool,
+    /// A LoRA adapter (safetensors, diffusers or kohya naming) merged into the model at load,
+    /// as FILE or FILE:SCALE (scale 1 by default); repeat for several. Clients must merge the
+    /// same adapters: the model identity the handshake checks covers them.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
     /// Serve Prometheus metrics (`/metrics`) and a health check (`/healthz`) over HTTP here,
     /// e.g. 127.0.0.1:9464 (keep it off the public network).
     #[arg(long, env = "VEIL_SERVER_METRICS_LISTEN", value_name = "ADDR")]
@@ -186,6 +191,7 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
             token_file: a.token_file,
             device: a.device,
             full_model: a.full_model.then_some(true),
+            lora: (!a.lora.is_empty()).then_some(a.lora),
             max_message_bytes: a.max_message_bytes,
             max_tensor_bytes: a.max_tensor_bytes,
             max_sessions: a.max_sessions,
@@ -198,11 +204,7 @@ fn serve(a: ServeArgs) -> Result<(), ServerError> {
     println!("fingerprint {}", identity.fingerprint());
     let device = parse_device(&cfg.device)?;
     let started = Instant::now();
-    let model = if cfg.full_model {
-        ShardModel::load_full(&cfg.model, &device)?
-    } else {
-        ShardModel::load(&cfg.model, &device)?
-    };
+    let model = ShardModel::load_adapted(&cfg.model, &device, cfg.full_model, &cfg.lora)?;
     let (layers, values) = model.size();
     tracing::info!(
         model = %cfg.model.display(),

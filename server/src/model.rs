@@ -10,6 +10,7 @@ use veil_core::client::hybrid::EarlyStepsRunner;
 use veil_core::client::pipeline::StableDiffusion;
 use veil_core::model::config::ModelPaths;
 use veil_core::model::layers::ShardLayer;
+use veil_core::model::lora::{adapted_identity, LoraAdapter};
 use veil_core::model::unet::UNet;
 use veil_core::model::weights::load_unet_parameters;
 use veil_core::placement::backend::ShardExecutor;
@@ -75,6 +76,52 @@ impl ShardModel {
         Ok(Self::from_engine(&sd.unet, &sd.unet_engine)
             .with_denoiser(sd)
             .with_full_identity(&components))
+    }
+
+    /// Loads the model (`load`, or `load_full` when `full`) and merges the LoRA adapters
+    /// `loras` (file, scale) into it. The identity presented is the base model's adapted by
+    /// each adapter's digest over the shard layers (`adapted_identity`), which a phone merging
+    /// the same adapters computes from its manifest without reading the servers' weights.
+    pub fn load_adapted(
+        root: &Path,
+        device: &Device,
+        full: bool,
+        loras: &[(std::path::PathBuf, f64)],
+    ) -> Result<Self, ServerError> {
+        if loras.is_empty() {
+            return match full {
+                true => Self::load_full(root, device),
+                false => Self::load(root, device),
+            };
+        }
+        if full {
+            let mut sd = StableDiffusion::load(root, device)?;
+            let base = model_identity(&sd.unet, sd.unet_engine.weights());
+            for (path, scale) in loras {
+                sd = sd.with_lora(path, *scale)?;
+            }
+            let id = sd.adapted_identity(&base);
+            let sd = Arc::new(sd);
+            let components = hash_components(root)?;
+            let mut model = Self::from_engine(&sd.unet, &sd.unet_engine).with_denoiser(sd);
+            model.id = full_model_identity(&id, &components);
+            return Ok(model);
+        }
+        let mut model = Self::load(root, device)?;
+        let paths = ModelPaths::new(root)?;
+        let unet = UNet::new(&paths.unet_config()?)?;
+        let shard = unet.shard_layers();
+        let is_shard = |m: &str| shard.contains_key(m);
+        let mut digests = Vec::new();
+        let mut weights = model.engine.weights().clone();
+        for (path, scale) in loras {
+            let adapter = LoraAdapter::load(path, &unet)?;
+            adapter.merge_into(&mut weights, *scale)?;
+            digests.push(adapter.digest(&is_shard, *scale)?);
+        }
+        *model.engine.weights_mut() = weights;
+        model.id = adapted_identity(&model.id, &digests);
+        Ok(model)
     }
 
     /// Presents the full-model identity (`wire::manifest::full_model_identity`): the U-Net's

@@ -20,6 +20,7 @@ pub use crate::client::options::{
 use crate::client::prompt::{encode, encode_negative, PromptEmbedding, XlText};
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::model::config::ModelPaths;
+use crate::model::lora::{adapted_identity, LoraAdapter};
 pub use crate::model::scheduler::seeded_normal;
 use crate::model::scheduler::SchedulerConfig;
 use crate::model::unet::{default_time_ids, text_time_input, UNet};
@@ -48,6 +49,9 @@ pub struct StableDiffusion {
     pub vae_dir: PathBuf,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
+    /// The LoRA adapters merged into the U-Net (`with_lora`), as digests over the shard
+    /// layers: with them a shard server's identity is the adapted one (`adapted_identity`).
+    pub lora_digests: Vec<[u8; 32]>,
 }
 
 /// What a process loads of a model folder.
@@ -138,7 +142,26 @@ impl StableDiffusion {
             vae_dir: paths.component("vae"),
             scheduler_config,
             device: device.clone(),
+            lora_digests: Vec::new(),
         })
+    }
+
+    /// Merges the LoRA adapter at `path` at `scale` into the U-Net weights this process holds
+    /// (a phone only its own layers: an adapter's attention layers stay on the phone, its
+    /// convolution and feed-forward layers are the servers', which merge them themselves).
+    pub fn with_lora(mut self, path: &Path, scale: f64) -> Result<Self> {
+        let adapter = LoraAdapter::load(path, &self.unet)?;
+        adapter.merge_into(self.unet_engine.weights_mut(), scale)?;
+        let shard = self.unet.shard_layers();
+        let is_shard = |m: &str| shard.contains_key(m);
+        self.lora_digests.push(adapter.digest(&is_shard, scale)?);
+        Ok(self)
+    }
+
+    /// The identity a shard server holding this model's shard layers presents, from the base
+    /// model's (`base`, e.g. the manifest's): adapted by the merged LoRA adapters, if any.
+    pub fn adapted_identity(&self, base: &[u8; 32]) -> [u8; 32] {
+        adapted_identity(base, &self.lora_digests)
     }
 
     /// `n` in-process shard backends, each holding only the convolution and GroupNorm weights

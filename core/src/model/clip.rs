@@ -130,7 +130,9 @@ impl ClipTokenizer {
         // second tokenizer (and SD2.1's) padding with `!`, every `!` in a prompt is that token
         // on its own, not BPE's `!</w>` — "!!" is two of them.
         if let Some(p) = pad.as_deref().filter(|p| *p != BOS && *p != EOS) {
-            inner.add_special_tokens([tokenizers::AddedToken::from(p.to_owned(), true)]);
+            inner
+                .add_special_tokens([tokenizers::AddedToken::from(p.to_owned(), true)])
+                .map_err(tok_err)?;
         }
         let id = |t: &str| {
             inner

@@ -1,6 +1,6 @@
-//! The Stable Diffusion model: configs, weights, text encoder, VAE, schedulers, and the U-Net
-//! written once over a trait of ops (`ops::UNetOps`), so the placement runtime above decides
-//! where each op runs without the model knowing it.
+//! The Stable Diffusion model: configs, weights (and LoRA adapters merged into them), text
+//! encoders, VAE, schedulers, and the U-Net written once over a trait of ops (`ops::UNetOps`),
+//! so the placement runtime above decides where each op runs without the model knowing it.
 
 pub mod clip;
 pub mod config;
@@ -8,6 +8,7 @@ pub mod cpu_conv;
 pub mod cpu_ops;
 pub mod device;
 pub mod flash_attention;
+pub mod lora;
 pub mod ops;
 pub mod scheduler;
 pub mod stored;

@@ -74,6 +74,11 @@ impl CandleEngine {
     pub fn weights(&self) -> &HashMap<String, Tensor> {
         &self.weights
     }
+
+    /// The weights, to change in place (a LoRA adapter merged at load).
+    pub fn weights_mut(&mut self) -> &mut HashMap<String, Tensor> {
+        &mut self.weights
+    }
 }
 
 fn dims4(t: &Tensor) -> Result<(usize, usize, usize, usize)> {
