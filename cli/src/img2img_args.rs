@@ -1,12 +1,13 @@
-//! Image-to-image on the command line (`veil generate --init-image PNG --strength S
-//! [--noise FILE]`): the init image read from a PNG, the noise from a safetensors file.
+//! Image-to-image and inpainting on the command line (`veil generate --init-image PNG
+//! --strength S [--noise FILE] [--mask PNG]`): the init image and the mask read from PNGs, the
+//! noise from a safetensors file.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use veil_core::client::options::image_from_png;
+use veil_core::client::options::{image_from_png, mask_from_png};
 
 /// The image-to-image settings.
 #[derive(Args)]
@@ -23,6 +24,10 @@ pub struct Img2ImgArgs {
     /// tensor `noise` [1, 4, H/8, W/8]); default: seeded by --seed.
     #[arg(long, requires = "init_image")]
     noise: Option<PathBuf>,
+    /// Inpainting (a model whose U-Net takes 9 channels, diffusers' inpainting layout): the
+    /// mask, a PNG the size of the init image, white (≥ 50% gray) where the image is repainted.
+    #[arg(long, requires = "init_image")]
+    mask: Option<PathBuf>,
 }
 
 /// What the arguments give a generation.
@@ -31,6 +36,8 @@ pub struct Img2Img {
     pub image: Option<Tensor>,
     pub strength: f64,
     pub noise: Option<Tensor>,
+    /// [1, H, W] in [0, 1].
+    pub mask: Option<Tensor>,
 }
 
 impl Img2ImgArgs {
@@ -51,10 +58,22 @@ impl Img2ImgArgs {
             Some(p) => Some(read_tensor(p, "noise", device)?),
             None => None,
         };
+        let mask = match &self.mask {
+            Some(p) => {
+                let bytes =
+                    std::fs::read(p).with_context(|| format!("reading mask {}", p.display()))?;
+                Some(
+                    mask_from_png(&bytes, device)
+                        .with_context(|| format!("decoding mask {}", p.display()))?,
+                )
+            }
+            None => None,
+        };
         Ok(Img2Img {
             image,
             strength: self.strength,
             noise,
+            mask,
         })
     }
 }

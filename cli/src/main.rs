@@ -85,6 +85,9 @@ enum Command {
     Compare(model_cmd::CompareArgs),
     /// Fit the progress preview on real latents; write MODEL/vae/latent_preview.json.
     PreviewFit(preview_cmd::PreviewFitArgs),
+    /// Split a LoRA adapter into the shard servers' part and the phone's (hand operators only
+    /// theirs: under `strict` the attention layers' adaptation stays on the phone).
+    LoraSplit(model_cmd::LoraSplitArgs),
 }
 
 #[derive(Args)]
@@ -279,6 +282,7 @@ fn main() -> Result<()> {
         Command::Verify(a) => model_cmd::verify(a),
         Command::Compare(a) => model_cmd::compare(a),
         Command::PreviewFit(a) => preview_cmd::run(a),
+        Command::LoraSplit(a) => model_cmd::lora_split(a),
     }
 }
 
@@ -417,6 +421,7 @@ fn generate_options(
         init_image: img2img.image,
         strength: img2img.strength,
         noise: img2img.noise,
+        mask: img2img.mask,
         policy,
         wire,
         attention_reuse_from: a.reuse_attention_from,

@@ -1,5 +1,5 @@
 //! `veil manifest DIR` and `veil verify DIR` (the model manifest, `veil_core::wire::manifest`),
-//! `veil compare A.png B.png`, and the `--device` flag.
+//! `veil compare A.png B.png`, `veil lora-split`, and the `--device` flag.
 
 use std::path::PathBuf;
 
@@ -23,6 +23,52 @@ pub struct ManifestArgs {
 pub struct VerifyArgs {
     /// A model folder with a `veil-manifest.json`.
     dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct LoraSplitArgs {
+    /// The LoRA adapter (safetensors, diffusers/peft or kohya naming).
+    lora: PathBuf,
+    /// The diffusers-layout model folder it adapts (only `unet/config.json` is read).
+    #[arg(long)]
+    model: PathBuf,
+    /// Where to write the shard servers' part: the convolution, GroupNorm-adjacent,
+    /// feed-forward, projection and time-embedding layers they run under `strict`.
+    #[arg(long)]
+    servers: PathBuf,
+    /// Where to write the phone's part (attention layers), if wanted.
+    #[arg(long)]
+    phone: Option<PathBuf>,
+}
+
+/// Splits an adapter into the shard servers' part and the phone's, so an operator is handed
+/// only the layers its server runs: the attention layers' adaptation never leaves the phone.
+pub fn lora_split(a: LoraSplitArgs) -> Result<()> {
+    use veil_core::model::config::ModelPaths;
+    use veil_core::model::lora::LoraAdapter;
+    use veil_core::model::unet::UNet;
+    let unet = UNet::new(&ModelPaths::new(&a.model)?.unet_config()?)?;
+    let adapter = LoraAdapter::load(&a.lora, &unet)
+        .with_context(|| format!("reading {}", a.lora.display()))?;
+    let shard = unet.shard_layers();
+    let servers = adapter.part(&|m| shard.contains_key(m))?;
+    servers.save(&a.servers)?;
+    println!(
+        "{}: {} of {} adapted layers (the servers' part)",
+        a.servers.display(),
+        servers.modules.len(),
+        adapter.modules.len()
+    );
+    if let Some(p) = &a.phone {
+        let phone = adapter.part(&|m| !shard.contains_key(m))?;
+        phone.save(p)?;
+        println!(
+            "{}: {} adapted layers (the phone's part)",
+            p.display(),
+            phone.modules.len()
+        );
+    }
+    Ok(())
 }
 
 /// Where the phone's share runs.

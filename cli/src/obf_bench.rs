@@ -207,6 +207,7 @@ impl Bench {
                     steps: a.steps,
                     server_steps: self.half,
                     start_step: None,
+                    condition: None,
                     guidance: a.guidance,
                     scheduler: SchedulerKind::Ddim,
                     accel: *accel,

@@ -1274,6 +1274,7 @@ fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
             steps: 30,
             // Image-to-image for two of them (protocol 4): the run starts at step 12.
             start_step: matches!(scheduler, SchedulerKind::Ddim | SchedulerKind::Lcm).then_some(12),
+            condition: None,
             server_steps: 15,
             guidance: 7.5,
             scheduler,
@@ -1307,6 +1308,7 @@ fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
         noise: noise.clone(),
         steps: 4,
         start_step: None,
+        condition: None,
         server_steps: 5,
         guidance: 5.0,
         scheduler: SchedulerKind::Ddim,
@@ -1332,12 +1334,39 @@ fn early_steps_round_trip_exactly_with_f32_noise_whatever_the_wire_dtype() {
         reply_dtype: WireDtype::F32,
         compression: Compression::None,
     };
-    // The flag is a bool: any byte but 0 and 1 is refused.
-    let mut bytes = encode(&msg, Compression::None).expect("encode");
-    let flag = bytes.len() - 5;
-    assert_eq!(bytes[flag], 1);
-    bytes[flag] = 2;
-    assert!(dec(&bytes).is_err());
+    // The flags are bools: any byte but 0 and 1 is refused (the job ends with the
+    // image-to-image flag, its start step, then the inpainting flag).
+    let bytes = encode(&msg, Compression::None).expect("encode");
+    for (flag, set) in [(bytes.len() - 6, 1), (bytes.len() - 1, 0)] {
+        assert_eq!(bytes[flag], set);
+        let mut bad = bytes.clone();
+        bad[flag] = 2;
+        assert!(dec(&bad).is_err());
+    }
+    // An inpainting job carries its condition tensor through the wire unchanged.
+    let cond = Tensor::ones((1, 5, 2, 2), candle_core::DType::F32, &Device::Cpu).expect("ones");
+    let inpaint = EarlySteps {
+        condition: Some(cond.clone()),
+        ..ok.clone()
+    };
+    let msg = Message::EarlySteps {
+        job: early_steps_to_wire(&inpaint).expect("to wire"),
+        reply_dtype: WireDtype::F16,
+        compression: Compression::None,
+    };
+    let bytes = encode(&msg, Compression::None).expect("encode");
+    let Message::EarlySteps { job, .. } = dec(&bytes).expect("decode") else {
+        panic!("not an early-steps message");
+    };
+    let back = early_steps_from_wire(job, &Device::Cpu).expect("from wire");
+    let got = back.condition.expect("condition");
+    assert_eq!(got.dims(), cond.dims());
+    assert_eq!(
+        got.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("v"),
+        vec![1f32; 20]
+    );
 }
 
 /// A copy of `job` whose noise compares bit for bit through `Debug`.
@@ -1348,6 +1377,7 @@ fn comparable_job(job: &EarlySteps<Tensor>) -> EarlySteps<Bits> {
         noise: bits(&job.noise),
         steps: job.steps,
         start_step: job.start_step,
+        condition: None,
         server_steps: job.server_steps,
         guidance: job.guidance,
         scheduler: job.scheduler,
@@ -1576,7 +1606,7 @@ fn hand_written_apply_matches_the_encoder() {
 #[test]
 fn protocol_doc_apply_example() {
     let doc: &[u8] = &[
-        0x56, 0x45, 0x49, 0x4C, 0x04, 0x00, 0x03, // "VEIL", version 4, Request
+        0x56, 0x45, 0x49, 0x4C, 0x05, 0x00, 0x03, // "VEIL", version 5, Request
         0x01, 0x00, 0x00, 0x00, 0x00, 0x00, // reply f16, no compression, level 0
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // reply codec none, not exact, first slot 0
         0x01, 0x00, 0x00, 0x00, // 1 call

@@ -435,6 +435,7 @@ impl Request<'_> {
             steps: cfg.steps,
             server_steps: cfg.steps,
             start_step: None,
+            condition: None,
             guidance: cfg.guidance,
             scheduler: SchedulerKind::Ddim,
             accel: Default::default(),

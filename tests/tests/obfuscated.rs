@@ -217,6 +217,7 @@ fn job(sd: &StableDiffusion, k: usize, accel: Accelerations, steps: usize) -> Ea
         steps,
         server_steps: steps,
         start_step: None,
+        condition: None,
         guidance: 5.0,
         scheduler: SchedulerKind::Ddim,
         accel,
@@ -378,6 +379,7 @@ fn early_steps_codec_round_trips_and_checks_its_bounds() {
         batch_redundancy: 1,
         attention_gate: 6,
         start_step: None,
+        condition: None,
     };
     // Its own message (protocol 2), not a call of a shard request.
     let msg = |j: WireEarlySteps| Message::EarlySteps {
@@ -460,6 +462,7 @@ fn an_overpriced_early_steps_job_is_refused_before_running() {
         steps: 1000,
         server_steps: 1000,
         start_step: None,
+        condition: None,
         guidance: 5.0,
         scheduler: SchedulerKind::Ddim,
         accel: Accelerations::default(),

@@ -30,6 +30,9 @@ pub struct Conditioning {
     /// SDXL's added conditioning inputs (`UNet::forward_added`), in the same rows as the text
     /// states.
     added: Option<Added>,
+    /// Inpainting: [1, Cc, h, w] appended to every row's U-Net input channels after the
+    /// sampler's scaling (`img2img::Start::condition`).
+    image: Option<Tensor>,
 }
 
 /// The added conditioning's rows in each batch layout, as `Guided` lays out the states.
@@ -70,7 +73,24 @@ impl Conditioning {
             guidance,
             accel,
             added: None,
+            image: None,
         })
+    }
+
+    /// With inpainting's channels [1, Cc, h, w] (the same for every candidate and both guided
+    /// halves, as diffusers repeats them).
+    pub fn with_image_condition(mut self, condition: Option<Tensor>) -> Self {
+        self.image = condition;
+        self
+    }
+
+    /// The U-Net's input for the scaled batch `x` [B, C, h, w]: with inpainting's channels
+    /// appended.
+    fn unet_input(&self, x: Tensor) -> Result<Tensor> {
+        match &self.image {
+            Some(c) => Ok(Tensor::cat(&[&x, &c.repeat((x.dim(0)?, 1, 1, 1))?], 1)?),
+            None => Ok(x),
+        }
     }
 
     /// With SDXL's added conditioning inputs: `cond` [K, P] for the candidates, `uncond`
@@ -202,7 +222,7 @@ pub async fn denoise<E: Engine<T = Tensor>>(
         let rows = conditioning.rows(i - steps.start);
         let (x, context) = conditioning.batch(rows, &latents)?;
         unet_rows += x.dim(0)? as u64;
-        let x = scheduler.scale_model_input(&x, i)?;
+        let x = conditioning.unet_input(scheduler.scale_model_input(&x, i)?)?;
         let added = conditioning.added(rows);
         let out = rt
             .forward(unet, &x, t, (context, added), rows, conditioning.k)

@@ -44,12 +44,30 @@ impl StableDiffusion {
         job.validate()?;
         let k = job.candidates.len();
         let (one, c, h, w) = job.noise.dims4()?;
-        if one != 1 || c != self.unet.config.in_channels || h == 0 || w == 0 {
+        if one != 1 || c != self.latent_channels() || h == 0 || w == 0 {
             return Err(Error::InvalidArgument(format!(
                 "noise of shape {:?}, expected [1, {}, h, w]",
                 job.noise.dims(),
-                self.unet.config.in_channels
+                self.latent_channels()
             )));
+        }
+        // Inpainting's channels exactly when this U-Net takes them, shaped to fill its input.
+        let want = [1, self.unet.config.in_channels - c, h, w];
+        match (&job.condition, self.inpainting()?) {
+            (Some(cond), true) if cond.dims() == want => {}
+            (None, false) => {}
+            (cond, _) => {
+                return Err(Error::InvalidArgument(format!(
+                    "inpainting channels of shape {:?} for a U-Net taking {} channels over the \
+                     {c}-channel latent (expected {})",
+                    cond.as_ref().map(|t| t.dims().to_vec()),
+                    self.unet.config.in_channels,
+                    match self.inpainting()? {
+                        true => format!("{want:?}"),
+                        false => "none".into(),
+                    }
+                )));
+            }
         }
         let chunk = self.admit_early_steps(job, (h, w))?;
         let noise = job.noise.to_dtype(DType::F32)?;
@@ -66,7 +84,14 @@ impl StableDiffusion {
         let first = job.first_step();
         let prompts: Vec<&str> = job.candidates.iter().map(String::as_str).collect();
         let (neg, g) = (job.negative_prompt.as_str(), job.guidance);
-        let conditioning = self.conditioning(&prompts, neg, g, job.accel, (h, w))?;
+        let condition = job
+            .condition
+            .as_ref()
+            .map(|t| t.to_dtype(DType::F32))
+            .transpose()?;
+        let conditioning = self
+            .conditioning(&prompts, neg, g, job.accel, (h, w))?
+            .with_image_condition(condition);
         let gate = job.accel.attention_gate;
         let mut rt = Runtime::new(
             &self.unet_engine,

@@ -41,6 +41,8 @@ struct Job<'a> {
     start: &'a Tensor,
     /// Image-to-image: the schedule step `start` enters.
     start_step: Option<usize>,
+    /// Inpainting's extra U-Net input channels [1, Cc, h, w].
+    condition: Option<&'a Tensor>,
     k_steps: usize,
 }
 
@@ -106,6 +108,7 @@ impl StableDiffusion {
                 set: &set,
                 start: &start.sent,
                 start_step: start.start_step,
+                condition: start.condition.as_ref(),
                 k_steps,
             };
             exchange = self.send_early_steps(server.as_ref(), opts, job).await?;
@@ -121,7 +124,7 @@ impl StableDiffusion {
                 .late_steps(
                     opts,
                     start.scheduler.as_mut(),
-                    latents,
+                    (latents, start.condition.clone()),
                     first + k_steps..total,
                     &mut progress,
                     cancelled,
@@ -165,6 +168,7 @@ impl StableDiffusion {
             set,
             start,
             start_step,
+            condition,
             k_steps,
         } = job;
         let accel = opts.obfuscation.accel;
@@ -178,6 +182,7 @@ impl StableDiffusion {
             steps: opts.steps,
             start_step,
             server_steps: k_steps,
+            condition: condition.cloned(),
             guidance: opts.guidance,
             scheduler: opts.scheduler,
             accel,
@@ -203,6 +208,19 @@ impl StableDiffusion {
             class: crate::placement::audit::DepClass::Raw,
             bytes: noise_bytes,
         });
+        // Inpainting: the mask and the masked image's latents, image content, whole.
+        let condition_bytes = match condition {
+            Some(c) => {
+                let bytes = c.elem_count() as u64 * 4;
+                audit.views.push(View {
+                    layer: "early_steps condition".into(),
+                    bytes,
+                    ..audit.views[audit.views.len() - 1].clone()
+                });
+                bytes
+            }
+            None => 0,
+        };
         let all = server.early_steps(job).await?;
         if all.dims() != [kk, lc, h, w] {
             return Err(Error::Backend {
@@ -219,7 +237,7 @@ impl StableDiffusion {
         acct.transfers.push(Transfer::uncoded(
             OpKind::EarlySteps,
             "early_steps".into(),
-            vec![noise_bytes + up],
+            vec![noise_bytes + condition_bytes + up],
             vec![(kk * lc * h * w) as u64 * opts.wire.size() as u64],
         ));
         acct.round_trips += 1;
@@ -249,7 +267,7 @@ impl StableDiffusion {
         &self,
         opts: &GenerateOptions,
         scheduler: &mut dyn Scheduler,
-        latents: Tensor,
+        (latents, condition): (Tensor, Option<Tensor>),
         steps: std::ops::Range<usize>,
         progress: &mut (dyn FnMut(Progress<'_>) + Send),
         cancelled: &(dyn Fn() -> bool + Sync),
@@ -259,7 +277,7 @@ impl StableDiffusion {
             Some(d) => {
                 if d.unet.config.in_channels != lc {
                     return Err(Error::InvalidArgument(format!(
-                        "the device U-Net takes {} latent channels, the model's VAE {lc}",
+                        "the device U-Net takes {} input channels, the model's {lc}",
                         d.unet.config.in_channels
                     )));
                 }
@@ -267,7 +285,9 @@ impl StableDiffusion {
             }
             None => (&self.unet, &self.unet_engine),
         };
-        let conditioning = self.text_conditioning(opts)?;
+        let conditioning = self
+            .text_conditioning(opts)?
+            .with_image_condition(condition);
         let mut rt = Runtime::new(engine, Policy::Local.placement(), &[], opts.wire)?;
         denoise(
             unet,

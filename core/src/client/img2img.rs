@@ -18,6 +18,15 @@
 //! `obfuscated` server receives: the initial noise (text-to-image) or the noised init latents
 //! (image-to-image), so the phone and the server draw the same.
 //!
+//! Inpainting (diffusers' `StableDiffusionInpaintPipeline` with a 9-channel U-Net: the latent,
+//! the mask, the masked image's latents): the mask is binarised (≥ 0.5 repaints), the masked
+//! image (the init image with repainted pixels set to mid-grey, 0 in [-1, 1]) is encoded with
+//! the posterior mean like the init image, and the mask is taken to the latent grid by nearest
+//! sampling (torch's `interpolate(mode="nearest")`: cell (i, j) reads pixel (⌊i·H/h⌋, ⌊j·W/w⌋)).
+//! Both are appended to every U-Net input after the sampler's scaling (`Start::condition`). At
+//! strength 1 the run starts from pure noise times `init_noise_sigma`, as text-to-image does
+//! (diffusers' `is_strength_max`); below it, from the unmasked image noised as image-to-image.
+//!
 //! The phone keeps only the VAE decoder resident (`LoadRole::Phone`); for an image-to-image
 //! generation it reads the encoder from the model folder (`VaeEncoder::load`), encodes, and
 //! drops it before the denoise loop, so the encoder's weights and its full-resolution
@@ -44,6 +53,9 @@ pub(crate) struct Start {
     /// What an `obfuscated` server is sent as the job's `noise`: the initial noise before
     /// `init_noise_sigma` (text-to-image) or the noised init latents (image-to-image).
     pub sent: Tensor,
+    /// Inpainting: [1, 1 + C, h, w], the mask on the latent grid then the masked image's
+    /// latents, appended to every U-Net input's channels.
+    pub condition: Option<Tensor>,
 }
 
 impl Start {
@@ -100,6 +112,25 @@ impl StableDiffusion {
     /// The start of a generation of `opts` (see the module docs), every option checked.
     pub(crate) fn start(&self, opts: &GenerateOptions) -> Result<Start> {
         let (h, w) = self.latent_size(opts.width, opts.height)?;
+        let inpainting = self.inpainting()?;
+        match (inpainting, opts.mask.is_some(), opts.init_image.is_some()) {
+            (false, true, _) => {
+                return Err(Error::InvalidArgument(format!(
+                    "a mask needs an inpainting U-Net (2 × {} + 1 input channels); this one \
+                     takes {}",
+                    self.latent_channels(),
+                    self.unet.config.in_channels
+                )))
+            }
+            (true, false, _) | (true, _, false) => {
+                return Err(Error::InvalidArgument(
+                    "this is an inpainting U-Net (latent, mask and masked-image channels): give \
+                     an init image and a mask"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
         let Some(image) = &opts.init_image else {
             if opts.noise.is_some() {
                 return Err(Error::InvalidArgument(
@@ -109,14 +140,7 @@ impl StableDiffusion {
                 ));
             }
             let noise = self.initial_noise(opts, h, w)?;
-            let scheduler =
-                new_seeded_scheduler(opts.scheduler, &self.scheduler_config, opts.steps, &noise)?;
-            return Ok(Start {
-                latents: (&noise * scheduler.init_noise_sigma())?,
-                scheduler,
-                start_step: None,
-                sent: noise,
-            });
+            return self.start_from_noise(opts, noise, None);
         };
         if opts.latents.is_some() {
             return Err(Error::InvalidArgument(
@@ -126,14 +150,7 @@ impl StableDiffusion {
             ));
         }
         let first = first_step(opts.steps, opts.strength)?;
-        let want = [1, self.unet.config.in_channels, h, w];
-        let init = self.encode_image(image, opts.width, opts.height)?;
-        if init.dims() != want {
-            return Err(Error::InvalidArgument(format!(
-                "the VAE encodes to {:?}, the U-Net takes {want:?}",
-                init.dims()
-            )));
-        }
+        let want = [1, self.latent_channels(), h, w];
         let noise = match &opts.noise {
             Some(n) if n.dims() != want => {
                 return Err(Error::InvalidArgument(format!(
@@ -146,6 +163,21 @@ impl StableDiffusion {
             Some(n) => n.to_dtype(DType::F32)?.to_device(&self.device)?,
             None => seeded_normal(opts.seed, &want, &self.device)?,
         };
+        let condition = match &opts.mask {
+            Some(m) => Some(self.inpaint_condition(image, m, opts.width, opts.height)?),
+            None => None,
+        };
+        if condition.is_some() && first == 0 {
+            // Inpainting at strength 1: pure noise; the image enters through the condition only.
+            return self.start_from_noise(opts, noise, condition);
+        }
+        let init = self.encode_image(image, opts.width, opts.height)?;
+        if init.dims() != want {
+            return Err(Error::InvalidArgument(format!(
+                "the VAE encodes to {:?}, the U-Net takes {want:?}",
+                init.dims()
+            )));
+        }
         let mut scheduler = new_scheduler(opts.scheduler, &self.scheduler_config, opts.steps)?;
         // `add_noise` refuses a step past the schedule's end.
         let latents = scheduler.add_noise(&init, &noise, first)?;
@@ -155,7 +187,88 @@ impl StableDiffusion {
             latents,
             scheduler,
             start_step: Some(first),
+            condition,
         })
+    }
+
+    /// A start from step 0 at `noise` × the sampler's `init_noise_sigma`.
+    fn start_from_noise(
+        &self,
+        opts: &GenerateOptions,
+        noise: Tensor,
+        condition: Option<Tensor>,
+    ) -> Result<Start> {
+        let scheduler =
+            new_seeded_scheduler(opts.scheduler, &self.scheduler_config, opts.steps, &noise)?;
+        Ok(Start {
+            latents: (&noise * scheduler.init_noise_sigma())?,
+            scheduler,
+            start_step: None,
+            sent: noise,
+            condition,
+        })
+    }
+
+    /// The latent space's channels (the VAE's `latent_channels`).
+    pub fn latent_channels(&self) -> usize {
+        self.vae.config.latent_channels
+    }
+
+    /// Whether the U-Net is an inpainting one (latent, mask and masked-image channels in, the
+    /// latent's out); a U-Net whose input is neither is refused.
+    pub fn inpainting(&self) -> Result<bool> {
+        let (c, lc) = (&self.unet.config, self.latent_channels());
+        match c.in_channels {
+            i if i == lc => Ok(false),
+            i if i == 2 * lc + 1 && c.out_channels == lc => Ok(true),
+            i => Err(Error::Unsupported(format!(
+                "a U-Net taking {i} channels over a {lc}-channel latent space (neither the \
+                 latent nor the inpainting layout)"
+            ))),
+        }
+    }
+
+    /// Inpainting's extra U-Net input [1, 1 + C, h, w] for the init image RGB [3, H, W] and
+    /// the mask [1, H, W] (see the module docs).
+    pub fn inpaint_condition(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        width: usize,
+        height: usize,
+    ) -> Result<Tensor> {
+        if mask.dims() != [1, height, width] {
+            return Err(Error::InvalidArgument(format!(
+                "mask of shape {:?}, expected [1, {height}, {width}] (the generation's size)",
+                mask.dims()
+            )));
+        }
+        let mask = mask.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let (lo, hi) = (
+            mask.min_all()?.to_scalar::<f32>()?,
+            mask.max_all()?.to_scalar::<f32>()?,
+        );
+        if !(lo >= 0.0 && hi <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "mask values span [{lo}, {hi}], expected [0, 1]"
+            )));
+        }
+        let repaint = mask.ge(0.5f32)?.to_dtype(DType::F32)?;
+        let keep = (1.0 - &repaint)?;
+        // Repainted pixels at mid-grey: 0 once the encoder maps [0, 1] to [-1, 1].
+        let masked = (image.to_dtype(DType::F32)?.broadcast_mul(&keep)?
+            + (repaint.broadcast_as(image.dims())? * 0.5)?)?;
+        let latents = self.encode_image(&masked, width, height)?;
+        let (h, w) = (latents.dim(2)?, latents.dim(3)?);
+        let nearest = |out: usize, len: usize| -> Result<Tensor> {
+            let idx: Vec<u32> = (0..out).map(|i| (i * len / out) as u32).collect();
+            Ok(Tensor::from_vec(idx, out, &self.device)?)
+        };
+        let grid = repaint
+            .index_select(&nearest(h, height)?, 1)?
+            .index_select(&nearest(w, width)?, 2)?
+            .unsqueeze(0)?;
+        Ok(Tensor::cat(&[&grid, &latents], 1)?)
     }
 
     /// The scaled latents [1, C, h, w] of an init image RGB [3, `height`, `width`] in [0, 1]:

@@ -56,6 +56,10 @@ pub struct GenerateOptions {
     /// seeded noise (`--noise`; what makes a run comparable with diffusers'). Only with
     /// `init_image`.
     pub noise: Option<Tensor>,
+    /// Inpainting (a U-Net with 9 input channels, diffusers' SD inpainting layout): the mask,
+    /// [1, `height`, `width`] in [0, 1] (`mask_from_png`), ≥ 0.5 where the image is repainted.
+    /// Needs `init_image`; at strength 1 the run starts from pure noise (`noise`, or seeded).
+    pub mask: Option<Tensor>,
     pub policy: Policy,
     pub wire: WireDtype,
     /// T-GATE-style reducer: from this step on, every transformer block reuses the attention
@@ -102,6 +106,7 @@ impl Default for GenerateOptions {
             init_image: None,
             strength: DEFAULT_STRENGTH,
             noise: None,
+            mask: None,
             policy: Policy::Local,
             wire: WireDtype::F32,
             attention_reuse_from: None,
@@ -229,6 +234,25 @@ pub fn image_from_png(bytes: &[u8], device: &candle_core::Device) -> Result<Tens
         .permute((2, 0, 1))?
         .to_dtype(DType::F32)?;
     // A true division, as numpy's `/ 255.0` (candle's `t / 255.0` multiplies by 1/255).
+    Ok(t.broadcast_div(&Tensor::new(255f32, device)?)?)
+}
+
+/// An inpainting mask from a PNG, [1, H, W] in [0, 1]: its 8-bit gray value / 255, colour
+/// converted as PIL's `convert("L")` does (diffusers' mask processor): ITU-R 601 luma in 16-bit
+/// fixed point, alpha ignored; a grayscale PNG is read as it is.
+pub fn mask_from_png(bytes: &[u8], device: &candle_core::Device) -> Result<Tensor> {
+    let rgb = image::load_from_memory(bytes)
+        .map_err(|e| Error::InvalidArgument(format!("mask: {e}")))?
+        .to_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let l: Vec<u8> = rgb
+        .pixels()
+        .map(|p| {
+            let [r, g, b] = p.0.map(u32::from);
+            ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+        })
+        .collect();
+    let t = Tensor::from_vec(l, (1, h, w), device)?.to_dtype(DType::F32)?;
     Ok(t.broadcast_div(&Tensor::new(255f32, device)?)?)
 }
 

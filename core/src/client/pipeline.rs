@@ -15,7 +15,7 @@ use crate::client::denoise::{denoise, Conditioning, LoopHooks, Runners};
 use crate::client::guidance::merge_captured;
 use crate::client::guidance::{half_groups, merge_audit};
 pub use crate::client::options::{
-    image_from_png, image_to_png, GenerateOptions, Generation, RunStats, ServerStats,
+    image_from_png, image_to_png, mask_from_png, GenerateOptions, Generation, RunStats, ServerStats,
 };
 use crate::client::prompt::{encode, encode_negative, PromptEmbedding, XlText};
 use crate::model::clip::{ClipTextEncoder, ClipTokenizer};
@@ -314,7 +314,9 @@ impl StableDiffusion {
     ) -> Result<Generation> {
         let clock = Instant::now();
         let mut start = self.start(opts)?;
-        let conditioning = self.text_conditioning(opts)?;
+        let conditioning = self
+            .text_conditioning(opts)?
+            .with_image_condition(start.condition.clone());
         let total = start.scheduler.timesteps().len();
         let (first, steps_run) = (start.first(), start.steps_run());
         let mut progress = start.shifted(progress);
@@ -400,7 +402,7 @@ impl StableDiffusion {
         h: usize,
         w: usize,
     ) -> Result<Tensor> {
-        let want = [1, self.unet.config.in_channels, h, w];
+        let want = [1, self.latent_channels(), h, w];
         match &opts.latents {
             Some(l) if l.dims() != want => Err(Error::InvalidArgument(format!(
                 "initial latents have shape {:?}, expected {want:?} for {}x{}",

@@ -3,8 +3,10 @@
 //! layer's own kernel (r output channels) and its `up` a 1×1 convolution, so the product is
 //! taken over the flattened kernel. Two namings are read:
 //! - diffusers / peft: `unet.<module>.lora_A.weight` (down) and `unet.<module>.lora_B.weight`
-//!   (up), or the older `unet.<module>.lora.down.weight` / `lora.up.weight`, with an optional
-//!   `unet.<module>.alpha`; α defaults to r (no rescaling), as diffusers does without alphas;
+//!   (up), or the older `unet.<module>.lora.down.weight` / `lora.up.weight`; α from the header's
+//!   `lora_adapter_metadata` (peft's LoraConfig as diffusers' `save_lora_weights` writes it:
+//!   `unet.lora_alpha`, `unet.alpha_pattern` by module-path suffix, `unet.use_rslora`) or an
+//!   `unet.<module>.alpha` tensor, else r (no rescaling), as diffusers does;
 //! - kohya sd-scripts: `lora_unet_<module, '.' written '_'>.lora_down.weight`, `.lora_up.weight`
 //!   and `.alpha`.
 //!
@@ -21,12 +23,14 @@ use sha2::{Digest, Sha256};
 use crate::model::unet::UNet;
 use crate::vocab::error::{Error, Result};
 
-/// One adapted layer: `down` [r, in, (kh, kw)], `up` [out, r, (1, 1)], and α.
+/// One adapted layer: `down` [r, in, (kh, kw)], `up` [out, r, (1, 1)], α, and whether the
+/// scale is α/√r (rank-stabilised LoRA) rather than α/r.
 #[derive(Debug, Clone)]
 pub struct LoraModule {
     pub down: Tensor,
     pub up: Tensor,
     pub alpha: Option<f64>,
+    pub rslora: bool,
 }
 
 impl LoraModule {
@@ -56,7 +60,11 @@ impl LoraModule {
         }
         let up = self.up.to_dtype(DType::F32)?.reshape((out, r))?;
         let down = self.down.to_dtype(DType::F32)?.reshape((r, rest))?;
-        let factor = scale * self.alpha.unwrap_or(r as f64) / r as f64;
+        let r = r as f64;
+        let factor = match self.rslora {
+            true => scale * self.alpha.unwrap_or(r) / r.sqrt(),
+            false => scale * self.alpha.unwrap_or(r) / r,
+        };
         Ok((up.matmul(&down)? * factor)?.reshape(weight)?)
     }
 }
@@ -66,6 +74,68 @@ impl LoraModule {
 pub struct LoraAdapter {
     pub path: PathBuf,
     pub modules: BTreeMap<String, LoraModule>,
+}
+
+/// peft's LoraConfig from a diffusers file's header (`lora_adapter_metadata`, keys prefixed
+/// `unet.`): the default α, α per module pattern, and rank-stabilised scaling.
+#[derive(Debug, Default)]
+struct PeftMetadata {
+    lora_alpha: Option<f64>,
+    alpha_pattern: Vec<(String, f64)>,
+    rslora: bool,
+}
+
+impl PeftMetadata {
+    fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let bad = |m: String| Error::InvalidArgument(format!("LoRA file {}: {m}", path.display()));
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e}")))?;
+        let Some(json) = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("lora_adapter_metadata"))
+        else {
+            return Ok(Self::default());
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("lora_adapter_metadata: {e}")))?;
+        let get = |k: &str| v.get(format!("unet.{k}")).or_else(|| v.get(k));
+        if get("use_dora").and_then(|d| d.as_bool()) == Some(true) {
+            return Err(Error::Unsupported(format!(
+                "LoRA file {} is a DoRA adapter",
+                path.display()
+            )));
+        }
+        let mut alpha_pattern: Vec<(String, f64)> = get("alpha_pattern")
+            .and_then(|p| p.as_object())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, a)| a.as_f64().map(|a| (k.clone(), a)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The most specific (longest) pattern first.
+        alpha_pattern.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+        Ok(Self {
+            lora_alpha: get("lora_alpha").and_then(|a| a.as_f64()),
+            alpha_pattern,
+            rslora: get("use_rslora").and_then(|a| a.as_bool()) == Some(true),
+        })
+    }
+
+    /// α of `module`: the pattern naming it (the whole path, or a suffix after a dot), else
+    /// the default.
+    fn alpha(&self, module: &str) -> Option<f64> {
+        self.alpha_pattern
+            .iter()
+            .find(|(p, _)| module == p || module.ends_with(&format!(".{p}")))
+            .map(|(_, a)| *a)
+            .or(self.lora_alpha)
+    }
 }
 
 /// A module's down and up weights and α as the keys are read.
@@ -180,6 +250,7 @@ impl LoraAdapter {
                 }
             }
         }
+        let meta = PeftMetadata::read(path)?;
         let mut modules = BTreeMap::new();
         for (m, (down, up, alpha)) in parts {
             let (Some(down), Some(up)) = (down, up) else {
@@ -188,7 +259,17 @@ impl LoraAdapter {
                     path.display()
                 )));
             };
-            modules.insert(m, LoraModule { down, up, alpha });
+            let alpha = alpha.or_else(|| meta.alpha(&m));
+            let rslora = meta.rslora;
+            modules.insert(
+                m,
+                LoraModule {
+                    down,
+                    up,
+                    alpha,
+                    rslora,
+                },
+            );
         }
         if modules.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -220,6 +301,47 @@ impl LoraAdapter {
         Ok(merged)
     }
 
+    /// The modules of `layers` only (a shard server's part: what an operator needs, and all a
+    /// server then learns of the adapter), or an error when none is left.
+    pub fn part(&self, layers: &dyn Fn(&str) -> bool) -> Result<Self> {
+        let modules: BTreeMap<String, LoraModule> = self
+            .modules
+            .iter()
+            .filter(|(m, _)| layers(m))
+            .map(|(m, v)| (m.clone(), v.clone()))
+            .collect();
+        if modules.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA file {}: no adapted layer in that part",
+                self.path.display()
+            )));
+        }
+        Ok(Self {
+            path: self.path.clone(),
+            modules,
+        })
+    }
+
+    /// Writes the adapter in diffusers naming with an explicit α per module
+    /// (`unet.<module>.alpha`, read back by `load`); rank-stabilised adapters are refused (α/√r
+    /// has no per-module tensor form).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut out: HashMap<String, Tensor> = HashMap::new();
+        for (m, module) in &self.modules {
+            if module.rslora {
+                return Err(Error::Unsupported(
+                    "writing a rank-stabilised (rsLoRA) adapter".into(),
+                ));
+            }
+            let alpha = module.alpha.unwrap_or(module.rank() as f64) as f32;
+            out.insert(format!("unet.{m}.lora_A.weight"), module.down.clone());
+            out.insert(format!("unet.{m}.lora_B.weight"), module.up.clone());
+            out.insert(format!("unet.{m}.alpha"), Tensor::new(alpha, &Device::Cpu)?);
+        }
+        candle_core::safetensors::save(&out, path)?;
+        Ok(())
+    }
+
     /// SHA-256 of the adapter as applied to `layers` at `scale` (layer names, shapes, values
     /// as f32, α), so two parties merging the same adapter into the same layers agree on it
     /// whatever file naming each was given.
@@ -230,6 +352,7 @@ impl LoraAdapter {
         for (m, module) in self.modules.iter().filter(|(m, _)| layers(m)) {
             h.update(m.as_bytes());
             h.update(module.alpha.unwrap_or(module.rank() as f64).to_le_bytes());
+            h.update([u8::from(module.rslora)]);
             for t in [&module.down, &module.up] {
                 for d in t.dims() {
                     h.update((*d as u64).to_le_bytes());
@@ -271,4 +394,194 @@ pub fn parse_lora_arg(s: &str) -> Result<(PathBuf, f64)> {
         }
     }
     Ok((PathBuf::from(s), 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::UNetConfig;
+
+    fn tiny_unet() -> UNet {
+        let cfg: UNetConfig = serde_json::from_str(
+            r#"{"block_out_channels":[8,16],"down_block_types":["CrossAttnDownBlock2D","DownBlock2D"],
+                "up_block_types":["UpBlock2D","CrossAttnUpBlock2D"],"layers_per_block":1,
+                "attention_head_dim":2,"cross_attention_dim":8,"norm_num_groups":4,
+                "in_channels":4,"out_channels":4}"#,
+        )
+        .expect("config");
+        UNet::new(&cfg).expect("unet")
+    }
+
+    fn randn(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn save(tensors: &[(&str, Tensor)], tag: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "veil-lora-{tag}-{}.safetensors",
+            std::process::id()
+        ));
+        let map: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect();
+        candle_core::safetensors::save(&map, &path).expect("save");
+        path
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    /// The same adapter in both namings merges to the same weights, which equal W + scale ·
+    /// (α/r) · up · down computed by hand; a conv adapter is taken over the flattened kernel.
+    #[test]
+    fn both_namings_merge_to_the_hand_computed_weights() {
+        let unet = tiny_unet();
+        let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+        let conv = "down_blocks.0.resnets.0.conv1";
+        let (qd, qu) = (randn(&[2, 8], 1.0), randn(&[8, 2], 2.0));
+        let (cd, cu) = (randn(&[2, 8, 3, 3], 3.0), randn(&[8, 2, 1, 1], 4.0));
+        let alpha = Tensor::new(&[4f32], &Device::Cpu).expect("alpha");
+        let diffusers = save(
+            &[
+                (&format!("unet.{q}.lora_A.weight"), qd.clone()),
+                (&format!("unet.{q}.lora_B.weight"), qu.clone()),
+                (&format!("unet.{q}.alpha"), alpha.clone()),
+                (&format!("unet.{conv}.lora_A.weight"), cd.clone()),
+                (&format!("unet.{conv}.lora_B.weight"), cu.clone()),
+            ],
+            "diffusers",
+        );
+        let k = |m: &str| format!("lora_unet_{}", m.replace('.', "_"));
+        let kohya = save(
+            &[
+                (&format!("{}.lora_down.weight", k(q)), qd.clone()),
+                (&format!("{}.lora_up.weight", k(q)), qu.clone()),
+                (&format!("{}.alpha", k(q)), alpha.squeeze(0).expect("0-d")),
+                (&format!("{}.lora_down.weight", k(conv)), cd.clone()),
+                (&format!("{}.lora_up.weight", k(conv)), cu.clone()),
+            ],
+            "kohya",
+        );
+        let base: HashMap<String, Tensor> = [
+            (format!("{q}.weight"), randn(&[8, 8], 5.0)),
+            (format!("{conv}.weight"), randn(&[8, 8, 3, 3], 6.0)),
+        ]
+        .into_iter()
+        .collect();
+        let scale = 0.5;
+        let mut merged = Vec::new();
+        for p in [&diffusers, &kohya] {
+            let a = LoraAdapter::load(p, &unet).expect("load");
+            let mut w = base.clone();
+            assert_eq!(a.merge_into(&mut w, scale).expect("merge"), 2);
+            merged.push(w);
+            let _ = std::fs::remove_file(p);
+        }
+        // to_q: α = 4, r = 2; conv1: no α (= r).
+        let want_q = (&base[&format!("{q}.weight")]
+            + (qu.matmul(&qd).expect("mm") * (scale * 4.0 / 2.0)).expect("s"))
+        .expect("q");
+        let conv_delta = cu
+            .reshape((8, 2))
+            .and_then(|u| u.matmul(&cd.reshape((2, 72))?))
+            .and_then(|d| d.reshape((8, 8, 3, 3)))
+            .expect("conv delta");
+        let want_c =
+            (&base[&format!("{conv}.weight")] + (conv_delta * scale).expect("s")).expect("conv");
+        for w in &merged {
+            assert!(max_abs(&w[&format!("{q}.weight")], &want_q) < 1e-6);
+            assert!(max_abs(&w[&format!("{conv}.weight")], &want_c) < 1e-6);
+        }
+        // Only the layers a party holds are merged.
+        let a = LoraAdapter::load(
+            &save(
+                &[
+                    (&format!("unet.{q}.lora_A.weight"), qd.clone()),
+                    (&format!("unet.{q}.lora_B.weight"), qu.clone()),
+                ],
+                "partial",
+            ),
+            &unet,
+        )
+        .expect("load");
+        let mut only_conv: HashMap<String, Tensor> = [(
+            format!("{conv}.weight"),
+            base[&format!("{conv}.weight")].clone(),
+        )]
+        .into();
+        assert_eq!(a.merge_into(&mut only_conv, 1.0).expect("merge"), 0);
+    }
+
+    #[test]
+    fn bad_adapters_are_refused_with_the_key_named() {
+        let unet = tiny_unet();
+        let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+        let cases = [
+            (
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                "text encoder",
+            ),
+            (
+                "unet.down_blocks.9.resnets.0.conv1.lora_A.weight",
+                "names no layer",
+            ),
+            (
+                "model.diffusion_model.input_blocks.1.lora_A.weight",
+                "neither",
+            ),
+        ];
+        for (key, why) in cases {
+            let p = save(&[(key, randn(&[2, 8], 1.0))], "bad");
+            let e = LoraAdapter::load(&p, &unet).expect_err(key).to_string();
+            assert!(e.contains(why), "{key}: {e}");
+            let _ = std::fs::remove_file(p);
+        }
+        // Half a module.
+        let p = save(
+            &[(&format!("unet.{q}.lora_A.weight"), randn(&[2, 8], 1.0))],
+            "half",
+        );
+        let e = LoraAdapter::load(&p, &unet).expect_err("half").to_string();
+        assert!(e.contains("lacks its up or down"), "{e}");
+        // A rank that does not make the weight's shape.
+        let p = save(
+            &[
+                (&format!("unet.{q}.lora_A.weight"), randn(&[2, 7], 1.0)),
+                (&format!("unet.{q}.lora_B.weight"), randn(&[8, 2], 1.0)),
+            ],
+            "shape",
+        );
+        let a = LoraAdapter::load(&p, &unet).expect("keys are fine");
+        let mut w: HashMap<String, Tensor> = [(format!("{q}.weight"), randn(&[8, 8], 1.0))].into();
+        assert!(a.merge_into(&mut w, 1.0).is_err());
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn lora_arguments_parse_with_and_without_scale() {
+        assert_eq!(
+            parse_lora_arg("a.safetensors").expect("p"),
+            (PathBuf::from("a.safetensors"), 1.0)
+        );
+        assert_eq!(
+            parse_lora_arg("x/a.safetensors:0.75").expect("p"),
+            (PathBuf::from("x/a.safetensors"), 0.75)
+        );
+        assert!(parse_lora_arg("a.safetensors:inf").is_err());
+        let id = [7u8; 32];
+        assert_eq!(adapted_identity(&id, &[]), id);
+        assert_ne!(
+            adapted_identity(&id, &[[1; 32]]),
+            adapted_identity(&id, &[[2; 32]])
+        );
+    }
 }

@@ -137,6 +137,9 @@ pub struct EarlySteps<T> {
     pub start_step: Option<usize>,
     /// k: how many of the steps run the server runs (0..=T − start_step).
     pub server_steps: usize,
+    /// Inpainting: [1, Cc, h, w] appended to every U-Net input (the mask on the latent grid and
+    /// the masked image's latents: image content, sent whole like `noise`). None otherwise.
+    pub condition: Option<T>,
     pub guidance: f64,
     pub scheduler: SchedulerKind,
     pub accel: Accelerations,

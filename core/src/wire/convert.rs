@@ -415,6 +415,11 @@ pub fn early_steps_to_wire(job: &EarlySteps<Tensor>) -> Result<WireEarlySteps> {
             .start_step
             .map(|s| u32_of(s, "start step"))
             .transpose()?,
+        condition: job
+            .condition
+            .as_ref()
+            .map(|c| WireTensor::from_tensor(c, WireDtype::F32))
+            .transpose()?,
     })
 }
 
@@ -443,6 +448,7 @@ pub fn early_steps_from_wire(w: WireEarlySteps, device: &Device) -> Result<Early
         steps: w.steps as usize,
         start_step: w.start_step.map(|s| s as usize),
         server_steps: w.server_steps as usize,
+        condition: w.condition.map(|c| c.to_tensor(device)).transpose()?,
         guidance: w.guidance,
         scheduler,
         accel: Accelerations {

@@ -181,6 +181,8 @@ pub struct WireEarlySteps {
     /// Image-to-image: the schedule step the run starts at, `noise` then holding the noised
     /// init latents (`vocab::job::EarlySteps::start_step`); None for text-to-image.
     pub start_step: Option<u32>,
+    /// Inpainting's extra U-Net input channels (`vocab::job::EarlySteps::condition`), f32.
+    pub condition: Option<WireTensor>,
 }
 
 /// Most operands, integer and float parameters of an `Apply` call.

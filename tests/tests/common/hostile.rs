@@ -56,6 +56,7 @@ pub fn cases() -> Vec<(&'static str, Vec<u8>)> {
             batch_redundancy: 1,
             attention_gate: 0,
             start_step: None,
+            condition: None,
         };
         encode(
             &Message::EarlySteps {

@@ -430,6 +430,10 @@ impl<'a> Reader<'a> {
                 true => Some(self.u32()?),
                 false => None,
             },
+            condition: match self.bool("inpainting flag")? {
+                true => Some(self.tensor()?),
+                false => None,
+            },
         })
     }
 

@@ -320,6 +320,13 @@ impl Writer {
                 self.u32(s);
             }
         }
+        match &job.condition {
+            None => self.u8(0),
+            Some(c) => {
+                self.u8(1);
+                self.tensor(c)?;
+            }
+        }
         Ok(())
     }
 
