@@ -265,3 +265,69 @@ async fn masks_without_an_inpainting_unet_and_the_reverse_are_refused() {
     let e = inpaint.generate(&out_of_range, &[], &mut |_| {}).await;
     assert!(format!("{:?}", e.err()).contains("mask values"));
 }
+
+/// The SDK: `GenerationOptions.mask` (PNG bytes) gives the pipeline's image, and a
+/// `VeilConfig.lora` adapter the CLI's (`--lora`) — both `local`, same seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_takes_a_mask_and_lora_adapters() {
+    use veil_core::sdk::{
+        CancelHandle, GenerationOptions as SdkOptions, LoraConfig, Veil, VeilConfig,
+    };
+    let g = golden();
+    let mut cfg = VeilConfig::new(dir().join("model"), vec![]);
+    cfg.policy = veil_core::sdk::Policy::Local;
+    cfg.defaults.steps = 4;
+    let veil = Veil::new(cfg).expect("veil");
+    let o = SdkOptions {
+        seed: Some(1),
+        init_image: Some(png("image.png")),
+        mask: Some(png("mask.png")),
+        strength: Some(1.0),
+        ..Default::default()
+    };
+    let prompt = g.meta["prompt"].as_str().expect("prompt");
+    let img = veil
+        .generate(prompt, &o, None, &CancelHandle::new())
+        .await
+        .expect("sdk inpainting");
+    let sd = load();
+    let want = GenerateOptions {
+        seed: 1,
+        noise: None,
+        ..opts(&g, SchedulerKind::Ddim, 4, 1.0)
+    };
+    let (want, _) = run(&sd, &want, &[]).await;
+    assert_eq!(
+        img.png,
+        want.png().expect("png"),
+        "the SDK's inpainting is the pipeline's"
+    );
+    // A mask for a model without an inpainting U-Net is an invalid request, not a crash.
+    let mut cfg = VeilConfig::new(tiny_model(), vec![]);
+    cfg.policy = veil_core::sdk::Policy::Local;
+    cfg.defaults.steps = 2;
+    cfg.lora = vec![LoraConfig {
+        path: repo_root().join("tests/fixtures/lora/diffusers.safetensors"),
+        scale: 0.8,
+    }];
+    let adapted = Veil::new(cfg.clone()).expect("veil with lora");
+    let e = adapted
+        .generate("a red circle", &o, None, &CancelHandle::new())
+        .await;
+    assert!(e.is_err());
+    let plain_o = SdkOptions {
+        seed: Some(1),
+        ..Default::default()
+    };
+    let a = adapted
+        .generate("a red circle", &plain_o, None, &CancelHandle::new())
+        .await
+        .expect("adapted");
+    cfg.lora.clear();
+    let b = Veil::new(cfg)
+        .expect("plain")
+        .generate("a red circle", &plain_o, None, &CancelHandle::new())
+        .await
+        .expect("plain");
+    assert_ne!(a.png, b.png, "the adapter changes the image");
+}

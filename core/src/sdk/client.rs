@@ -10,13 +10,13 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Tensor;
 
 use crate::client::options::ObfuscationOptions;
-use crate::client::options::{image_from_png, DEFAULT_STRENGTH};
+use crate::client::options::{image_from_png, mask_from_png, DEFAULT_STRENGTH};
 use crate::client::pipeline::{image_to_png, GenerateOptions, LoadRole, StableDiffusion};
 use crate::client::preview::LatentPreview;
 use crate::obfuscation::ObfuscationKey;
 use crate::placement::backend::ShardBackend;
 use crate::transport::{compression_for, ClientOptions, ReplicaSet, TrafficTotals};
-use crate::wire::manifest::{resolve_full_model_identity, resolve_unet_identity};
+use crate::wire::manifest::{component_hashes, full_model_identity, resolve_unet_identity};
 use crate::wire::ModelId;
 
 use super::config::{check_generation, GenerationOptions, Validated, VeilConfig};
@@ -175,12 +175,22 @@ impl Veil {
             servers: validated.servers.len(),
         };
         let dir = &validated.model_dir;
-        let sd = StableDiffusion::load_for(dir, &device, role).map_err(VeilError::from_load)?;
+        let mut sd = StableDiffusion::load_for(dir, &device, role).map_err(VeilError::from_load)?;
+        for l in &config.lora {
+            sd = sd
+                .with_lora(&l.path, l.scale)
+                .map_err(VeilError::from_load)?;
+        }
         // A full-model server (`obfuscated`) answers for the text encoder, tokenizer and
-        // scheduler too.
+        // scheduler too; servers merged the same adapters into their base weights.
         let model_id = match config.policy {
-            Policy::Obfuscated => resolve_full_model_identity(dir),
-            _ => resolve_unet_identity(dir).map(|(id, _)| id),
+            Policy::Obfuscated => resolve_unet_identity(dir).and_then(|(id, _)| {
+                Ok(full_model_identity(
+                    &sd.adapted_identity(&id),
+                    &component_hashes(dir)?,
+                ))
+            }),
+            _ => resolve_unet_identity(dir).map(|(id, _)| sd.adapted_identity(&id)),
         }
         .map_err(VeilError::from_load)?;
         let obfuscation = obfuscation_options(&config, key, &device)?;
@@ -294,6 +304,11 @@ impl Inner {
             scheduler: o.scheduler.unwrap_or(d.scheduler).into(),
             latents: None,
             init_image,
+            mask: o
+                .mask
+                .as_ref()
+                .map(|bytes| mask_from_png(bytes, &self.sd.device))
+                .transpose()?,
             strength: o.strength.unwrap_or(DEFAULT_STRENGTH),
             policy: self.config.policy,
             wire: self.config.wire,

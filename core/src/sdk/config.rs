@@ -115,6 +115,12 @@ pub struct GenerationOptions {
     /// 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
     #[cfg_attr(feature = "uniffi", uniffi(default))]
     pub strength: Option<f64>,
+    /// Inpainting (a model whose U-Net takes the latent, the mask and the masked image): the
+    /// mask, a PNG the size of `init_image`, white (≥ 50% gray) where the image is repainted.
+    /// Under `strict` each server sees only its strip of the mask and the masked image, under
+    /// `obfuscated` the server sees them whole.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub mask: Option<Vec<u8>>,
 }
 
 /// The `obfuscated` policy's settings (ignored by the other policies).
@@ -150,6 +156,18 @@ impl Default for ObfuscationConfig {
             builtin_lexicon: true,
         }
     }
+}
+
+/// A LoRA adapter merged into the U-Net at load (safetensors, diffusers/peft or kohya naming).
+/// Under `strict` the phone merges the attention layers' part; the servers must run with the
+/// same adapter (`veil-server --lora`, or the part `veil lora-split` writes for them): the
+/// model identity the handshake checks covers it.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Record))]
+pub struct LoraConfig {
+    pub path: PathBuf,
+    #[cfg_attr(feature = "uniffi", uniffi(default = 1.0))]
+    pub scale: f64,
 }
 
 /// Everything a client needs.
@@ -205,6 +223,9 @@ pub struct VeilConfig {
     pub obfuscation: ObfuscationConfig,
     /// Where the phone's share runs.
     pub device: Device,
+    /// LoRA adapters merged into the U-Net at load, in order.
+    #[cfg_attr(feature = "uniffi", uniffi(default))]
+    pub lora: Vec<LoraConfig>,
 }
 
 impl VeilConfig {
@@ -226,6 +247,7 @@ impl VeilConfig {
             obfuscation_key_file: None,
             obfuscation: ObfuscationConfig::default(),
             device: Device::Auto,
+            lora: Vec::new(),
         }
     }
 }
@@ -353,6 +375,18 @@ impl VeilConfig {
             return Err(VeilError::config(
                 "obfuscation_key_file must name a file, not a folder",
             ));
+        }
+        if let Some((i, l)) = self
+            .lora
+            .iter()
+            .enumerate()
+            .find(|(_, l)| !l.scale.is_finite())
+        {
+            return Err(VeilError::config(format!(
+                "lora {i} ({}): scale {} is not a finite number",
+                l.path.display(),
+                l.scale
+            )));
         }
         Ok(Validated {
             model_dir: self.model_dir.clone(),

@@ -23,7 +23,7 @@ mod types;
 
 pub use client::{CancelHandle, GeneratedImage, ProgressListener, StepPreview, Veil};
 pub use config::{
-    parse_server_configs, read_server_configs, GenerationDefaults, GenerationOptions,
+    parse_server_configs, read_server_configs, GenerationDefaults, GenerationOptions, LoraConfig,
     ObfuscationConfig, ServerConfig, VeilConfig,
 };
 pub use error::VeilError;

@@ -27,7 +27,8 @@ extension VeilConfig {
         device: Device = .auto,
         obfuscation: ObfuscationConfig = ObfuscationConfig(),
         obfuscationKeyFile: String? = nil,
-        allowResearchPolicies: Bool = false
+        allowResearchPolicies: Bool = false,
+        lora: [LoraConfig] = []
     ) -> VeilConfig {
         VeilConfig(
             modelDir: modelDir,
@@ -39,7 +40,8 @@ extension VeilConfig {
             defaults: GenerationDefaults(steps: UInt32(clamping: steps), guidance: guidance, scheduler: scheduler),
             obfuscationKeyFile: obfuscationKeyFile,
             obfuscation: obfuscation,
-            device: device
+            device: device,
+            lora: lora
         )
     }
 }
@@ -47,7 +49,8 @@ extension VeilConfig {
 extension GenerationOptions {
     /// Per-call options in Swift `Int`s; every nil takes the client's default (a nil seed: a
     /// random one). Image-to-image: `initImage` (PNG/JPEG data, its size is the image's) and
-    /// `strength` in (0, 1] (nil: 0.8).
+    /// `strength` in (0, 1] (nil: 0.8); inpainting (a model with an inpainting U-Net) adds
+    /// `mask` (PNG data, white where the image is repainted).
     public static func with(
         steps: Int? = nil,
         seed: UInt64? = nil,
@@ -56,7 +59,8 @@ extension GenerationOptions {
         negativePrompt: String? = nil,
         previewEverySteps: Int? = nil,
         initImage: Data? = nil,
-        strength: Double? = nil
+        strength: Double? = nil,
+        mask: Data? = nil
     ) -> GenerationOptions {
         GenerationOptions(
             negativePrompt: negativePrompt,
@@ -66,7 +70,8 @@ extension GenerationOptions {
             scheduler: scheduler,
             previewEverySteps: previewEverySteps.map { UInt32(clamping: $0) },
             initImage: initImage,
-            strength: strength
+            strength: strength,
+            mask: mask
         )
     }
 }

@@ -1044,6 +1044,13 @@ public struct GenerationOptions: Equatable, Hashable {
      * 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
      */
     public var strength: Double?
+    /**
+     * Inpainting (a model whose U-Net takes the latent, the mask and the masked image): the
+     * mask, a PNG the size of `init_image`, white (≥ 50% gray) where the image is repainted.
+     * Under `strict` each server sees only its strip of the mask and the masked image, under
+     * `obfuscated` the server sees them whole.
+     */
+    public var mask: Data?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1064,7 +1071,13 @@ public struct GenerationOptions: Equatable, Hashable {
         /**
          * Image-to-image: how much of the schedule runs, in (0, 1] (diffusers' `strength`; `None`:
          * 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
-         */strength: Double? = nil) {
+         */strength: Double? = nil, 
+        /**
+         * Inpainting (a model whose U-Net takes the latent, the mask and the masked image): the
+         * mask, a PNG the size of `init_image`, white (≥ 50% gray) where the image is repainted.
+         * Under `strict` each server sees only its strip of the mask and the masked image, under
+         * `obfuscated` the server sees them whole.
+         */mask: Data? = nil) {
         self.negativePrompt = negativePrompt
         self.steps = steps
         self.guidance = guidance
@@ -1076,6 +1089,7 @@ public struct GenerationOptions: Equatable, Hashable {
         self.previewEverySteps = previewEverySteps
         self.initImage = initImage
         self.strength = strength
+        self.mask = mask
     }
 
     
@@ -1104,7 +1118,8 @@ public struct FfiConverterTypeGenerationOptions: FfiConverterRustBuffer {
                 reuseAttentionFrom: FfiConverterOptionUInt32.read(from: &buf), 
                 previewEverySteps: FfiConverterOptionUInt32.read(from: &buf), 
                 initImage: FfiConverterOptionData.read(from: &buf), 
-                strength: FfiConverterOptionDouble.read(from: &buf)
+                strength: FfiConverterOptionDouble.read(from: &buf), 
+                mask: FfiConverterOptionData.read(from: &buf)
         )
     }
 
@@ -1120,6 +1135,7 @@ public struct FfiConverterTypeGenerationOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt32.write(value.previewEverySteps, into: &buf)
         FfiConverterOptionData.write(value.initImage, into: &buf)
         FfiConverterOptionDouble.write(value.strength, into: &buf)
+        FfiConverterOptionData.write(value.mask, into: &buf)
     }
 }
 
@@ -1223,6 +1239,66 @@ public func FfiConverterTypeGenerationStats_lift(_ buf: RustBuffer) throws -> Ge
 #endif
 public func FfiConverterTypeGenerationStats_lower(_ value: GenerationStats) -> RustBuffer {
     return FfiConverterTypeGenerationStats.lower(value)
+}
+
+
+/**
+ * A LoRA adapter merged into the U-Net at load (safetensors, diffusers/peft or kohya naming).
+ * Under `strict` the phone merges the attention layers' part; the servers must run with the
+ * same adapter (`veil-server --lora`, or the part `veil lora-split` writes for them): the
+ * model identity the handshake checks covers it.
+ */
+public struct LoraConfig: Equatable, Hashable {
+    public var path: PathBuf
+    public var scale: Double
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(path: PathBuf, scale: Double = Double(1.0)) {
+        self.path = path
+        self.scale = scale
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension LoraConfig: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLoraConfig: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LoraConfig {
+        return
+            try LoraConfig(
+                path: FfiConverterTypePathBuf.read(from: &buf), 
+                scale: FfiConverterDouble.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: LoraConfig, into buf: inout [UInt8]) {
+        FfiConverterTypePathBuf.write(value.path, into: &buf)
+        FfiConverterDouble.write(value.scale, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLoraConfig_lift(_ buf: RustBuffer) throws -> LoraConfig {
+    return try FfiConverterTypeLoraConfig.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLoraConfig_lower(_ value: LoraConfig) -> RustBuffer {
+    return FfiConverterTypeLoraConfig.lower(value)
 }
 
 
@@ -2189,6 +2265,10 @@ public struct VeilConfig: Equatable, Hashable {
      * Where the phone's share runs.
      */
     public var device: Device
+    /**
+     * LoRA adapters merged into the U-Net at load, in order.
+     */
+    public var lora: [LoraConfig]
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2245,7 +2325,10 @@ public struct VeilConfig: Equatable, Hashable {
          */obfuscation: ObfuscationConfig, 
         /**
          * Where the phone's share runs.
-         */device: Device) {
+         */device: Device, 
+        /**
+         * LoRA adapters merged into the U-Net at load, in order.
+         */lora: [LoraConfig] = []) {
         self.modelDir = modelDir
         self.servers = servers
         self.policy = policy
@@ -2261,6 +2344,7 @@ public struct VeilConfig: Equatable, Hashable {
         self.obfuscationKeyFile = obfuscationKeyFile
         self.obfuscation = obfuscation
         self.device = device
+        self.lora = lora
     }
 
     
@@ -2293,7 +2377,8 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
                 defaults: FfiConverterTypeGenerationDefaults.read(from: &buf), 
                 obfuscationKeyFile: FfiConverterOptionTypePathBuf.read(from: &buf), 
                 obfuscation: FfiConverterTypeObfuscationConfig.read(from: &buf), 
-                device: FfiConverterTypeDevice.read(from: &buf)
+                device: FfiConverterTypeDevice.read(from: &buf), 
+                lora: FfiConverterSequenceTypeLoraConfig.read(from: &buf)
         )
     }
 
@@ -2313,6 +2398,7 @@ public struct FfiConverterTypeVeilConfig: FfiConverterRustBuffer {
         FfiConverterOptionTypePathBuf.write(value.obfuscationKeyFile, into: &buf)
         FfiConverterTypeObfuscationConfig.write(value.obfuscation, into: &buf)
         FfiConverterTypeDevice.write(value.device, into: &buf)
+        FfiConverterSequenceTypeLoraConfig.write(value.lora, into: &buf)
     }
 }
 
@@ -3318,6 +3404,31 @@ fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterString.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeLoraConfig: FfiConverterRustBuffer {
+    typealias SwiftType = [LoraConfig]
+
+    public static func write(_ value: [LoraConfig], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeLoraConfig.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [LoraConfig] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [LoraConfig]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeLoraConfig.read(from: &buf))
         }
         return seq
     }

@@ -7,6 +7,7 @@ import dev.veil.core.Device
 import dev.veil.core.GeneratedImage
 import dev.veil.core.GenerationDefaults
 import dev.veil.core.GenerationOptions
+import dev.veil.core.LoraConfig
 import dev.veil.core.ObfuscationConfig
 import dev.veil.core.Policy
 import dev.veil.core.StepPreview
@@ -114,6 +115,7 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
             obfuscation: ObfuscationConfig = obfuscation(),
             obfuscationKeyFile: String? = null,
             allowResearchPolicies: Boolean = false,
+            lora: List<LoraConfig> = emptyList(),
         ): VeilConfig = VeilConfig(
             modelDir = modelDir,
             servers = servers,
@@ -131,6 +133,7 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
             obfuscationKeyFile = obfuscationKeyFile,
             obfuscation = obfuscation,
             device = device,
+            lora = lora,
         )
 
         /**
@@ -169,6 +172,7 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
             reuseAttentionFrom: Int? = null,
             initImage: ByteArray? = null,
             strength: Double? = null,
+            mask: ByteArray? = null,
         ): GenerationOptions = GenerationOptions(
             negativePrompt = negativePrompt,
             steps = nonNegative("steps", steps),
@@ -181,6 +185,7 @@ class Veil private constructor(private val client: VeilClient) : AutoCloseable {
             previewEverySteps = nonNegative("previewEverySteps", previewEverySteps),
             initImage = initImage,
             strength = strength,
+            mask = mask,
         )
     }
 

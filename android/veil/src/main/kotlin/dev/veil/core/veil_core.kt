@@ -1733,6 +1733,14 @@ data class GenerationOptions (
      * 0.8): the last ⌊steps × strength⌋ steps, from the init image noised to the first.
      */
     var `strength`: kotlin.Double? = null 
+    , 
+    /**
+     * Inpainting (a model whose U-Net takes the latent, the mask and the masked image): the
+     * mask, a PNG the size of `init_image`, white (≥ 50% gray) where the image is repainted.
+     * Under `strict` each server sees only its strip of the mask and the masked image, under
+     * `obfuscated` the server sees them whole.
+     */
+    var `mask`: kotlin.ByteArray? = null 
     
 ){
     
@@ -1760,6 +1768,7 @@ public object FfiConverterTypeGenerationOptions: FfiConverterRustBuffer<Generati
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalByteArray.read(buf),
             FfiConverterOptionalDouble.read(buf),
+            FfiConverterOptionalByteArray.read(buf),
         )
     }
 
@@ -1774,7 +1783,8 @@ public object FfiConverterTypeGenerationOptions: FfiConverterRustBuffer<Generati
             FfiConverterOptionalUInt.allocationSize(value.`reuseAttentionFrom`) +
             FfiConverterOptionalUInt.allocationSize(value.`previewEverySteps`) +
             FfiConverterOptionalByteArray.allocationSize(value.`initImage`) +
-            FfiConverterOptionalDouble.allocationSize(value.`strength`)
+            FfiConverterOptionalDouble.allocationSize(value.`strength`) +
+            FfiConverterOptionalByteArray.allocationSize(value.`mask`)
     )
 
     override fun write(value: GenerationOptions, buf: ByteBuffer) {
@@ -1789,6 +1799,7 @@ public object FfiConverterTypeGenerationOptions: FfiConverterRustBuffer<Generati
             FfiConverterOptionalUInt.write(value.`previewEverySteps`, buf)
             FfiConverterOptionalByteArray.write(value.`initImage`, buf)
             FfiConverterOptionalDouble.write(value.`strength`, buf)
+            FfiConverterOptionalByteArray.write(value.`mask`, buf)
     }
 }
 
@@ -1863,6 +1874,50 @@ public object FfiConverterTypeGenerationStats: FfiConverterRustBuffer<Generation
             FfiConverterULong.write(value.`deviceFlops`, buf)
             FfiConverterULong.write(value.`serverFlops`, buf)
             FfiConverterSequenceTypeServerTraffic.write(value.`perServer`, buf)
+    }
+}
+
+
+
+/**
+ * A LoRA adapter merged into the U-Net at load (safetensors, diffusers/peft or kohya naming).
+ * Under `strict` the phone merges the attention layers' part; the servers must run with the
+ * same adapter (`veil-server --lora`, or the part `veil lora-split` writes for them): the
+ * model identity the handshake checks covers it.
+ */
+data class LoraConfig (
+    var `path`: PathBuf
+    , 
+    var `scale`: kotlin.Double = 1.0 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLoraConfig: FfiConverterRustBuffer<LoraConfig> {
+    override fun read(buf: ByteBuffer): LoraConfig {
+        return LoraConfig(
+            FfiConverterTypePathBuf.read(buf),
+            FfiConverterDouble.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: LoraConfig) = (
+            FfiConverterTypePathBuf.allocationSize(value.`path`) +
+            FfiConverterDouble.allocationSize(value.`scale`)
+    )
+
+    override fun write(value: LoraConfig, buf: ByteBuffer) {
+            FfiConverterTypePathBuf.write(value.`path`, buf)
+            FfiConverterDouble.write(value.`scale`, buf)
     }
 }
 
@@ -2615,6 +2670,11 @@ data class VeilConfig (
      * Where the phone's share runs.
      */
     var `device`: Device
+    , 
+    /**
+     * LoRA adapters merged into the U-Net at load, in order.
+     */
+    var `lora`: List<LoraConfig> = listOf() 
     
 ){
     
@@ -2646,6 +2706,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterOptionalTypePathBuf.read(buf),
             FfiConverterTypeObfuscationConfig.read(buf),
             FfiConverterTypeDevice.read(buf),
+            FfiConverterSequenceTypeLoraConfig.read(buf),
         )
     }
 
@@ -2664,7 +2725,8 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterTypeGenerationDefaults.allocationSize(value.`defaults`) +
             FfiConverterOptionalTypePathBuf.allocationSize(value.`obfuscationKeyFile`) +
             FfiConverterTypeObfuscationConfig.allocationSize(value.`obfuscation`) +
-            FfiConverterTypeDevice.allocationSize(value.`device`)
+            FfiConverterTypeDevice.allocationSize(value.`device`) +
+            FfiConverterSequenceTypeLoraConfig.allocationSize(value.`lora`)
     )
 
     override fun write(value: VeilConfig, buf: ByteBuffer) {
@@ -2683,6 +2745,7 @@ public object FfiConverterTypeVeilConfig: FfiConverterRustBuffer<VeilConfig> {
             FfiConverterOptionalTypePathBuf.write(value.`obfuscationKeyFile`, buf)
             FfiConverterTypeObfuscationConfig.write(value.`obfuscation`, buf)
             FfiConverterTypeDevice.write(value.`device`, buf)
+            FfiConverterSequenceTypeLoraConfig.write(value.`lora`, buf)
     }
 }
 
@@ -3682,6 +3745,34 @@ public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.Str
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterString.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeLoraConfig: FfiConverterRustBuffer<List<LoraConfig>> {
+    override fun read(buf: ByteBuffer): List<LoraConfig> {
+        val len = buf.getInt()
+        return List<LoraConfig>(len) {
+            FfiConverterTypeLoraConfig.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<LoraConfig>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeLoraConfig.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<LoraConfig>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeLoraConfig.write(it, buf)
         }
     }
 }
