@@ -41,6 +41,16 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// The largest |a − b| over all elements.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("max |a - b|")
+}
+
 /// PSNR in dB of `a` against `b` for values in [0, 1].
 pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
@@ -98,4 +108,18 @@ pub fn reference_params(rel: &str) -> Vec<(String, Vec<usize>)> {
     let mut v: Vec<(String, Vec<usize>)> = serde_json::from_str(&text).expect("params json");
     v.sort();
     v
+}
+
+/// Runs a generation, keeping the latents after every step (as the progress callback sees them).
+pub async fn generate_seen(
+    sd: &veil_core::client::pipeline::StableDiffusion,
+    o: &veil_core::client::pipeline::GenerateOptions,
+    backends: &[std::sync::Arc<dyn veil_core::placement::ShardBackend<Tensor>>],
+) -> (veil_core::client::pipeline::Generation, Vec<Tensor>) {
+    let mut seen = Vec::new();
+    let out = sd
+        .generate(o, backends, &mut |p| seen.push(p.latents.clone()))
+        .await
+        .expect("generate");
+    (out, seen)
 }

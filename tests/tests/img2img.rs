@@ -23,7 +23,7 @@ use veil_core::placement::{GnVariant, Policy, ShardBackend, ViewKind};
 use veil_core::transport::{connect_backends, ClientOptions};
 use veil_core::wire::identity::model_identity;
 use veil_server::{spawn_local, ServerLimits, ShardModel};
-use veil_tests::{psnr, rel_l2, repo_root, tiny_model};
+use veil_tests::{max_abs, psnr, rel_l2, repo_root, tiny_model};
 
 const TOL: f64 = 1e-4;
 const STEPS: usize = 10;
@@ -77,14 +77,6 @@ async fn run(
     b: &[Arc<dyn ShardBackend<Tensor>>],
 ) -> Generation {
     sd.generate(o, b, &mut |_| {}).await.expect("generate")
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.max_all())
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
 }
 
 #[tokio::test]

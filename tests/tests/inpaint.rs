@@ -13,12 +13,12 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use veil_core::client::hybrid::ObfuscationOptions;
 use veil_core::client::pipeline::{
-    image_from_png, mask_from_png, GenerateOptions, Generation, StableDiffusion,
+    image_from_png, mask_from_png, GenerateOptions, StableDiffusion,
 };
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::audit::DepClass;
-use veil_core::placement::{GnVariant, Policy, ShardBackend, ViewKind};
-use veil_tests::{psnr, rel_l2, repo_root, tiny_model};
+use veil_core::placement::{GnVariant, Policy, ViewKind};
+use veil_tests::{generate_seen, max_abs, psnr, rel_l2, repo_root, tiny_model};
 
 const TOL: f64 = 1e-4;
 
@@ -49,15 +49,6 @@ fn png(name: &str) -> Vec<u8> {
     std::fs::read(dir().join(name)).expect("png")
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
-}
-
 fn opts(g: &Golden, scheduler: SchedulerKind, steps: usize, strength: f64) -> GenerateOptions {
     GenerateOptions {
         prompt: g.meta["prompt"].as_str().expect("prompt").into(),
@@ -79,19 +70,6 @@ const CASES: [(&str, SchedulerKind, usize, f64); 3] = [
     ("euler4_s1.0", SchedulerKind::EulerDiscrete, 4, 1.0),
     ("ddim6_s0.6", SchedulerKind::Ddim, 6, 0.6),
 ];
-
-async fn run(
-    sd: &StableDiffusion,
-    o: &GenerateOptions,
-    b: &[Arc<dyn ShardBackend<Tensor>>],
-) -> (Generation, Vec<Tensor>) {
-    let mut seen = Vec::new();
-    let out = sd
-        .generate(o, b, &mut |p| seen.push(p.latents.clone()))
-        .await
-        .expect("generate");
-    (out, seen)
-}
 
 #[test]
 fn mask_and_masked_image_channels_match_diffusers() {
@@ -122,7 +100,7 @@ async fn inpainting_trajectories_match_diffusers() {
     let g = golden();
     let sd = load();
     for (key, scheduler, steps, strength) in CASES {
-        let (out, seen) = run(&sd, &opts(&g, scheduler, steps, strength), &[]).await;
+        let (out, seen) = generate_seen(&sd, &opts(&g, scheduler, steps, strength), &[]).await;
         let want = &g.t[&format!("{key}/latents")];
         assert_eq!(seen.len(), want.dim(0).expect("steps"), "{key}: steps run");
         let mut per_step = Vec::new();
@@ -155,7 +133,7 @@ async fn inpainting_runs_under_every_policy_like_local() {
             policy: p,
             ..opts(&g, scheduler, steps, strength)
         };
-        let (local, _) = run(&sd, &base(Policy::Local), &[]).await;
+        let (local, _) = generate_seen(&sd, &base(Policy::Local), &[]).await;
         let ppidm = Policy::Ppidm {
             gn: GnVariant::Exact,
         };
@@ -166,7 +144,7 @@ async fn inpainting_runs_under_every_policy_like_local() {
             ("strict, halves apart on 4", base(Policy::Strict), 4),
         ];
         for (name, o, n) in cases {
-            let (out, _) = run(&sd, &o, &sd.in_process_backends(n)).await;
+            let (out, _) = generate_seen(&sd, &o, &sd.in_process_backends(n)).await;
             let db = psnr(&out.image, &local.image);
             println!("{key} {name} (N = {n}): {db:.1} dB vs local");
             assert!(db >= 60.0, "{key} {name} N = {n}: {db} dB");
@@ -215,12 +193,12 @@ async fn obfuscated_inpainting_sends_the_server_the_mask_channels() {
             },
             ..opts(&g, scheduler, steps, strength)
         };
-        let (obf, _) = run(&sd, &o, &[sd.in_process_full_server()]).await;
+        let (obf, _) = generate_seen(&sd, &o, &[sd.in_process_full_server()]).await;
         let local = GenerateOptions {
             policy: Policy::Local,
             ..o.clone()
         };
-        let (local, _) = run(&sd, &local, &[]).await;
+        let (local, _) = generate_seen(&sd, &local, &[]).await;
         let sent: Vec<_> = obf
             .audit
             .views
@@ -296,7 +274,7 @@ async fn the_sdk_takes_a_mask_and_lora_adapters() {
         noise: None,
         ..opts(&g, SchedulerKind::Ddim, 4, 1.0)
     };
-    let (want, _) = run(&sd, &want, &[]).await;
+    let (want, _) = generate_seen(&sd, &want, &[]).await;
     assert_eq!(
         img.png,
         want.png().expect("png"),

@@ -18,7 +18,7 @@ use veil_core::placement::{Policy, ShardBackend};
 use veil_core::transport::{connect_backends, ClientOptions};
 use veil_core::wire::manifest::resolve_unet_identity;
 use veil_server::{spawn_local, ServerLimits, ShardModel};
-use veil_tests::{psnr, rel_l2, repo_root, tiny_model};
+use veil_tests::{max_abs, psnr, rel_l2, repo_root, tiny_model};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     repo_root().join("tests/fixtures/lora").join(name)
@@ -26,15 +26,6 @@ fn fixture(name: &str) -> std::path::PathBuf {
 
 fn golden() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("golden.safetensors"), &Device::Cpu).expect("golden")
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
 }
 
 fn adapted(file: &str, scale: f64) -> StableDiffusion {

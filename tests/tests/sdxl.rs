@@ -18,8 +18,8 @@ use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::audit::DepClass;
 use veil_core::placement::engine::{CandleEngine, WireDtype};
 use veil_core::placement::runtime::Runtime;
-use veil_core::placement::{GnVariant, Policy, ShardBackend, ViewKind};
-use veil_tests::{psnr, rel_l2, repo_root};
+use veil_core::placement::{GnVariant, Policy, ViewKind};
+use veil_tests::{generate_seen, psnr, rel_l2, repo_root};
 
 /// Per-step trajectories and single calls, relative L2 against diffusers.
 const TOL: f64 = 1e-4;
@@ -173,19 +173,6 @@ fn opts(g: &Golden, scheduler: SchedulerKind, steps: usize, guidance: f64) -> Ge
     }
 }
 
-async fn run(
-    sd: &StableDiffusion,
-    o: &GenerateOptions,
-    b: &[Arc<dyn ShardBackend<Tensor>>],
-) -> (Generation, Vec<Tensor>) {
-    let mut seen = Vec::new();
-    let out = sd
-        .generate(o, b, &mut |p| seen.push(p.latents.clone()))
-        .await
-        .expect("generate");
-    (out, seen)
-}
-
 #[tokio::test]
 async fn sdxl_trajectories_match_diffusers() {
     let g = golden();
@@ -195,7 +182,7 @@ async fn sdxl_trajectories_match_diffusers() {
         ("ddim", SchedulerKind::Ddim, 3, 5.0),
         ("nocfg_euler", SchedulerKind::EulerDiscrete, 2, 0.0),
     ] {
-        let (out, seen) = run(&sd, &opts(&g, scheduler, steps, guidance), &[]).await;
+        let (out, seen) = generate_seen(&sd, &opts(&g, scheduler, steps, guidance), &[]).await;
         let mut per_step = Vec::new();
         for (i, got) in seen.iter().enumerate() {
             if let Some(want) = g.t.get(&format!("{key}_latents_step{}", i + 1)) {
@@ -276,7 +263,7 @@ async fn sdxl_runs_under_ppidm_and_strict_like_local() {
             policy: p,
             ..opts(&g, scheduler, 3, guidance)
         };
-        let (local, _) = run(&sd, &base(Policy::Local), &[]).await;
+        let (local, _) = generate_seen(&sd, &base(Policy::Local), &[]).await;
         let ppidm = Policy::Ppidm {
             gn: GnVariant::Exact,
         };
@@ -293,7 +280,7 @@ async fn sdxl_runs_under_ppidm_and_strict_like_local() {
             cases.push(("strict, halves apart on 4", base(Policy::Strict), 4));
         }
         for (name, o, n) in cases {
-            let (out, _) = run(&sd, &o, &sd.in_process_backends(n)).await;
+            let (out, _) = generate_seen(&sd, &o, &sd.in_process_backends(n)).await;
             let db = psnr(&out.image, &local.image);
             let lat = rel_l2(&out.latents, &local.latents);
             println!(
@@ -326,7 +313,7 @@ async fn sdxl_runs_under_obfuscated_like_local() {
         },
         ..opts(&g, SchedulerKind::EulerDiscrete, 4, 5.0)
     };
-    let (obf, _) = run(&sd, &o, &[sd.in_process_full_server()]).await;
+    let (obf, _) = generate_seen(&sd, &o, &[sd.in_process_full_server()]).await;
     let report = obf.obfuscation.as_ref().expect("obfuscation report");
     assert_eq!(report.candidates, 4);
     assert!(report.server_steps > 0 && report.device_steps > 0);
@@ -334,7 +321,7 @@ async fn sdxl_runs_under_obfuscated_like_local() {
         policy: Policy::Local,
         ..o.clone()
     };
-    let (local, _) = run(&sd, &local, &[]).await;
+    let (local, _) = generate_seen(&sd, &local, &[]).await;
     let r = rel_l2(&obf.latents, &local.latents);
     let db = psnr(&obf.image, &local.image);
     println!(
