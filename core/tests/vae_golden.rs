@@ -1,7 +1,7 @@
 //! Checks the VAE against outputs recorded from diffusers by `tools/make_golden.py` on the tiny
 //! random model `models/tiny-random/vae` (fixture: tests/fixtures/golden/golden.{safetensors,json}),
-//! its typed load errors, and that it asks for exactly the parameters of the real SD1.5 / SD2.1
-//! VAE checkpoints (`models/configs/*/vae.params.json`).
+//! its typed load errors, and that it asks for exactly the parameters of the real SD1.5, SD2.1
+//! and SDXL base 1.0 VAE checkpoints (`models/configs/*/vae.params.json`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -270,4 +270,11 @@ fn sd15_names_match_checkpoint() -> Result<()> {
 #[test]
 fn sd21_names_match_checkpoint() -> Result<()> {
     check_names("sd21")
+}
+
+/// SDXL base 1.0's VAE (the SD layout with its own scaling factor and `force_upcast`: we
+/// decode in f32 whatever the stored precision).
+#[test]
+fn sdxl_names_match_checkpoint() -> Result<()> {
+    check_names("sdxl")
 }
