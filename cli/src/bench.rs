@@ -29,6 +29,8 @@ use veil_core::placement::{
     CandleEngine, Engine, GnVariant, InProcessBackend, Policy, Runtime, ShardBackend, WireDtype,
 };
 
+/// `veil bench vae` and `veil bench clip` (declared here so that main.rs is unchanged).
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -51,6 +53,10 @@ enum BenchTarget {
     /// The phone process of `bench phone` (internal).
     #[command(hide = true)]
     PhoneRun(crate::phone_bench::PhoneRunArgs),
+    /// Time the VAE decoder (random weights from a config's parameter list; CPU, f32).
+    Vae(crate::model_bench::VaeBenchArgs),
+    /// Time the CLIP text encoder (random weights from a config's parameter list; CPU, f32).
+    Clip(crate::model_bench::ClipBenchArgs),
 }
 
 #[derive(Args)]
@@ -115,6 +121,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchTarget::Phone(p) => crate::phone_bench::run(p),
         BenchTarget::PhoneServer(p) => crate::phone_bench::server(p),
         BenchTarget::PhoneRun(p) => crate::phone_bench::phone(p),
+        BenchTarget::Vae(v) => crate::model_bench::bench_vae(v),
+        BenchTarget::Clip(c) => crate::model_bench::bench_clip(c),
     }
 }
 
@@ -191,7 +199,7 @@ pub(crate) fn fill_normal(out: &mut [f32], seed: u64, mean: f32, std: f32, threa
     });
 }
 
-fn normal_tensor(
+pub(crate) fn normal_tensor(
     shape: &[usize],
     seed: u64,
     mean: f32,
@@ -464,7 +472,7 @@ struct Timings {
     out_std: f64,
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();

@@ -20,6 +20,7 @@ mod eval_generations;
 mod eval_report;
 mod img2img_args;
 mod link_bench;
+mod model_bench;
 mod model_cmd;
 mod obf_bench;
 mod obfuscation_args;
@@ -553,16 +554,17 @@ async fn connect_quic(
         ..a.codec.client_options(wire, a.zstd)
     };
     // Remote servers merged the same adapters into their base weights: the base identity (from
-    // the manifest), adapted. In-process servers share this process's merged weights.
-    let unet_id = match &a.server_list {
-        Some(_) => sd.adapted_identity(&resolve_unet_identity(&a.model)?.0),
-        None => model_identity(&sd.unet, sd.unet_engine.weights()),
-    };
-    // A full-model server answers for the text encoder, tokenizer and scheduler too.
-    let model_id = if obfuscated {
-        full_model_identity(&unet_id, &components)
-    } else {
-        unet_id
+    // the manifest), adapted (over every layer for a full-model server, which answers for the
+    // text encoder, tokenizer and scheduler too). In-process servers share this process's
+    // merged weights.
+    let model_id = match (&a.server_list, obfuscated) {
+        (Some(_), false) => sd.adapted_identity(&resolve_unet_identity(&a.model)?.0),
+        (Some(_), true) => sd.full_identity(&resolve_unet_identity(&a.model)?.0, &components),
+        (None, false) => model_identity(&sd.unet, sd.unet_engine.weights()),
+        (None, true) => full_model_identity(
+            &model_identity(&sd.unet, sd.unet_engine.weights()),
+            &components,
+        ),
     };
     let quic_backends = connect_strips(&specs, model_id, &options).await?;
     eprintln!(

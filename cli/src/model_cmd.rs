@@ -32,8 +32,9 @@ pub struct LoraSplitArgs {
     /// The diffusers-layout model folder it adapts (only `unet/config.json` is read).
     #[arg(long)]
     model: PathBuf,
-    /// Where to write the shard servers' part: the convolution, GroupNorm-adjacent,
-    /// feed-forward, projection and time-embedding layers they run under `strict`.
+    /// Where to write the shard servers' part: the layers they run under `strict`
+    /// (convolutions, feed-forward, projections, and the time embedding except SDXL's, which
+    /// stays on the phone).
     #[arg(long)]
     servers: PathBuf,
     /// Where to write the phone's part (attention layers), if wanted.
@@ -51,14 +52,24 @@ pub fn lora_split(a: LoraSplitArgs) -> Result<()> {
     let adapter = LoraAdapter::load(&a.lora, &unet)
         .with_context(|| format!("reading {}", a.lora.display()))?;
     let shard = unet.shard_layers();
-    let servers = adapter.part(&|m| shard.contains_key(m))?;
-    servers.save(&a.servers)?;
-    println!(
-        "{}: {} of {} adapted layers (the servers' part)",
-        a.servers.display(),
-        servers.modules.len(),
-        adapter.modules.len()
-    );
+    match adapter.part(&|m| shard.contains_key(m)) {
+        Ok(servers) => {
+            servers.save(&a.servers)?;
+            println!(
+                "{}: {} of {} adapted layers (the servers' part)",
+                a.servers.display(),
+                servers.modules.len(),
+                adapter.modules.len()
+            );
+        }
+        // Nothing written: an adapter of attention layers only leaves the servers' model as
+        // it is (their identity too).
+        Err(_) => println!(
+            "no layer of this adapter runs on a shard server: start the servers without --lora \
+             ({} not written)",
+            a.servers.display()
+        ),
+    }
     if let Some(p) = &a.phone {
         let phone = adapter.part(&|m| !shard.contains_key(m))?;
         phone.save(p)?;

@@ -100,11 +100,10 @@ impl ShardModel {
             for (path, scale) in loras {
                 sd = sd.with_lora(path, *scale)?;
             }
-            let id = sd.adapted_identity(&base);
+            let id = sd.full_identity(&base, &hash_components(root)?);
             let sd = Arc::new(sd);
-            let components = hash_components(root)?;
             let mut model = Self::from_engine(&sd.unet, &sd.unet_engine).with_denoiser(sd);
-            model.id = full_model_identity(&id, &components);
+            model.id = id;
             return Ok(model);
         }
         let mut model = Self::load(root, device)?;
@@ -117,7 +116,7 @@ impl ShardModel {
         for (path, scale) in loras {
             let adapter = LoraAdapter::load(path, &unet)?;
             adapter.merge_into(&mut weights, *scale)?;
-            digests.push(adapter.digest(&is_shard, *scale)?);
+            digests.extend(adapter.digest(&is_shard, *scale)?);
         }
         *model.engine.weights_mut() = weights;
         model.id = adapted_identity(&model.id, &digests);

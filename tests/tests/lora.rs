@@ -126,14 +126,33 @@ fn text_encoder_adapters_are_refused() {
 async fn strict_with_an_adapter_over_quic() {
     let lora = fixture("diffusers.safetensors");
     let full = adapted("diffusers.safetensors", 0.8);
+    // Four servers: both guided halves go to server pairs, so the phone keeps only its own
+    // layers (no half of its own) and merges only the adapter's attention part.
     let role = LoadRole::Phone {
         policy: Policy::Strict,
-        servers: 2,
+        servers: 4,
     };
     let phone = StableDiffusion::load_for(&tiny_model(), &Device::Cpu, role)
         .expect("phone")
         .with_lora(&lora, 0.8)
         .expect("merge");
+    // The attention sub-layers: the projections and the LayerNorms before them.
+    let attention = |k: &&String| {
+        k.contains(".attn1.")
+            || k.contains(".attn2.")
+            || (k.contains(".transformer_blocks.")
+                && (k.contains(".norm1.") || k.contains(".norm2.")))
+    };
+    let other: Vec<_> = phone
+        .unet_engine
+        .weights()
+        .keys()
+        .filter(|k| !attention(k))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "the phone holds attention sub-layers only: {other:?}"
+    );
     let o = GenerateOptions {
         prompt: "a small red circle".into(),
         steps: 3,
@@ -163,7 +182,7 @@ async fn strict_with_an_adapter_over_quic() {
         id,
         "server and phone agree on the adapted identity"
     );
-    let cluster = spawn_local(2, Arc::new(model), ServerLimits::default()).expect("servers");
+    let cluster = spawn_local(4, Arc::new(model), ServerLimits::default()).expect("servers");
     let b = connect_backends(&cluster.specs, id, &ClientOptions::default())
         .await
         .expect("connect");
@@ -185,11 +204,60 @@ async fn strict_with_an_adapter_over_quic() {
     // Servers without the adapter present the base identity: the handshake refuses them.
     let plain = ShardModel::load(&tiny_model(), &Device::Cpu).expect("plain");
     assert_eq!(plain.id(), base);
-    let cluster = spawn_local(2, Arc::new(plain), ServerLimits::default()).expect("servers");
+    let cluster = spawn_local(4, Arc::new(plain), ServerLimits::default()).expect("servers");
     assert!(
         connect_backends(&cluster.specs, id, &ClientOptions::default())
             .await
             .is_err()
     );
     cluster.shutdown().await;
+}
+
+/// `veil lora-split`'s parts: the servers' part digests as the whole adapter does over the
+/// shard layers (so the phone with the whole file and a server with its part agree), and an
+/// adapter of attention layers only leaves a shard server's identity as it is.
+#[test]
+fn split_parts_keep_the_identity() {
+    let sd = StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("tiny");
+    let whole = LoraAdapter::load(&fixture("diffusers.safetensors"), &sd.unet).expect("load");
+    let shard = sd.unet.shard_layers();
+    let is_shard = |m: &str| shard.contains_key(m);
+    let dir = std::env::temp_dir().join(format!("veil-lora-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (servers, phone) = (
+        dir.join("servers.safetensors"),
+        dir.join("phone.safetensors"),
+    );
+    whole
+        .part(&is_shard)
+        .expect("servers' part")
+        .save(&servers)
+        .expect("save");
+    whole
+        .part(&|m| !is_shard(m))
+        .expect("phone's part")
+        .save(&phone)
+        .expect("save");
+    let part = LoraAdapter::load(&servers, &sd.unet).expect("reload");
+    for scale in [1.0, 0.8] {
+        assert_eq!(
+            part.digest(&is_shard, scale).expect("digest"),
+            whole.digest(&is_shard, scale).expect("digest")
+        );
+    }
+    // The phone's part adapts no shard layer: the base identity stands.
+    let base = [9u8; 32];
+    let attention_only = StableDiffusion::load(&tiny_model(), &Device::Cpu)
+        .expect("tiny")
+        .with_lora(&phone, 1.0)
+        .expect("merge");
+    assert!(attention_only.lora_digests.is_empty());
+    assert_eq!(attention_only.adapted_identity(&base), base);
+    // A full-model server's identity still covers it.
+    assert_eq!(attention_only.lora_full_digests.len(), 1);
+    assert_ne!(
+        attention_only.full_identity(&base, &[]),
+        sd.full_identity(&base, &[])
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -331,3 +331,39 @@ async fn sdxl_runs_under_obfuscated_like_local() {
     );
     assert!(r <= 1e-5 && db >= 60.0, "{r}, {db} dB");
 }
+
+/// A `strict` phone with 4 servers holds only its own layers — and, on SDXL, every resnet's
+/// `norm2`, which it applies after adding the pooled embedding's bias — and generates what
+/// `local` does.
+#[tokio::test]
+async fn an_sdxl_strict_phone_loads_its_layers_and_the_norms_it_applies() {
+    use veil_core::client::pipeline::LoadRole;
+    let g = golden();
+    let full = load();
+    let role = LoadRole::Phone {
+        policy: Policy::Strict,
+        servers: 4,
+    };
+    let dir = repo_root().join("tests/fixtures/sdxl/model");
+    let phone = StableDiffusion::load_for(&dir, &Device::Cpu, role).expect("phone");
+    let held = phone.unet_engine.weights();
+    assert!(held.len() < full.unet_engine.weights().len());
+    assert!(held.keys().any(|k| k.ends_with("resnets.0.norm2.weight")));
+    assert!(
+        !held.keys().any(|k| k.ends_with("conv1.weight")),
+        "no server weight"
+    );
+    let o = GenerateOptions {
+        policy: Policy::Strict,
+        ..opts(&g, SchedulerKind::EulerDiscrete, 3, 5.0)
+    };
+    let (strict, _) = generate_seen(&phone, &o, &full.in_process_backends(4)).await;
+    let local = GenerateOptions {
+        policy: Policy::Local,
+        ..o.clone()
+    };
+    let (local, _) = generate_seen(&full, &local, &[]).await;
+    let db = psnr(&strict.image, &local.image);
+    println!("SDXL strict phone (own layers only, 4 servers): {db:.1} dB vs local");
+    assert!(db >= 60.0, "{db}");
+}

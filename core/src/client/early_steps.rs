@@ -51,9 +51,12 @@ impl StableDiffusion {
                 self.latent_channels()
             )));
         }
-        // Inpainting's channels exactly when this U-Net takes them, shaped to fill its input.
-        let want = [1, self.unet.config.in_channels - c, h, w];
-        match (&job.condition, self.inpainting()?) {
+        // Inpainting's channels exactly when this U-Net takes them, shaped to fill its input
+        // (`inpainting` has refused a U-Net taking fewer channels than the latent).
+        let inpainting = self.inpainting()?;
+        let extra = self.unet.config.in_channels.saturating_sub(c);
+        let want = [1, extra, h, w];
+        match (&job.condition, inpainting) {
             (Some(cond), true) if cond.dims() == want => {}
             (None, false) => {}
             (cond, _) => {
@@ -62,7 +65,7 @@ impl StableDiffusion {
                      {c}-channel latent (expected {})",
                     cond.as_ref().map(|t| t.dims().to_vec()),
                     self.unet.config.in_channels,
-                    match self.inpainting()? {
+                    match inpainting {
                         true => format!("{want:?}"),
                         false => "none".into(),
                     }

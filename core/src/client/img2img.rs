@@ -163,15 +163,33 @@ impl StableDiffusion {
             Some(n) => n.to_dtype(DType::F32)?.to_device(&self.device)?,
             None => seeded_normal(opts.seed, &want, &self.device)?,
         };
-        let condition = match &opts.mask {
-            Some(m) => Some(self.inpaint_condition(image, m, opts.width, opts.height)?),
-            None => None,
+        let (width, height) = (opts.width, opts.height);
+        // Inpainting below strength 1 encodes the masked image and the image itself with one
+        // read of the encoder.
+        let (condition, init) = match &opts.mask {
+            Some(m) => {
+                let (masked, repaint) = self.inpaint_inputs(image, m, width, height)?;
+                let mut images = vec![&masked];
+                if first > 0 {
+                    images.push(image);
+                }
+                let mut z = self.encode_images(&images, width, height)?.into_iter();
+                let masked_latents = z
+                    .next()
+                    .ok_or_else(|| Error::Internal("img2img: no encoding".into()))?;
+                let cond = self.inpaint_assemble(&repaint, &masked_latents, height, width)?;
+                (Some(cond), z.next())
+            }
+            None => (None, None),
         };
         if condition.is_some() && first == 0 {
             // Inpainting at strength 1: pure noise; the image enters through the condition only.
             return self.start_from_noise(opts, noise, condition);
         }
-        let init = self.encode_image(image, opts.width, opts.height)?;
+        let init = match init {
+            Some(z) => z,
+            None => self.encode_image(image, width, height)?,
+        };
         if init.dims() != want {
             return Err(Error::InvalidArgument(format!(
                 "the VAE encodes to {:?}, the U-Net takes {want:?}",
@@ -237,6 +255,20 @@ impl StableDiffusion {
         width: usize,
         height: usize,
     ) -> Result<Tensor> {
+        let (masked, repaint) = self.inpaint_inputs(image, mask, width, height)?;
+        let z = self.encode_image(&masked, width, height)?;
+        self.inpaint_assemble(&repaint, &z, height, width)
+    }
+
+    /// The masked image RGB [3, H, W] in [0, 1] (repainted pixels at mid-grey) and the
+    /// binarised mask [1, H, W] (1 repaints), every shape and value checked.
+    fn inpaint_inputs(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        width: usize,
+        height: usize,
+    ) -> Result<(Tensor, Tensor)> {
         if mask.dims() != [1, height, width] {
             return Err(Error::InvalidArgument(format!(
                 "mask of shape {:?}, expected [1, {height}, {width}] (the generation's size)",
@@ -255,10 +287,21 @@ impl StableDiffusion {
         }
         let repaint = mask.ge(0.5f32)?.to_dtype(DType::F32)?;
         let keep = (1.0 - &repaint)?;
+        let image = image.to_dtype(DType::F32)?.to_device(&self.device)?;
         // Repainted pixels at mid-grey: 0 once the encoder maps [0, 1] to [-1, 1].
-        let masked = (image.to_dtype(DType::F32)?.broadcast_mul(&keep)?
-            + (repaint.broadcast_as(image.dims())? * 0.5)?)?;
-        let latents = self.encode_image(&masked, width, height)?;
+        let masked = (image.broadcast_mul(&keep)? + (repaint.broadcast_as(image.dims())? * 0.5)?)?;
+        Ok((masked, repaint))
+    }
+
+    /// The condition from the binarised mask [1, H, W] and the masked image's latents
+    /// [1, C, h, w]: the mask sampled nearest onto the latent grid, then the latents.
+    fn inpaint_assemble(
+        &self,
+        repaint: &Tensor,
+        latents: &Tensor,
+        height: usize,
+        width: usize,
+    ) -> Result<Tensor> {
         let (h, w) = (latents.dim(2)?, latents.dim(3)?);
         let nearest = |out: usize, len: usize| -> Result<Tensor> {
             let idx: Vec<u32> = (0..out).map(|i| (i * len / out) as u32).collect();
@@ -268,41 +311,66 @@ impl StableDiffusion {
             .index_select(&nearest(h, height)?, 1)?
             .index_select(&nearest(w, width)?, 2)?
             .unsqueeze(0)?;
-        Ok(Tensor::cat(&[&grid, &latents], 1)?)
+        Ok(Tensor::cat(&[&grid, latents], 1)?)
     }
 
     /// The scaled latents [1, C, h, w] of an init image RGB [3, `height`, `width`] in [0, 1]:
     /// `(mean − shift_factor) · scaling_factor` of the VAE posterior of `2 · image − 1`, on
     /// this device. Uses the loaded encoder, else reads it from `vae_dir` for this call only.
     pub fn encode_image(&self, image: &Tensor, width: usize, height: usize) -> Result<Tensor> {
+        self.encode_images(&[image], width, height)?
+            .pop()
+            .ok_or_else(|| Error::Internal("img2img: no encoding".into()))
+    }
+
+    /// `encode_image` of each image, the encoder read (where it is not resident) once.
+    fn encode_images(
+        &self,
+        images: &[&Tensor],
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<Tensor>> {
         let channels = self.vae.config.in_channels;
-        if image.dims() != [channels, height, width] {
-            return Err(Error::InvalidArgument(format!(
-                "init image of shape {:?}, expected [{channels}, {height}, {width}] (RGB, the \
-                 generation's height and width)",
-                image.dims()
-            )));
+        let mut inputs = Vec::with_capacity(images.len());
+        for image in images {
+            if image.dims() != [channels, height, width] {
+                return Err(Error::InvalidArgument(format!(
+                    "init image of shape {:?}, expected [{channels}, {height}, {width}] (RGB, \
+                     the generation's height and width)",
+                    image.dims()
+                )));
+            }
+            let x = image.to_dtype(DType::F32)?.to_device(&self.device)?;
+            let (lo, hi) = (
+                x.min_all()?.to_scalar::<f32>()?,
+                x.max_all()?.to_scalar::<f32>()?,
+            );
+            if !(lo >= 0.0 && hi <= 1.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "init image values span [{lo}, {hi}], expected [0, 1]"
+                )));
+            }
+            inputs.push(((x * 2.0)? - 1.0)?.unsqueeze(0)?);
         }
-        let x = image.to_dtype(DType::F32)?.to_device(&self.device)?;
-        let (lo, hi) = (
-            x.min_all()?.to_scalar::<f32>()?,
-            x.max_all()?.to_scalar::<f32>()?,
-        );
-        if !(lo >= 0.0 && hi <= 1.0) {
-            return Err(Error::InvalidArgument(format!(
-                "init image values span [{lo}, {hi}], expected [0, 1]"
-            )));
-        }
-        let x = (((x * 2.0)? - 1.0)?).unsqueeze(0)?;
-        let mean = match self.vae.encoder() {
-            Some(e) => e.encode_mean(&x)?,
-            None => VaeEncoder::load(&self.vae_dir, &self.device)?.encode_mean(&x)?,
+        let loaded;
+        let encoder = match self.vae.encoder() {
+            Some(e) => e,
+            None => {
+                loaded = VaeEncoder::load(&self.vae_dir, &self.device)?;
+                &loaded
+            }
         };
-        let z = match self.vae.config.shift_factor {
-            Some(s) => (mean - s)?,
-            None => mean,
-        };
-        Ok((z * self.vae.config.scaling_factor)?)
+        inputs
+            .iter()
+            .map(|x| {
+                let mean = encoder.encode_mean(x)?;
+                let z = match self.vae.config.shift_factor {
+                    Some(s) => (mean - s)?,
+                    None => mean,
+                };
+                Ok((z * self.vae.config.scaling_factor)?)
+            })
+            .collect()
     }
 }
 

@@ -49,9 +49,13 @@ pub struct StableDiffusion {
     pub vae_dir: PathBuf,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
-    /// The LoRA adapters merged into the U-Net (`with_lora`), as digests over the shard
-    /// layers: with them a shard server's identity is the adapted one (`adapted_identity`).
+    /// The LoRA adapters merged into the U-Net (`with_lora`), as digests over the shard layers
+    /// (those adapting any): with them a shard server's identity is the adapted one
+    /// (`adapted_identity`).
     pub lora_digests: Vec<[u8; 32]>,
+    /// The same adapters' digests over every layer: a full-model server's identity
+    /// (`full_identity`) covers the attention layers' part too.
+    pub lora_full_digests: Vec<[u8; 32]>,
 }
 
 /// What a process loads of a model folder.
@@ -86,6 +90,15 @@ impl LoadRole {
             .filter(|l| placement.on_device(l))
             .flat_map(|l| l.params())
             .collect();
+        // SDXL: the maps carrying the pooled embedding's bias are normalised on the phone even
+        // where GroupNorm runs on the strips (`Runtime::add_channel_bias`).
+        if placement.resident() {
+            v.extend(
+                unet.text_biased_norms()
+                    .into_iter()
+                    .flat_map(|g| g.params()),
+            );
+        }
         v.sort();
         v.dedup();
         v
@@ -143,6 +156,7 @@ impl StableDiffusion {
             scheduler_config,
             device: device.clone(),
             lora_digests: Vec::new(),
+            lora_full_digests: Vec::new(),
         })
     }
 
@@ -154,7 +168,10 @@ impl StableDiffusion {
         adapter.merge_into(self.unet_engine.weights_mut(), scale)?;
         let shard = self.unet.shard_layers();
         let is_shard = |m: &str| shard.contains_key(m);
-        self.lora_digests.push(adapter.digest(&is_shard, scale)?);
+        // An adapter of attention layers only changes nothing a shard server holds.
+        self.lora_digests.extend(adapter.digest(&is_shard, scale)?);
+        self.lora_full_digests
+            .extend(adapter.digest(&|_| true, scale)?);
         Ok(self)
     }
 
@@ -162,6 +179,14 @@ impl StableDiffusion {
     /// model's (`base`, e.g. the manifest's): adapted by the merged LoRA adapters, if any.
     pub fn adapted_identity(&self, base: &[u8; 32]) -> [u8; 32] {
         adapted_identity(base, &self.lora_digests)
+    }
+
+    /// The identity a full-model server of this model presents (the `obfuscated` policy), from
+    /// the base U-Net identity and the component files' hashes (`wire::manifest`): adapted by
+    /// every merged adapter over all its layers.
+    pub fn full_identity(&self, base: &[u8; 32], components: &[(String, String)]) -> [u8; 32] {
+        let unet = adapted_identity(base, &self.lora_full_digests);
+        crate::wire::manifest::full_model_identity(&unet, components)
     }
 
     /// `n` in-process shard backends, each holding only the convolution and GroupNorm weights

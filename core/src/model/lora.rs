@@ -6,12 +6,15 @@
 //!   (up), or the older `unet.<module>.lora.down.weight` / `lora.up.weight`; α from the header's
 //!   `lora_adapter_metadata` (peft's LoraConfig as diffusers' `save_lora_weights` writes it:
 //!   `unet.lora_alpha`, `unet.alpha_pattern` by module-path suffix, `unet.use_rslora`) or an
-//!   `unet.<module>.alpha` tensor, else r (no rescaling), as diffusers does;
+//!   `unet.<module>.alpha` tensor, or for a raw peft save (`base_model.model.` keys) the
+//!   `adapter_config.json` beside it; else each module's own rank r, no rescaling (diffusers
+//!   may rescale modules of a file without α whose ranks differ);
 //! - kohya sd-scripts: `lora_unet_<module, '.' written '_'>.lora_down.weight`, `.lora_up.weight`
 //!   and `.alpha`.
 //!
 //! `<module>` is a diffusers module path (`down_blocks.0.resnets.1.conv1`), which is also our
-//! layer name. Adapters for a text encoder (`text_encoder.`, `lora_te_`) are refused rather than
+//! layer name (kohya files that use the original LDM names, `input_blocks_…`, as sd-scripts
+//! writes for SDXL, are refused with the key named). Adapters for a text encoder (`text_encoder.`, `lora_te_`) are refused rather than
 //! silently ignored: merging half an adapter would change the images without saying so.
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +42,16 @@ impl LoraModule {
         self.down.dims().first().copied().unwrap_or(0)
     }
 
+    /// α / r, or α / √r for a rank-stabilised adapter: what `scale` multiplies.
+    pub fn factor(&self) -> f64 {
+        let r = self.rank() as f64;
+        let alpha = self.alpha.unwrap_or(r);
+        match self.rslora {
+            true => alpha / r.sqrt(),
+            false => alpha / r,
+        }
+    }
+
     /// scale · (α / r) · up · down, shaped like `weight` (`[out, in]` or `[out, in, kh, kw]`).
     pub fn delta(&self, weight: &[usize], scale: f64) -> Result<Tensor> {
         let r = self.rank();
@@ -50,7 +63,7 @@ impl LoraModule {
             && self.up.dims()[0] == out
             && self.up.dims()[1] == r
             && self.up.dims()[2..].iter().all(|&d| d == 1);
-        let down_ok = r > 0 && self.down.elem_count() == r * rest;
+        let down_ok = r > 0 && r.checked_mul(rest) == Some(self.down.elem_count());
         if !up_ok || !down_ok || out == 0 {
             return Err(Error::InvalidArgument(format!(
                 "LoRA up {:?} · down {:?} does not make a weight of shape {weight:?}",
@@ -60,11 +73,7 @@ impl LoraModule {
         }
         let up = self.up.to_dtype(DType::F32)?.reshape((out, r))?;
         let down = self.down.to_dtype(DType::F32)?.reshape((r, rest))?;
-        let r = r as f64;
-        let factor = match self.rslora {
-            true => scale * self.alpha.unwrap_or(r) / r.sqrt(),
-            false => scale * self.alpha.unwrap_or(r) / r,
-        };
+        let factor = scale * self.factor();
         Ok((up.matmul(&down)? * factor)?.reshape(weight)?)
     }
 }
@@ -86,23 +95,33 @@ struct PeftMetadata {
 }
 
 impl PeftMetadata {
-    fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+    /// From the file's header (read alone: the tensors are not read twice), or for a raw peft
+    /// save (`raw_peft`: `base_model.model.` keys) from the `adapter_config.json` beside it,
+    /// without which α is unknown and the file is refused.
+    fn read(path: &Path, raw_peft: bool) -> Result<Self> {
         let bad = |m: String| Error::InvalidArgument(format!("LoRA file {}: {m}", path.display()));
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e}")))?;
-        let Some(json) = header
-            .metadata()
-            .as_ref()
+        let header = read_header(path)?;
+        let json = header
+            .get("__metadata__")
             .and_then(|m| m.get("lora_adapter_metadata"))
-        else {
-            return Ok(Self::default());
+            .and_then(|j| j.as_str())
+            .map(str::to_owned);
+        let json = match (json, raw_peft) {
+            (Some(j), _) => j,
+            (None, false) => return Ok(Self::default()),
+            (None, true) => {
+                let cfg = path.with_file_name("adapter_config.json");
+                std::fs::read_to_string(&cfg).map_err(|_| {
+                    bad(format!(
+                        "a raw peft adapter (`base_model.model.` keys) keeps its α in \
+                         adapter_config.json, which is not at {}",
+                        cfg.display()
+                    ))
+                })?
+            }
         };
         let v: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| bad(format!("lora_adapter_metadata: {e}")))?;
+            serde_json::from_str(&json).map_err(|e| bad(format!("adapter metadata: {e}")))?;
         let get = |k: &str| v.get(format!("unet.{k}")).or_else(|| v.get(k));
         if get("use_dora").and_then(|d| d.as_bool()) == Some(true) {
             return Err(Error::Unsupported(format!(
@@ -136,6 +155,31 @@ impl PeftMetadata {
             .map(|(_, a)| *a)
             .or(self.lora_alpha)
     }
+}
+
+/// Most header bytes a LoRA file may declare (its JSON: names, shapes, metadata).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// A safetensors file's JSON header, read without its tensors.
+fn read_header(path: &Path) -> Result<serde_json::Value> {
+    use std::io::Read;
+    let io = |e: std::io::Error| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let bad = |m: String| Error::InvalidArgument(format!("LoRA file {}: {m}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "a header of {n} bytes (at most {MAX_HEADER_BYTES})"
+        )));
+    }
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact(&mut buf).map_err(io)?;
+    serde_json::from_slice(&buf).map_err(|e| bad(format!("header: {e}")))
 }
 
 /// A module's down and up weights and α as the keys are read.
@@ -250,7 +294,8 @@ impl LoraAdapter {
                 }
             }
         }
-        let meta = PeftMetadata::read(path)?;
+        let raw_peft = tensors.keys().any(|k| k.starts_with("base_model.model."));
+        let meta = PeftMetadata::read(path, raw_peft)?;
         let mut modules = BTreeMap::new();
         for (m, (down, up, alpha)) in parts {
             let (Some(down), Some(up)) = (down, up) else {
@@ -323,17 +368,12 @@ impl LoraAdapter {
     }
 
     /// Writes the adapter in diffusers naming with an explicit α per module
-    /// (`unet.<module>.alpha`, read back by `load`); rank-stabilised adapters are refused (α/√r
-    /// has no per-module tensor form).
+    /// (`unet.<module>.alpha`, f64, read back by `load`; a rank-stabilised module's α/√r is
+    /// written as the α that gives it over r).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut out: HashMap<String, Tensor> = HashMap::new();
         for (m, module) in &self.modules {
-            if module.rslora {
-                return Err(Error::Unsupported(
-                    "writing a rank-stabilised (rsLoRA) adapter".into(),
-                ));
-            }
-            let alpha = module.alpha.unwrap_or(module.rank() as f64) as f32;
+            let alpha = module.factor() * module.rank() as f64;
             out.insert(format!("unet.{m}.lora_A.weight"), module.down.clone());
             out.insert(format!("unet.{m}.lora_B.weight"), module.up.clone());
             out.insert(format!("unet.{m}.alpha"), Tensor::new(alpha, &Device::Cpu)?);
@@ -343,16 +383,18 @@ impl LoraAdapter {
     }
 
     /// SHA-256 of the adapter as applied to `layers` at `scale` (layer names, shapes, values
-    /// as f32, α), so two parties merging the same adapter into the same layers agree on it
-    /// whatever file naming each was given.
-    pub fn digest(&self, layers: &dyn Fn(&str) -> bool, scale: f64) -> Result<[u8; 32]> {
+    /// as f32, each module's factor α/r as f32), so two parties merging the same adapter into
+    /// the same layers agree on it whatever file naming each was given (`veil lora-split`'s
+    /// output included); None when it adapts none of `layers`.
+    pub fn digest(&self, layers: &dyn Fn(&str) -> bool, scale: f64) -> Result<Option<[u8; 32]>> {
         let mut h = Sha256::new();
-        h.update(b"veil-lora/1");
+        h.update(b"veil-lora/2");
         h.update(scale.to_le_bytes());
+        let mut any = false;
         for (m, module) in self.modules.iter().filter(|(m, _)| layers(m)) {
+            any = true;
             h.update(m.as_bytes());
-            h.update(module.alpha.unwrap_or(module.rank() as f64).to_le_bytes());
-            h.update([u8::from(module.rslora)]);
+            h.update((module.factor() as f32).to_le_bytes());
             for t in [&module.down, &module.up] {
                 for d in t.dims() {
                     h.update((*d as u64).to_le_bytes());
@@ -362,7 +404,7 @@ impl LoraAdapter {
                 }
             }
         }
-        Ok(h.finalize().into())
+        Ok(any.then(|| h.finalize().into()))
     }
 }
 
@@ -383,6 +425,11 @@ pub fn adapted_identity(base: &[u8; 32], digests: &[[u8; 32]]) -> [u8; 32] {
 
 /// `FILE` or `FILE:SCALE` (scale 1 by default), as the CLI and the server take an adapter.
 pub fn parse_lora_arg(s: &str) -> Result<(PathBuf, f64)> {
+    if let Some(path) = s.strip_suffix(':') {
+        return Err(Error::InvalidArgument(format!(
+            "LoRA `{s}`: an empty scale after `:` (give FILE or FILE:SCALE, e.g. {path}:0.8)"
+        )));
+    }
     if let Some((path, scale)) = s.rsplit_once(':') {
         if let Ok(v) = scale.parse::<f64>() {
             if !v.is_finite() {
@@ -577,6 +624,7 @@ mod tests {
             (PathBuf::from("x/a.safetensors"), 0.75)
         );
         assert!(parse_lora_arg("a.safetensors:inf").is_err());
+        assert!(parse_lora_arg("a.safetensors:").is_err());
         let id = [7u8; 32];
         assert_eq!(adapted_identity(&id, &[]), id);
         assert_ne!(

@@ -16,7 +16,7 @@ use crate::client::preview::LatentPreview;
 use crate::obfuscation::ObfuscationKey;
 use crate::placement::backend::ShardBackend;
 use crate::transport::{compression_for, ClientOptions, ReplicaSet, TrafficTotals};
-use crate::wire::manifest::{component_hashes, full_model_identity, resolve_unet_identity};
+use crate::wire::manifest::{component_hashes, resolve_unet_identity};
 use crate::wire::ModelId;
 
 use super::config::{check_generation, GenerationOptions, Validated, VeilConfig};
@@ -184,12 +184,8 @@ impl Veil {
         // A full-model server (`obfuscated`) answers for the text encoder, tokenizer and
         // scheduler too; servers merged the same adapters into their base weights.
         let model_id = match config.policy {
-            Policy::Obfuscated => resolve_unet_identity(dir).and_then(|(id, _)| {
-                Ok(full_model_identity(
-                    &sd.adapted_identity(&id),
-                    &component_hashes(dir)?,
-                ))
-            }),
+            Policy::Obfuscated => resolve_unet_identity(dir)
+                .and_then(|(id, _)| Ok(sd.full_identity(&id, &component_hashes(dir)?))),
             _ => resolve_unet_identity(dir).map(|(id, _)| sd.adapted_identity(&id)),
         }
         .map_err(VeilError::from_load)?;

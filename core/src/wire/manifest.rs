@@ -345,8 +345,20 @@ pub fn resolve_unet_identity(root: &Path) -> Result<(ModelId, IdentitySource)> {
 }
 /// The components whose files a full-model server's answers (the `obfuscated` policy's early
 /// steps) depend on beyond the shard layers: the U-Net's files (its attention weights), the
-/// text encoder, the tokenizer and the scheduler.
-pub const FULL_MODEL_COMPONENTS: [&str; 4] = ["unet", "text_encoder", "tokenizer", "scheduler"];
+/// text encoder(s), the tokenizer(s) and the scheduler (SDXL's second text side where present).
+pub const FULL_MODEL_COMPONENTS: [&str; 6] = [
+    "unet",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+];
+
+/// Single files the same answers depend on: the VAE's config (its factor gives SDXL's size
+/// ids). The folder's top-level files (`model_index.json`, SDXL's
+/// `force_zeros_for_empty_prompt`) are in no manifest and so in no identity.
+pub const FULL_MODEL_FILES: [&str; 1] = ["vae/config.json"];
 
 /// The SHA-256 of every file of `FULL_MODEL_COMPONENTS` in `root`, by relative name, sorted:
 /// from the manifest when the folder has one (a phone), else hashed now.
@@ -362,9 +374,10 @@ pub fn hash_components(root: &Path) -> Result<Vec<(String, String)>> {
 
 fn components(root: &Path, trust_manifest: bool) -> Result<Vec<(String, String)>> {
     let in_components = |rel: &str| {
-        FULL_MODEL_COMPONENTS
-            .iter()
-            .any(|c| rel.strip_prefix(c).is_some_and(|r| r.starts_with('/')))
+        FULL_MODEL_FILES.contains(&rel)
+            || FULL_MODEL_COMPONENTS
+                .iter()
+                .any(|c| rel.strip_prefix(c).is_some_and(|r| r.starts_with('/')))
     };
     let manifest = match trust_manifest {
         true => Manifest::read(root)?,

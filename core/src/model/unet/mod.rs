@@ -224,6 +224,17 @@ impl UNet {
             .collect()
     }
 
+    /// The GroupNorms that normalise a map with SDXL's text-derived channel bias added (every
+    /// resnet's `norm2`, on a U-Net with added conditioning; none otherwise). A placement that
+    /// keeps that bias on the phone normalises these maps there, so the phone needs their
+    /// weights even where GroupNorm runs on the servers' strips.
+    pub fn text_biased_norms(&self) -> Vec<&GroupNormSpec> {
+        match self.added {
+            Some(_) => self.resnets().map(ResnetBlock::norm2).collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Every GroupNorm of the U-Net (a fixed order; callers key by name).
     pub fn group_norms(&self) -> Vec<&GroupNormSpec> {
         self.layers()

@@ -41,6 +41,11 @@ impl ResnetBlock {
         }
     }
 
+    /// The GroupNorm after the time embedding's channel bias.
+    pub(super) fn norm2(&self) -> &GroupNormSpec {
+        &self.norm2
+    }
+
     /// Appends this block's layers to the U-Net's walk (convolutions, norms, then the time
     /// projection: the order `UNet::layers` documents).
     pub(super) fn specs<'a>(&'a self, out: &mut Vec<LayerRef<'a>>) {

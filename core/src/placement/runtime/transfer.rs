@@ -140,6 +140,13 @@ impl<'a, E: Engine> Runtime<'a, E> {
                     )))
                 }
             },
+            // A per-sample vector that depends on the prompt (a pooled text embedding, a time
+            // embedding it was added to) is never scattered: only maps leave as strips.
+            1 | 2 if v.class() == DepClass::Text => {
+                return Err(internal(format!(
+                    "{layer}: a text-derived {d:?} vector may not be sent to the servers"
+                )))
+            }
             1 | 2 => Layout::Replicated,
             _ => {
                 return Err(internal(format!(
