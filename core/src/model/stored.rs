@@ -5,7 +5,7 @@
 //! on load. Build them from a `VarBuilder` whose dtype is the file's `storage_dtype`.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
 /// `t` in `dtype`: shared when it already is, widened (one temporary) when not.
 fn widened(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
@@ -147,12 +147,62 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<
     candle_nn::layer_norm(size, eps, vb.to_dtype(DType::F32))
 }
 
-/// candle's GroupNorm with its parameters in f32.
+/// GroupNorm with its affine in f32: our fused CPU kernel on f32 CPU maps
+/// (`cpu_ops::group_norm`, with the SiLU that follows it where there is one), candle's
+/// otherwise.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// GroupNorm, then SiLU when `silu`.
+    pub fn forward_act(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 {
+            return super::cpu_ops::group_norm(
+                x,
+                &self.gamma,
+                &self.beta,
+                self.groups,
+                self.eps,
+                silu,
+            )
+            .map_err(|e| candle_core::Error::Msg(e.to_string()));
+        }
+        let y = self.inner.forward(x)?;
+        match silu {
+            true => y.silu(),
+            false => Ok(y),
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_act(x, false)
+    }
+}
+
+/// `name.weight` and `name.bias` [channels] of a GroupNorm, in f32.
 pub fn group_norm(
     groups: usize,
     channels: usize,
     eps: f64,
     vb: VarBuilder,
 ) -> candle_core::Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb.to_dtype(DType::F32))
+    let vb = vb.to_dtype(DType::F32);
+    let gamma = vb.get(channels, "weight")?;
+    let beta = vb.get(channels, "bias")?;
+    let inner = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        inner,
+        gamma,
+        beta,
+        groups,
+        eps,
+    })
 }

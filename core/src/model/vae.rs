@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::model::stored::{conv2d, group_norm, Conv2d, Linear};
+use crate::model::stored::{conv2d, group_norm, Conv2d, GroupNorm, Linear};
 
 use crate::model::config::{read_json, VaeConfig};
 use crate::model::weights::WeightFile;
@@ -58,8 +58,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_act(x, true)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_act(&h, true)?)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -278,7 +278,7 @@ impl Encoder {
             x = b.forward(&x)?;
         }
         let x = self.mid.forward(&x)?;
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_act(&x, true)?)
     }
 }
 
@@ -328,7 +328,7 @@ impl Decoder {
         for b in &self.up_blocks {
             x = b.forward(&x)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_act(&x, true)?)
     }
 }
 
