@@ -309,3 +309,53 @@ async fn the_sdk_takes_a_mask_and_lora_adapters() {
         .expect("plain");
     assert_ne!(a.png, b.png, "the adapter changes the image");
 }
+
+/// A server's side of `obfuscated` inpainting checks the job's condition before it runs
+/// anything: a condition of the wrong shape, or one sent to a model without an inpainting
+/// U-Net, or none sent to one with it, is refused.
+#[test]
+fn early_steps_refuse_a_condition_that_does_not_fit_the_unet() {
+    use veil_core::client::hybrid::EarlySteps;
+    let g = golden();
+    let inpaint = load();
+    let plain = StableDiffusion::load(&tiny_model(), &Device::Cpu).expect("tiny");
+    let job = |condition: Option<Tensor>| EarlySteps {
+        candidates: vec!["a red circle".into()],
+        negative_prompt: String::new(),
+        noise: g.t["noise"].clone(),
+        steps: 4,
+        start_step: None,
+        server_steps: 1,
+        condition,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Ddim,
+        accel: Default::default(),
+    };
+    let zeros = |c: usize, h: usize| {
+        Tensor::zeros((1, c, h, 8), candle_core::DType::F32, &Device::Cpu).expect("zeros")
+    };
+    for (sd, cond, why) in [
+        (
+            &*inpaint,
+            Some(zeros(4, 8)),
+            "four channels where five are needed",
+        ),
+        (
+            &*inpaint,
+            Some(zeros(5, 7)),
+            "a condition of another height",
+        ),
+        (&*inpaint, None, "no condition for an inpainting U-Net"),
+        (
+            &plain as &StableDiffusion,
+            Some(zeros(5, 8)),
+            "a condition for a plain U-Net",
+        ),
+    ] {
+        let e = sd.early_steps(&job(cond), &mut |_, _| {});
+        assert!(e.is_err(), "{why}: accepted");
+    }
+    assert!(inpaint
+        .early_steps(&job(Some(zeros(5, 8))), &mut |_, _| {})
+        .is_ok());
+}

@@ -16,7 +16,7 @@ use veil_core::client::hybrid::ObfuscationOptions;
 use veil_core::client::pipeline::{GenerateOptions, Generation, StableDiffusion};
 use veil_core::model::scheduler::SchedulerKind;
 use veil_core::placement::audit::DepClass;
-use veil_core::placement::engine::{CandleEngine, WireDtype};
+use veil_core::placement::engine::WireDtype;
 use veil_core::placement::runtime::Runtime;
 use veil_core::placement::{GnVariant, Policy, ViewKind};
 use veil_tests::{generate_seen, psnr, rel_l2, repo_root};
@@ -154,7 +154,6 @@ async fn sdxl_unet_call_matches_diffusers() {
         )
         .await;
     assert!(refused.is_err());
-    let _: &CandleEngine = &sd.unet_engine;
 }
 
 fn opts(g: &Golden, scheduler: SchedulerKind, steps: usize, guidance: f64) -> GenerateOptions {

@@ -195,7 +195,7 @@ impl StableDiffusion {
             &set.prompts,
             cfg.then_some(opts.negative_prompt.as_str()),
         );
-        audit.views.push(View {
+        let noise_view = View {
             server: 0,
             call: 0,
             layer: "early_steps".into(),
@@ -207,20 +207,17 @@ impl StableDiffusion {
             // the noised init latents, the image itself at that noise level.
             class: crate::placement::audit::DepClass::Raw,
             bytes: noise_bytes,
-        });
-        // Inpainting: the mask and the masked image's latents, image content, whole.
-        let condition_bytes = match condition {
-            Some(c) => {
-                let bytes = c.elem_count() as u64 * 4;
-                audit.views.push(View {
-                    layer: "early_steps condition".into(),
-                    bytes,
-                    ..audit.views[audit.views.len() - 1].clone()
-                });
-                bytes
-            }
-            None => 0,
         };
+        audit.views.push(noise_view.clone());
+        // Inpainting: the mask and the masked image's latents, image content, whole.
+        let condition_bytes = condition.map_or(0, |c| c.elem_count() as u64 * 4);
+        if condition.is_some() {
+            audit.views.push(View {
+                layer: "early_steps condition".into(),
+                bytes: condition_bytes,
+                ..noise_view
+            });
+        }
         let all = server.early_steps(job).await?;
         if all.dims() != [kk, lc, h, w] {
             return Err(Error::Backend {
