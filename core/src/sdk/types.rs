@@ -67,6 +67,7 @@ pub enum WireCodec {
     ResidualInt4,
     ResidualInt2,
     ResidualSign,
+    ResidualEntropy,
 }
 
 /// Where the phone's share of the model runs.
@@ -117,7 +118,7 @@ names!(Scheduler, "scheduler", Ddim => "ddim", DpmSolverMultistep => "dpm++2m",
 names!(WireFormat, "wire format", F32 => "f32", F16 => "f16", Bf16 => "bf16");
 names!(WireCodec, "codec", Exact => "none", Int8 => "int8", Int4 => "int4",
     ResidualInt4 => "residual-int4", ResidualInt2 => "residual-int2",
-    ResidualSign => "residual-sign");
+    ResidualSign => "residual-sign", ResidualEntropy => "residual-entropy");
 names!(Device, "device", Auto => "auto", Cpu => "cpu", Metal => "metal");
 
 impl Policy {
@@ -169,6 +170,7 @@ impl From<WireCodec> for ShardCodec {
             WireCodec::ResidualInt4 => Self::ResidualInt4,
             WireCodec::ResidualInt2 => Self::ResidualInt2,
             WireCodec::ResidualSign => Self::ResidualSign,
+            WireCodec::ResidualEntropy => Self::ResidualEntropy,
         }
     }
 }
@@ -217,6 +219,7 @@ mod tests {
             WireCodec::ResidualInt4,
             WireCodec::ResidualInt2,
             WireCodec::ResidualSign,
+            WireCodec::ResidualEntropy,
         ] {
             assert_eq!(c.name().parse::<ShardCodec>().unwrap(), c.into());
         }

@@ -73,17 +73,21 @@ pub enum ShardCodec {
     /// The change since the last step as its sign and one magnitude per block, with error
     /// feedback.
     ResidualSign,
+    /// The change since a linear prediction from the last two steps, with one uniform step per
+    /// tensor (a fraction of its RMS) and range-coded codes, with error feedback.
+    ResidualEntropy,
 }
 
 impl ShardCodec {
     /// Every codec, in the order the CLI lists them.
-    pub const ALL: [ShardCodec; 6] = [
+    pub const ALL: [ShardCodec; 7] = [
         ShardCodec::None,
         ShardCodec::Int8,
         ShardCodec::Int4,
         ShardCodec::ResidualInt4,
         ShardCodec::ResidualInt2,
         ShardCodec::ResidualSign,
+        ShardCodec::ResidualEntropy,
     ];
 
     /// The stable name (CLI, SDK, stats.json).
@@ -95,6 +99,7 @@ impl ShardCodec {
             ShardCodec::ResidualInt4 => "residual-int4",
             ShardCodec::ResidualInt2 => "residual-int2",
             ShardCodec::ResidualSign => "residual-sign",
+            ShardCodec::ResidualEntropy => "residual-entropy",
         }
     }
 
@@ -102,7 +107,10 @@ impl ShardCodec {
     pub fn residual(self) -> bool {
         matches!(
             self,
-            ShardCodec::ResidualInt4 | ShardCodec::ResidualInt2 | ShardCodec::ResidualSign
+            ShardCodec::ResidualInt4
+                | ShardCodec::ResidualInt2
+                | ShardCodec::ResidualSign
+                | ShardCodec::ResidualEntropy
         )
     }
 }

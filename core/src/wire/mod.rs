@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod convert;
+pub mod entropy;
 pub mod identity;
 pub mod manifest;
 pub mod quant;

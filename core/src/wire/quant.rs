@@ -23,6 +23,9 @@ pub enum Quant {
     Int2,
     /// The sign alone, value ±s, s = mean |x| (the 1-bit codec of CompactFusion).
     Sign,
+    /// One step per tensor, range-coded codes (`wire::entropy`): the payload's length varies,
+    /// bounded by `payload_len`.
+    Entropy,
 }
 
 impl Quant {
@@ -32,7 +35,14 @@ impl Quant {
             Quant::Int4 => 4,
             Quant::Int2 => 2,
             Quant::Sign => 1,
+            // Not a fixed width: `payload_len` is a bound.
+            Quant::Entropy => 32,
         }
+    }
+
+    /// Whether the payload's length is exactly `payload_len` (else at most it).
+    pub fn fixed_len(self) -> bool {
+        self != Quant::Entropy
     }
 
     /// The tag on the wire (docs/PROTOCOL.md §8).
@@ -42,24 +52,39 @@ impl Quant {
             Quant::Int4 => 2,
             Quant::Int2 => 3,
             Quant::Sign => 4,
+            Quant::Entropy => 5,
         }
     }
 
     pub fn from_tag(tag: u8) -> Option<Quant> {
-        [Quant::Int8, Quant::Int4, Quant::Int2, Quant::Sign]
-            .into_iter()
-            .find(|q| q.tag() == tag)
+        [
+            Quant::Int8,
+            Quant::Int4,
+            Quant::Int2,
+            Quant::Sign,
+            Quant::Entropy,
+        ]
+        .into_iter()
+        .find(|q| q.tag() == tag)
     }
 
-    /// Payload bytes of `n` elements (scales and codes), or None on overflow.
+    /// Payload bytes of `n` elements (scales and codes; the most an entropy payload may take),
+    /// or None on overflow.
     pub fn payload_len(self, n: usize) -> Option<usize> {
+        if self == Quant::Entropy {
+            return super::entropy::max_payload_len(n);
+        }
         let scales = n.div_ceil(BLOCK).checked_mul(2)?;
         let codes = n.checked_mul(self.bits())?.div_ceil(8);
         scales.checked_add(codes)
     }
 
-    /// The payload of `x`.
+    /// The payload of `x` (an entropy payload at the requests' fineness).
     pub fn quantize(self, x: &[f32]) -> Vec<u8> {
+        if self == Quant::Entropy {
+            let mut recon = vec![0f32; x.len()];
+            return super::entropy::encode_tensor(x, super::entropy::REQUESTS, &mut recon);
+        }
         let n = x.len();
         let blocks = n.div_ceil(BLOCK);
         let mut out = vec![0u8; self.payload_len(n).unwrap_or(0)];
@@ -84,6 +109,9 @@ impl Quant {
     /// Writes the values of `payload` into `out` (its length is the element count). The payload
     /// must be `payload_len(out.len())` bytes; the caller has checked that.
     pub fn dequantize(self, payload: &[u8], out: &mut [f32]) -> Result<(), LengthError> {
+        if self == Quant::Entropy {
+            return super::entropy::decode(payload, out).map_err(|_| LengthError);
+        }
         let n = out.len();
         if self.payload_len(n) != Some(payload.len()) {
             return Err(LengthError);
@@ -139,6 +167,7 @@ impl Quant {
             Quant::Int4 => (r.round().clamp(-7.0, 7.0) as i8 + 8) as u8,
             Quant::Int2 => ((r + 3.0) / 2.0).round().clamp(0.0, 3.0) as u8,
             Quant::Sign => u8::from(v < 0.0),
+            Quant::Entropy => 0,
         }
     }
 
@@ -154,6 +183,7 @@ impl Quant {
                     s
                 }
             }
+            Quant::Entropy => 0.0,
         }
     }
 }

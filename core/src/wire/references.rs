@@ -10,12 +10,14 @@
 //! part of the next step's residual (error feedback), so it never accumulates.
 //!
 //! A residual needs a reference of the same shape; without one the sender sends a key frame
-//! (int8, kept as the reference). During exact steps tensors travel raw and are kept.
+//! (int8, or the entropy codec's own coding of the tensor, kept as the reference). During exact
+//! steps tensors travel raw and are kept.
 
 use std::collections::HashMap;
 
 use super::codec::WireError;
 use super::convert::apply_kind;
+use super::entropy;
 use super::quant::Quant;
 use super::{Coding, RefMode, ReplyCoding, WireCall, WireOp, WireOperand, WireTensor};
 use crate::vocab::precision::{ShardCodec, WireDtype};
@@ -30,11 +32,45 @@ pub fn codec_quant(codec: ShardCodec) -> Option<Quant> {
         ShardCodec::Int4 | ShardCodec::ResidualInt4 => Some(Quant::Int4),
         ShardCodec::ResidualInt2 => Some(Quant::Int2),
         ShardCodec::ResidualSign => Some(Quant::Sign),
+        ShardCodec::ResidualEntropy => Some(Quant::Entropy),
     }
 }
 
-/// The quantizer of a residual codec's key frames (a slot's first tensor after the exact steps).
+/// The quantizer of a residual codec's key frames (a slot's first tensor after the exact steps);
+/// the entropy codec codes its key frames itself.
 pub const KEY_FRAME: Quant = Quant::Int8;
+
+/// Which way a tensor goes: the client's requests (up the phone's narrow link) or the server's
+/// replies. Only the entropy codec quantizes them differently (`entropy::REQUESTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Request,
+    Reply,
+}
+
+impl Side {
+    /// `x`'s payload under `quant` and the values the receiver decodes into `recon`; `of` is the
+    /// tensor whose RMS sets an entropy step (the tensor itself, also when `x` is its change).
+    fn quantize(self, quant: Quant, x: &[f32], of: &[f32], recon: &mut [f32]) -> Result<Vec<u8>> {
+        if quant == Quant::Entropy {
+            let f = match self {
+                Side::Request => entropy::REQUESTS,
+                Side::Reply => entropy::REPLIES,
+            };
+            return Ok(entropy::encode(
+                x,
+                f.step_fraction * entropy::rms(of),
+                f.dead_zone,
+                recon,
+            ));
+        }
+        let payload = quant.quantize(x);
+        quant
+            .dequantize(&payload, recon)
+            .map_err(|_| WireError::Codec("quantizer length".into()))?;
+        Ok(payload)
+    }
+}
 
 /// How to send one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +151,10 @@ impl CodecEnd {
 
     /// `t` (raw) as it travels under `how`.
     pub fn encode(&mut self, t: WireTensor, how: SendAs) -> Result<WireTensor> {
+        self.encode_as(t, how, Side::Request)
+    }
+
+    fn encode_as(&mut self, t: WireTensor, how: SendAs, side: Side) -> Result<WireTensor> {
         let Some(quant) = codec_quant(how.codec) else {
             return Ok(t);
         };
@@ -145,11 +185,8 @@ impl CodecEnd {
         }
         if let Some(reference) = self.sent.get_mut(how.slot, &shape) {
             let r: Vec<f32> = x.iter().zip(reference.iter()).map(|(a, b)| a - b).collect();
-            let payload = quant.quantize(&r);
             let mut step = vec![0f32; r.len()];
-            quant
-                .dequantize(&payload, &mut step)
-                .map_err(|_| WireError::Codec("quantizer length".into()))?;
+            let payload = side.quantize(quant, &r, &x, &mut step)?;
             for (v, d) in reference.iter_mut().zip(&step) {
                 *v += d;
             }
@@ -157,13 +194,15 @@ impl CodecEnd {
         }
         self.sent
             .admit(how.slot, x.len(), self.max_bytes, self.max_slots)?;
-        let payload = KEY_FRAME.quantize(&x);
+        let key = if quant == Quant::Entropy {
+            Quant::Entropy
+        } else {
+            KEY_FRAME
+        };
         let mut kept = vec![0f32; x.len()];
-        KEY_FRAME
-            .dequantize(&payload, &mut kept)
-            .map_err(|_| WireError::Codec("quantizer length".into()))?;
+        let payload = side.quantize(key, &x, &x, &mut kept)?;
         self.sent.put(how.slot, shape.clone(), kept);
-        Ok(coded(shape, payload, KEY_FRAME, RefMode::Keep(how.slot)))
+        Ok(coded(shape, payload, key, RefMode::Keep(how.slot)))
     }
 
     /// A received tensor as raw values (quantized ones decode to f32), its reference kept or
@@ -246,13 +285,14 @@ impl CodecEnd {
                     .ok()
                     .and_then(|j| coding.first_slot.checked_add(j))
                     .ok_or(WireError::Codec("reply slot overflows u32".into()))?;
-                self.encode(
+                self.encode_as(
                     t,
                     SendAs {
                         codec: coding.codec,
                         exact: coding.exact,
                         slot,
                     },
+                    Side::Reply,
                 )
             })
             .collect()
@@ -318,6 +358,9 @@ fn elements(shape: &[usize]) -> Result<usize> {
 }
 
 fn dequantize(q: Quant, payload: &[u8], out: &mut [f32]) -> Result<()> {
+    if q == Quant::Entropy {
+        return entropy::decode(payload, out).map_err(|e| WireError::Codec(e.0.into()));
+    }
     q.dequantize(payload, out)
         .map_err(|_| WireError::LengthMismatch {
             what: "quantized payload",

@@ -91,6 +91,7 @@ pub fn codec_to_u8(c: ShardCodec) -> u8 {
         ShardCodec::ResidualInt4 => 3,
         ShardCodec::ResidualInt2 => 4,
         ShardCodec::ResidualSign => 5,
+        ShardCodec::ResidualEntropy => 6,
     }
 }
 

@@ -263,6 +263,11 @@ impl<'a> Reader<'a> {
                         "quantized payloads are not byte-split".into(),
                     ));
                 }
+                if !q.fixed_len() && comp != compression::NONE {
+                    return Err(WireError::Codec(
+                        "entropy-coded payloads are not compressed again".into(),
+                    ));
+                }
                 q.payload_len(bytes / 4).ok_or(WireError::ShapeOverflow)?
             }
         };
@@ -293,7 +298,12 @@ impl<'a> Reader<'a> {
         self.payload += len;
         let data = match comp {
             compression::NONE => {
-                if payload.len() != expected {
+                // An entropy-coded payload may be shorter than its bound, never longer.
+                let fits = match coding.quant {
+                    Some(q) if !q.fixed_len() => payload.len() <= expected,
+                    _ => payload.len() == expected,
+                };
+                if !fits {
                     return Err(WireError::LengthMismatch {
                         what: "tensor payload",
                         expected: to_u64(expected),

@@ -208,7 +208,11 @@ impl Writer {
                 (len, "quantized payload")
             }
         };
-        if t.data.len() != expected {
+        let fits = match t.coding.quant {
+            Some(q) if !q.fixed_len() => t.data.len() <= expected,
+            _ => t.data.len() == expected,
+        };
+        if !fits {
             return Err(WireError::LengthMismatch {
                 what,
                 expected: to_u64(expected),
@@ -222,7 +226,9 @@ impl Writer {
         })?;
         // A quantized payload is zstd-compressed (never byte-split) only where that pays.
         let packed = match (t.coding.quant, self.compression) {
-            (Some(_), Compression::Zstd(level) | Compression::ZstdByteSplit(level)) => {
+            (Some(q), Compression::Zstd(level) | Compression::ZstdByteSplit(level))
+                if q.fixed_len() =>
+            {
                 let z = self
                     .compressor(level)?
                     .compress(&t.data)
