@@ -18,7 +18,7 @@ pub mod ops;
 pub mod precision;
 
 /// Protocol version spoken by this build. A server refuses other versions.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// A duration of `seconds`, where that is a positive, finite number of seconds (the one rule for
 /// every timeout a user configures: the SDK, the CLI and the server all read it here).
