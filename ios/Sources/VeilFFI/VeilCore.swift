@@ -2981,6 +2981,7 @@ public enum WireCodec: Equatable, Hashable {
     case residualInt4
     case residualInt2
     case residualSign
+    case residualEntropy
 
 
 
@@ -3014,6 +3015,8 @@ public struct FfiConverterTypeWireCodec: FfiConverterRustBuffer {
         
         case 6: return .residualSign
         
+        case 7: return .residualEntropy
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -3044,6 +3047,10 @@ public struct FfiConverterTypeWireCodec: FfiConverterRustBuffer {
         
         case .residualSign:
             writeInt(&buf, Int32(6))
+        
+        
+        case .residualEntropy:
+            writeInt(&buf, Int32(7))
         
         }
     }

@@ -3332,7 +3332,8 @@ enum class WireCodec {
     INT4,
     RESIDUAL_INT4,
     RESIDUAL_INT2,
-    RESIDUAL_SIGN;
+    RESIDUAL_SIGN,
+    RESIDUAL_ENTROPY;
 
     
 
