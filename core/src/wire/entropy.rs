@@ -243,15 +243,11 @@ pub fn rms(x: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// Seeded values roughly uniform in [-scale, scale).
     fn seeded(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
+        crate::wire::quant::tests::seeded(n, seed)
+            .into_iter()
+            .map(|v| v * 0.5 * scale)
             .collect()
     }
 

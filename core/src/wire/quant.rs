@@ -193,10 +193,11 @@ impl Quant {
 pub struct LengthError;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn seeded(n: usize, seed: u64) -> Vec<f32> {
+    /// Seeded xorshift values, roughly uniform in [-2, 2) (also the entropy coder's tests').
+    pub(crate) fn seeded(n: usize, seed: u64) -> Vec<f32> {
         // xorshift; roughly uniform in [-2, 2).
         let mut s = seed.max(1);
         (0..n)
