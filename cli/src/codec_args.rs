@@ -10,9 +10,9 @@ use veil_core::vocab::precision::ShardCodec;
 pub struct CodecArgs {
     /// Lossy coding of the activations on the wire: none, int8, int4, residual-int4,
     /// residual-int2, residual-sign or residual-entropy (the residual codecs send each step's
-    /// change with error feedback; residual-entropy predicts it from the last two steps and
-    /// range-codes it at one step per tensor). GroupNorm statistics and moments always travel
-    /// exact. QUIC servers only.
+    /// change with error feedback; residual-entropy range-codes it at one step per tensor,
+    /// coarse up and fine down). GroupNorm statistics and moments always travel exact. QUIC
+    /// servers only.
     #[arg(long, default_value = "none")]
     pub compress: ShardCodec,
     /// Denoising steps, from the first, whose activations travel exact in the wire dtype (the

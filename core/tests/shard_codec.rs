@@ -391,6 +391,7 @@ fn requests_stay_within_their_step_and_feed_the_error_back() {
     };
     let mut sent_total = 0;
     let mut errors = Vec::new();
+    let mut last = vec![0f32; xs[0].len()];
     for (t, x) in xs.iter().enumerate() {
         let coded = tx.encode(raw(&SHAPE, x), how).expect("encode");
         assert_eq!(coded.coding.quant, Some(Quant::Entropy));
@@ -401,7 +402,10 @@ fn requests_stay_within_their_step_and_feed_the_error_back() {
         };
         assert_eq!(coded.coding.reference, mode, "step {t}");
         let (y, sent) = through_wire(&mut rx, coded);
-        let step = REQUESTS.step_fraction * entropy::rms(x);
+        // The step codes the change against the last reconstruction (the tensor itself first).
+        let change: Vec<f32> = x.iter().zip(&last).map(|(a, b)| a - b).collect();
+        let step = entropy::step_for(&change, entropy::rms(x), REQUESTS);
+        assert!(step >= REQUESTS.step_fraction * entropy::rms(x));
         let bound = step * (0.5 + REQUESTS.dead_zone) * 1.0001;
         assert!(
             max_abs_diff(x, &y) <= bound,
@@ -412,6 +416,7 @@ fn requests_stay_within_their_step_and_feed_the_error_back() {
         if t > 0 {
             sent_total += sent;
         }
+        last = y;
     }
     // Open loop: the changes quantized alone at the same step and summed.
     let mut open = xs[0].clone();
@@ -437,27 +442,39 @@ fn requests_stay_within_their_step_and_feed_the_error_back() {
     assert_eq!(tx.reference_bytes(), rx.reference_bytes());
 }
 
-/// Replies take the fine step and no dead zone, and an exact step travels raw and is kept.
+/// Replies take the fine step and no dead zone; a key frame with an outlier of 50 RMS is not
+/// clipped (the step widens to fit it), and an exact step travels raw and is kept.
 #[test]
-fn replies_are_fine_and_exact_steps_are_kept() {
-    let xs = trajectory(4);
+fn replies_are_fine_unclipped_and_exact_steps_are_kept() {
+    let mut xs = trajectory(5);
+    xs[0][7] = 50.0 * entropy::rms(&xs[0]);
     let (mut server, mut client) = (CodecEnd::new(64 << 20, 16), CodecEnd::new(64 << 20, 16));
+    let mut last = vec![0f32; xs[0].len()];
     for (t, x) in xs.iter().enumerate() {
         let coding = ReplyCoding {
             codec: ShardCodec::ResidualEntropy,
-            exact: t == 0,
+            exact: t == 2,
             first_slot: 9,
         };
         let mut out = server
             .encode_replies(vec![raw(&SHAPE, x)], &[false], coding)
             .expect("encode replies");
         let (y, _) = through_wire(&mut client, out.remove(0));
-        if t == 0 {
+        if t == 2 {
             assert_eq!(&y, x, "the exact step is bit-exact");
-            continue;
+        } else {
+            let change: Vec<f32> = x.iter().zip(&last).map(|(a, b)| a - b).collect();
+            let step = entropy::step_for(&change, entropy::rms(x), REPLIES);
+            assert!(max_abs_diff(x, &y) <= step * 0.5001, "step {t}");
+            if t > 2 {
+                // No outlier left to fit: the fine step itself.
+                assert!(
+                    step <= REPLIES.step_fraction * entropy::rms(x) * 1.0001,
+                    "step {t}"
+                );
+            }
         }
-        let bound = REPLIES.step_fraction * entropy::rms(x) * 0.5001;
-        assert!(max_abs_diff(x, &y) <= bound, "step {t}");
+        last = y;
     }
 }
 
@@ -483,7 +500,8 @@ fn hostile_entropy_payloads_are_refused() {
         r.decode(key.clone()).unwrap();
         r
     };
-    // A bad model index, a non-finite step, a payload past its bound, a truncated stream.
+    // A bad model index, a non-finite step, a payload past its bound, one shorter than its
+    // header. (A stream that ends early reads as zero words: that decodes, to some values.)
     for corrupt in [
         |d: &mut Vec<u8>| d[4] = 200,
         |d: &mut Vec<u8>| d[..4].copy_from_slice(&f32::INFINITY.to_le_bytes()),
@@ -495,20 +513,63 @@ fn hostile_entropy_payloads_are_refused() {
         assert!(matches!(keyed().decode(bad), Err(WireError::Codec(_))));
     }
     keyed().decode(residual.clone()).unwrap();
-    // The wire decoder: no payload longer than the bound, and never zstd on an entropy payload.
+    // The wire encoder writes no payload longer than its bound.
     let mut long = key.clone();
     long.data
         .resize(Quant::Entropy.payload_len(xs[0].len()).unwrap() + 4, 0);
-    assert!(encode_counted(
-        &Message::Reply {
-            outputs: vec![long]
+    let msg = Message::Reply {
+        outputs: vec![long],
+    };
+    assert!(encode_counted(&msg, Compression::None).is_err());
+    // The wire decoder: a one-element entropy tensor, then the same frame marked zstd, then with
+    // a payload past the bound (5 + 4 × 3 = 17 bytes for one element).
+    let one = WireTensor {
+        dtype: WireDtype::F32,
+        shape: vec![1],
+        data: entropy::encode(&[0.5], 0.25, 0.0, &mut [0.0]),
+        coding: Coding {
+            quant: Some(Quant::Entropy),
+            reference: RefMode::None,
         },
-        Compression::None
-    )
-    .is_err());
+    };
+    let msg = Message::Reply { outputs: vec![one] };
+    let (frame, _) = encode_counted(&msg, Compression::None).unwrap();
+    assert_eq!(decode_counted(&frame, &Limits::default()).unwrap().0, msg);
+    // Header 7, count 4, then dtype, compression, rank, dim 4, coding, reference mode, length 8.
+    let mut zstd = frame.clone();
+    zstd[7 + 4 + 1] = 1;
+    assert!(matches!(
+        decode_counted(&zstd, &Limits::default()),
+        Err(WireError::Codec(_))
+    ));
+    let len_at = 7 + 4 + 3 + 4 + 2;
+    let mut long = frame[..len_at].to_vec();
+    long.extend_from_slice(&21u64.to_le_bytes());
+    long.extend(std::iter::repeat_n(0u8, 21));
+    assert!(matches!(
+        decode_counted(&long, &Limits::default()),
+        Err(WireError::LengthMismatch { .. })
+    ));
 }
 
 proptest::proptest! {
+    /// Any bytes as an entropy payload of any element count decode or are refused; never a
+    /// panic.
+    #[test]
+    fn hostile_entropy_bytes_never_panic(
+        bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+        n in 0usize..40,
+    ) {
+        let mut out = vec![0f32; n];
+        let _ = entropy::decode(&bytes, &mut out);
+        // With a valid header: a finite step and a known model.
+        let mut b = bytes.clone();
+        if b.len() >= 5 {
+            b[..4].copy_from_slice(&0.5f32.to_le_bytes());
+            b[4] %= 32;
+            let _ = entropy::decode(&b, &mut out);
+        }
+    }
     /// Any coded tensor — any quantizer, reference mode, slot, shape and payload bytes of the
     /// right length — decodes or is refused with a `WireError`; never a panic.
     #[test]

@@ -73,8 +73,8 @@ pub enum ShardCodec {
     /// The change since the last step as its sign and one magnitude per block, with error
     /// feedback.
     ResidualSign,
-    /// The change since a linear prediction from the last two steps, with one uniform step per
-    /// tensor (a fraction of its RMS) and range-coded codes, with error feedback.
+    /// The change since the last step at one uniform step per tensor (a fraction of its RMS),
+    /// range-coded, with error feedback.
     ResidualEntropy,
 }
 

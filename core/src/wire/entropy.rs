@@ -19,8 +19,8 @@ use constriction::stream::model::DefaultContiguousCategoricalEntropyModel;
 use constriction::stream::queue::{DefaultRangeDecoder, DefaultRangeEncoder};
 use constriction::stream::{Decode, Encode};
 
-/// The largest code magnitude; larger values are clipped (the clipped part is the next step's
-/// residual under error feedback).
+/// The largest code magnitude; `step_for` never picks a step that clips a finite value (a
+/// caller's own step may: the clipped part is then the next step's residual).
 pub const MAX_CODE: i32 = 255;
 const SYMBOLS: usize = 2 * MAX_CODE as usize + 1;
 /// The models' fixed-point precision (constriction's default for u32 words).
@@ -230,13 +230,29 @@ pub fn encode_tensor(x: &[f32], fineness: Fineness, recon: &mut [f32]) -> Vec<u8
     )
 }
 
-/// The root mean square of `x` (0 for an empty slice).
+/// The root mean square of `x`'s finite elements (0 when there are none).
 pub fn rms(x: &[f32]) -> f32 {
-    if x.is_empty() {
+    let (s, n) = x
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((0f64, 0usize), |(s, n), v| {
+            (s + f64::from(*v) * f64::from(*v), n + 1)
+        });
+    if n == 0 {
         return 0.0;
     }
-    let s: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
-    (s / x.len() as f64).sqrt() as f32
+    (s / n as f64).sqrt() as f32
+}
+
+/// The step for coding `x` (a tensor, or its change) at `fineness` of the tensor whose RMS is
+/// `rms`: never so fine that a finite element of `x` would pass the largest code, so nothing is
+/// clipped (a clipped outlier would take many steps of error feedback to catch up).
+pub fn step_for(x: &[f32], rms: f32, fineness: Fineness) -> f32 {
+    let max = x
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    (fineness.step_fraction * rms).max(max / MAX_CODE as f32)
 }
 
 #[cfg(test)]

@@ -57,12 +57,8 @@ impl Side {
                 Side::Request => entropy::REQUESTS,
                 Side::Reply => entropy::REPLIES,
             };
-            return Ok(entropy::encode(
-                x,
-                f.step_fraction * entropy::rms(of),
-                f.dead_zone,
-                recon,
-            ));
+            let step = entropy::step_for(x, entropy::rms(of), f);
+            return Ok(entropy::encode(x, step, f.dead_zone, recon));
         }
         let payload = quant.quantize(x);
         quant
