@@ -259,11 +259,16 @@ pub fn step_for(x: &[f32], rms: f32, fineness: Fineness) -> f32 {
 mod tests {
     use super::*;
 
-    /// Seeded values roughly uniform in [-scale, scale).
+    /// Seeded values roughly uniform in [-scale, scale) (a 64-bit LCG's top bits).
     fn seeded(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        crate::wire::quant::tests::seeded(n, seed)
-            .into_iter()
-            .map(|v| v * 0.5 * scale)
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+            })
             .collect()
     }
 

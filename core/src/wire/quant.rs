@@ -193,11 +193,10 @@ impl Quant {
 pub struct LengthError;
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    /// Seeded xorshift values, roughly uniform in [-2, 2) (also the entropy coder's tests').
-    pub(crate) fn seeded(n: usize, seed: u64) -> Vec<f32> {
+    fn seeded(n: usize, seed: u64) -> Vec<f32> {
         // xorshift; roughly uniform in [-2, 2).
         let mut s = seed.max(1);
         (0..n)
