@@ -101,8 +101,8 @@ fn code(v: f32, step: f32) -> i32 {
     ((v / step).round() as i32).clamp(-MAX_CODE, MAX_CODE)
 }
 
-/// The payload of `x` at `step` (a code rounds toward zero unless its value passes
-/// `0.5 + dead_zone` steps), and writes into `recon` what the receiver will decode.
+/// The payload of `x` at `step` (a nonzero code `q` moves one toward zero unless
+/// |v| / step ≥ |q| − 0.5 + `dead_zone`), and writes into `recon` what the receiver will decode.
 pub fn encode(x: &[f32], step: f32, dead_zone: f32, recon: &mut [f32]) -> Vec<u8> {
     let step = if step > 0.0 && step.is_finite() {
         step

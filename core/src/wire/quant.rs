@@ -45,6 +45,15 @@ impl Quant {
         self != Quant::Entropy
     }
 
+    /// Whether a payload of `len` bytes fits `expected` (`payload_len`, or the raw size when
+    /// `quant` is None): exactly, or at most for an entropy payload.
+    pub fn payload_fits(quant: Option<Quant>, len: usize, expected: usize) -> bool {
+        match quant {
+            Some(q) if !q.fixed_len() => len <= expected,
+            _ => len == expected,
+        }
+    }
+
     /// The tag on the wire (docs/PROTOCOL.md §8).
     pub fn tag(self) -> u8 {
         match self {

@@ -299,11 +299,7 @@ impl<'a> Reader<'a> {
         let data = match comp {
             compression::NONE => {
                 // An entropy-coded payload may be shorter than its bound, never longer.
-                let fits = match coding.quant {
-                    Some(q) if !q.fixed_len() => payload.len() <= expected,
-                    _ => payload.len() == expected,
-                };
-                if !fits {
+                if !Quant::payload_fits(coding.quant, payload.len(), expected) {
                     return Err(WireError::LengthMismatch {
                         what: "tensor payload",
                         expected: to_u64(expected),

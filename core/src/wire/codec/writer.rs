@@ -10,6 +10,7 @@ use super::{
 };
 use crate::placement::engine::WireDtype;
 use crate::vocab::job::MAX_CANDIDATES;
+use crate::wire::quant::Quant;
 use crate::wire::{
     Compression, Message, RefMode, WireCall, WireEarlySteps, WireOp, WireOperand, WireTensor,
     MAX_APPLY_FLOATS, MAX_APPLY_INTS, MAX_APPLY_OPERANDS, PROTOCOL_VERSION,
@@ -208,11 +209,7 @@ impl Writer {
                 (len, "quantized payload")
             }
         };
-        let fits = match t.coding.quant {
-            Some(q) if !q.fixed_len() => t.data.len() <= expected,
-            _ => t.data.len() == expected,
-        };
-        if !fits {
+        if !Quant::payload_fits(t.coding.quant, t.data.len(), expected) {
             return Err(WireError::LengthMismatch {
                 what,
                 expected: to_u64(expected),
