@@ -1,11 +1,13 @@
 //! Fused CPU attention: softmax(q kᵀ/√d) v without the score matrix in memory — FlashAttention's
 //! online softmax over key blocks, on the CPU, in f32.
 //!
-//! The work splits over (batch, block of 128 queries) on rayon's pool; each item loops over the
+//! The work splits over (batch, block of 256 queries) on rayon's pool; each item loops over the
 //! heads and, per head, over blocks of 256 keys: two small GEMMs (the `gemm` crate, whose
-//! kernels candle's CPU matmul also uses) — the 128×256 scores, which stay in cache, then their
-//! exponentials times the values into a 128×d accumulator — with a running maximum and sum per
-//! query row (the accumulator is rescaled when the maximum grows). q, k and v are read in place
+//! kernels candle's CPU matmul also uses) — the 256×256 scores, which stay in L2, then their
+//! exponentials times the values into a 256×d accumulator — with a running maximum and sum per
+//! query row (the accumulator is rescaled when the maximum grows). Between the two GEMMs, each
+//! score row's maximum, exponentials and sum take two passes in AVX-512 or AVX2 where the CPU
+//! has them: written portably, that step cost more than both GEMMs together. q, k and v are read in place
 //! from [B, T, C] (head h is columns h·d..(h+1)·d), so neither the heads' transposes nor the
 //! scores are ever written out, and each item writes its own rows of the [B, Tq, C] output.
 
@@ -13,10 +15,11 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_ops::{f32s, fast_exp, require_cpu_f32};
+use super::softmax_block::{Kernel, SoftmaxRow};
 use crate::vocab::error::{Error, Result};
 
 /// Queries per work item.
-const Q_BLOCK: usize = 128;
+const Q_BLOCK: usize = 256;
 /// Keys per block of the online softmax.
 const K_BLOCK: usize = 256;
 
@@ -43,6 +46,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         tk,
         c,
         d: c / heads,
+        kernel: Kernel::detect(),
     };
     let (qs, ks, vs) = (f32s(&qg, ql)?, f32s(&kg, kl)?, f32s(&vg, vl)?);
     let mut out = vec![0f32; b * tq * c];
@@ -72,6 +76,8 @@ struct Shape {
     tk: usize,
     c: usize,
     d: usize,
+    /// The softmax step's instruction set, detected once per call.
+    kernel: Kernel,
 }
 
 /// One work item's buffers, reused across the items a rayon thread runs.
@@ -139,11 +145,10 @@ fn query_block(
             }
             for i in 0..nr {
                 let row = &mut w.scores[i * K_BLOCK..i * K_BLOCK + nk];
-                let m_new = w.max[i].max(row_max(row));
-                let rescale = fast_exp(w.max[i] - m_new);
-                exp_shifted(row, m_new);
-                w.sum[i] = w.sum[i] * rescale + row_sum(row);
-                w.max[i] = m_new;
+                let SoftmaxRow { max, sum } = s.kernel.exp_shifted(row, w.max[i]);
+                let rescale = fast_exp(w.max[i] - max);
+                w.sum[i] = w.sum[i] * rescale + sum;
+                w.max[i] = max;
                 if rescale != 1.0 {
                     for a in &mut w.acc[i * d..(i + 1) * d] {
                         *a *= rescale;
@@ -187,62 +192,6 @@ fn query_block(
             }
         }
     }
-}
-
-/// Lanes of the partial maxima and sums (wide enough for AVX's 8 floats).
-const LANES: usize = 8;
-
-fn row_max(row: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for ch in &mut chunks {
-        for (a, x) in m.iter_mut().zip(ch) {
-            *a = a.max(*x);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    m.into_iter().fold(tail, f32::max)
-}
-
-fn row_sum(row: &[f32]) -> f32 {
-    let mut s = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for ch in &mut chunks {
-        for (a, x) in s.iter_mut().zip(ch) {
-            *a += *x;
-        }
-    }
-    chunks.remainder().iter().sum::<f32>() + s.iter().sum::<f32>()
-}
-
-/// row ← exp(row − m), element-wise (a branch-free loop the compiler vectorises; with AVX2
-/// and FMA where the CPU has them, 8 lanes instead of SSE2's 4).
-fn exp_shifted(row: &mut [f32], m: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: `exp_shifted_avx2` only differs from `exp_shifted_portable` in the
-        // instructions it may use, AVX2 and FMA, which the CPU was just found to support.
-        unsafe { exp_shifted_avx2(row, m) };
-        return;
-    }
-    exp_shifted_portable(row, m);
-}
-
-#[inline(always)]
-fn exp_shifted_portable(row: &mut [f32], m: f32) {
-    for x in row.iter_mut() {
-        *x = fast_exp(*x - m);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_avx2(row: &mut [f32], m: f32) {
-    exp_shifted_portable(row, m);
 }
 
 #[cfg(test)]

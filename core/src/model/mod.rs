@@ -11,6 +11,7 @@ pub mod flash_attention;
 pub mod lora;
 pub mod ops;
 pub mod scheduler;
+pub mod softmax_block;
 pub mod stored;
 pub mod unet;
 pub mod vae;
