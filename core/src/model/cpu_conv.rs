@@ -21,6 +21,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_ops::{f32s, require_cpu_f32};
+use super::winograd;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::precision::Pad;
 
@@ -28,12 +29,58 @@ use crate::vocab::precision::Pad;
 /// also the bound on each of the tap path's two band buffers.
 const COL_LIMIT: usize = 2 << 20;
 
+/// Fewest 2×2 output tiles (over the batch) that take the Winograd path.
+const WINOGRAD_MIN_TILES: usize = 128;
+
 /// Smallest output map (pixels per image) that takes the tap path.
 const TAP_MIN_PIXELS: usize = 32 * 32;
 
 /// y = conv(x, w) + bias with x [B, Ci, H, W], w [Co, Ci, KH, KW], bias [Co] (f32, CPU),
 /// zero padding `pad` and `stride`; y is [B, Co, Ho, Wo].
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: &Tensor, pad: Pad, stride: usize) -> Result<Tensor> {
+    conv2d_by(x, w, bias, pad, stride, None)
+}
+
+/// How a convolution is computed (all give the same values to rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Winograd F(2×2, 3×3): 3×3, stride 1, many tiles.
+    Winograd,
+    /// Shifted-tap GEMMs over row bands: stride 1, maps of 32×32 and more.
+    Taps,
+    /// im2col tiles and one GEMM: everything.
+    Im2col,
+}
+
+impl Path {
+    fn choose(g: &Geometry, b: usize) -> Self {
+        if g.stride == 1 && g.kh == 3 && g.kw == 3 && winograd_pays(g, b) {
+            Path::Winograd
+        } else if g.stride == 1 && g.ho * g.wo >= TAP_MIN_PIXELS {
+            Path::Taps
+        } else {
+            Path::Im2col
+        }
+    }
+
+    fn applies(self, g: &Geometry) -> bool {
+        match self {
+            Path::Winograd => g.stride == 1 && g.kh == 3 && g.kw == 3,
+            Path::Taps => g.stride == 1,
+            Path::Im2col => true,
+        }
+    }
+}
+
+/// `conv2d` by the given path (tests), or the one `Path::choose` picks.
+fn conv2d_by(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    pad: Pad,
+    stride: usize,
+    path: Option<Path>,
+) -> Result<Tensor> {
     let (b, ci, h, wd) = x.dims4()?;
     let (co, ci_k, kh, kw) = w.dims4()?;
     let padded_h = h + pad.top + pad.bottom;
@@ -58,10 +105,46 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: &Tensor, pad: Pad, stride: usize) ->
         ho: (padded_h - kh) / stride + 1,
         wo: (padded_w - kw) / stride + 1,
     };
-    let (x, w, bias) = (x.contiguous()?, w.contiguous()?, bias.contiguous()?);
-    if stride == 1 && g.ho * g.wo >= TAP_MIN_PIXELS {
-        return conv2d_taps(&x, &w, &bias, b, co, &g);
+    let path = path.unwrap_or_else(|| Path::choose(&g, b));
+    if !path.applies(&g) {
+        return Err(Error::InvalidArgument(format!(
+            "{path:?} convolution with a {kh}x{kw} kernel at stride {stride}"
+        )));
     }
+    let (x, w, bias) = (x.contiguous()?, w.contiguous()?, bias.contiguous()?);
+    match path {
+        Path::Winograd => {
+            let shape = winograd::Shape {
+                b,
+                ci,
+                h,
+                w: wd,
+                co,
+                pad,
+            };
+            let (xg, xl) = x.storage_and_layout();
+            let (wg, wl) = w.storage_and_layout();
+            let (bg, bl) = bias.storage_and_layout();
+            let y = winograd::conv3x3(&shape, f32s(&xg, xl)?, f32s(&wg, wl)?, f32s(&bg, bl)?);
+            drop((xg, wg, bg));
+            Ok(Tensor::from_vec(y, (b, co, g.ho, g.wo), &Device::Cpu)?)
+        }
+        Path::Taps => conv2d_taps(&x, &w, &bias, b, co, &g),
+        Path::Im2col => conv2d_im2col(&x, &w, &bias, b, co, &g),
+    }
+}
+
+/// The im2col path: see the module docs.
+fn conv2d_im2col(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    b: usize,
+    co: usize,
+    g: &Geometry,
+) -> Result<Tensor> {
+    let ci = g.ci;
+    let (kh, kw) = (g.kh, g.kw);
     let (xg, xl) = x.storage_and_layout();
     let (wg, wl) = w.storage_and_layout();
     let (bg, bl) = bias.storage_and_layout();
@@ -117,6 +200,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: &Tensor, pad: Pad, stride: usize) ->
     } else {
         y.transpose(0, 1)?.contiguous()?
     })
+}
+
+/// Whether Winograd's F(2×2, 3×3) beats the other paths for this 3×3 stride-1 convolution:
+/// enough tiles for its 16 GEMMs to be wide enough (measured on SD1.5's U-Net: faster from its
+/// 16×16 maps of 1280 channels, 128 tiles at CFG batch 2, up; slower at 8×8).
+fn winograd_pays(g: &Geometry, b: usize) -> bool {
+    let tiles = b * g.ho.div_ceil(2) * g.wo.div_ceil(2);
+    tiles >= WINOGRAD_MIN_TILES
 }
 
 /// The tap path (stride 1): see the module docs. `x`, `w`, `bias` are contiguous f32 on the CPU.
@@ -353,8 +444,9 @@ mod tests {
             .expect("reference")
     }
 
+    /// Every path that applies, on small maps with odd sizes, strides, asymmetric padding.
     #[test]
-    fn matches_candle_over_kernels_strides_and_padding() {
+    fn every_path_matches_candle_over_kernels_strides_and_padding() {
         let cases = [
             // (b, ci, h, w, co, k, pad, stride)
             (2, 5, 7, 9, 6, 3, pad(1, 1, 1, 1), 1),
@@ -362,21 +454,76 @@ mod tests {
             (2, 4, 6, 5, 3, 1, pad(0, 0, 0, 0), 1),
             (3, 2, 5, 6, 2, 3, pad(2, 0, 1, 1), 1), // a strip's halo: asymmetric
             (2, 16, 4, 4, 8, 3, pad(1, 1, 1, 1), 1),
+            (1, 3, 3, 3, 2, 3, pad(0, 0, 0, 0), 1), // one output: a tile cropped to 1×1
+            (2, 7, 9, 8, 5, 3, pad(0, 1, 1, 0), 1), // odd output height: cropped tiles
         ];
+        let mut runs = 0;
         for (i, (b, ci, h, w, co, k, p, s)) in cases.into_iter().enumerate() {
             let x = randn(&[b, ci, h, w], 1 + i as u64);
             let wt = randn(&[co, ci, k, k], 100 + i as u64);
             let bias = randn(&[co], 200 + i as u64);
-            let got = conv2d(&x, &wt, &bias, p, s).expect("conv");
             let want = reference(&x, &wt, &bias, p, s);
-            assert_eq!(got.dims(), want.dims(), "case {i}");
-            let err = (got - want)
-                .and_then(|e| e.abs())
-                .and_then(|e| e.max_all())
-                .and_then(|e| e.to_scalar::<f32>())
-                .expect("err");
-            assert!(err < 1e-5, "case {i}: max error {err}");
+            for path in [
+                None,
+                Some(Path::Winograd),
+                Some(Path::Taps),
+                Some(Path::Im2col),
+            ] {
+                let got = conv2d_by(&x, &wt, &bias, p, s, path);
+                let applies = path.is_none_or(|path| {
+                    (path != Path::Winograd || k == 3) && (path == Path::Im2col || s == 1)
+                });
+                let Ok(got) = got else {
+                    assert!(!applies, "case {i} {path:?} refused");
+                    continue;
+                };
+                assert!(applies, "case {i} {path:?} ran where it does not apply");
+                assert_eq!(got.dims(), want.dims(), "case {i} {path:?}");
+                let err = max_error(got, want.clone());
+                assert!(err < 1e-5, "case {i} {path:?}: max error {err}");
+                runs += 1;
+            }
         }
+        // Four runs of each stride-1 3×3 case, two of the stride-2 one, three of the 1×1 one.
+        assert_eq!(runs, 5 * 4 + 2 + 3, "a path skipped a case");
+    }
+
+    #[test]
+    fn paths_are_chosen_by_shape() {
+        let geometry = |ci, h, k, stride| Geometry {
+            ci,
+            h,
+            w: h,
+            kh: k,
+            kw: k,
+            pad: pad(k / 2, k / 2, k / 2, k / 2),
+            stride,
+            ho: h / stride,
+            wo: h / stride,
+        };
+        // SD1.5's U-Net at 512 px: 64×64 and 32×32 maps, and 16×16 of 1280 channels.
+        assert_eq!(Path::choose(&geometry(320, 64, 3, 1), 2), Path::Winograd);
+        assert_eq!(Path::choose(&geometry(1920, 32, 3, 1), 2), Path::Winograd);
+        assert_eq!(Path::choose(&geometry(1280, 16, 3, 1), 2), Path::Winograd);
+        assert_eq!(Path::choose(&geometry(1280, 8, 3, 1), 2), Path::Im2col);
+        assert_eq!(Path::choose(&geometry(320, 64, 1, 1), 2), Path::Taps);
+        assert_eq!(Path::choose(&geometry(320, 64, 3, 2), 2), Path::Im2col);
+    }
+
+    #[test]
+    fn winograd_matches_candle_on_a_large_map_across_tile_blocks() {
+        // 2 × 20 × 20 = 800 tiles; 200 input channels bound a block at 655 of them, so the
+        // second block holds the rest of image 1 and the first straddles both images.
+        let (b, ci, h, co) = (2, 200, 40, 8);
+        let block = winograd::BLOCK_LIMIT / (16 * ci);
+        assert!((400..800).contains(&block) && block >= winograd::MIN_BLOCK_TILES);
+        let x = randn(&[b, ci, h, h], 31);
+        let wt = randn(&[co, ci, 3, 3], 32);
+        let bias = randn(&[co], 33);
+        let got = conv2d_by(&x, &wt, &bias, pad(1, 1, 1, 1), 1, Some(Path::Winograd)).expect("w");
+        let want = reference(&x, &wt, &bias, pad(1, 1, 1, 1), 1);
+        let err = max_error(got, want);
+        assert!(err < 1e-4, "max error {err}");
     }
 
     fn max_error(got: Tensor, want: Tensor) -> f32 {
@@ -396,7 +543,10 @@ mod tests {
         let got = conv2d(&x, &wt, &bias, pad(1, 1, 1, 1), 2).expect("conv");
         let want = reference(&x, &wt, &bias, pad(1, 1, 1, 1), 2);
         let err = max_error(got, want);
-        assert!(2 * 48 * 48 * 64 * 9 > COL_LIMIT && err < 1e-4, "max error {err}");
+        assert!(
+            2 * 48 * 48 * 64 * 9 > COL_LIMIT && err < 1e-4,
+            "max error {err}"
+        );
     }
 
     #[test]
@@ -415,10 +565,9 @@ mod tests {
             let x = randn(&[b, ci, h, w], 11 + i as u64);
             let wt = randn(&[co, ci, kh, kw], 110 + i as u64);
             let bias = randn(&[co], 210 + i as u64);
-            let got = conv2d(&x, &wt, &bias, p, 1).expect("conv");
+            let got = conv2d_by(&x, &wt, &bias, p, 1, Some(Path::Taps)).expect("conv");
             let want = reference(&x, &wt, &bias, p, 1);
             assert_eq!(got.dims(), want.dims(), "case {i}");
-            assert!(got.dims()[2] * got.dims()[3] >= TAP_MIN_PIXELS, "case {i} takes im2col");
             let err = max_error(got, want);
             assert!(err < 1e-4, "case {i}: max error {err}");
         }

@@ -5,6 +5,7 @@
 pub mod clip;
 pub mod config;
 pub mod cpu_conv;
+pub mod cpu_linear;
 pub mod cpu_ops;
 pub mod device;
 pub mod flash_attention;
@@ -16,6 +17,7 @@ pub mod stored;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+pub mod winograd;
 
 /// The layer specs are vocabulary (`vocab::layers`); re-exported where the U-Net builds them.
 pub use crate::vocab::layers;

@@ -262,7 +262,11 @@ mod tests {
                         assert!(err <= 1e-6 * w.max(1e-30) + 1e-37, "{k:?}: {g} vs {w}");
                     }
                     let err = (r.sum as f64 - want_sum).abs();
-                    assert!(err <= 1e-5 * want_sum.max(1e-30), "{k:?} sum {} vs {want_sum}", r.sum);
+                    assert!(
+                        err <= 1e-5 * want_sum.max(1e-30),
+                        "{k:?} sum {} vs {want_sum}",
+                        r.sum
+                    );
                 }
             }
         }

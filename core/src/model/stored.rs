@@ -40,6 +40,18 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = widened(&self.weight, x.dtype())?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 {
+            // Our GEMM with the bias as its starting destination (`cpu_linear`).
+            let mut dims = x.dims().to_vec();
+            let rows = x.elem_count() / w.dim(1)?;
+            let x2 = x.contiguous()?.reshape((rows, w.dim(1)?))?;
+            let y = super::cpu_linear::linear(&x2, &w, self.bias.as_ref())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            if let Some(last) = dims.last_mut() {
+                *last = w.dim(0)?;
+            }
+            return y.reshape(dims);
+        }
         candle_nn::Linear::new(w, self.bias.clone()).forward(x)
     }
 }

@@ -117,6 +117,16 @@ impl Engine for CandleEngine {
         } else {
             None
         };
+        if self.cpu_kernels && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 {
+            let mut dims = x.dims().to_vec();
+            let rows = x.elem_count() / l.in_features.max(1);
+            let x2 = x.contiguous()?.reshape((rows, l.in_features))?;
+            let y = crate::model::cpu_linear::linear(&x2, &w, b.as_ref())?;
+            if let Some(last) = dims.last_mut() {
+                *last = l.out_features;
+            }
+            return Ok(y.reshape(dims)?);
+        }
         let lin = candle_nn::Linear::new(w, b);
         if x.rank() <= 2 {
             return Ok(lin.forward(x)?);
