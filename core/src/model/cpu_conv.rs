@@ -17,7 +17,7 @@
 //! every output pixel of every image (in tiles that bound the im2col buffer), and the bias is
 //! the GEMM's initial destination.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_ops::{f32s, require_cpu_f32};
@@ -110,6 +110,14 @@ fn conv2d_by(
         return Err(Error::InvalidArgument(format!(
             "{path:?} convolution with a {kh}x{kw} kernel at stride {stride}"
         )));
+    }
+    if b == 0 || co == 0 {
+        // Nothing to compute (and the paths' band and tile arithmetic assumes an image).
+        return Ok(Tensor::zeros(
+            (b, co, g.ho, g.wo),
+            DType::F32,
+            &Device::Cpu,
+        )?);
     }
     let (x, w, bias) = (x.contiguous()?, w.contiguous()?, bias.contiguous()?);
     match path {
@@ -584,6 +592,30 @@ mod tests {
         };
         let band = Band::new(&g, 2, 4);
         assert!(band.rows < band.total, "the last case fits one band");
+    }
+
+    #[test]
+    fn an_empty_batch_or_no_output_channel_is_an_empty_result_on_every_path() {
+        for path in [
+            None,
+            Some(Path::Winograd),
+            Some(Path::Taps),
+            Some(Path::Im2col),
+        ] {
+            for (b, co) in [(0, 4), (2, 0)] {
+                let x = randn(&[b, 3, 40, 40], 1);
+                let y = conv2d_by(
+                    &x,
+                    &randn(&[co, 3, 3, 3], 2),
+                    &randn(&[co], 3),
+                    pad(1, 1, 1, 1),
+                    1,
+                    path,
+                )
+                .expect("empty conv");
+                assert_eq!(y.dims(), [b, co, 40, 40], "{path:?}");
+            }
+        }
     }
 
     #[test]

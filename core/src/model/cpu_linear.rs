@@ -38,7 +38,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         }
         None => vec![0f32; rows * n],
     };
-    if rows > 0 && n > 0 {
+    if rows > 0 && n > 0 && k > 0 {
         // SAFETY: the destination is `out`, rows·n values as [rows × n] row-major; the lhs is
         // `xs`, rows·k values as [rows × k] row-major (x is contiguous [rows, in]); the rhs is
         // wᵀ, element (e, j) at j·k + e of `ws`, which holds n·k values (w contiguous [out, in]).
@@ -105,6 +105,12 @@ mod tests {
             assert!(err < 1e-5, "bias {}: max error {err}", bias.is_some());
         }
         assert!(linear(&x, &seeded((23, 18), 4), None).is_err());
+        // An empty inner dimension: the product is zero, the bias is the result.
+        let empty = Tensor::zeros((37, 0), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let w0 = Tensor::zeros((23, 0), candle_core::DType::F32, &Device::Cpu).expect("w");
+        let y = linear(&empty, &w0, Some(&b)).expect("k 0");
+        let first = y.get(0).and_then(|r| r.to_vec1::<f32>()).expect("row");
+        assert_eq!(first, b.to_vec1::<f32>().expect("bias"));
         assert!(linear(&x, &w, Some(&seeded((1, 22), 5).reshape(22).expect("b"))).is_err());
     }
 }

@@ -37,6 +37,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         )));
     }
     require_cpu_f32(&[q, k, v], "fused attention")?;
+    if b == 0 || tq == 0 || c == 0 {
+        // No output value to compute (and the work split below needs rows of C values).
+        return Ok(Tensor::zeros(
+            (b, tq, c),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?);
+    }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (qg, ql) = q.storage_and_layout();
     let (kg, kl) = k.storage_and_layout();
@@ -265,5 +273,10 @@ mod tests {
         let k = randn((1, 5, 6), 2);
         assert!(attention(&q, &k, &randn((1, 4, 6), 3), 2).is_err());
         assert!(attention(&q, &k, &k, 4).is_err());
+        let none = attention(&randn((1, 0, 6), 1), &k, &k, 2).expect("no queries");
+        assert_eq!(none.dims(), [1, 0, 6]);
+        let empty = Tensor::zeros((1, 5, 0), DType::F32, &Device::Cpu).expect("empty");
+        let none = attention(&empty.narrow(1, 0, 2).expect("q"), &empty, &empty, 2).expect("c 0");
+        assert_eq!(none.dims(), [1, 2, 0]);
     }
 }
