@@ -98,6 +98,10 @@ pub struct PhoneBenchArgs {
     /// How the phone loads (see the module documentation).
     #[arg(long, value_enum, default_value_t = LoadArg::Phone)]
     load: LoadArg,
+    /// T-GATE-style attention reuse from this step on (0-based; at most --steps − 1, so the
+    /// timed last step reuses): what the phone still does in a reused step.
+    #[arg(long)]
+    reuse_attention_from: Option<u32>,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -133,11 +137,18 @@ pub struct PhoneRunArgs {
     steps: u32,
     #[arg(long, value_enum)]
     load: LoadArg,
+    #[arg(long)]
+    reuse_attention_from: Option<u32>,
 }
 
 pub fn run(a: PhoneBenchArgs) -> Result<()> {
     if a.steps < 2 {
         bail!("--steps must be at least 2 (the last step is timed)");
+    }
+    if a.reuse_attention_from
+        .is_some_and(|r| r == 0 || r >= a.steps)
+    {
+        bail!("--reuse-attention-from must be a step after the first and before --steps");
     }
     let policy = Policy::parse(&a.policy, GnVariant::Exact)?;
     let (dir, temporary) = match (&a.model, &a.config_dir) {
@@ -199,6 +210,12 @@ fn measure(a: &PhoneBenchArgs, policy: Policy, dir: &Path) -> Result<Value> {
         .arg(&list)
         .args(["--side", &(a.latent * factor).to_string()])
         .args(["--steps", &a.steps.to_string()])
+        .args(
+            a.reuse_attention_from
+                .map(|r| ["--reuse-attention-from".to_string(), r.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args([
             "--load",
             if a.load == LoadArg::Full {
@@ -454,6 +471,7 @@ pub fn phone(a: PhoneRunArgs) -> Result<()> {
         "load": if a.load == LoadArg::Full { "full" } else { "phone" },
         "image_side": a.side,
         "steps": a.steps,
+        "reuse_attention_from": a.reuse_attention_from,
         "phone_peak_rss_bytes": mib_bytes("VmHWM"),
         "phone_rss_after_load_bytes": rss_after_load,
         "phone_weight_bytes": weight_bytes,
@@ -487,6 +505,7 @@ async fn run_sdk(
         width: Some(a.side as u32),
         height: Some(a.side as u32),
         scheduler: Some(veil_core::sdk::Scheduler::Ddim),
+        reuse_attention_from: a.reuse_attention_from,
         ..Default::default()
     };
     let t = Instant::now();
@@ -532,6 +551,7 @@ async fn run_full(
         height: a.side,
         scheduler: SchedulerKind::Ddim,
         policy,
+        attention_reuse_from: a.reuse_attention_from.map(|r| r as usize),
         ..Default::default()
     };
     let t = Instant::now();

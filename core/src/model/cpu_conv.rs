@@ -1,21 +1,25 @@
-//! 2-D convolution on the CPU in f32: shifted-tap GEMMs over row bands for stride-1 maps of
-//! 32×32 and more, im2col in the kernel's own (c_in, ky, kx) order and one GEMM over every image
-//! of the batch otherwise.
+//! 2-D convolution on the CPU in f32, by one of three paths that give the same values to
+//! rounding (`Path::choose` picks by shape; each is tested against candle on the same cases):
 //!
-//! The tap path (`conv2d_taps`) copies a band of zero-padded input rows once, with the batch's
-//! images stacked as one tall image, and runs one GEMM per kernel tap whose right-hand side is
-//! that band read at the tap's offset: a 3×3 tap (ky, kx) is the band shifted by ky rows and kx
-//! columns, so nothing is written nine times as im2col does. The outputs are computed at the
-//! padded width (and at the seams between images), and those few columns and rows are dropped.
-//! On small maps the waste and nine calls per band cost more than im2col's copy, which is why
-//! they keep it (measured: 1.5× faster at 64×64 and 2× on the VAE's 512 px level, slower at 16×16).
+//! - **Winograd** F(2×2, 3×3) (`model::winograd`) for 3×3 stride-1 kernels with at least
+//!   `WINOGRAD_MIN_TILES` 2×2 output tiles over the batch: 16 multiplications per output pair
+//!   instead of 36.
+//! - **Shifted taps** for other stride-1 kernels on maps of 32×32 and more (`conv2d_taps`): a
+//!   band of zero-padded input rows is copied once, with the batch's images stacked as one tall
+//!   image, and each kernel tap is one GEMM whose right-hand side is that band read at the tap's
+//!   offset — tap (ky, kx) is the band shifted by ky rows and kx columns, so nothing is written
+//!   k² times as im2col does. Outputs are computed at the padded width (and at the seams between
+//!   images), and those few columns and rows are dropped. On 3×3 kernels at 64×64 it was 1.5×
+//!   faster than im2col, on the VAE's 512 px level 2× (before Winograd took those); on small maps
+//!   the waste and the k² calls per band cost more than im2col's copy.
+//! - **im2col** in the kernel's own (c_in, ky, kx) order and one GEMM over every image of the
+//!   batch, for everything else (strided kernels, small maps).
 //!
 //! candle's CPU convolution re-lays the kernel out as (ky, kx, c_in) on every call and runs one
 //! GEMM per image; for the U-Net's wide, small-map convolutions (1280 channels at 8×8 or 4×4)
 //! that copy and the second pass over the kernel cost more than the arithmetic. Here the
-//! [c_out, c_in, kh, kw] kernel is already the left-hand [c_out, K] matrix, the columns are
-//! every output pixel of every image (in tiles that bound the im2col buffer), and the bias is
-//! the GEMM's initial destination.
+//! [c_out, c_in, kh, kw] kernel is already the left-hand [c_out, K] matrix, and the bias is the
+//! GEMMs' initial destination (Winograd adds it in its output transform).
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -26,7 +30,8 @@ use crate::vocab::error::{Error, Result};
 use crate::vocab::precision::Pad;
 
 /// Most im2col values held at once (8 MB of f32: a phone decodes the VAE under a memory budget);
-/// also the bound on each of the tap path's two band buffers.
+/// also what sizes the tap path's two band buffers (at least one output row each, so a single
+/// row wider than this — 2M values — takes more).
 const COL_LIMIT: usize = 2 << 20;
 
 /// Fewest 2×2 output tiles (over the batch) that take the Winograd path.
@@ -85,7 +90,14 @@ fn conv2d_by(
     let (co, ci_k, kh, kw) = w.dims4()?;
     let padded_h = h + pad.top + pad.bottom;
     let padded_w = wd + pad.left + pad.right;
-    if ci_k != ci || bias.dims() != [co] || stride == 0 || padded_h < kh || padded_w < kw {
+    if ci_k != ci
+        || bias.dims() != [co]
+        || stride == 0
+        || kh == 0
+        || kw == 0
+        || padded_h < kh
+        || padded_w < kw
+    {
         return Err(Error::InvalidArgument(format!(
             "conv2d of {:?} by {:?} (bias {:?}, stride {stride}, {pad:?})",
             x.dims(),
@@ -118,6 +130,11 @@ fn conv2d_by(
             DType::F32,
             &Device::Cpu,
         )?);
+    }
+    if ci == 0 {
+        // No input channel: every output is its bias (no GEMM over an empty kernel).
+        let bias = bias.reshape((1, co, 1, 1))?;
+        return Ok(bias.broadcast_as((b, co, g.ho, g.wo))?.contiguous()?);
     }
     let (x, w, bias) = (x.contiguous()?, w.contiguous()?, bias.contiguous()?);
     match path {
@@ -602,18 +619,19 @@ mod tests {
             Some(Path::Taps),
             Some(Path::Im2col),
         ] {
-            for (b, co) in [(0, 4), (2, 0)] {
-                let x = randn(&[b, 3, 40, 40], 1);
-                let y = conv2d_by(
-                    &x,
-                    &randn(&[co, 3, 3, 3], 2),
-                    &randn(&[co], 3),
-                    pad(1, 1, 1, 1),
-                    1,
-                    path,
-                )
-                .expect("empty conv");
+            for (b, ci, co) in [(0, 3, 4), (2, 3, 0), (2, 0, 4)] {
+                let x = randn(&[b, ci, 40, 40], 1);
+                let bias = randn(&[co], 3);
+                let w = randn(&[co, ci, 3, 3], 2);
+                let y = conv2d_by(&x, &w, &bias, pad(1, 1, 1, 1), 1, path).expect("empty conv");
                 assert_eq!(y.dims(), [b, co, 40, 40], "{path:?}");
+                if ci == 0 {
+                    // Over no input channel, each output is its bias.
+                    let v = y.get(1).and_then(|y| y.get(3)).and_then(|y| y.get(39));
+                    let v = v.and_then(|y| y.get(39)).and_then(|v| v.to_scalar::<f32>());
+                    let want = bias.get(3).and_then(|v| v.to_scalar::<f32>());
+                    assert_eq!(v.expect("y"), want.expect("bias"), "{path:?}");
+                }
             }
         }
     }
@@ -625,5 +643,8 @@ mod tests {
         assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 3), &b, pad(1, 1, 1, 1), 1).is_err());
         assert!(conv2d(&x, &randn(&[2, 3, 3, 3], 3), &b, pad(0, 0, 0, 0), 0).is_err());
         assert!(conv2d(&x, &randn(&[2, 3, 5, 5], 3), &b, pad(0, 0, 0, 0), 1).is_err());
+        let empty_kernel = Tensor::zeros((2, 3, 0, 0), DType::F32, &Device::Cpu).expect("w");
+        let big = randn(&[1, 3, 40, 40], 1);
+        assert!(conv2d(&big, &empty_kernel, &b, pad(0, 0, 0, 0), 1).is_err());
     }
 }

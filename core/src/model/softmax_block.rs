@@ -17,9 +17,15 @@ pub struct SoftmaxRow {
     pub sum: f32,
 }
 
-/// Which instructions the step uses; detected once per attention call.
+/// Which instructions the step uses; detected once per attention call. The instruction set is
+/// private, so a value naming AVX-512 or AVX2 exists only where the CPU was found to have it
+/// (`detect`, `available`): calling `exp_shifted` is safe on any value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
+pub struct Kernel(Isa);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Isa {
     /// 16 lanes, with `vscalefps` for 2ⁿ.
     Avx512,
     /// 8 lanes with FMA.
@@ -31,30 +37,40 @@ pub enum Kernel {
 impl Kernel {
     /// The widest kernel this CPU runs.
     pub fn detect() -> Self {
+        Self::available()
+            .last()
+            .copied()
+            .unwrap_or(Kernel(Isa::Portable))
+    }
+
+    /// Every kernel this CPU runs, narrowest first (the portable one is always there).
+    pub fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut k = vec![Kernel(Isa::Portable)];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Kernel::Avx512;
-            }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                return Kernel::Avx2;
+                k.push(Kernel(Isa::Avx2));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                k.push(Kernel(Isa::Avx512));
             }
         }
-        Kernel::Portable
+        k
     }
 
     /// row ← exp(row − m) with m = max(`prev_max`, max(row)); returns m and the new row's sum.
     pub fn exp_shifted(self, row: &mut [f32], prev_max: f32) -> SoftmaxRow {
-        match self {
+        match self.0 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::Avx512` is only made by `detect` after the CPU reported AVX-512F
-            // (or by tests that check the same); the function needs nothing else.
-            Kernel::Avx512 => unsafe { x86::exp_shifted_avx512(row, prev_max) },
+            // SAFETY: an `Isa::Avx512` value is only made by `available` after the CPU reported
+            // AVX-512F (the field is private to this module); the function needs nothing else.
+            Isa::Avx512 => unsafe { x86::exp_shifted_avx512(row, prev_max) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above, for AVX2 and FMA.
-            Kernel::Avx2 => unsafe { x86::exp_shifted_avx2(row, prev_max) },
+            Isa::Avx2 => unsafe { x86::exp_shifted_avx2(row, prev_max) },
             _ => exp_shifted_portable(row, prev_max),
         }
     }
@@ -220,22 +236,6 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn kernels() -> Vec<Kernel> {
-        let mut k = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                k.push(Kernel::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                k.push(Kernel::Avx512);
-            }
-        }
-        k
-    }
-
     #[test]
     fn every_kernel_matches_exp_in_f64() {
         let mut s = 7u64;
@@ -253,7 +253,7 @@ mod tests {
                 // The shift is an f32 subtraction in every kernel; its rounding is not the exp's error.
                 let want: Vec<f64> = row.iter().map(|&x| ((x - max) as f64).exp()).collect();
                 let want_sum: f64 = want.iter().sum();
-                for k in kernels() {
+                for k in Kernel::available() {
                     let mut got = row.clone();
                     let r = k.exp_shifted(&mut got, prev);
                     assert_eq!(r.max, max, "{k:?} len {len}");

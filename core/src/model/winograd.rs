@@ -48,7 +48,14 @@ pub fn conv3x3(s: &Shape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
     let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
     let total = s.b * th * tw;
     let mut y = vec![0f32; s.b * s.co * ho * wo];
-    if total == 0 || s.ci == 0 {
+    if total == 0 || s.co == 0 {
+        return y;
+    }
+    if s.ci == 0 {
+        // No input channel: every output is its bias (and no GEMM runs over empty operands).
+        for (p, plane) in y.chunks_mut(ho * wo).enumerate() {
+            plane.fill(bias[p % s.co]);
+        }
         return y;
     }
     let u = kernel_transform(w, s.co, s.ci);

@@ -106,12 +106,24 @@ pub fn admit<T>(
                 (pw - c.kernel) / c.stride + 1,
             );
             let out = vec![b, c.out_channels, ho, wo];
-            // The padded copy and im2col's columns [b·ho·wo, c·k·k] besides the output.
+            // The padded copy and im2col's columns [b·ho·wo, c·k·k] besides the output (also a
+            // bound on the tap path's bands and on Winograd's transformed inputs, 16 values per
+            // 2×2 tile and channel) …
             let cols = [b, ho, wo, ch, c.kernel, c.kernel];
-            let peak = add(
+            let mut peak = add(
                 add(f32_bytes(&out)?, f32_bytes(&[b, ch, ph, pw])?)?,
                 f32_bytes(&cols)?,
             )?;
+            if c.kernel == 3 && c.stride == 1 {
+                // … and Winograd's transformed kernel [co, 16, ci] and products [co, 16, tiles],
+                // which the columns do not bound (`model::winograd`).
+                let tiles = [b, ho.div_ceil(2), wo.div_ceil(2)];
+                let tiles = tiles.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                let tiles =
+                    tiles.ok_or_else(|| refuse("a convolution's tile count overflows".into()))?;
+                peak = add(peak, f32_bytes(&[c.out_channels, 16, ch])?)?;
+                peak = add(peak, f32_bytes(&[c.out_channels, 16, tiles])?)?;
+            }
             Admission {
                 out,
                 peak_bytes: peak,
@@ -388,5 +400,53 @@ pub struct Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vocab::layers::Conv2dSpec;
+    use crate::vocab::precision::Pad;
+
+    /// A conv op on an operand of dimensions `d` through a layer of kernel `k`; its admitted peak.
+    fn conv_peak(ci: usize, co: usize, k: usize, d: [usize; 4]) -> u64 {
+        let mut layers = HashMap::new();
+        let spec = Conv2dSpec::new("c".into(), ci, co, k, 1, k / 2);
+        layers.insert("c".to_string(), ShardLayer::Conv2d(spec));
+        let p = k / 2;
+        let op: ShardOp<()> = ShardOp::Conv2d {
+            layer: "c".into(),
+            input: Operand::Handle(0),
+            pad: Pad {
+                top: p,
+                bottom: p,
+                left: p,
+                right: p,
+            },
+        };
+        let dims = |_: &Operand<()>| Ok(d.to_vec());
+        let a = admit(&op, &layers, &dims, 1024).expect("admitted");
+        a.expect("a result").peak_bytes
+    }
+
+    #[test]
+    fn a_3x3_convolution_counts_winograds_kernel_and_products() {
+        // SD1.5's widest up-block conv at 16×16, CFG batch 2: 128 tiles, the Winograd path.
+        let (b, ci, co, h) = (2, 2560, 1280, 16);
+        let peak = conv_peak(ci, co, 3, [b, ci, h, h]);
+        let f = |n: usize| 4 * n as u64;
+        let out = f(b * co * h * h);
+        let padded = f(b * ci * (h + 2) * (h + 2));
+        let cols = f(b * h * h * ci * 9);
+        let kernel = f(co * 16 * ci);
+        let products = f(co * 16 * b * (h / 2) * (h / 2));
+        assert_eq!(peak, out + padded + cols + kernel + products);
+        // A 1×1 convolution has no Winograd term.
+        let peak = conv_peak(ci, co, 1, [b, ci, h, h]);
+        assert_eq!(
+            peak,
+            f(b * co * h * h) + f(b * ci * h * h) + f(b * h * h * ci)
+        );
     }
 }
