@@ -137,7 +137,11 @@ fn conv2d_by(
         return Ok(bias.broadcast_as((b, co, g.ho, g.wo))?.contiguous()?);
     }
     let (x, w, bias) = (x.contiguous()?, w.contiguous()?, bias.contiguous()?);
-    match path {
+    let (xg, xl) = x.storage_and_layout();
+    let (wg, wl) = w.storage_and_layout();
+    let (bg, bl) = bias.storage_and_layout();
+    let (xs, ws, bs) = (f32s(&xg, xl)?, f32s(&wg, wl)?, f32s(&bg, bl)?);
+    let y = match path {
         Path::Winograd => {
             let shape = winograd::Shape {
                 b,
@@ -147,33 +151,31 @@ fn conv2d_by(
                 co,
                 pad,
             };
-            let (xg, xl) = x.storage_and_layout();
-            let (wg, wl) = w.storage_and_layout();
-            let (bg, bl) = bias.storage_and_layout();
-            let y = winograd::conv3x3(&shape, f32s(&xg, xl)?, f32s(&wg, wl)?, f32s(&bg, bl)?);
-            drop((xg, wg, bg));
-            Ok(Tensor::from_vec(y, (b, co, g.ho, g.wo), &Device::Cpu)?)
+            winograd::conv3x3(&shape, xs, ws, bs)
         }
-        Path::Taps => conv2d_taps(&x, &w, &bias, b, co, &g),
-        Path::Im2col => conv2d_im2col(&x, &w, &bias, b, co, &g),
+        Path::Taps => conv2d_taps(xs, ws, bs, b, co, &g),
+        Path::Im2col => conv2d_im2col(xs, ws, bs, b, co, &g),
+    };
+    drop((xg, wg, bg));
+    if path == Path::Im2col && b > 1 {
+        // im2col's output is [Co, B, Ho, Wo] (one GEMM over every image).
+        let y = Tensor::from_vec(y, (co, b, g.ho, g.wo), &Device::Cpu)?;
+        return Ok(y.transpose(0, 1)?.contiguous()?);
     }
+    Ok(Tensor::from_vec(y, (b, co, g.ho, g.wo), &Device::Cpu)?)
 }
 
-/// The im2col path: see the module docs.
+/// The im2col path: see the module docs. Returns [Co, B, Ho, Wo].
 fn conv2d_im2col(
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
+    xs: &[f32],
+    ws: &[f32],
+    bs: &[f32],
     b: usize,
     co: usize,
     g: &Geometry,
-) -> Result<Tensor> {
+) -> Vec<f32> {
     let ci = g.ci;
     let (kh, kw) = (g.kh, g.kw);
-    let (xg, xl) = x.storage_and_layout();
-    let (wg, wl) = w.storage_and_layout();
-    let (bg, bl) = bias.storage_and_layout();
-    let (xs, ws, bs) = (f32s(&xg, xl)?, f32s(&wg, wl)?, f32s(&bg, bl)?);
     let p = g.ho * g.wo;
     let n = b * p;
     let k = ci * kh * kw;
@@ -218,13 +220,7 @@ fn conv2d_im2col(
         }
         n0 += t;
     }
-    drop((xg, wg, bg));
-    let y = Tensor::from_vec(out, (co, b, g.ho, g.wo), &Device::Cpu)?;
-    Ok(if b == 1 {
-        y.reshape((1, co, g.ho, g.wo))?
-    } else {
-        y.transpose(0, 1)?.contiguous()?
-    })
+    out
 }
 
 /// Whether Winograd's F(2×2, 3×3) beats the other paths for this 3×3 stride-1 convolution:
@@ -235,19 +231,8 @@ fn winograd_pays(g: &Geometry, b: usize) -> bool {
     tiles >= WINOGRAD_MIN_TILES
 }
 
-/// The tap path (stride 1): see the module docs. `x`, `w`, `bias` are contiguous f32 on the CPU.
-fn conv2d_taps(
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
-    b: usize,
-    co: usize,
-    g: &Geometry,
-) -> Result<Tensor> {
-    let (xg, xl) = x.storage_and_layout();
-    let (wg, wl) = w.storage_and_layout();
-    let (bg, bl) = bias.storage_and_layout();
-    let (xs, ws, bs) = (f32s(&xg, xl)?, f32s(&wg, wl)?, f32s(&bg, bl)?);
+/// The tap path (stride 1): see the module docs. Returns [B, Co, Ho, Wo].
+fn conv2d_taps(xs: &[f32], ws: &[f32], bs: &[f32], b: usize, co: usize, g: &Geometry) -> Vec<f32> {
     let band = Band::new(g, b, co);
     let (ci, taps) = (g.ci, g.kh * g.kw);
     let mut input = vec![0f32; ci * band.chan];
@@ -300,8 +285,7 @@ fn conv2d_taps(
         band.crop(g, &acc, v0, r, &mut y);
         v0 += r;
     }
-    drop((xg, wg, bg));
-    Ok(Tensor::from_vec(y, (b, co, g.ho, g.wo), &Device::Cpu)?)
+    y
 }
 
 /// The tap path's bands: the batch as one tall zero-padded image of b·hp rows of `pitch`
