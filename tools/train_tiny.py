@@ -145,7 +145,12 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+CPU_BF16 = False  # --cpu-bf16: bf16 autocast on CPUs with bf16 dot products (AVX512-BF16, AMX)
+
+
 def autocast(dev):
+    if dev.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=CPU_BF16)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
 
@@ -226,9 +231,13 @@ def train_vae(args, x_all, dev, log, out):
 def encode_all(vae, x_all, dev):
     """The whole dataset's latents (posterior means), scaled, once."""
     scaling = vae.config.scaling_factor
+    chunk = 1024 if dev.type == "cuda" else 256  # bounded activations on a small CPU machine
+    zs, t0 = [], time.time()
     with torch.no_grad(), autocast(dev):
-        zs = [vae.encode(to_unit(x_all[i:i + 1024].to(dev))).latent_dist.mean.float()
-              for i in range(0, x_all.shape[0], 1024)]
+        for i in range(0, x_all.shape[0], chunk):
+            zs.append(vae.encode(to_unit(x_all[i:i + chunk].to(dev))).latent_dist.mean.float())
+            if (i // chunk) % 50 == 0:
+                print(f"encoded {i + chunk} pictures ({time.time() - t0:.0f} s)", flush=True)
     return torch.cat(zs) * scaling
 
 
@@ -275,7 +284,13 @@ def train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save):
     text, server, device_unet = nets["text"], nets["unet"], nets.get("device_unet")
     acp = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear").alphas_cumprod.to(dev)
-    trained = {k: m for k, m in nets.items()}
+    # --train names the networks that learn; the others stay as loaded (a frozen text encoder
+    # still conditions the U-Nets; an untrained device U-Net is not run at all)
+    trained = {k: m for k, m in nets.items() if k in args.train}
+    if device_unet is not None and "device_unet" not in trained:
+        device_unet = None
+    if "text" not in trained:
+        text.eval().requires_grad_(False)
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     emas = {k: Ema(m, args.ema) for k, m in trained.items()}
@@ -284,7 +299,7 @@ def train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save):
     plan = Planner(args.unet_steps, args.unet_seconds)
     plan.start()
     n, b = latents.shape[0], args.batch
-    curves = {k: [] for k in ("unet", "device_unet") if k in nets}
+    curves = {k: [] for k in ("unet", "device_unet") if k in trained}
     smooth, t0, last_save, step = {}, time.time(), time.time(), 0
     if args.resume:
         state = torch.load(args.resume, map_location=dev)
@@ -298,7 +313,8 @@ def train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save):
 
     def state():
         return {"weights": {k: m.state_dict() for k, m in trained.items()},
-                "ema": {k: e.shadow for k, e in emas.items()}, "ema_count": emas["unet"].count,
+                "ema": {k: e.shadow for k, e in emas.items()},
+                "ema_count": next(iter(emas.values())).count,
                 "optimiser": opt.state_dict(), "step": step, "total": plan.total, "curves": curves}
     while step < plan.total:
         plan.at(step, dev)
@@ -309,6 +325,9 @@ def train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save):
         drop = torch.rand(b, device=dev) < 0.1
         ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
         t = torch.randint(0, 1000, (b,), device=dev)
+        if args.high_noise_fraction > 0:  # part of each batch from the noisiest timesteps
+            high = torch.rand(b, device=dev) < args.high_noise_fraction
+            t = torch.where(high, torch.randint(args.high_noise_from, 1000, (b,), device=dev), t)
         noise = torch.randn_like(z0)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -409,12 +428,30 @@ def parse_args():
     ap.add_argument("--init-from", type=Path,
                     help="start the text encoder and U-Nets from this earlier output's weights "
                          "(with a fresh optimiser and schedule; use --vae-from DIR/vae with it)")
+    ap.add_argument("--train", default="text,unet,device_unet",
+                    type=lambda v: set(v.split(",")) if v else set(),
+                    help="which of text, unet, device_unet learn (the others are kept as loaded; "
+                         "with --init-from only)")
+    ap.add_argument("--high-noise-fraction", type=float, default=0.0,
+                    help="draw this fraction of each batch's timesteps from [--high-noise-from, "
+                         "1000) instead of [0, 1000): where the layout (the position) is decided")
+    ap.add_argument("--high-noise-from", type=int, default=500)
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="bf16 autocast on the CPU too (as on CUDA); for CPUs with bf16 dot products")
+    ap.add_argument("--latents-cache", type=Path,
+                    help="the encoded dataset: read from this file if it exists, else written there "
+                         "(a CPU run encodes 100k pictures once, not at every restart; it must "
+                         "come from the same --data and VAE)")
     ap.add_argument("--resume", type=Path, help="continue the U-Net stage from this train_state.pt")
     return ap.parse_args()
 
 
 def main():
+    global CPU_BF16
     args = parse_args()
+    if args.train != {"text", "unet", "device_unet"} and not args.init_from:
+        sys.exit("--train with fewer networks needs --init-from (the others are kept from there)")
+    CPU_BF16 = args.cpu_bf16
     if args.pack_to:
         return pack(args.data, args.pack_to)
     if not args.out:
@@ -465,7 +502,13 @@ def main():
     else:
         vae = train_vae(args, x_all, dev, log, out)
     write_log()
-    latents = encode_all(vae, x_all, dev)
+    if args.latents_cache and args.latents_cache.is_file():
+        latents = torch.load(args.latents_cache, map_location=dev)
+        print(f"latents: {tuple(latents.shape)} from {args.latents_cache}", flush=True)
+    else:
+        latents = encode_all(vae, x_all, dev)
+        if args.latents_cache:
+            torch.save(latents.cpu(), args.latents_cache)
     del x_all, vae
 
     tok = CLIPTokenizer.from_pretrained(args.tokenizer)
@@ -495,6 +538,9 @@ def main():
 
     def save(emas, step, total, curves, seconds, final):
         for k, m in nets.items():
+            if k not in emas:  # not trained in this run: saved as loaded
+                m.save_pretrained(folders[k])
+                continue
             keep = [p.detach().clone() for p in m.parameters()]
             emas[k].copy_to(m)
             m.save_pretrained(folders[k])
