@@ -28,7 +28,11 @@ decays to its floor at the end.
 Long CPU runs continue in pieces: --vae-from reuses a trained VAE; with --keep-state every
 checkpoint writes the training state (weights, EMA, optimiser, step, plan) to OUT/train_state.pt,
 which --resume continues exactly; --init-from starts from an earlier output's EMA weights with a
-fresh optimiser (how models/tiny-shapes was trained: see its README.md).
+fresh optimiser (how models/tiny-shapes was trained: see its README.md). On a CPU, --latents-cache
+keeps the encoded dataset between runs, --train unet continues the server U-Net alone (the text
+encoder and device U-Net stay as loaded, so the device U-Net still matches its text states) and
+--high-noise-fraction spends part of each batch on the noisiest timesteps. One such hour on 2
+cores (the model card's "CPU continuation") did not measurably change the model.
 """
 import argparse
 import json

@@ -364,8 +364,8 @@ fn training_section(md: &mut String, model: &Path) -> Result<()> {
         if let Some(v) = stages.get("vae") {
             writeln!(
                 md,
-                "\nVAE reconstruction PSNR on 512 training pictures: {:.1} dB ({} dB on object \
-                 pixels); latent scaling factor {:.4}.",
+                "\nVAE reconstruction PSNR on 512 pictures of the data (see the note): {:.1} dB \
+                 ({} dB on object pixels); latent scaling factor {:.4}.",
                 v["reconstruction_psnr_db"].as_f64().unwrap_or(f64::NAN),
                 v["object_psnr_db"]
                     .as_f64()

@@ -78,7 +78,10 @@ pub fn whole_report(
 }
 
 /// A short fingerprint of a model folder: SHA-256 over the relative path and bytes of every
-/// file in it except its Markdown and `training_log.json`, in path order (12 hex digits).
+/// file in it except those no measured number depends on — its Markdown, `training_log.json`,
+/// the manifest (hashes of the other files, so it changes only with them) and the progress
+/// preview's projection (it draws the previews, not the pictures) — in path order (12 hex
+/// digits).
 pub fn model_fingerprint(root: &Path) -> Result<String> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -93,9 +96,14 @@ pub fn model_fingerprint(root: &Path) -> Result<String> {
     }
     let mut files = Vec::new();
     walk(root, &mut files)?;
+    let skipped = [
+        root.join(veil_core::wire::manifest::MANIFEST_FILE),
+        root.join(veil_core::client::preview::PREVIEW_FILE),
+    ];
     files.retain(|p| {
         p.extension().is_none_or(|e| e != "md")
             && p.file_name().is_none_or(|n| n != "training_log.json")
+            && !skipped.contains(p)
     });
     files.sort();
     let mut h = Sha256::new();
@@ -224,6 +232,14 @@ mod tests {
         let a = model_fingerprint(&dir).unwrap();
         std::fs::write(dir.join("README.md"), b"another card").unwrap();
         assert_eq!(model_fingerprint(&dir).unwrap(), a);
+        // Neither the manifest nor the preview's projection changes a measured number.
+        std::fs::create_dir_all(dir.join("vae")).unwrap();
+        std::fs::write(dir.join("veil-manifest.json"), b"{}").unwrap();
+        std::fs::write(dir.join("vae/latent_preview.json"), b"{}").unwrap();
+        assert_eq!(model_fingerprint(&dir).unwrap(), a);
+        std::fs::write(dir.join("vae/config.json"), b"{}").unwrap();
+        assert_ne!(model_fingerprint(&dir).unwrap(), a);
+        std::fs::remove_file(dir.join("vae/config.json")).unwrap();
         std::fs::write(dir.join("unet/w.safetensors"), b"2").unwrap();
         assert_ne!(model_fingerprint(&dir).unwrap(), a);
         assert_eq!(a.len(), 12);
