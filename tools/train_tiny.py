@@ -339,7 +339,8 @@ def train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save):
         losses = {}
         with autocast(dev):
             states = text(ids).last_hidden_state
-            losses["unet"] = server(zt, t, encoder_hidden_states=states).sample
+            if "unet" in trained:
+                losses["unet"] = server(zt, t, encoder_hidden_states=states).sample
             if device_unet is not None:
                 losses["device_unet"] = device_unet(zt, t, encoder_hidden_states=states.detach()).sample
         for k, pred in losses.items():
@@ -455,6 +456,10 @@ def main():
     args = parse_args()
     if args.train != {"text", "unet", "device_unet"} and not args.init_from:
         sys.exit("--train with fewer networks needs --init-from (the others are kept from there)")
+    if not args.train & {"unet", "device_unet"} or not args.train <= {"text", "unet", "device_unet"}:
+        sys.exit("--train names some of text, unet, device_unet, and at least one U-Net")
+    if "text" in args.train and "unet" not in args.train:
+        sys.exit("--train text needs unet: only the server U-Net's loss reaches the text encoder")
     CPU_BF16 = args.cpu_bf16
     if args.pack_to:
         return pack(args.data, args.pack_to)
