@@ -50,14 +50,38 @@ impl Counts {
     }
 }
 
+/// Adherence split by how many objects the caption names: `[0]` one, `[1]` two or more. The
+/// scorer judges the first-named object; with two, the model must also bind each colour to its
+/// own shape, position and size.
+#[derive(Default, Clone, Copy)]
+struct ByScene([Counts; 2]);
+
+impl ByScene {
+    fn add(&mut self, objects: usize, a: veil_eval::Adherence) {
+        self.0[usize::from(objects > 1)].add(a);
+    }
+    fn rows(&self, name: &str) -> String {
+        self.0[0].row(&format!("{name}, one object"))
+            + &self.0[1].row(&format!("{name}, two objects"))
+    }
+}
+
+/// The number of objects in each held-out caption's scene.
+fn objects_per_caption(data: &Dataset, n: usize) -> Vec<usize> {
+    (0..n as u64)
+        .map(|i| data.held_out(i).0.objects.len())
+        .collect()
+}
+
 /// The scorer's ceiling on the first `n` held-out captions: `[0]` scores the dataset's own
 /// renders, `[1]` their VAE round trips (encode to the posterior mean, decode). A U-Net can
 /// only be scored up to what the VAE keeps of a picture.
-fn ceiling(sd: &StableDiffusion, data: &Dataset, n: usize) -> Result<[Counts; 2]> {
+fn ceiling(sd: &StableDiffusion, data: &Dataset, n: usize) -> Result<([Counts; 2], ByScene)> {
     let mut counts = [Counts::default(); 2];
+    let mut by_scene = ByScene::default();
     let b = bar(n, "scorer ceiling");
     for i in 0..n as u64 {
-        let (_, caption, render) = data.held_out(i);
+        let (scene, caption, render) = data.held_out(i);
         counts[0].add(score(&render, &caption)?);
         let p = Picture::from_rgb(&render);
         let x = Tensor::from_vec(p.data.clone(), (1, 3, p.height, p.width), &sd.device)?;
@@ -65,11 +89,13 @@ fn ceiling(sd: &StableDiffusion, data: &Dataset, n: usize) -> Result<[Counts; 2]
         let z = sd.vae.encode_mean(&x)?;
         let y = ((sd.vae.decode(&z)? + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
         let back = picture(&y.squeeze(0)?)?;
-        counts[1].add(score(&back.to_rgb(), &caption)?);
+        let s = score(&back.to_rgb(), &caption)?;
+        counts[1].add(s);
+        by_scene.add(scene.objects.len(), s);
         b.inc(1);
     }
     b.finish_and_clear();
-    Ok(counts)
+    Ok((counts, by_scene))
 }
 
 /// The device U-Net's folder: `--device-model`, else `MODEL/device_unet` when it exists.
@@ -86,8 +112,9 @@ fn device_only(
     runner: &Runner<'_>,
     dir: &Path,
     held: &[String],
+    objects: &[usize],
     keep: usize,
-) -> Result<(Counts, Vec<Option<Picture>>)> {
+) -> Result<(Counts, ByScene, Vec<Option<Picture>>)> {
     let mut sd = StableDiffusion::load(&a.model, &runner.sd.device)
         .with_context(|| format!("loading model folder {}", a.model.display()))?;
     let d = DeviceUNet::load(dir, &runner.sd.device)
@@ -101,25 +128,29 @@ fn device_only(
         guidance: runner.guidance,
     };
     let mut counts = Counts::default();
+    let mut by_scene = ByScene::default();
     let mut pictures = Vec::new();
     let b = bar(held.len(), "device U-Net adherence");
-    for (i, caption) in held.iter().enumerate() {
+    for ((i, caption), &k) in held.iter().enumerate().zip(objects) {
         let g = dev.generate(caption, a.steps, 1 + i as u64, Policy::Local, 0)?;
         let p = picture(&g.image)?;
-        counts.add(score(&p.to_rgb(), caption)?);
+        let s = score(&p.to_rgb(), caption)?;
+        counts.add(s);
+        by_scene.add(k, s);
         if i < keep {
             pictures.push(Some(p));
         }
         b.inc(1);
     }
     b.finish_and_clear();
-    Ok((counts, pictures))
+    Ok((counts, by_scene, pictures))
 }
 
 /// What the adherence runs found: scores of `local`, `ppidm` and `strict`, how often the
 /// latter two agree with `local`, the grid's rows and the time taken.
 struct Adherence {
     counts: [Counts; 3],
+    local_by_scene: ByScene,
     agree: [usize; 2],
     grid_rows: Vec<Vec<Option<Picture>>>,
     grid_n: usize,
@@ -133,6 +164,7 @@ fn measure_adherence(
     runner: &Runner<'_>,
     data: &Dataset,
     held: &[String],
+    objects: &[usize],
     latent_rows: usize,
 ) -> Result<Adherence> {
     let strict = Policy::Strict;
@@ -142,16 +174,18 @@ fn measure_adherence(
     let gens = a.prompts + 2 * a.policy_prompts.min(a.prompts);
     let b = bar(gens, "adherence");
     let mut counts = [Counts::default(); 3];
+    let mut local_by_scene = ByScene::default();
     let mut agree = [0usize; 2];
     let mut grid_rows: Vec<Vec<Option<Picture>>> = vec![Vec::new(); 4];
     let grid_n = 8.min(a.prompts);
     let t0 = Instant::now();
-    for (i, caption) in held.iter().enumerate() {
+    for ((i, caption), &k) in held.iter().enumerate().zip(objects) {
         let seed = 1 + i as u64;
         let local = runner.generate(caption, a.steps, seed, Policy::Local, 0)?;
         let lp = picture(&local.image)?;
         let la = score(&lp.to_rgb(), caption)?;
         counts[0].add(la);
+        local_by_scene.add(k, la);
         b.inc(1);
         if i < grid_n {
             grid_rows[0].push(Some(Picture::from_rgb(&data.held_out(i as u64).2)));
@@ -180,6 +214,7 @@ fn measure_adherence(
     b.finish_and_clear();
     Ok(Adherence {
         counts,
+        local_by_scene,
         agree,
         grid_rows,
         grid_n,
@@ -196,26 +231,28 @@ pub(crate) fn adherence_section(
     held: &[String],
     latent_rows: usize,
 ) -> Result<()> {
+    let objects = objects_per_caption(data, held.len());
     let Adherence {
         counts,
+        local_by_scene,
         agree,
         grid_rows,
         grid_n,
         seconds: adherence_seconds,
-    } = measure_adherence(a, runner, data, held, latent_rows)?;
+    } = measure_adherence(a, runner, data, held, &objects, latent_rows)?;
     let t0 = Instant::now();
-    let [renders, round_trips] = ceiling(runner.sd, data, held.len())?;
+    let ([renders, round_trips], round_trips_by_scene) = ceiling(runner.sd, data, held.len())?;
     let ceiling_seconds = t0.elapsed().as_secs_f64();
     let device = match device_model(a) {
         Some(dir) => {
             let t0 = Instant::now();
-            let (c, pics) = device_only(a, runner, &dir, held, grid_n)?;
-            Some((dir, c, pics, t0.elapsed().as_secs_f64()))
+            let (c, by_scene, pics) = device_only(a, runner, &dir, held, &objects, grid_n)?;
+            Some((dir, c, by_scene, pics, t0.elapsed().as_secs_f64()))
         }
         None => None,
     };
     let mut grid_rows = grid_rows;
-    if let Some((_, _, pics, _)) = &device {
+    if let Some((_, _, _, pics, _)) = &device {
         grid_rows.push(pics.clone());
     }
     let grid_path = a.figures.join("heldout_grid.png");
@@ -245,8 +282,24 @@ pub(crate) fn adherence_section(
     md.push_str(&counts[0].row("local"));
     md.push_str(&counts[1].row("ppidm (exact GN), N = 4"));
     md.push_str(&counts[2].row("strict, N = 4"));
-    if let Some((dir, c, _, _)) = &device {
+    if let Some((dir, c, _, _, _)) = &device {
         md.push_str(&c.row(&format!("device U-Net alone (`{}`)", dir.display())));
+    }
+    writeln!(
+        md,
+        "\nBy scene: the same pictures split by how many objects the caption names (the scorer \
+         judges the first-named one; with two, each colour must also be bound to its own shape, \
+         position and size).\n"
+    )?;
+    writeln!(
+        md,
+        "| pictures | prompts | colour | shape | position | size |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    md.push_str(&round_trips_by_scene.rows("ceiling: VAE round trips"));
+    md.push_str(&local_by_scene.rows("local"));
+    if let Some((_, _, by_scene, _, _)) = &device {
+        md.push_str(&by_scene.rows("device U-Net alone"));
     }
     writeln!(
         md,
@@ -259,7 +312,7 @@ pub(crate) fn adherence_section(
         counts[2].0[4],
         device
             .as_ref()
-            .map(|d| format!("; the device U-Net {:.0} s", d.3))
+            .map(|d| format!("; the device U-Net {:.0} s", d.4))
             .unwrap_or_default()
     )?;
     writeln!(

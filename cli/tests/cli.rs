@@ -354,6 +354,22 @@ fn eval_quick_writes_every_section_and_its_grids() {
     ] {
         assert!(text.contains(section), "missing `{section}` in:\n{text}");
     }
+    // The by-scene rows split the same 6 local pictures between one- and two-object captions.
+    let prompts_of = |row: &str| -> usize {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("missing `{row}` in:\n{text}"));
+        line[row.len()..]
+            .split('|')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no prompt count in `{line}`"))
+    };
+    assert_eq!(
+        prompts_of("| local, one object |") + prompts_of("| local, two objects |"),
+        6
+    );
     // The link section was skipped on request.
     assert!(!text.contains("5g link"));
     let img = image::open(figures.join("heldout_grid.png")).expect("heldout_grid.png");
