@@ -31,10 +31,12 @@ which --resume continues exactly; --init-from starts from an earlier output's EM
 fresh optimiser (how models/tiny-shapes was trained: see its README.md). On a CPU, --latents-cache
 keeps the encoded dataset between runs, --train unet continues the server U-Net alone (the text
 encoder and device U-Net stay as loaded, so the device U-Net still matches its text states) and
---high-noise-fraction spends part of each batch on the noisiest timesteps. One such hour on 2
+--high-noise-fraction spends part of each batch on the noisiest timesteps, --two-object-weight on
+captions that name two objects (where the model's position errors are). One such hour on 2
 cores (the model card's "CPU continuation") did not measurably change the model.
 """
 import argparse
+import hashlib
 import json
 import lzma
 import math
@@ -232,6 +234,15 @@ def train_vae(args, x_all, dev, log, out):
     return vae
 
 
+def latents_key(x_all, vae):
+    """SHA-256 of the pictures and the VAE's weights: a latents cache is only reused for both."""
+    h = hashlib.sha256(x_all.cpu().contiguous().numpy())
+    for name, v in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy())
+    return h.hexdigest()
+
+
 def encode_all(vae, x_all, dev):
     """The whole dataset's latents (posterior means), scaled, once."""
     scaling = vae.config.scaling_factor
@@ -241,7 +252,8 @@ def encode_all(vae, x_all, dev):
         for i in range(0, x_all.shape[0], chunk):
             zs.append(vae.encode(to_unit(x_all[i:i + chunk].to(dev))).latent_dist.mean.float())
             if (i // chunk) % 50 == 0:
-                print(f"encoded {i + chunk} pictures ({time.time() - t0:.0f} s)", flush=True)
+                done = min(i + chunk, x_all.shape[0])
+                print(f"encoded {done} pictures ({time.time() - t0:.0f} s)", flush=True)
     return torch.cat(zs) * scaling
 
 
@@ -451,8 +463,9 @@ def parse_args():
                     help="bf16 autocast on the CPU too (as on CUDA); for CPUs with bf16 dot products")
     ap.add_argument("--latents-cache", type=Path,
                     help="the encoded dataset: read from this file if it exists, else written there "
-                         "(a CPU run encodes 100k pictures once, not at every restart; it must "
-                         "come from the same --data and VAE)")
+                         "(a CPU run encodes 100k pictures once, not at every restart); it is keyed "
+                         "by a hash of the pictures and the VAE's weights and encoded again when "
+                         "either differs")
     ap.add_argument("--resume", type=Path, help="continue the U-Net stage from this train_state.pt")
     return ap.parse_args()
 
@@ -517,13 +530,20 @@ def main():
     else:
         vae = train_vae(args, x_all, dev, log, out)
     write_log()
+    latents = None
+    key = latents_key(x_all, vae) if args.latents_cache else None
     if args.latents_cache and args.latents_cache.is_file():
-        latents = torch.load(args.latents_cache, map_location=dev)
-        print(f"latents: {tuple(latents.shape)} from {args.latents_cache}", flush=True)
-    else:
+        cached = torch.load(args.latents_cache, map_location=dev)
+        if isinstance(cached, dict) and cached.get("key") == key:
+            latents = cached["latents"]
+            print(f"latents: {tuple(latents.shape)} from {args.latents_cache}", flush=True)
+        else:
+            print(f"{args.latents_cache} was encoded from other pictures or another VAE: "
+                  "encoding again", flush=True)
+    if latents is None:
         latents = encode_all(vae, x_all, dev)
         if args.latents_cache:
-            torch.save(latents.cpu(), args.latents_cache)
+            torch.save({"key": key, "latents": latents.cpu()}, args.latents_cache)
     del x_all, vae
 
     tok = CLIPTokenizer.from_pretrained(args.tokenizer)
