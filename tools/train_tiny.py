@@ -592,9 +592,9 @@ def main():
 
     pick = None
     if args.two_object_weight != 1.0:
-        pick = torch.tensor([args.two_object_weight if " and " in c else 1.0 for c in captions],
-                            device=dev)
-        share = sum(" and " in c for c in captions) / len(captions)
+        two = torch.tensor([" and " in c for c in captions], device=dev)
+        pick = torch.where(two, args.two_object_weight, 1.0)
+        share = two.float().mean().item()
         print(f"two-object captions: {share:.1%} of the data, drawn x{args.two_object_weight}",
               flush=True)
     train_unets(args, nets, latents, ids_all, empty_ids, dev, log, save, pick)
