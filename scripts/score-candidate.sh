@@ -9,7 +9,8 @@
 # come from models/tiny-shapes. Runs `veil eval --sections adherence` (local and the device
 # U-Net alone, 20 DDIM steps, guidance 5) on a copy of docs/EVAL.md, under $WORK (default
 # /tmp/score-candidate), and prints the utility and by-scene tables. Uses target/release/veil
-# (cargo build --release -p veil-cli first).
+# (cargo build --release -p veil-cli first). NO_DEVICE=1 leaves the device U-Net out (half the
+# time; for a candidate that only retrained the server U-Net).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,9 @@ VEIL=${VEIL:-target/release/veil}
 MODEL=$WORK/model-$NAME
 rm -rf "$MODEL"
 mkdir -p "$MODEL" "$WORK/figures-$NAME"
-for part in model_index.json scheduler tokenizer text_encoder unet vae device_unet; do
+PARTS="model_index.json scheduler tokenizer text_encoder unet vae"
+[ -n "${NO_DEVICE:-}" ] || PARTS="$PARTS device_unet"
+for part in $PARTS; do
     if [ -e "$CANDIDATE/$part" ]; then src=$CANDIDATE/$part; else src=models/tiny-shapes/$part; fi
     cp -r "$src" "$MODEL/"
 done
