@@ -5,8 +5,9 @@
 #
 #   scripts/score-candidate.sh CANDIDATE NAME [PROMPTS=100] [SEED=9]
 #
-# CANDIDATE is a model folder, or a train_tiny.py output: the parts it lacks (tokenizer, ...)
-# come from models/tiny-shapes. Runs `veil eval --sections adherence` (local and the device
+# CANDIDATE is a model folder, or a train_tiny.py output: the parts it lacks come from
+# models/tiny-shapes, and so does the tokenizer always (train_tiny.py writes models/tiny-random's,
+# the same vocabulary without padding to 77 in tokenizer.json; the committed model keeps its own). Runs `veil eval --sections adherence` (local and the device
 # U-Net alone, 20 DDIM steps, guidance 5) on a copy of docs/EVAL.md, under $WORK (default
 # /tmp/score-candidate), and prints the utility and by-scene tables. Uses target/release/veil
 # (cargo build --release -p veil-cli first). NO_DEVICE=1 leaves the device U-Net out (half the
@@ -24,7 +25,8 @@ VEIL=${VEIL:-target/release/veil}
 MODEL=$WORK/model-$NAME
 rm -rf "$MODEL"
 mkdir -p "$MODEL" "$WORK/figures-$NAME"
-PARTS="model_index.json scheduler tokenizer text_encoder unet vae"
+cp -r models/tiny-shapes/tokenizer "$MODEL/"
+PARTS="model_index.json scheduler text_encoder unet vae"
 [ -n "${NO_DEVICE:-}" ] || PARTS="$PARTS device_unet"
 for part in $PARTS; do
     if [ -e "$CANDIDATE/$part" ]; then src=$CANDIDATE/$part; else src=models/tiny-shapes/$part; fi
