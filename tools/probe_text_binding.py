@@ -49,7 +49,8 @@ def probe(x, labels, steps=400):
     opt = torch.optim.Adam([w, b], lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x[:train] @ w + b, y[:train]) + 1e-4 * (w ** 2).sum()
+        logits = x[:train] @ w + b
+        loss = torch.nn.functional.cross_entropy(logits, y[:train]) + 1e-4 * (w ** 2).sum()
         loss.backward()
         opt.step()
     with torch.no_grad():
@@ -74,9 +75,11 @@ def main():
     ids = tok([r[0] for r in rows], padding="max_length", max_length=77, truncation=True,
               return_tensors="pt").input_ids
     with torch.no_grad():
-        states = torch.cat([text(ids[i:i + 512]).last_hidden_state for i in range(0, len(rows), 512)])
+        states = torch.cat([text(ids[i:i + 512]).last_hidden_state
+                            for i in range(0, len(rows), 512)])
     every = torch.arange(len(rows))
-    print(f"{len(rows)} two-object captions, held-out accuracy of a linear probe (chance in brackets)")
+    print(f"{len(rows)} two-object captions, held-out accuracy of a linear probe "
+          "(chance in brackets)")
     for name, ends in (("end of object 1's phrase", ends_a), ("end of object 2's phrase", ends_b)):
         x = states[every, ends]
         for what in ("colour 1", "shape 1", "position 1", "colour 2", "shape 2", "position 2"):
