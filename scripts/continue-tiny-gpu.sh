@@ -11,8 +11,8 @@
 #
 # SECONDS_EACH bounds each run's U-Net stage (the step count is planned from the measured speed,
 # so the learning rate still decays to its floor); the two share the GPU (how evenly is not
-# measured: no GPU has been lent since the script was written). A smoke run of the plumbing on a machine without a GPU (batch 1,024 needs ~19 GB
-# of host memory per run on a CPU):
+# measured: no GPU has been lent since the script was written). A smoke run of the plumbing on
+# a machine without a GPU (batch 1,024 needs ~19 GB of host memory per run on a CPU):
 #   DEVICE=cpu BATCH=32 EXTRA="--unet-steps 3" DATA=small.xz OUT=/tmp/cg scripts/continue-tiny-gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,10 +7,11 @@
 #
 # CANDIDATE is a model folder, or a train_tiny.py output: the parts it lacks come from
 # models/tiny-shapes, and so does the tokenizer always (train_tiny.py writes models/tiny-random's,
-# the same vocabulary without padding to 77 in tokenizer.json; the committed model keeps its own). Runs `veil eval --sections adherence` (local and the device
-# U-Net alone, 20 DDIM steps, guidance 5) on a copy of docs/EVAL.md, under $WORK (default
-# /tmp/score-candidate), and prints the utility and by-scene tables. Uses target/release/veil
-# (cargo build --release -p veil-cli first). NO_DEVICE=1 leaves the device U-Net out (half the
+# the same vocabulary without padding to 77 in tokenizer.json; the committed model keeps its
+# own). Runs `veil eval --sections adherence` (local and the device U-Net alone, 20 DDIM
+# steps, guidance 5) on a copy of docs/EVAL.md, under $WORK (default /tmp/score-candidate), and
+# prints the utility and by-scene tables. Uses target/release/veil (cargo build --release -p
+# veil-cli first). NO_DEVICE=1 leaves the device U-Net out (half the
 # time; for a candidate that only retrained the server U-Net).
 set -euo pipefail
 cd "$(dirname "$0")/.."
